@@ -1,0 +1,36 @@
+"""Celery settings for the push worker. Values explained where they are not Celery's defaults."""
+
+import os
+
+broker_url = os.environ.get("PUSHWORKER_BROKER_URL", "redis://127.0.0.1:6379/0")
+# Job state and events live in the database; Celery keeps no results (nothing to leak, no keys).
+result_backend = None
+task_ignore_result = True
+
+# JSON only: no pickle from the broker, and messages that non-Python producers can write.
+task_serializer = "json"
+accept_content = ["json"]
+result_serializer = "json"
+
+# At-least-once delivery: a step whose worker dies is redelivered; steps are idempotent and
+# guarded by claims in the database, and a step whose worker keeps dying fails its job after
+# PUSHWORKER_MAX_ATTEMPTS claims, so redelivery is bounded.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+
+# Unacked messages return after the visibility timeout: it must exceed the longest push, and
+# every retry delay (PUSHWORKER_RETRY_MAX, 300 s) stays far under it.
+_push_timeout = int(os.environ.get("PUSHWORKER_PUSH_TIMEOUT", "1800"))
+broker_transport_options = {"visibility_timeout": _push_timeout + 600}
+
+task_default_queue = "pushworker"
+task_routes = {"pushworker.*": {"queue": "pushworker"}}
+task_time_limit = _push_timeout + 60
+task_soft_time_limit = _push_timeout
+
+broker_connection_retry_on_startup = True
+worker_hijack_root_logger = False
+worker_send_task_events = False
+timezone = "UTC"
+enable_utc = True

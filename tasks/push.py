@@ -1,0 +1,49 @@
+"""The four step tasks of a push job. Each takes (job_id, registry_id) and nothing secret."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore
+
+from tasks.app import app
+from tasks.dispatch import celery_dispatcher
+from worker.pipeline import StepRunner, default_runner
+
+
+@lru_cache(maxsize=1)
+def _runner() -> StepRunner:
+    return default_runner(celery_dispatcher())
+
+
+def _run(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]:
+    outcome = _runner().run(step, job_id, registry_id, delivery_retries=task.request.retries)
+    if outcome.action == "retry":
+        # The step counts its own tries in the database, so Celery's counter is not the bound.
+        raise task.retry(countdown=outcome.countdown, max_retries=None)
+    if outcome.action == "stop":
+        # Ends this chain quietly: the job's state and events already say why.
+        raise Ignore()
+    return {"job_id": job_id, "step": step, "registry_id": registry_id}
+
+
+@app.task(bind=True, name="pushworker.step.resolve_credentials")
+def resolve_credentials(self: Task, job_id: str, registry_id: int) -> dict[str, Any]:
+    return _run(self, "resolve_credentials", job_id, registry_id)
+
+
+@app.task(bind=True, name="pushworker.step.login")
+def login(self: Task, job_id: str, registry_id: int) -> dict[str, Any]:
+    return _run(self, "login", job_id, registry_id)
+
+
+@app.task(bind=True, name="pushworker.step.tag")
+def tag(self: Task, job_id: str, registry_id: int) -> dict[str, Any]:
+    return _run(self, "tag", job_id, registry_id)
+
+
+@app.task(bind=True, name="pushworker.step.push")
+def push(self: Task, job_id: str, registry_id: int) -> dict[str, Any]:
+    return _run(self, "push", job_id, registry_id)

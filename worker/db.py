@@ -1,0 +1,92 @@
+"""Engines and sessions; database failures become ``DatabaseUnavailable`` here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.config import get_settings
+from worker.errors import DatabaseUnavailable
+
+
+def make_engine(url: str) -> Engine:
+    """An engine tuned for several worker processes sharing one database."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the CLI read while workers write; foreign keys are off by default in SQLite.
+    # The driver's own transaction handling is switched off so that "begin" below decides.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    # A deferred transaction that reads, then writes, fails at once with "database is locked"
+    # when another process wrote in between; taking the write lock up front makes it wait.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@lru_cache(maxsize=4)
+def engine_for(url: str) -> Engine:
+    return make_engine(url)
+
+
+def default_engine() -> Engine:
+    return engine_for(get_settings().database_url)
+
+
+@lru_cache(maxsize=4)
+def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(engine: Engine | None = None) -> Iterator[Session]:
+    """One transaction: committed on success, rolled back on error.
+
+    A lost or refused connection surfaces as ``DatabaseUnavailable`` so that callers (and the
+    retry policy) can tell it from a bug.
+    """
+    factory = _sessionmaker(engine or default_engine())
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except OperationalError as exc:
+        session.rollback()
+        if _is_connection_error(exc):
+            raise DatabaseUnavailable(
+                "the database does not answer", hint="check PUSHWORKER_DATABASE_URL"
+            ) from None
+        raise
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _is_connection_error(exc: DBAPIError) -> bool:
+    text = str(exc.orig).lower()
+    markers = ("connection", "could not connect", "server closed", "unable to open", "timeout")
+    return bool(exc.connection_invalidated) or any(marker in text for marker in markers)

@@ -1,0 +1,182 @@
+"""The one seam in front of docker-py. Nothing else in the project imports ``docker``'s client.
+
+It turns docker-py's exceptions and its error-carrying push stream into the project's errors,
+passes ``auth_config`` explicitly on every registry call (never the host's ~/.docker/config.json),
+and never lets a credential reach a message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import requests
+from docker import auth as docker_auth
+from docker.errors import APIError, DockerException, ImageNotFound
+
+from worker.classify import classify_registry_message
+from worker.credentials import Credential
+from worker.errors import DockerError, DockerUnavailable, PushWorkerError, SourceImageNotFound
+from worker.reference import TargetReference
+
+#: Called with (bytes pushed, bytes to push, layers done, layers seen) while a push runs.
+ProgressCallback = Callable[[int, int, int, int], None]
+
+
+@dataclass(frozen=True)
+class PushResult:
+    digest: str
+    size: int | None
+
+
+class DockerEngine:
+    """A Docker Engine, reached through docker-py's low-level API client."""
+
+    def __init__(self, base_url: str | None = None, *, timeout: float = 300) -> None:
+        with _translated("connect to"):
+            if base_url:
+                self._api = docker.APIClient(base_url=base_url, version="auto", timeout=int(timeout))
+            else:
+                self._api = docker.from_env(version="auto", timeout=int(timeout)).api
+        self._forget_host_auth()
+
+    def _forget_host_auth(self) -> None:
+        # docker-py loads ~/.docker/config.json (and credential helpers) at construction; stale
+        # entries there must never authenticate a push, so the client starts with none.
+        self._api._auth_configs = docker_auth.AuthConfig({})
+
+    def ping(self) -> None:
+        with _translated("ping"):
+            self._api.ping()
+
+    def image_id(self, reference: str) -> str | None:
+        """The image id ``reference`` names on this engine, or None."""
+        try:
+            with _translated("inspect"):
+                return str(self._api.inspect_image(reference)["Id"])
+        except SourceImageNotFound:
+            return None
+
+    def repo_digests(self, reference: str) -> list[str]:
+        with _translated("inspect"):
+            return list(self._api.inspect_image(reference).get("RepoDigests") or [])
+
+    def tag(self, source: str, target: TargetReference) -> None:
+        with _translated("tag"):
+            self._api.tag(source, target.name, target.tag, force=True)
+
+    def login(self, registry_host: str, credential: Credential) -> None:
+        """Ask the daemon to authenticate against the registry (it keeps no session)."""
+        with _translated("log in to", registry=registry_host):
+            try:
+                self._api.login(
+                    username=credential.username,
+                    password=credential.password.reveal(),
+                    registry=registry_host,
+                    reauth=True,
+                )
+            finally:
+                self._forget_host_auth()
+
+    def push(
+        self,
+        target: TargetReference,
+        credential: Credential | None,
+        on_progress: ProgressCallback | None = None,
+    ) -> PushResult:
+        """Push and read the whole stream; an ``error`` chunk raises (docker-py does not)."""
+        # An explicit, possibly empty, auth_config: docker-py falls back to host state on None.
+        auth_config = credential.auth_config() if credential else {}
+        with _translated("push to", registry=target.host):
+            stream = self._api.push(
+                target.name, tag=target.tag, stream=True, decode=True, auth_config=auth_config
+            )
+            return _read_push_stream(stream, target, on_progress)
+
+
+def _read_push_stream(
+    stream: Iterator[dict[str, Any]], target: TargetReference, on_progress: ProgressCallback | None
+) -> PushResult:
+    progress = _Progress(on_progress)
+    result: PushResult | None = None
+    for chunk in stream:
+        if "error" in chunk or "errorDetail" in chunk:
+            detail = chunk.get("errorDetail") or {}
+            message = str(detail.get("message") or chunk.get("error") or "unknown error")
+            raise classify_registry_message(message, registry=target.host)
+        aux = chunk.get("aux")
+        if isinstance(aux, dict) and aux.get("Digest"):
+            result = PushResult(digest=str(aux["Digest"]), size=aux.get("Size"))
+        progress.update(chunk)
+    progress.flush()
+    if result is None:
+        raise DockerError(f"the push of {target} ended without reporting a digest")
+    return result
+
+
+class _Progress:
+    """Sums per-layer progress from the stream and reports it at most twice a second."""
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self._callback = callback
+        self._layers: dict[str, tuple[int, int]] = {}
+        self._done: set[str] = set()
+        self._last = 0.0
+
+    def update(self, chunk: dict[str, Any]) -> None:
+        if self._callback is None or not chunk.get("id"):
+            return
+        layer = str(chunk["id"])
+        status = str(chunk.get("status", ""))
+        detail = chunk.get("progressDetail") or {}
+        if detail.get("total"):
+            self._layers[layer] = (int(detail.get("current", 0)), int(detail["total"]))
+        if status in ("Pushed", "Layer already exists", "Mounted from"):
+            self._done.add(layer)
+        now = time.monotonic()
+        if now - self._last >= 0.5:
+            self._last = now
+            self.flush()
+
+    def flush(self) -> None:
+        if self._callback is None:
+            return
+        current = sum(c for c, _ in self._layers.values())
+        total = sum(t for _, t in self._layers.values())
+        self._callback(current, total, len(self._done), len(self._done | set(self._layers)))
+
+
+@contextmanager
+def _translated(action: str, *, registry: str | None = None) -> Iterator[None]:
+    """Re-raise docker-py and transport errors as the project's own."""
+    try:
+        yield
+    except PushWorkerError:
+        raise
+    except ImageNotFound as exc:
+        raise SourceImageNotFound(
+            f"the Docker Engine has no image {_explain(exc)}",
+            hint="build or pull the source image on this worker's engine first",
+        ) from None
+    except APIError as exc:
+        if registry is not None and (exc.status_code or 0) >= 400:
+            raise classify_registry_message(_explain(exc), registry=registry) from None
+        raise DockerError(f"the Docker Engine refused to {action}: {_explain(exc)}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise DockerUnavailable(
+            f"the Docker Engine does not answer ({type(exc).__name__})",
+            hint="check that dockerd runs and DOCKER_HOST points to it; the step retries",
+        ) from None
+    except DockerException as exc:
+        raise DockerUnavailable(
+            f"the Docker Engine cannot be used: {exc}",
+            hint="check that dockerd runs and DOCKER_HOST points to it; the step retries",
+        ) from None
+
+
+def _explain(exc: APIError) -> str:
+    return str(exc.explanation or exc)

@@ -1,0 +1,184 @@
+"""The project's error tree.
+
+Every foreign exception (docker-py, requests, SQLAlchemy, the OS) is turned into one of these at a
+seam, so the rest of the code, the event log and the CLI speak one language. Each error has a
+stable ``code`` (recorded in the event log and documented in docs/operations.md), a message that
+says what to fix, and a ``retryable`` flag that the retry policy reads. Messages never contain
+credentials: they are built from names, hosts and the registry's own words only.
+"""
+
+from __future__ import annotations
+
+
+class PushWorkerError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    code = "internal_error"
+    retryable = False
+    #: Exit code of ``pushctl`` when this error ends a command.
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def to_payload(self) -> dict[str, str]:
+        """What the event log keeps of this error."""
+        payload = {"error_code": self.code, "error_message": self.message}
+        if self.hint:
+            payload["hint"] = self.hint
+        return payload
+
+
+# --- Input and configuration: the caller must change something; never retried. ---------------
+
+
+class ValidationError(PushWorkerError):
+    """Input that can never succeed as given."""
+
+    code = "invalid_input"
+    exit_code = 2
+
+
+class InvalidReference(ValidationError):
+    code = "invalid_reference"
+
+
+class ReferenceHostMismatch(ValidationError):
+    """The reference would resolve to a host other than the job's registry (the incident)."""
+
+    code = "reference_host_mismatch"
+
+
+class InvalidRegistry(ValidationError):
+    code = "invalid_registry"
+
+
+class InvalidFallbackChain(ValidationError):
+    code = "invalid_fallback_chain"
+
+
+class NotFound(PushWorkerError):
+    code = "not_found"
+    exit_code = 3
+
+
+class RegistryNotFound(NotFound):
+    code = "registry_not_found"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class SourceImageNotFound(NotFound):
+    code = "source_image_not_found"
+
+
+class CredentialError(PushWorkerError):
+    """The registry's credential is missing or cannot be read."""
+
+    code = "credential_unavailable"
+    exit_code = 4
+
+
+class SecretKeyMissing(CredentialError):
+    code = "secret_key_missing"
+
+
+class InvalidStateTransition(PushWorkerError):
+    """An operator asked for something the job's state does not allow (retry a running job)."""
+
+    code = "invalid_state"
+    exit_code = 5
+
+
+# --- The registry. ------------------------------------------------------------------------------
+
+
+class RegistryError(PushWorkerError):
+    """The registry answered, and refused."""
+
+    code = "registry_error"
+    exit_code = 6
+
+
+class AuthenticationError(RegistryError):
+    """The registry rejected the credentials (401/403, unauthorized, denied).
+
+    Its own branch: the fallback chain keys on it, and it is never retried, because the same
+    credentials will be rejected again.
+    """
+
+    code = "authentication_failed"
+    exit_code = 7
+
+
+class RegistryUnavailable(RegistryError):
+    """DNS, TCP, timeout or 5xx: the registry could not be reached. Retried with backoff."""
+
+    code = "registry_unavailable"
+    retryable = True
+    exit_code = 8
+
+
+class RegistryTLSError(RegistryError):
+    """The TLS handshake failed (unknown CA, wrong name). Retrying does not fix a certificate."""
+
+    code = "registry_tls_error"
+    exit_code = 8
+
+
+class PushVerificationFailed(RegistryError):
+    """The push reported success but the registry does not serve the tag at the pushed digest."""
+
+    code = "push_verification_failed"
+    retryable = True
+
+
+# --- The Docker Engine and our own storage. ------------------------------------------------------
+
+
+class DockerError(PushWorkerError):
+    code = "docker_error"
+    exit_code = 9
+
+
+class DockerUnavailable(DockerError):
+    """The Docker Engine does not answer on its socket. Retried with backoff."""
+
+    code = "docker_unavailable"
+    retryable = True
+
+
+class StorageError(PushWorkerError):
+    code = "storage_error"
+    exit_code = 10
+
+
+class DatabaseUnavailable(StorageError):
+    code = "database_unavailable"
+    retryable = True
+
+
+class EventConflict(StorageError):
+    """Two writers tried to append the same (job_id, seq)."""
+
+    code = "event_conflict"
+    retryable = True
+
+
+class FallbackExhausted(AuthenticationError):
+    """Every registry of the job's chain refused the credentials."""
+
+    code = "fallback_exhausted"
+
+
+class WorkerLost(PushWorkerError):
+    """A step's worker process died too many times while running it."""
+
+    code = "worker_lost"

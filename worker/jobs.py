@@ -1,0 +1,172 @@
+"""Push jobs: creation (validated before anything is queued), operator retry and cancel, queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from worker import events
+from worker.credentials import resolve_credential
+from worker.errors import InvalidStateTransition, JobNotFound, ValidationError
+from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
+from worker.reference import build_target
+from worker.registries import get_registry, validate_chain
+
+MAX_SOURCE_IMAGE = 300
+MAX_REQUESTED_BY = 200
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    """What a producer asks for. Every field is checked before a job row exists."""
+
+    source_image: str
+    registry_id: int
+    repository: str
+    tag: str
+    requested_by: str
+    fallback: list[int] | None = None
+    idempotency_key: str | None = None
+
+
+def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[PushJob, bool]:
+    """The job for ``request`` and whether it is new; an idempotency key returns its job."""
+    if request.idempotency_key:
+        existing = session.scalar(
+            select(PushJob).where(PushJob.idempotency_key == request.idempotency_key)
+        )
+        if existing is not None:
+            return existing, False
+    registry = _validate(session, request)
+    chain = (
+        validate_chain(session, registry.id, request.fallback)
+        if request.fallback is not None
+        else list(registry.fallback_chain)
+    )
+    job = PushJob(
+        idempotency_key=request.idempotency_key, source_image=request.source_image,
+        repository=request.repository, tag=request.tag, requested_registry_id=registry.id,
+        effective_registry_id=registry.id, fallback_chain=chain,
+        status=JobStatus.QUEUED.value, attempt=1, requested_by=request.requested_by,
+    )  # fmt: skip
+    try:
+        with session.begin_nested():
+            session.add(job)
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won: return its job.
+        existing = session.scalar(
+            select(PushJob).where(PushJob.idempotency_key == request.idempotency_key)
+        )
+        if existing is None:
+            raise
+        return existing, False
+    events.append(
+        session, stream=events.job_stream(job.id), type="job.enqueued", actor=actor,
+        job_id=job.id, registry_id=registry.id, attempt=1,
+        payload={
+            "source_image": job.source_image, "repository": job.repository, "tag": job.tag,
+            "reference": str(build_target(registry.host, job.repository, job.tag)),
+            "fallback_chain": chain, "requested_by": job.requested_by,
+            "idempotency_key": job.idempotency_key,
+        },
+    )  # fmt: skip
+    return job, True
+
+
+def _validate(session: Session, request: PushRequest) -> Registry:
+    if not isinstance(request.registry_id, int) or isinstance(request.registry_id, bool):
+        raise ValidationError(f"registry_id must be an integer, not {request.registry_id!r}")
+    if not request.source_image or len(request.source_image) > MAX_SOURCE_IMAGE:
+        raise ValidationError("source_image must be 1 to 300 characters")
+    if not request.source_image.isascii() or any(c.isspace() for c in request.source_image):
+        raise ValidationError(f"source_image {request.source_image!r} is not an image reference")
+    if not request.requested_by or len(request.requested_by) > MAX_REQUESTED_BY:
+        raise ValidationError("requested_by must say who asked, in 1 to 200 characters")
+    if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 200:
+        raise ValidationError("idempotency_key must be 1 to 200 characters")
+    registry = get_registry(session, request.registry_id)
+    build_target(registry.host, request.repository, request.tag)
+    resolve_credential(registry)
+    return registry
+
+
+def get_job(session: Session, job_id: str) -> PushJob:
+    job = session.get(PushJob, job_id)
+    if job is None:
+        raise JobNotFound(f"job {job_id} does not exist", hint="see `pushctl jobs list`")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: str | None = None,
+    registry_id: int | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+) -> list[PushJob]:
+    query = select(PushJob)
+    if status:
+        query = query.where(PushJob.status == status)
+    if registry_id is not None:
+        query = query.where(PushJob.requested_registry_id == registry_id)
+    if since is not None:
+        query = query.where(PushJob.created_at >= since)
+    return list(session.scalars(query.order_by(PushJob.created_at.desc()).limit(limit)))
+
+
+def retry_job(session: Session, job_id: str, *, actor: str, reason: str | None) -> PushJob:
+    """Put a failed or cancelled job back in the queue; steps that succeeded will be skipped.
+
+    The status change is a conditional UPDATE, so two operators retrying at once make one retry.
+    """
+    job = get_job(session, job_id)
+    if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+        raise InvalidStateTransition(
+            f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried"
+        )
+    previous = job.status
+    changed = session.execute(
+        update(PushJob)
+        .where(PushJob.id == job_id, PushJob.status == previous, PushJob.attempt == job.attempt)
+        .values(
+            status=JobStatus.QUEUED.value, attempt=job.attempt + 1,
+            effective_registry_id=job.requested_registry_id, current_step=None,
+            error_code=None, error_message=None, finished_at=None, updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    if changed.rowcount != 1:  # type: ignore[attr-defined]
+        raise InvalidStateTransition(f"job {job_id} was retried by someone else just now")
+    # The failed step starts counting its tries afresh.
+    session.execute(
+        update(StepRun)
+        .where(StepRun.job_id == job_id, StepRun.status == StepStatus.FAILED.value)
+        .values(attempts=0)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(job)
+    events.append(
+        session, stream=events.job_stream(job_id), type="job.retried", actor=actor,
+        job_id=job_id, registry_id=job.requested_registry_id, attempt=job.attempt,
+        payload={"reason": reason or "", "previous_status": previous, "job_attempt": job.attempt},
+    )  # fmt: skip
+    return job
+
+
+def cancel_job(session: Session, job_id: str, *, actor: str, reason: str | None) -> PushJob:
+    job = get_job(session, job_id)
+    if JobStatus(job.status).is_final:
+        raise InvalidStateTransition(f"job {job_id} is {job.status} already")
+    previous = job.status
+    job.status, job.finished_at = JobStatus.CANCELLED.value, utcnow()
+    events.append(
+        session, stream=events.job_stream(job_id), type="job.cancelled", actor=actor,
+        job_id=job_id, registry_id=job.effective_registry_id, attempt=job.attempt,
+        payload={"reason": reason or "", "previous_status": previous},
+    )  # fmt: skip
+    return job

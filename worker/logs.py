@@ -1,0 +1,61 @@
+"""structlog configuration: JSON lines in production, readable in a terminal, secrets masked.
+
+Redaction is a processor like any other: it runs on every line, whatever its origin, so a
+credential-like field that slips into a log call is masked before rendering.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+MASK = "***"
+#: Keys whose values are never written, wherever they appear in an event dict.
+_SECRET_KEY = re.compile(r"pass(word)?|secret|token|authorization|auth_config|api_key|cookie", re.I)
+#: Keys that match the pattern above but only ever hold safe descriptions.
+_SAFE_KEYS = frozenset({"credential_source", "secret_key_set"})
+
+
+def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Mask the values of credential-like keys, also inside nested dicts."""
+    return _redact_mapping(event_dict)
+
+
+def _redact_mapping(mapping: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in list(mapping.items()):
+        if key not in _SAFE_KEYS and _SECRET_KEY.search(str(key)):
+            mapping[key] = MASK
+        elif isinstance(value, dict):
+            mapping[key] = _redact_mapping(dict(value))
+    return mapping
+
+
+def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> None:
+    """Route structlog (and the stdlib loggers Celery uses) through one processor chain."""
+    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer(sort_keys=False)
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

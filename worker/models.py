@@ -1,0 +1,194 @@
+"""The stored state: registries, push jobs, step claims and the append-only event log.
+
+Typed SQLAlchemy 2.x ORM; the schema itself is created by the Alembic migrations in
+``worker/migrations`` (``pushctl db upgrade``), never implicitly.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use an aware UTC datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# A 64-bit id that is still SQLite's rowid alias (so it autoincrements there too).
+EventId = BigInteger().with_variant(Integer, "sqlite")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[int]: JSON}
+
+
+class RegistryKind(enum.StrEnum):
+    GENERIC = "generic"
+    HARBOR = "harbor"
+    GITLAB = "gitlab"
+    DOCKERHUB = "dockerhub"
+
+
+class CredentialKind(enum.StrEnum):
+    SECRET = "secret"  # a Fernet token stored in the row
+    ENV = "env"  # the name of an environment variable of the worker
+    FILE = "file"  # the path of a file readable by the worker
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class StepStatus(enum.StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Registry(Base):
+    __tablename__ = "registries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    #: Normalised ``scheme://host[:port]``.
+    url: Mapped[str] = mapped_column(String(300))
+    #: ``host[:port]`` exactly as it prefixes a pushed reference.
+    host: Mapped[str] = mapped_column(String(300))
+    kind: Mapped[str] = mapped_column(String(20), default=RegistryKind.GENERIC.value)
+    username: Mapped[str | None] = mapped_column(String(200))
+    #: False only when an operator said explicitly that the registry takes anonymous pushes.
+    auth_required: Mapped[bool] = mapped_column(Boolean, default=True)
+    credential_kind: Mapped[str | None] = mapped_column(String(10))
+    credential_secret: Mapped[str | None] = mapped_column(Text)
+    credential_ref: Mapped[str | None] = mapped_column(String(500))
+    ca_cert: Mapped[str | None] = mapped_column(Text)
+    insecure: Mapped[bool] = mapped_column(Boolean, default=False)
+    fallback_chain: Mapped[list[int]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    #: Removed registries keep their row, so the history that names them stays readable.
+    removed_at: Mapped[datetime | None] = mapped_column()
+
+
+class PushJob(Base):
+    __tablename__ = "push_jobs"
+    __table_args__ = (
+        Index("ix_push_jobs_status_created", "status", "created_at"),
+        Index("ix_push_jobs_registry_created", "requested_registry_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    source_image: Mapped[str] = mapped_column(String(300))
+    repository: Mapped[str] = mapped_column(String(255))
+    tag: Mapped[str] = mapped_column(String(128))
+    requested_registry_id: Mapped[int] = mapped_column(ForeignKey("registries.id"))
+    effective_registry_id: Mapped[int] = mapped_column(ForeignKey("registries.id"))
+    #: The registries to try after the requested one, resolved when the job was created.
+    fallback_chain: Mapped[list[int]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED.value)
+    current_step: Mapped[str | None] = mapped_column(String(40))
+    #: 1 for the first run; each operator retry adds one.
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    error_code: Mapped[str | None] = mapped_column(String(60))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    pushed_reference: Mapped[str | None] = mapped_column(String(600))
+    digest: Mapped[str | None] = mapped_column(String(100))
+    requested_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class StepRun(Base):
+    """The claim on one step of one job against one registry: what makes a step run once.
+
+    Mutable on purpose (it is a lock and a memo, not history); the event log holds the history.
+    """
+
+    __tablename__ = "step_runs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("push_jobs.id"), primary_key=True)
+    step: Mapped[str] = mapped_column(String(40), primary_key=True)
+    registry_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Event(Base):
+    """One thing that happened. Rows are inserted, never updated or deleted (triggers enforce it).
+
+    ``stream`` is ``job/<uuid>`` or ``registry/<id>``; ``seq`` numbers the events of one stream
+    from 1, and ``UNIQUE(stream, seq)`` turns two concurrent writers into a key clash.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("stream", "seq", name="uq_events_stream_seq"),
+        Index("ix_events_job", "job_id", "seq"),
+        Index("ix_events_registry_time", "registry_id", "time"),
+        Index("ix_events_type_time", "type", "time"),
+        Index("ix_events_time", "time"),
+    )
+
+    id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
+    stream: Mapped[str] = mapped_column(String(80))
+    seq: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    type: Mapped[str] = mapped_column(String(40))
+    step: Mapped[str | None] = mapped_column(String(40))
+    registry_id: Mapped[int | None] = mapped_column(Integer)
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -1,0 +1,374 @@
+"""Runs one step of one job against one registry, exactly once in effect.
+
+A step goes through three phases:
+
+1. claim (one transaction): memo check, job state check, then a claim row in ``step_runs`` and a
+   ``step.started`` event. A step never acts without having recorded that it started.
+2. act (no transaction): the step's action from ``worker.steps``, talking to Docker and the
+   registry.
+3. record (one transaction): the outcome, with retry and fallback decided by ``worker.retry`` and
+   ``worker.fallback``.
+
+Celery delivers at least once; the claim turns duplicates into ``step.skipped`` events, and a
+step that already succeeded for this job and registry is skipped on any later delivery.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal, Protocol, TypeVar
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from worker import events
+from worker.config import Settings, get_settings
+from worker.db import session_scope
+from worker.docker_engine import DockerEngine
+from worker.errors import (
+    AuthenticationError,
+    DatabaseUnavailable,
+    EventConflict,
+    JobNotFound,
+    PushWorkerError,
+    WorkerLost,
+)
+from worker.fallback import exhausted_error, next_registry
+from worker.logs import get_logger
+from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
+from worker.retry import backoff_delay, should_retry
+from worker.steps import ACTIONS, STEPS, StepContext, StepResult
+
+log = get_logger("pushworker.pipeline")
+T = TypeVar("T")
+
+
+class Dispatcher(Protocol):
+    """Starts a job's chain of step tasks on the broker (Celery, in production)."""
+
+    def start_chain(self, job_id: str, registry_id: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the Celery task should do next."""
+
+    action: Literal["continue", "stop", "retry"]
+    countdown: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    job: PushJob
+    registry: Registry
+    tries: int
+
+
+@dataclass
+class StepRunner:
+    dispatcher: Dispatcher
+    engine_factory: Callable[[], DockerEngine]
+    settings: Settings
+
+    def run(self, step: str, job_id: str, registry_id: int, *, delivery_retries: int = 0) -> Outcome:
+        actor = events.worker_actor()
+        try:
+            claimed = _with_conflict_retry(lambda: self._claim(step, job_id, registry_id, actor))
+        except DatabaseUnavailable:
+            # Nothing recorded, nothing done: try the whole step again later.
+            delay = self._delay(delivery_retries + 1)
+            log.warning("step.deferred", job_id=job_id, step=step, reason="database unavailable")
+            return Outcome("retry", delay, "database unavailable")
+        except JobNotFound as error:
+            log.error("step.orphaned", job_id=job_id, step=step, error=error.message)
+            return Outcome("stop", reason=error.message)
+        if isinstance(claimed, Outcome):
+            return claimed
+        context = StepContext(
+            job=claimed.job,
+            registry=claimed.registry,
+            engine=self.engine_factory,
+            http_timeout=self.settings.http_timeout,
+            on_progress=_progress_recorder(job_id, step, registry_id, claimed.tries, actor),
+        )
+        try:
+            result = ACTIONS[step](context)
+        except PushWorkerError as error:
+            return _with_conflict_retry(
+                lambda: self._record_failure(step, job_id, registry_id, error, actor)
+            )
+        except Exception as exc:
+            log.exception("step.crashed", job_id=job_id, step=step)
+            error = PushWorkerError(f"step {step} crashed: {type(exc).__name__}")
+            return _with_conflict_retry(
+                lambda: self._record_failure(step, job_id, registry_id, error, actor)
+            )
+        return _with_conflict_retry(
+            lambda: self._record_success(step, job_id, registry_id, result, actor)
+        )
+
+    # --- phase 1 --------------------------------------------------------------------------------
+
+    def _claim(self, step: str, job_id: str, registry_id: int, actor: str) -> _Claimed | Outcome:
+        with session_scope() as session:
+            job = session.get(PushJob, job_id)
+            if job is None:
+                raise JobNotFound(f"job {job_id} does not exist")
+            run = session.get(StepRun, (job_id, step, registry_id))
+            note = _Recorder(session, job, step, registry_id, actor)
+            if run is not None and run.status == StepStatus.SUCCEEDED:
+                note("step.skipped", run.attempts, reason="already succeeded for this job and registry")
+                return Outcome("continue" if step != STEPS[-1] else "stop", reason="memo")
+            if JobStatus(job.status).is_final:
+                note("step.skipped", None, reason=f"the job is {job.status}")
+                return Outcome("stop", reason=f"job {job.status}")
+            if job.effective_registry_id != registry_id:
+                reason = f"superseded: the job moved to registry {job.effective_registry_id}"
+                note("step.skipped", None, reason=reason)
+                return Outcome("stop", reason="superseded")
+            tries = self._take_claim(session, run, job_id, step, registry_id, actor)
+            if isinstance(tries, str):
+                note("step.skipped", None, reason=tries)
+                return Outcome("stop", reason="claimed elsewhere")
+            if tries > self.settings.max_attempts:
+                error = WorkerLost(
+                    f"step {step} was started {tries - 1} times and its worker died each time",
+                    hint="see the worker's logs for what kills it; then retry the job",
+                )
+                self._fail_job(note, job, error, tries)
+                return Outcome("stop", reason="worker lost")
+            if job.status != JobStatus.RUNNING:
+                job.status = JobStatus.RUNNING.value
+                job.started_at = job.started_at or utcnow()
+            job.current_step = step
+            note("step.started", tries)
+            registry = session.get(Registry, registry_id)
+            assert registry is not None, "a job's registry row is never deleted"
+            return _Claimed(job=job, registry=registry, tries=tries)
+
+    def _take_claim(
+        self, session: Session, run: StepRun | None, job_id: str, step: str, registry_id: int,
+        actor: str,
+    ) -> int | str:
+        """The try number of a claim we now hold, or why another worker holds it."""
+        now = utcnow()
+        lease = now + timedelta(seconds=_lease_seconds(step, self.settings))
+        if run is None:
+            try:
+                with session.begin_nested():
+                    session.add(StepRun(
+                        job_id=job_id, step=step, registry_id=registry_id,
+                        status=StepStatus.RUNNING.value, attempts=1, owner=actor,
+                        lease_expires_at=lease, result={},
+                    ))  # fmt: skip
+            except IntegrityError:
+                return "another delivery claimed this step at the same moment"
+            return 1
+        if run.status == StepStatus.RUNNING and not _claim_is_dead(run, now):
+            return f"running elsewhere ({run.owner})"
+        taken = session.execute(
+            update(StepRun)
+            .where(
+                StepRun.job_id == job_id, StepRun.step == step,
+                StepRun.registry_id == registry_id, StepRun.status == run.status,
+                StepRun.attempts == run.attempts,
+            )
+            .values(status=StepStatus.RUNNING.value, attempts=run.attempts + 1, owner=actor,
+                    lease_expires_at=lease)
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            return "another delivery claimed this step at the same moment"
+        session.refresh(run)
+        return run.attempts
+
+    # --- phase 3 --------------------------------------------------------------------------------
+
+    def _record_success(
+        self, step: str, job_id: str, registry_id: int, result: StepResult, actor: str
+    ) -> Outcome:
+        with session_scope() as session:
+            job, run = _load(session, job_id, step, registry_id)
+            run.status, run.owner, run.lease_expires_at = StepStatus.SUCCEEDED.value, None, None
+            run.result = result.payload
+            note = _Recorder(session, job, step, registry_id, actor)
+            if result.noop:
+                note("step.skipped", run.attempts, reason=result.noop, **result.payload)
+            else:
+                note("step.succeeded", run.attempts, **result.payload)
+            if step != STEPS[-1]:
+                return Outcome("continue")
+            job.status = JobStatus.SUCCEEDED.value
+            job.digest = result.payload.get("digest")
+            job.pushed_reference = result.payload.get("reference")
+            job.error_code = job.error_message = None
+            job.current_step, job.finished_at = None, utcnow()
+            note("job.succeeded", None, reference=job.pushed_reference, digest=job.digest)
+            return Outcome("stop", reason="job succeeded")
+
+    def _record_failure(
+        self, step: str, job_id: str, registry_id: int, error: PushWorkerError, actor: str
+    ) -> Outcome:
+        dispatch_to: int | None = None
+        with session_scope() as session:
+            job, run = _load(session, job_id, step, registry_id)
+            run.status, run.owner, run.lease_expires_at = StepStatus.FAILED.value, None, None
+            note = _Recorder(session, job, step, registry_id, actor)
+            fallback = next_registry(job, step, error)
+            if fallback is not None:
+                note("step.failed", run.attempts, will_retry=False, **error.to_payload())
+                note("fallback.applied", run.attempts, from_registry_id=registry_id,
+                     to_registry_id=fallback, reason=error.message)  # fmt: skip
+                job.effective_registry_id = fallback
+                job.current_step = None
+                dispatch_to = fallback
+                outcome = Outcome("stop", reason="fallback")
+            elif should_retry(error, run.attempts, self.settings.max_attempts):
+                delay = self._delay(run.attempts)
+                note("step.failed", run.attempts, will_retry=True, retry_in=round(delay, 2),
+                     **error.to_payload())  # fmt: skip
+                outcome = Outcome("retry", delay, error.code)
+            else:
+                note("step.failed", run.attempts, will_retry=False, **error.to_payload())
+                if isinstance(error, AuthenticationError) and job.fallback_chain:
+                    error = exhausted_error(job, _refusals(session, job) + [(registry_id, error.message)])
+                self._fail_job(note, job, error, run.attempts)
+                outcome = Outcome("stop", reason=error.code)
+        if dispatch_to is not None:
+            self.dispatcher.start_chain(job_id, dispatch_to)
+        return outcome
+
+    def _fail_job(self, note: _Recorder, job: PushJob, error: PushWorkerError, tries: int) -> None:
+        job.status = JobStatus.FAILED.value
+        job.error_code, job.error_message = error.code, str(error)
+        job.finished_at = utcnow()
+        note("job.failed", tries, **error.to_payload())
+
+    def _delay(self, tries: int) -> float:
+        return backoff_delay(tries, base=self.settings.retry_base, cap=self.settings.retry_max)
+
+
+class _Recorder:
+    """Appends events of one job with the step and registry filled in."""
+
+    def __init__(self, session: Session, job: PushJob, step: str, registry_id: int, actor: str):
+        self.session, self.job, self.step = session, job, step
+        self.registry_id, self.actor = registry_id, actor
+
+    def __call__(self, type: str, attempt: int | None, **payload: object) -> None:
+        job_level = type.startswith("job.")
+        events.append(
+            self.session, stream=events.job_stream(self.job.id), type=type, actor=self.actor,
+            job_id=self.job.id, step=None if job_level else self.step,
+            registry_id=self.registry_id, attempt=attempt, payload=dict(payload),
+        )  # fmt: skip
+
+
+def _load(session: Session, job_id: str, step: str, registry_id: int) -> tuple[PushJob, StepRun]:
+    job = session.get(PushJob, job_id)
+    run = session.get(StepRun, (job_id, step, registry_id))
+    if job is None or run is None:
+        raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
+    return job, run
+
+
+def _refusals(session: Session, job: PushJob) -> list[tuple[int, str]]:
+    """The authentication refusals of the job's current run (since it was enqueued or retried)."""
+    rows = events.select_events(session, job_id=job.id)
+    start = max((r.seq for r in rows if r.type in ("job.enqueued", "job.retried")), default=0)
+    return [
+        (r.registry_id or 0, str(r.payload.get("error_message", "")))
+        for r in rows
+        if r.seq > start and r.type == "step.failed"
+        and r.payload.get("error_code") == AuthenticationError.code
+    ]
+
+
+def _lease_seconds(step: str, settings: Settings) -> float:
+    return settings.push_timeout if step == "push" else 300.0
+
+
+def _claim_is_dead(run: StepRun, now: object) -> bool:
+    """A claim whose lease ran out, or whose owner process on this host is gone."""
+    if run.lease_expires_at is None or run.lease_expires_at <= now:  # type: ignore[operator]
+        return True
+    kind, _, rest = (run.owner or "").partition(":")
+    host, _, pid = rest.rpartition(":")
+    if kind != "worker" or host != socket.gethostname() or not pid.isdigit():
+        return False
+    return not _pid_alive(int(pid))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _progress_recorder(
+    job_id: str, step: str, registry_id: int, tries: int, actor: str
+) -> Callable[[int, int, int, int], None]:
+    """Records push progress as ``step.progress`` events, at most one every two seconds."""
+    last = [0.0]
+
+    def record(done: int, total: int, layers_done: int, layers: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 2.0:
+            return
+        last[0] = now
+        try:
+            with session_scope() as session:
+                events.append(
+                    session, stream=events.job_stream(job_id), type="step.progress", actor=actor,
+                    job_id=job_id, step=step, registry_id=registry_id, attempt=tries,
+                    payload={"bytes_pushed": done, "bytes_total": total,
+                             "layers_done": layers_done, "layers_total": layers},
+                )  # fmt: skip
+        except (DatabaseUnavailable, EventConflict):
+            pass  # progress is informative; losing one line must not fail a push
+
+    return record
+
+
+def _with_conflict_retry(work: Callable[[], T], attempts: int = 5) -> T:
+    """Re-run a unit of work whose event append clashed with a concurrent writer."""
+    for attempt in range(attempts):
+        try:
+            return work()
+        except EventConflict:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def default_runner(dispatcher: Dispatcher) -> StepRunner:
+    settings = get_settings()
+    return StepRunner(
+        dispatcher=dispatcher,
+        engine_factory=_cached_engine(settings),
+        settings=settings,
+    )
+
+
+def _cached_engine(settings: Settings) -> Callable[[], DockerEngine]:
+    """One Docker client per process, made on first use (not at import, not per step)."""
+    holder: list[DockerEngine] = []
+
+    def get() -> DockerEngine:
+        if not holder:
+            holder.append(DockerEngine(settings.docker_host))
+        return holder[0]
+
+    return get

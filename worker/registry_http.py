@@ -1,0 +1,212 @@
+"""The one seam in front of the registry HTTP API (Distribution v2, Harbor, GitLab).
+
+Like Harbor's "Test Connection": ``GET /v2/``, read the ``WWW-Authenticate`` challenge, then Basic
+credentials or a Bearer token fetched from the realm. Credentials are only ever sent to this
+registry's own scheme and host (and to the token realm it names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.auth import HTTPBasicAuth
+
+from worker.classify import classify_registry_message
+from worker.credentials import Credential
+from worker.errors import (
+    AuthenticationError,
+    RegistryError,
+    RegistryTLSError,
+    RegistryUnavailable,
+)
+from worker.models import Registry
+
+MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+    ]
+)
+_PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """What ``GET /v2/`` without credentials said."""
+
+    status: int
+    scheme: str  # "basic", "bearer" or "" (no authentication asked)
+    params: dict[str, str]
+
+
+def parse_challenge(header: str | None) -> tuple[str, dict[str, str]]:
+    if not header:
+        return "", {}
+    scheme, _, rest = header.strip().partition(" ")
+    return scheme.lower(), dict(_PARAM.findall(rest))
+
+
+class RegistryHTTP:
+    """HTTP access to one registry, with its TLS settings and (optionally) its credential."""
+
+    def __init__(
+        self, registry: Registry, credential: Credential | None, *, timeout: float = 10
+    ) -> None:
+        self.base = registry.url
+        self.label = f"{registry.id} ({registry.host})"
+        self.credential = credential
+        self.timeout = timeout
+        self.http = requests.Session()
+        self.http.trust_env = False  # no proxy or netrc from the host's environment
+        self.http.verify = _verify_setting(registry)
+        self._tokens: dict[str, str] = {}
+
+    def close(self) -> None:
+        self.http.close()
+
+    # --- requests with error translation -------------------------------------------------------
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self.timeout)
+        kwargs.setdefault("allow_redirects", False)
+        try:
+            return self.http.request(method, url, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise RegistryTLSError(
+                f"TLS with registry {self.label} failed: {_first_line(exc)}",
+                hint="give the registry's CA bundle (pushctl registry update --ca-file)",
+            ) from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise RegistryUnavailable(
+                f"registry {self.label} cannot be reached: {type(exc).__name__}",
+                hint="check that it is up and reachable from the worker; the step retries",
+            ) from None
+
+    def ping(self) -> Challenge:
+        """``GET /v2/`` without credentials."""
+        response = self._request("GET", f"{self.base}/v2/")
+        scheme, params = parse_challenge(response.headers.get("WWW-Authenticate"))
+        if response.status_code not in (200, 401):
+            raise self._refusal(response)
+        return Challenge(response.status_code, scheme, params)
+
+    def check_credentials(self) -> Challenge:
+        """Prove the credential against ``/v2/``; AuthenticationError when refused."""
+        challenge = self.ping()
+        if challenge.status == 200:
+            return challenge
+        response = self._authorized("GET", f"{self.base}/v2/", challenge, scope=None)
+        if response.status_code != 200:
+            raise self._refusal(response)
+        return challenge
+
+    def manifest_digest(self, repository: str, tag: str) -> str | None:
+        """The digest the registry serves for ``repository:tag``, or None if it has none."""
+        url = f"{self.base}/v2/{repository}/manifests/{tag}"
+        headers = {"Accept": MANIFEST_TYPES}
+        response = self._request("HEAD", url, headers=headers)
+        if response.status_code == 401:
+            challenge = Challenge(401, *parse_challenge(response.headers.get("WWW-Authenticate")))
+            response = self._authorized(
+                "HEAD", url, challenge, scope=f"repository:{repository}:pull", headers=headers
+            )
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._refusal(response)
+        return response.headers.get("Docker-Content-Digest")
+
+    # --- authentication -------------------------------------------------------------------------
+
+    def _authorized(
+        self, method: str, url: str, challenge: Challenge, *, scope: str | None, **kwargs: Any
+    ) -> requests.Response:
+        if self.credential is None:
+            raise AuthenticationError(
+                f"registry {self.label} asks for credentials and this registry has none",
+                hint="set its credential (pushctl registry set-credential)",
+            )
+        if challenge.scheme == "bearer":
+            token = self._bearer_token(challenge, scope)
+            headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
+            return self._request(method, url, headers=headers, **kwargs)
+        return self._request(method, url, auth=self._basic(), **kwargs)
+
+    def _basic(self) -> HTTPBasicAuth:
+        assert self.credential is not None
+        return HTTPBasicAuth(self.credential.username, self.credential.password.reveal())
+
+    def _bearer_token(self, challenge: Challenge, scope: str | None) -> str:
+        key = scope or ""
+        if key in self._tokens:
+            return self._tokens[key]
+        realm = challenge.params.get("realm", "")
+        if urlsplit(realm).scheme not in ("https", "http"):
+            raise RegistryError(f"registry {self.label} named an unusable token realm {realm!r}")
+        params = {"service": challenge.params.get("service", "")}
+        if scope:
+            params["scope"] = scope
+        response = self._request("GET", realm, params=params, auth=self._basic())
+        if response.status_code != 200:
+            raise self._refusal(response)
+        body = response.json()
+        token = body.get("token") or body.get("access_token")
+        if not token:
+            raise RegistryError(f"the token service of registry {self.label} returned no token")
+        self._tokens[key] = str(token)
+        return str(token)
+
+    def _refusal(self, response: requests.Response) -> RegistryError:
+        words = _registry_words(response)
+        if response.status_code in (401, 403):
+            return AuthenticationError(
+                f"registry {self.label} rejected the credentials: {words}",
+                hint="check the registry's username and password "
+                "(pushctl registry set-credential), then retry the job",
+            )
+        return classify_registry_message(words, registry=self.label)
+
+
+def _registry_words(response: requests.Response) -> str:
+    """The registry's own error text, from its JSON ``errors`` list when it has one."""
+    status = f"HTTP {response.status_code}"
+    try:
+        errors = response.json().get("errors") or []
+        messages = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors]
+        return f"{status} {'; '.join(messages)}" if messages else status
+    except ValueError:
+        return status
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+
+
+def _verify_setting(registry: Registry) -> bool | str:
+    """requests' ``verify``: the registry's CA bundle when it has one."""
+    if registry.insecure and registry.url.startswith("https://"):
+        return False
+    if registry.ca_cert:
+        return str(_ca_file(registry.ca_cert))
+    return True
+
+
+def _ca_file(pem: str) -> Path:
+    # requests wants a path; a content-addressed file is written once and shared by processes.
+    digest = hashlib.sha256(pem.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"pushworker-ca-{digest}.pem"
+    if not path.exists():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(pem)
+        tmp.replace(path)
+    return path

@@ -1,0 +1,144 @@
+"""What each step does, as plain functions of a ``StepContext``. No Celery, no transactions.
+
+Each returns a ``StepResult``; a step that finds its effect already in place says so in
+``noop`` (recorded as ``step.skipped``), which is what makes re-running a chain harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.credentials import Credential, resolve_credential
+from worker.docker_engine import DockerEngine, ProgressCallback
+from worker.errors import PushVerificationFailed, SourceImageNotFound
+from worker.models import PushJob, Registry
+from worker.reference import TargetReference, assert_resolves_to, build_target
+from worker.registry_http import RegistryHTTP
+
+STEPS = ("resolve_credentials", "login", "tag", "push")
+
+
+@dataclass
+class StepContext:
+    job: PushJob
+    registry: Registry
+    engine: Callable[[], DockerEngine]
+    http_timeout: float = 10
+    on_progress: ProgressCallback | None = None
+
+    def target(self) -> TargetReference:
+        return build_target(self.registry.host, self.job.repository, self.job.tag)
+
+    def credential(self) -> Credential | None:
+        # Resolved in the step's own process, every time: secrets never travel between steps.
+        return resolve_credential(self.registry)
+
+    def http(self, credential: Credential | None) -> RegistryHTTP:
+        return RegistryHTTP(self.registry, credential, timeout=self.http_timeout)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    payload: dict[str, Any] = field(default_factory=dict)
+    #: Why nothing had to be done, when the step's effect was already in place.
+    noop: str | None = None
+
+
+def resolve_credentials(ctx: StepContext) -> StepResult:
+    credential = ctx.credential()
+    ctx.target()  # a malformed reference fails here, before anything touches the registry
+    if credential is None:
+        return StepResult({"credential_source": "anonymous"})
+    return StepResult({"credential_source": credential.source, "username": credential.username})
+
+
+def login(ctx: StepContext) -> StepResult:
+    credential = ctx.credential()
+    if credential is None:
+        # Anonymous: prove the registry answers and does not ask for credentials.
+        http = ctx.http(None)
+        try:
+            http.check_credentials()
+        finally:
+            http.close()
+        return StepResult({"credential_source": "anonymous"})
+    ctx.engine().login(_login_address(ctx.registry), credential)
+    return StepResult({"username": credential.username})
+
+
+def _login_address(registry: Registry) -> str:
+    return "https://index.docker.io/v1/" if registry.kind == "dockerhub" else registry.host
+
+
+def tag(ctx: StepContext) -> StepResult:
+    target = ctx.target()
+    engine = ctx.engine()
+    source_id = _source_id(ctx, engine)
+    payload = {"reference": str(target), "image_id": source_id}
+    if engine.image_id(str(target)) == source_id:
+        return StepResult(payload, noop="the target already names the source image")
+    engine.tag(ctx.job.source_image, target)
+    return StepResult(payload)
+
+
+def push(ctx: StepContext) -> StepResult:
+    target = ctx.target()
+    # Re-checked right before the push, whatever happened since the tag step.
+    assert_resolves_to(target.name, ctx.registry.host, ctx.job.repository)
+    engine = ctx.engine()
+    source_id = _source_id(ctx, engine)
+    if engine.image_id(str(target)) != source_id:
+        engine.tag(ctx.job.source_image, target)  # another job re-pointed the tag meanwhile
+    credential = ctx.credential()
+    http = ctx.http(credential)
+    try:
+        served = _digest_if_served(engine, http, target, source_id)
+        if served:
+            payload = {"reference": str(target), "digest": served}
+            return StepResult(payload, noop="the registry already serves this tag at the local digest")
+        result = engine.push(target, credential, ctx.on_progress)
+        remote = http.manifest_digest(target.repository, target.tag)
+    finally:
+        http.close()
+    if remote != result.digest:
+        raise PushVerificationFailed(
+            f"registry {ctx.registry.host} serves {target} at {remote}, "
+            f"not at the pushed digest {result.digest}",
+            hint="another writer may have pushed the same tag; the step retries",
+        )
+    return StepResult({"reference": str(target), "digest": result.digest, "size": result.size})
+
+
+def _source_id(ctx: StepContext, engine: DockerEngine) -> str:
+    source_id = engine.image_id(ctx.job.source_image)
+    if source_id is None:
+        raise SourceImageNotFound(
+            f"the Docker Engine has no image {ctx.job.source_image!r}",
+            hint="build or load the source image on this worker's engine, then retry the job",
+        )
+    return source_id
+
+
+def _digest_if_served(
+    engine: DockerEngine, http: RegistryHTTP, target: TargetReference, source_id: str
+) -> str | None:
+    """The digest, when the registry already serves the tag at a digest this image has there."""
+    local = {
+        entry.split("@", 1)[1]
+        for entry in engine.repo_digests(source_id)
+        if entry.split("@", 1)[0] == target.name
+    }
+    if not local:
+        return None
+    remote = http.manifest_digest(target.repository, target.tag)
+    return remote if remote in local else None
+
+
+ACTIONS: dict[str, Callable[[StepContext], StepResult]] = {
+    "resolve_credentials": resolve_credentials,
+    "login": login,
+    "tag": tag,
+    "push": push,
+}
