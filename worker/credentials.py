@@ -1,4 +1,4 @@
-"""Registry credentials: stored encrypted, or referenced; resolved only inside the step that uses them.
+"""Registry credentials: stored encrypted or referenced; resolved only in the step using them.
 
 Secrets travel as ``Secret`` objects whose ``repr`` and ``str`` are masked, so a credential that
 reaches a log line, an exception or a traceback by mistake prints as ``***``.

@@ -39,7 +39,9 @@ class DockerEngine:
     def __init__(self, base_url: str | None = None, *, timeout: float = 300) -> None:
         with _translated("connect to"):
             if base_url:
-                self._api = docker.APIClient(base_url=base_url, version="auto", timeout=int(timeout))
+                self._api = docker.APIClient(
+                    base_url=base_url, version="auto", timeout=int(timeout)
+                )
             else:
                 self._api = docker.from_env(version="auto", timeout=int(timeout)).api
         self._forget_host_auth()

@@ -28,6 +28,20 @@ def next_registry(job: PushJob, step: str, error: PushWorkerError) -> int | None
     return order[position + 1] if 0 <= position < len(order) - 1 else None
 
 
+def final_auth_error(
+    job: PushJob, registry_id: int, error: AuthenticationError, refusals: list[tuple[int, str]]
+) -> AuthenticationError:
+    """The error that ends a job on an authentication failure, saying exactly what to do."""
+    if job.fallback_chain:
+        return exhausted_error(job, refusals)
+    return AuthenticationError(
+        error.message,
+        hint=f"set the credential of registry {registry_id} "
+        f"(pushctl registry set-credential {registry_id}), "
+        f"then retry the job (pushctl jobs retry {job.id})",
+    )
+
+
 def exhausted_error(job: PushJob, refusals: list[tuple[int, str]]) -> FallbackExhausted:
     """The error that ends a job whose every registry refused its credentials."""
     tried = "; ".join(f"registry {rid}: {message}" for rid, message in refusals)

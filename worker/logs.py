@@ -21,7 +21,9 @@ _SECRET_KEY = re.compile(r"pass(word)?|secret|token|authorization|auth_config|ap
 _SAFE_KEYS = frozenset({"credential_source", "secret_key_set"})
 
 
-def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def redact(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """Mask the values of credential-like keys, also inside nested dicts."""
     return _redact_mapping(event_dict)
 
@@ -55,6 +57,17 @@ def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> No
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # Lines from the standard library's loggers (Celery, kombu) get the same shape and masking.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
 def get_logger(name: str) -> Any:

@@ -67,7 +67,7 @@ class RegistryKind(enum.StrEnum):
 
 
 class CredentialKind(enum.StrEnum):
-    SECRET = "secret"  # a Fernet token stored in the row
+    SECRET = "secret"  # noqa: S105 - a kind name: the Fernet token is stored in the row
     ENV = "env"  # the name of an environment variable of the worker
     FILE = "file"  # the path of a file readable by the worker
 

@@ -39,11 +39,11 @@ from worker.errors import (
     PushWorkerError,
     WorkerLost,
 )
-from worker.fallback import exhausted_error, next_registry
+from worker.fallback import final_auth_error, next_registry
 from worker.logs import get_logger
 from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 from worker.retry import backoff_delay, should_retry
-from worker.steps import ACTIONS, STEPS, StepContext, StepResult
+from worker.steps import ACTIONS, STEPS, HttpFactory, StepContext, StepResult, default_http
 
 log = get_logger("pushworker.pipeline")
 T = TypeVar("T")
@@ -76,8 +76,11 @@ class StepRunner:
     dispatcher: Dispatcher
     engine_factory: Callable[[], DockerEngine]
     settings: Settings
+    http_factory: HttpFactory = default_http
 
-    def run(self, step: str, job_id: str, registry_id: int, *, delivery_retries: int = 0) -> Outcome:
+    def run(
+        self, step: str, job_id: str, registry_id: int, *, delivery_retries: int = 0
+    ) -> Outcome:
         actor = events.worker_actor()
         try:
             claimed = _with_conflict_retry(lambda: self._claim(step, job_id, registry_id, actor))
@@ -95,20 +98,22 @@ class StepRunner:
             job=claimed.job,
             registry=claimed.registry,
             engine=self.engine_factory,
+            http_factory=self.http_factory,
             http_timeout=self.settings.http_timeout,
             on_progress=_progress_recorder(job_id, step, registry_id, claimed.tries, actor),
         )
         try:
             result = ACTIONS[step](context)
-        except PushWorkerError as error:
+        except PushWorkerError as exc:
+            failure = exc
             return _with_conflict_retry(
-                lambda: self._record_failure(step, job_id, registry_id, error, actor)
+                lambda: self._record_failure(step, job_id, registry_id, failure, actor)
             )
         except Exception as exc:
             log.exception("step.crashed", job_id=job_id, step=step)
-            error = PushWorkerError(f"step {step} crashed: {type(exc).__name__}")
+            crash = PushWorkerError(f"step {step} crashed: {type(exc).__name__}")
             return _with_conflict_retry(
-                lambda: self._record_failure(step, job_id, registry_id, error, actor)
+                lambda: self._record_failure(step, job_id, registry_id, crash, actor)
             )
         return _with_conflict_retry(
             lambda: self._record_success(step, job_id, registry_id, result, actor)
@@ -124,7 +129,11 @@ class StepRunner:
             run = session.get(StepRun, (job_id, step, registry_id))
             note = _Recorder(session, job, step, registry_id, actor)
             if run is not None and run.status == StepStatus.SUCCEEDED:
-                note("step.skipped", run.attempts, reason="already succeeded for this job and registry")
+                note(
+                    "step.skipped",
+                    run.attempts,
+                    reason="already succeeded for this job and registry",
+                )
                 return Outcome("continue" if step != STEPS[-1] else "stop", reason="memo")
             if JobStatus(job.status).is_final:
                 note("step.skipped", None, reason=f"the job is {job.status}")
@@ -154,7 +163,12 @@ class StepRunner:
             return _Claimed(job=job, registry=registry, tries=tries)
 
     def _take_claim(
-        self, session: Session, run: StepRun | None, job_id: str, step: str, registry_id: int,
+        self,
+        session: Session,
+        run: StepRun | None,
+        job_id: str,
+        step: str,
+        registry_id: int,
         actor: str,
     ) -> int | str:
         """The try number of a claim we now hold, or why another worker holds it."""
@@ -237,8 +251,9 @@ class StepRunner:
                 outcome = Outcome("retry", delay, error.code)
             else:
                 note("step.failed", run.attempts, will_retry=False, **error.to_payload())
-                if isinstance(error, AuthenticationError) and job.fallback_chain:
-                    error = exhausted_error(job, _refusals(session, job) + [(registry_id, error.message)])
+                if isinstance(error, AuthenticationError):
+                    refusals = [*_refusals(session, job), (registry_id, error.message)]
+                    error = final_auth_error(job, registry_id, error, refusals)
                 self._fail_job(note, job, error, run.attempts)
                 outcome = Outcome("stop", reason=error.code)
         if dispatch_to is not None:
@@ -286,7 +301,8 @@ def _refusals(session: Session, job: PushJob) -> list[tuple[int, str]]:
     return [
         (r.registry_id or 0, str(r.payload.get("error_message", "")))
         for r in rows
-        if r.seq > start and r.type == "step.failed"
+        if r.seq > start
+        and r.type == "step.failed"
         and r.payload.get("error_code") == AuthenticationError.code
     ]
 
@@ -320,7 +336,7 @@ def _progress_recorder(
     job_id: str, step: str, registry_id: int, tries: int, actor: str
 ) -> Callable[[int, int, int, int], None]:
     """Records push progress as ``step.progress`` events, at most one every two seconds."""
-    last = [0.0]
+    last = [time.monotonic()]  # a push shorter than the interval records no progress
 
     def record(done: int, total: int, layers_done: int, layers: int) -> None:
         now = time.monotonic()

@@ -41,7 +41,8 @@ def parse_registry_url(url: str, *, kind: str, insecure: bool) -> RegistryAddres
         )
     if parts.scheme == "http" and not insecure:
         raise InvalidRegistry(
-            f"registry URL {url!r} is plain HTTP", hint="use https://, or pass --insecure explicitly"
+            f"registry URL {url!r} is plain HTTP",
+            hint="use https://, or pass --insecure explicitly",
         )
     try:
         port = parts.port
@@ -93,7 +94,9 @@ def list_registries(session: Session, *, include_removed: bool = False) -> list[
     return list(session.scalars(query))
 
 
-def create_registry(session: Session, spec: RegistrySpec, *, registry_id: int | None = None) -> Registry:
+def create_registry(
+    session: Session, spec: RegistrySpec, *, registry_id: int | None = None
+) -> Registry:
     if not spec.name or not spec.url:
         raise InvalidRegistry("a registry needs a name and a URL")
     registry = Registry(id=registry_id, fallback_chain=[], auth_required=True, insecure=False)

@@ -19,8 +19,10 @@ def should_retry(error: PushWorkerError, tries: int, max_attempts: int) -> bool:
     return error.retryable and tries < max_attempts
 
 
-def backoff_delay(tries: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Seconds to wait before try ``tries + 1``: uniform in [base/2, min(cap, base * 2**(tries-1))]."""
+def backoff_delay(
+    tries: int, *, base: float, cap: float, rng: random.Random | None = None
+) -> float:
+    """Seconds before try ``tries + 1``: uniform in [base/2, min(cap, base * 2**(tries-1))]."""
     ceiling = min(cap, base * 2 ** max(tries - 1, 0))
     low = min(base / 2, ceiling)
     return (rng or random).uniform(low, ceiling)

@@ -13,7 +13,9 @@ import tarfile
 import docker
 
 
-def build_scratch_image(client: docker.APIClient, tag: str, size: int, *, seed: bytes | None = None) -> str:
+def build_scratch_image(
+    client: docker.APIClient, tag: str, size: int, *, seed: bytes | None = None
+) -> str:
     """Build ``tag`` holding one ``size``-byte file; return the image id."""
     payload = _blob(size, seed)
     context = io.BytesIO()

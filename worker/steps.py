@@ -20,11 +20,20 @@ from worker.registry_http import RegistryHTTP
 STEPS = ("resolve_credentials", "login", "tag", "push")
 
 
+#: Makes the registry HTTP client a step uses (a fake in fast tests).
+HttpFactory = Callable[[Registry, Credential | None, float], RegistryHTTP]
+
+
+def default_http(registry: Registry, credential: Credential | None, timeout: float) -> RegistryHTTP:
+    return RegistryHTTP(registry, credential, timeout=timeout)
+
+
 @dataclass
 class StepContext:
     job: PushJob
     registry: Registry
     engine: Callable[[], DockerEngine]
+    http_factory: HttpFactory = default_http
     http_timeout: float = 10
     on_progress: ProgressCallback | None = None
 
@@ -36,7 +45,7 @@ class StepContext:
         return resolve_credential(self.registry)
 
     def http(self, credential: Credential | None) -> RegistryHTTP:
-        return RegistryHTTP(self.registry, credential, timeout=self.http_timeout)
+        return self.http_factory(self.registry, credential, self.http_timeout)
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,9 @@ def push(ctx: StepContext) -> StepResult:
         served = _digest_if_served(engine, http, target, source_id)
         if served:
             payload = {"reference": str(target), "digest": served}
-            return StepResult(payload, noop="the registry already serves this tag at the local digest")
+            return StepResult(
+                payload, noop="the registry already serves this tag at the local digest"
+            )
         result = engine.push(target, credential, ctx.on_progress)
         remote = http.manifest_digest(target.repository, target.tag)
     finally:

@@ -1,0 +1,124 @@
+"""Fakes of the two seams (Docker Engine, registry HTTP) and an inline dispatcher.
+
+For fast unit tests of the pipeline's logic only; end-to-end tests use the real stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from worker.config import Settings
+from worker.credentials import Credential
+from worker.docker_engine import ProgressCallback, PushResult
+from worker.errors import PushWorkerError, SourceImageNotFound
+from worker.models import Registry
+from worker.pipeline import Outcome, StepRunner
+from worker.reference import TargetReference
+from worker.steps import STEPS
+
+
+@dataclass
+class FakeWorld:
+    """What the fake daemon and the fake registries hold, and what they will refuse."""
+
+    images: dict[str, str] = field(default_factory=dict)  # reference -> image id
+    repo_digests: dict[str, list[str]] = field(default_factory=dict)  # image id -> name@digest
+    served: dict[str, str] = field(default_factory=dict)  # "host/repo:tag" -> digest
+    #: host -> the error the registry answers with at login / push (None = accepts).
+    login_errors: dict[str, PushWorkerError | None] = field(default_factory=dict)
+    push_errors: dict[str, list[PushWorkerError]] = field(default_factory=dict)
+    pushes: list[str] = field(default_factory=list)  # every push attempted, in order
+    logins: list[str] = field(default_factory=list)
+
+
+class FakeEngine:
+    def __init__(self, world: FakeWorld) -> None:
+        self.world = world
+
+    def ping(self) -> None:
+        return None
+
+    def image_id(self, reference: str) -> str | None:
+        return self.world.images.get(reference)
+
+    def repo_digests(self, reference: str) -> list[str]:
+        image = self.world.images.get(reference, reference)
+        return list(self.world.repo_digests.get(image, []))
+
+    def tag(self, source: str, target: TargetReference) -> None:
+        if source not in self.world.images:
+            raise SourceImageNotFound(f"no image {source}")
+        self.world.images[str(target)] = self.world.images[source]
+
+    def login(self, registry_host: str, credential: Credential) -> None:
+        self.world.logins.append(registry_host)
+        error = self.world.login_errors.get(registry_host)
+        if error is not None:
+            raise error
+
+    def push(
+        self,
+        target: TargetReference,
+        credential: Credential | None,
+        on_progress: ProgressCallback | None = None,
+    ) -> PushResult:
+        self.world.pushes.append(str(target))
+        queued = self.world.push_errors.get(target.host) or []
+        if queued:
+            raise queued.pop(0)
+        image = self.world.images[str(target)]
+        digest = "sha256:" + hashlib.sha256(image.encode()).hexdigest()
+        self.world.served[str(target)] = digest
+        self.world.repo_digests.setdefault(image, []).append(f"{target.name}@{digest}")
+        if on_progress:
+            on_progress(100, 100, 1, 1)
+        return PushResult(digest=digest, size=100)
+
+
+class FakeHttp:
+    def __init__(self, world: FakeWorld, registry: Registry) -> None:
+        self.world, self.host = world, registry.host
+
+    def manifest_digest(self, repository: str, tag: str) -> str | None:
+        return self.world.served.get(f"{self.host}/{repository}:{tag}")
+
+    def check_credentials(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class InlineDispatcher:
+    """Runs a job's chain synchronously, the way the Celery chain would, retries included."""
+
+    def __init__(self) -> None:
+        self.runner: StepRunner | None = None
+        self.chains: list[tuple[str, int]] = []
+
+    def start_chain(self, job_id: str, registry_id: int) -> None:
+        assert self.runner is not None
+        self.chains.append((job_id, registry_id))
+        for step in STEPS:
+            outcome = self.runner.run(step, job_id, registry_id)
+            while outcome.action == "retry":
+                outcome = self.runner.run(step, job_id, registry_id)
+            if outcome.action == "stop":
+                return
+
+
+def fake_runner(world: FakeWorld, settings: Settings) -> tuple[StepRunner, InlineDispatcher]:
+    dispatcher = InlineDispatcher()
+    engine = FakeEngine(world)
+    runner = StepRunner(
+        dispatcher=dispatcher,
+        engine_factory=lambda: engine,  # type: ignore[arg-type, return-value]
+        settings=settings,
+        http_factory=lambda registry, _cred, _timeout: FakeHttp(world, registry),  # type: ignore[arg-type, return-value]
+    )
+    dispatcher.runner = runner
+    return runner, dispatcher
+
+
+__all__ = ["FakeWorld", "InlineDispatcher", "Outcome", "fake_runner"]

@@ -1,0 +1,245 @@
+"""The step pipeline's logic (claims, memo, retry, fallback) with fake seams and a real SQLite log."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.support.fakes import FakeWorld, fake_runner
+from worker.config import Settings
+from worker.db import session_scope
+from worker.errors import AuthenticationError, RegistryUnavailable
+from worker.events import select_events
+from worker.jobs import PushRequest, create_job
+from worker.models import PushJob, StepRun, utcnow
+from worker.registries import RegistrySpec, create_registry
+from worker.steps import STEPS
+
+HARBOR = "reg.example.com:10443"
+GITLAB = "gitlab.example.com"
+SOURCE = "app:build"
+
+
+def auth_refused(host: str) -> AuthenticationError:
+    return AuthenticationError(f"registry {host} rejected the credentials: unauthorized")
+
+
+@pytest.fixture
+def registries(sqlite_url: str) -> None:
+    with session_scope() as session:
+        for rid, host in ((4, GITLAB), (5, HARBOR), (6, "alt.example.com")):
+            spec = RegistrySpec(name=f"r{rid}", url=f"https://{host}", username="u", secret="pw")
+            create_registry(session, spec, registry_id=rid)
+
+
+@pytest.fixture
+def world() -> FakeWorld:
+    return FakeWorld(images={SOURCE: "sha256:image1"})
+
+
+def run_job(world: FakeWorld, fallback: list[int] | None = None, attempts: int = 3) -> str:
+    test_settings = dataclasses.replace(
+        Settings.from_env(), max_attempts=attempts, retry_base=0.0, retry_max=0.0
+    )
+    _, dispatcher = fake_runner(world, test_settings)
+    request = PushRequest(SOURCE, 5, "team/app", "v1", "tester", fallback=fallback)
+    with session_scope() as session:
+        job, _ = create_job(session, request, actor="producer:tester")
+        job_id = job.id
+    dispatcher.start_chain(job_id, 5)
+    return job_id
+
+
+def job_and_types(job_id: str) -> tuple[PushJob, list[str]]:
+    with session_scope() as session:
+        job = session.get(PushJob, job_id)
+        assert job is not None
+        return job, [e.type for e in select_events(session, job_id=job_id)]
+
+
+def test_happy_path_pushes_once_to_the_named_registry(registries: None, world: FakeWorld) -> None:
+    """A job runs its four steps in order and ends succeeded with the pushed digest."""
+    job_id = run_job(world)
+    job, types = job_and_types(job_id)
+    assert job.status == "succeeded"
+    assert world.pushes == [f"{HARBOR}/team/app:v1"]
+    assert job.digest == world.served[f"{HARBOR}/team/app:v1"]
+    assert types == ["job.enqueued"] + ["step.started", "step.succeeded"] * 4 + ["job.succeeded"]
+
+
+def test_rerunning_a_succeeded_chain_skips_every_step(registries: None, world: FakeWorld) -> None:
+    """Running a finished job's chain again pushes nothing and records four skips."""
+    job_id = run_job(world)
+    _, before = job_and_types(job_id)
+    _, dispatcher = fake_runner(world, Settings.from_env())
+    dispatcher.start_chain(job_id, 5)
+    _, after = job_and_types(job_id)
+    assert after[len(before) :] == ["step.skipped"] * 4
+    assert len(world.pushes) == 1
+
+
+def test_auth_failure_without_chain_fails_and_pushes_nothing(
+    registries: None, world: FakeWorld
+) -> None:
+    """The incident's path: login refused, no chain -> failed, no push anywhere."""
+    world.login_errors[HARBOR] = auth_refused(HARBOR)
+    job, types = job_and_types(run_job(world))
+    assert job.status == "failed"
+    assert job.error_code == "authentication_failed"
+    assert "set-credential" in (job.error_message or "")
+    assert world.pushes == []
+    assert types[-1] == "job.failed"
+    assert "fallback.applied" not in types
+
+
+def test_auth_failure_falls_back_along_the_explicit_chain(
+    registries: None, world: FakeWorld
+) -> None:
+    """With chain [4], a refusal at 5 moves the job to 4, and only 4 receives a push."""
+    world.login_errors[HARBOR] = auth_refused(HARBOR)
+    job, types = job_and_types(run_job(world, fallback=[4]))
+    assert job.status == "succeeded"
+    assert (job.requested_registry_id, job.effective_registry_id) == (5, 4)
+    assert world.pushes == [f"{GITLAB}/team/app:v1"]
+    assert types.index("step.failed") < types.index("fallback.applied") < types.index("job.succeeded")
+
+
+def test_auth_failure_at_push_also_falls_back(registries: None, world: FakeWorld) -> None:
+    """A refusal reported inside the push stream counts like a refused login."""
+    world.push_errors[HARBOR] = [auth_refused(HARBOR)]
+    job, _ = job_and_types(run_job(world, fallback=[4]))
+    assert job.status == "succeeded"
+    assert world.pushes == [f"{HARBOR}/team/app:v1", f"{GITLAB}/team/app:v1"]
+
+
+def test_exhausted_chain_reports_every_refusal(registries: None, world: FakeWorld) -> None:
+    """When every registry refuses, the error names each one and what to do."""
+    world.login_errors[HARBOR] = auth_refused(HARBOR)
+    world.login_errors[GITLAB] = auth_refused(GITLAB)
+    job, _ = job_and_types(run_job(world, fallback=[4]))
+    assert job.status == "failed"
+    assert job.error_code == "fallback_exhausted"
+    assert "registry 5" in (job.error_message or "") and "registry 4" in (job.error_message or "")
+    assert "pushctl jobs retry" in (job.error_message or "")
+    assert world.pushes == []
+
+
+def test_unreachable_registry_is_retried_then_fails_without_fallback(
+    registries: None, world: FakeWorld
+) -> None:
+    """RegistryUnavailable follows the retry policy and never the fallback chain."""
+    world.push_errors[HARBOR] = [RegistryUnavailable("connection refused")] * 5
+    job_id = run_job(world, fallback=[4], attempts=3)
+    job, types = job_and_types(job_id)
+    assert job.status == "failed"
+    assert job.error_code == "registry_unavailable"
+    assert "fallback.applied" not in types
+    assert world.pushes == [f"{HARBOR}/team/app:v1"] * 3
+    with session_scope() as session:
+        failed = [e for e in select_events(session, job_id=job_id) if e.type == "step.failed"]
+    assert [e.payload["will_retry"] for e in failed] == [True, True, False]
+
+
+def test_missing_source_image_fails_clearly(registries: None, world: FakeWorld) -> None:
+    """A source image the engine lacks fails the job at tag, with nothing pushed."""
+    world.images.clear()
+    job, _ = job_and_types(run_job(world))
+    assert (job.status, job.error_code, job.current_step) == (
+        "failed",
+        "source_image_not_found",
+        "tag",
+    )
+    assert world.pushes == []
+
+
+def _claimed_elsewhere(job_id: str, owner: str, attempts: int = 1) -> None:
+    with session_scope() as session:
+        session.add(
+            StepRun(
+                job_id=job_id, step="resolve_credentials", registry_id=5, status="running",
+                attempts=attempts, owner=owner, lease_expires_at=utcnow() + timedelta(hours=1),
+                result={},
+            )
+        )  # fmt: skip
+
+
+def _queued_job() -> str:
+    with session_scope() as session:
+        job, _ = create_job(session, PushRequest(SOURCE, 5, "team/app", "v1", "t"), actor="t")
+        return job.id
+
+
+def test_a_step_held_by_a_live_worker_is_skipped(registries: None, world: FakeWorld) -> None:
+    """A duplicate delivery does not run a step another live worker holds."""
+    job_id = _queued_job()
+    _claimed_elsewhere(job_id, "worker:another-host:4242")
+    runner, _ = fake_runner(world, Settings.from_env())
+    outcome = runner.run("resolve_credentials", job_id, 5)
+    assert outcome.action == "stop"
+    _, types = job_and_types(job_id)
+    assert types[-1] == "step.skipped"
+
+
+def test_a_claim_of_a_dead_local_worker_is_taken_over(registries: None, world: FakeWorld) -> None:
+    """A step whose worker on this host died is run by the redelivery."""
+    import socket
+
+    job_id = _queued_job()
+    _claimed_elsewhere(job_id, f"worker:{socket.gethostname()}:999999")
+    runner, _ = fake_runner(world, Settings.from_env())
+    assert runner.run("resolve_credentials", job_id, 5).action == "continue"
+
+
+def test_redelivery_of_a_step_that_keeps_killing_its_worker_is_bounded(
+    registries: None, world: FakeWorld
+) -> None:
+    """After max attempts of dead claims, the job fails with worker_lost instead of looping."""
+    import socket
+
+    job_id = _queued_job()
+    test_settings = dataclasses.replace(Settings.from_env(), max_attempts=3)
+    _claimed_elsewhere(job_id, f"worker:{socket.gethostname()}:999999", attempts=3)
+    runner, _ = fake_runner(world, test_settings)
+    assert runner.run("resolve_credentials", job_id, 5).action == "stop"
+    job, _ = job_and_types(job_id)
+    assert (job.status, job.error_code) == ("failed", "worker_lost")
+
+
+OUTCOMES = st.sampled_from(["accept", "refuse_login", "refuse_push"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    chain=st.permutations([4, 6]).flatmap(lambda p: st.integers(0, 2).map(lambda n: list(p[:n]))),
+    outcomes=st.fixed_dictionaries({5: OUTCOMES, 4: OUTCOMES, 6: OUTCOMES}),
+)
+def test_pushes_only_ever_go_to_chain_hosts_in_chain_order(
+    registries: None, chain: list[int], outcomes: dict[int, str]
+) -> None:
+    """For any chain and any mix of refusals, every push names a chain host, in chain order."""
+    hosts = {5: HARBOR, 4: GITLAB, 6: "alt.example.com"}
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    for rid, outcome in outcomes.items():
+        if outcome == "refuse_login":
+            world.login_errors[hosts[rid]] = auth_refused(hosts[rid])
+        elif outcome == "refuse_push":
+            world.push_errors[hosts[rid]] = [auth_refused(hosts[rid])]
+    job, _ = job_and_types(run_job(world, fallback=chain))
+    route = [hosts[r] for r in [5, *chain]]
+    pushed_hosts = [reference.split("/", 1)[0] for reference in world.pushes]
+    assert all(host in route for host in pushed_hosts)
+    assert pushed_hosts == sorted(pushed_hosts, key=route.index)
+    accepting = [r for r in [5, *chain] if outcomes[r] == "accept"]
+    if accepting:
+        assert (job.status, job.effective_registry_id) == ("succeeded", accepting[0])
+    else:
+        assert job.status == "failed"
+
+
+def test_step_order_is_resolve_login_tag_push() -> None:
+    """The chain's order is part of the contract with producers and operators."""
+    assert STEPS == ("resolve_credentials", "login", "tag", "push")
