@@ -316,15 +316,16 @@ class _Probe:
             return f"/v2/ needs no credentials; {who} not checked"
         if challenge.scheme == "bearer":
             return f"{who} accepted: token issued by {challenge.params.get('realm', '?')}"
-        return f"{who} accepted ({challenge.scheme or 'no'} authentication)"
+        return f"{who} accepted ({challenge.scheme.capitalize() or 'no'} authentication)"
 
     def _anonymous(self) -> str:
-        assert self.challenge is not None
-        if self.challenge.status == 200:
+        challenge = self.challenge
+        assert challenge is not None
+        if challenge.status == 200:
             return "anonymous access: /v2/ answers 200 without credentials"
         raise _Failed(
             f"the registry is marked anonymous but asks for credentials "
-            f"(HTTP {self.challenge.status}, {self.challenge.scheme or 'no'} challenge)",
+            f"(HTTP {challenge.status}, {challenge.scheme.capitalize() or 'no'} challenge)",
             f"give it a credential: pushctl registry set-credential {self.registry.id}",
             AuthenticationError.code,
         )

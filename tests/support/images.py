@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
 import docker
 
 from worker.scratch_images import build_scratch_image
@@ -29,18 +30,18 @@ class PushLog:
 @contextmanager
 def daemon_pushes(api: docker.APIClient) -> Iterator[PushLog]:
     """Collect the daemon's ``push`` image events between entering and leaving the block."""
+    # The daemon runs on this machine, so its clock is ours; events are filtered to the block
+    # by their nanosecond timestamps, since the API's since/until take whole seconds.
     log = PushLog()
-    since = _daemon_time(api)
+    start_ns = time.time_ns()
     yield log
-    until = _daemon_time(api) + 1
+    end_ns = time.time_ns()
     events = api.events(
-        since=since, until=until, filters={"type": "image", "event": "push"}, decode=True
+        since=start_ns // 10**9 - 1,
+        until=end_ns // 10**9 + 1,
+        filters={"type": "image", "event": "push"},
+        decode=True,
     )
     for event in events:
-        log.references.append(str(event.get("id") or event.get("Actor", {}).get("ID", "")))
-
-
-def _daemon_time(api: docker.APIClient) -> int:
-    # The daemon runs on this machine: its clock is ours. One second of slack each way.
-    del api
-    return int(time.time()) - 1
+        if start_ns <= int(event["timeNano"]) <= end_ns:
+            log.references.append(str(event.get("id") or event["Actor"]["ID"]))

@@ -105,7 +105,9 @@ def test_auth_failure_falls_back_along_the_explicit_chain(
     assert job.status == "succeeded"
     assert (job.requested_registry_id, job.effective_registry_id) == (5, 4)
     assert world.pushes == [f"{GITLAB}/team/app:v1"]
-    assert types.index("step.failed") < types.index("fallback.applied") < types.index("job.succeeded")
+    assert (
+        types.index("step.failed") < types.index("fallback.applied") < types.index("job.succeeded")
+    )
 
 
 def test_auth_failure_at_push_also_falls_back(registries: None, world: FakeWorld) -> None:
@@ -212,7 +214,9 @@ def test_redelivery_of_a_step_that_keeps_killing_its_worker_is_bounded(
 OUTCOMES = st.sampled_from(["accept", "refuse_login", "refuse_push"])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     chain=st.permutations([4, 6]).flatmap(lambda p: st.integers(0, 2).map(lambda n: list(p[:n]))),
     outcomes=st.fixed_dictionaries({5: OUTCOMES, 4: OUTCOMES, 6: OUTCOMES}),

@@ -1,0 +1,72 @@
+"""The target reference guard: a push can only ever name the registry record's own host."""
+
+from __future__ import annotations
+
+import pytest
+from docker.auth import resolve_repository_name
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.errors import InvalidReference, ReferenceHostMismatch
+from worker.reference import assert_resolves_to, build_target
+
+COMPONENT = st.from_regex(r"[a-z0-9]{1,8}(?:[._-][a-z0-9]{1,8}){0,2}", fullmatch=True)
+REPOSITORY = st.lists(COMPONENT, min_size=1, max_size=4).map("/".join)
+TAG = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+HOST = st.one_of(
+    st.builds(lambda a, b, p: f"{a}.{b}:{p}", COMPONENT, st.sampled_from(["com", "io"]),
+              st.integers(1, 65535)),
+    st.builds(lambda p: f"127.0.0.1:{p}", st.integers(1, 65535)),
+    st.just("localhost:5000"),
+)  # fmt: skip
+
+
+@given(host=HOST, repository=REPOSITORY, tag=TAG)
+def test_built_reference_resolves_to_the_registry_host(
+    host: str, repository: str, tag: str
+) -> None:
+    """Whatever the repository, Docker resolves the built reference to the registry's host."""
+    first = repository.split("/", 1)[0]
+    if "/" in repository and "." in first:
+        with pytest.raises(InvalidReference):
+            build_target(host, repository, tag)
+        return
+    target = build_target(host, repository, tag)
+    assert resolve_repository_name(target.name) == (host, repository)
+    assert str(target) == f"{host}/{repository}:{tag}"
+
+
+@pytest.mark.parametrize(
+    ("repository", "tag", "why"),
+    [
+        ("", "v1", "empty"),
+        ("Team/App", "v1", "upper case"),
+        ("team/../app", "v1", ".."),
+        ("team/app;rm -rf /", "v1", "shell metacharacters"),
+        ("tеam/app", "v1", "cyrillic e, a look-alike"),
+        ("evil.example.com/app", "v1", "names another host"),
+        ("localhost/app", "v1", "names localhost"),
+        ("registry-1.docker.io/library/app", "v1", "names Docker Hub"),
+        ("team/app", "", "empty tag"),
+        ("team/app", "-v1", "tag starting with -"),
+        ("team/app", "v1@sha256:abc", "digest in tag"),
+        ("team/app", "x" * 129, "tag too long"),
+        ("a/" * 130 + "b", "v1", "name too long"),
+    ],
+)
+def test_bad_references_are_refused(repository: str, tag: str, why: str) -> None:
+    """Malformed or hostile references get a specific error before anything is tagged."""
+    with pytest.raises(InvalidReference):
+        build_target("127.0.0.1:5000", repository, tag)
+
+
+def test_an_unqualified_name_is_refused_because_it_means_docker_hub() -> None:
+    """The incident's mechanism: a bare name resolves to docker.io, so the guard refuses it."""
+    with pytest.raises(ReferenceHostMismatch, match="docker.io"):
+        assert_resolves_to("team/app", "reg.cyfee.com:10443", "team/app")
+
+
+def test_docker_hub_record_resolves_to_docker_io() -> None:
+    """An explicit Docker Hub record (host docker.io) passes the guard for its own pushes."""
+    target = build_target("docker.io", "someone/app", "v1")
+    assert resolve_repository_name(target.name)[0] == "docker.io"

@@ -1,0 +1,99 @@
+"""The seams turn foreign errors into the project's tree; secrets never print."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from worker.classify import classify_registry_message
+from worker.credentials import Credential, Secret
+from worker.docker_engine import _read_push_stream
+from worker.errors import (
+    AuthenticationError,
+    DockerError,
+    RegistryError,
+    RegistryTLSError,
+    RegistryUnavailable,
+)
+from worker.logs import MASK, redact
+from worker.reference import TargetReference
+from worker.registry_http import parse_challenge
+
+TARGET = TargetReference("127.0.0.1:5000", "team/app", "v1")
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        # Seen on this machine: docker-py's login with a wrong password (APIError 500).
+        ("login attempt to http://127.0.0.1:5055/v2/ failed with status: 401 Unauthorized",
+         AuthenticationError),
+        ("unauthorized: authentication required", AuthenticationError),
+        ("denied: requested access to the resource is denied", AuthenticationError),
+        ('Get "https://registry-1.docker.io/v2/": context deadline exceeded', RegistryUnavailable),
+        ("Get https://reg:5000/v2/: dial tcp 127.0.0.1:5000: connect: connection refused",
+         RegistryUnavailable),
+        ("x509: certificate signed by unknown authority", RegistryTLSError),
+        ("manifest invalid: manifest invalid", RegistryError),
+    ],
+)  # fmt: skip
+def test_registry_messages_are_classified(message: str, expected: type[Exception]) -> None:
+    """Classification reads the registry's words, not the daemon's status code."""
+    error = classify_registry_message(message, registry="r")
+    assert type(error) is expected
+    assert message in error.message
+
+
+def test_error_chunk_in_push_stream_raises() -> None:
+    """docker-py does not raise on a failed push; the seam does."""
+    stream: list[dict[str, Any]] = [
+        {"status": "The push refers to repository [127.0.0.1:5000/team/app]"},
+        {"errorDetail": {"message": "unauthorized: authentication required"},
+         "error": "unauthorized: authentication required"},
+    ]  # fmt: skip
+    with pytest.raises(AuthenticationError):
+        _read_push_stream(iter(stream), TARGET, None)
+
+
+def test_push_stream_yields_the_digest_and_progress() -> None:
+    seen: list[tuple[int, int, int, int]] = []
+    stream: list[dict[str, Any]] = [
+        {"id": "abc", "status": "Pushing", "progressDetail": {"current": 5, "total": 10}},
+        {"id": "abc", "status": "Pushed"},
+        {"aux": {"Tag": "v1", "Digest": "sha256:" + "a" * 64, "Size": 524}},
+    ]
+    result = _read_push_stream(iter(stream), TARGET, lambda *a: seen.append(a))
+    assert result.digest == "sha256:" + "a" * 64
+    assert seen[-1] == (5, 10, 1, 1)
+
+
+def test_push_stream_without_digest_is_an_error() -> None:
+    with pytest.raises(DockerError, match="without reporting a digest"):
+        _read_push_stream(iter([{"status": "done"}]), TARGET, None)
+
+
+def test_secrets_do_not_print() -> None:
+    """A credential that reaches a repr, an f-string or an exception prints masked."""
+    credential = Credential("user", Secret("hunter2"), "secret")
+    for text in (repr(credential), str(credential), f"{credential}", str(ValueError(credential))):
+        assert "hunter2" not in text
+    assert credential.auth_config() == {"username": "user", "password": "hunter2"}
+
+
+def test_log_redaction_masks_credential_like_fields() -> None:
+    event = {"event": "x", "password": "p", "nested": {"auth_config": {"password": "p"}},
+             "registry_token": "t", "credential_source": "env:HARBOR_PW", "user": "bob"}  # fmt: skip
+    out = redact(None, "info", event)
+    assert out["password"] == MASK and out["registry_token"] == MASK
+    assert out["nested"]["auth_config"] == MASK
+    assert out["credential_source"] == "env:HARBOR_PW" and out["user"] == "bob"
+
+
+def test_challenge_parsing() -> None:
+    scheme, params = parse_challenge(
+        'Bearer realm="https://harbor/service/token",service="harbor-registry"'
+    )
+    assert scheme == "bearer"
+    assert params == {"realm": "https://harbor/service/token", "service": "harbor-registry"}
+    assert parse_challenge('Basic realm="Registry Realm"')[0] == "basic"
