@@ -86,24 +86,44 @@ def _add_registries(stack: Stack) -> None:
     with session_scope() as session:
         create_registry(session, _spec("harbor", "harbor", stack.tls), registry_id=HARBOR_ID)
         create_registry(
-            session, _spec("gitlab", "gitlab", stack.plain, insecure=True),
+            session,
+            _spec("gitlab", "gitlab", stack.plain, insecure=True),
             registry_id=ALTERNATIVE_ID,
-        )  # fmt: skip
+        )
 
 
 def _spec(name: str, kind: str, endpoint: RegistryEndpoint, insecure: bool = False) -> RegistrySpec:
     ca = Path(endpoint.ca_file).read_text() if endpoint.ca_file else None
     return RegistrySpec(
-        name=name, url=endpoint.url, kind=kind, username=endpoint.user,
-        secret=endpoint.password, ca_cert=ca, insecure=insecure,
-    )  # fmt: skip
+        name=name,
+        url=endpoint.url,
+        kind=kind,
+        username=endpoint.user,
+        secret=endpoint.password,
+        ca_cert=ca,
+        insecure=insecure,
+    )
 
 
 def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     command = [
-        sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-c", "2", "-Q", "pushworker",
-        "-n", f"e2e-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "-l", "INFO",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.app",
+        "worker",
+        "-c",
+        "2",
+        "-Q",
+        "pushworker",
+        "-n",
+        f"e2e-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "-l",
+        "INFO",
+    ]
     log = log_path.open("wb")
     process = subprocess.Popen(
         command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT

@@ -47,8 +47,13 @@ def test_happy_path_through_a_real_worker(e2e: E2E, image: str) -> None:
     """A job pushes once, to the named registry, records the digest it really serves."""
     repository = repo()
     with daemon_pushes(e2e.api) as pushes:
-        job_id = enqueue_push(source_image=image, registry_id=HARBOR_ID, repository=repository,
-                              tag="v1", requested_by="e2e")  # fmt: skip
+        job_id = enqueue_push(
+            source_image=image,
+            registry_id=HARBOR_ID,
+            repository=repository,
+            tag="v1",
+            requested_by="e2e",
+        )
         job = wait_for_job(job_id)
     assert (job.status, job.error_message) == ("succeeded", None)
     assert job.digest == served_digest(e2e.stack.tls, repository, "v1")
@@ -62,12 +67,19 @@ def test_wrong_password_fails_and_nothing_is_pushed_anywhere(e2e: E2E, image: st
     """Login refused: the job fails with an authentication error; the daemon pushed nothing."""
     repository = repo()
     with password_of(HARBOR_ID, "wrong-password"), daemon_pushes(e2e.api) as pushes:
-        job_id = enqueue_push(source_image=image, registry_id=HARBOR_ID, repository=repository,
-                              tag="v1", requested_by="e2e")  # fmt: skip
+        job_id = enqueue_push(
+            source_image=image,
+            registry_id=HARBOR_ID,
+            repository=repository,
+            tag="v1",
+            requested_by="e2e",
+        )
         job = wait_for_job(job_id)
     assert (job.status, job.error_code, job.current_step) == (
-        "failed", "authentication_failed", "login"
-    )  # fmt: skip
+        "failed",
+        "authentication_failed",
+        "login",
+    )
     assert "set-credential 5" in (job.error_message or "")
     assert pushes.references == []
     assert served_digest(e2e.stack.tls, repository, "v1") is None
@@ -76,8 +88,9 @@ def test_wrong_password_fails_and_nothing_is_pushed_anywhere(e2e: E2E, image: st
 
 def test_rerunning_a_succeeded_job_skips_every_step(e2e: E2E, image: str) -> None:
     """Publishing a finished job's chain again pushes nothing and logs four skips."""
-    job_id = enqueue_push(source_image=image, registry_id=HARBOR_ID, repository=repo(), tag="v1",
-                          requested_by="e2e")  # fmt: skip
+    job_id = enqueue_push(
+        source_image=image, registry_id=HARBOR_ID, repository=repo(), tag="v1", requested_by="e2e"
+    )
     wait_for_job(job_id)
     before = event_types(job_id)
     with daemon_pushes(e2e.api) as pushes:
@@ -90,12 +103,22 @@ def test_rerunning_a_succeeded_job_skips_every_step(e2e: E2E, image: str) -> Non
 def test_a_new_job_for_an_image_the_registry_holds_skips_the_upload(e2e: E2E, image: str) -> None:
     """Same image, same tag, second job: the push step sees the digest served and skips."""
     repository = repo()
-    first = enqueue_push(source_image=image, registry_id=HARBOR_ID, repository=repository,
-                         tag="v1", requested_by="e2e")  # fmt: skip
+    first = enqueue_push(
+        source_image=image,
+        registry_id=HARBOR_ID,
+        repository=repository,
+        tag="v1",
+        requested_by="e2e",
+    )
     wait_for_job(first)
     with daemon_pushes(e2e.api) as pushes:
-        second = enqueue_push(source_image=image, registry_id=HARBOR_ID, repository=repository,
-                              tag="v1", requested_by="e2e")  # fmt: skip
+        second = enqueue_push(
+            source_image=image,
+            registry_id=HARBOR_ID,
+            repository=repository,
+            tag="v1",
+            requested_by="e2e",
+        )
         job = wait_for_job(second)
     assert job.status == "succeeded"
     assert pushes.references == []
@@ -122,8 +145,13 @@ def test_bad_requests_are_refused_before_anything_is_queued(
     """Unknown registry, malformed reference, a repository naming another host: no job at all."""
     before = count_jobs()
     with daemon_pushes(e2e.api) as pushes, pytest.raises(error):
-        enqueue_push(source_image=image, registry_id=registry_id, repository=repository, tag=tag,
-                     requested_by="e2e")  # fmt: skip
+        enqueue_push(
+            source_image=image,
+            registry_id=registry_id,
+            repository=repository,
+            tag=tag,
+            requested_by="e2e",
+        )
     assert count_jobs() == before
     assert pushes.references == []
 
@@ -131,13 +159,19 @@ def test_bad_requests_are_refused_before_anything_is_queued(
 def test_missing_source_image_is_recorded_as_a_clear_failure(e2e: E2E) -> None:
     """A source image the engine does not hold fails the job at tag, with nothing pushed."""
     with daemon_pushes(e2e.api) as pushes:
-        job_id = enqueue_push(source_image="pushworker-test/never-built:latest",
-                              registry_id=HARBOR_ID, repository=repo(), tag="v1",
-                              requested_by="e2e")  # fmt: skip
+        job_id = enqueue_push(
+            source_image="pushworker-test/never-built:latest",
+            registry_id=HARBOR_ID,
+            repository=repo(),
+            tag="v1",
+            requested_by="e2e",
+        )
         job = wait_for_job(job_id)
     assert (job.status, job.error_code, job.current_step) == (
-        "failed", "source_image_not_found", "tag"
-    )  # fmt: skip
+        "failed",
+        "source_image_not_found",
+        "tag",
+    )
     assert "never-built" in (job.error_message or "")
     assert pushes.references == []
 
@@ -153,7 +187,7 @@ def test_idempotency_key_returns_the_same_job(e2e: E2E) -> None:
             tag="v1",
             requested_by="e2e",
             idempotency_key=key,
-        )  # fmt: skip
+        )
         for _ in range(3)
     }
     assert len(ids) == 1

@@ -38,7 +38,7 @@ def test_select_filters_combine(database_url: str) -> None:
 def test_duplicate_sequence_number_is_the_projects_own_error(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A writer whose read of the last seq is stale clashes on UNIQUE(stream, seq): EventConflict."""
+    """A writer with a stale read of the last seq clashes on UNIQUE(stream, seq): EventConflict."""
     with session_scope() as session:
         events.append(session, stream="job/a", type="t", actor="test")
     with pytest.raises(EventConflict, match="job/a"), session_scope() as session:

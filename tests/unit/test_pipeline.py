@@ -1,4 +1,4 @@
-"""The step pipeline's logic (claims, memo, retry, fallback) with fake seams and a real SQLite log."""
+"""The step pipeline's logic (claims, memo, retry, fallback): fake seams, a real SQLite log."""
 
 from __future__ import annotations
 
@@ -162,11 +162,16 @@ def _claimed_elsewhere(job_id: str, owner: str, attempts: int = 1) -> None:
     with session_scope() as session:
         session.add(
             StepRun(
-                job_id=job_id, step="resolve_credentials", registry_id=5, status="running",
-                attempts=attempts, owner=owner, lease_expires_at=utcnow() + timedelta(hours=1),
+                job_id=job_id,
+                step="resolve_credentials",
+                registry_id=5,
+                status="running",
+                attempts=attempts,
+                owner=owner,
+                lease_expires_at=utcnow() + timedelta(hours=1),
                 result={},
             )
-        )  # fmt: skip
+        )
 
 
 def _queued_job() -> str:

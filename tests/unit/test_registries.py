@@ -17,8 +17,11 @@ from worker.registries import RegistrySpec, create_registry, parse_registry_url,
 
 def add(rid: int, **overrides: object) -> None:
     fields: dict[str, object] = {
-        "name": f"r{rid}", "url": f"https://r{rid}.example.com", "username": "u", "secret": "pw",
-    }  # fmt: skip
+        "name": f"r{rid}",
+        "url": f"https://r{rid}.example.com",
+        "username": "u",
+        "secret": "pw",
+    }
     fields.update(overrides)
     with session_scope() as session:
         create_registry(session, RegistrySpec(**fields), registry_id=rid)  # type: ignore[arg-type]
@@ -62,7 +65,7 @@ def test_bad_urls_are_refused(url: str, kind: str, insecure: bool, message: str)
 
 def test_incident_registry_without_password_is_refused(sqlite_url: str) -> None:
     """Harbor id 5 with a username and no password (empty auth_config) is refused at creation."""
-    with pytest.raises(CredentialError, match="registry 5 .*no credential"):
+    with pytest.raises(CredentialError, match=r"registry 5 .*no credential"):
         add(5, url="https://reg.cyfee.com:10443", kind="harbor", username="admin", secret=None)
     with session_scope() as session, pytest.raises(RegistryNotFound):
         update_registry(session, 5, RegistrySpec())

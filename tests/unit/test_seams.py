@@ -27,17 +27,21 @@ TARGET = TargetReference("127.0.0.1:5000", "team/app", "v1")
     ("message", "expected"),
     [
         # Seen on this machine: docker-py's login with a wrong password (APIError 500).
-        ("login attempt to http://127.0.0.1:5055/v2/ failed with status: 401 Unauthorized",
-         AuthenticationError),
+        (
+            "login attempt to http://127.0.0.1:5055/v2/ failed with status: 401 Unauthorized",
+            AuthenticationError,
+        ),
         ("unauthorized: authentication required", AuthenticationError),
         ("denied: requested access to the resource is denied", AuthenticationError),
         ('Get "https://registry-1.docker.io/v2/": context deadline exceeded', RegistryUnavailable),
-        ("Get https://reg:5000/v2/: dial tcp 127.0.0.1:5000: connect: connection refused",
-         RegistryUnavailable),
+        (
+            "Get https://reg:5000/v2/: dial tcp 127.0.0.1:5000: connect: connection refused",
+            RegistryUnavailable,
+        ),
         ("x509: certificate signed by unknown authority", RegistryTLSError),
         ("manifest invalid: manifest invalid", RegistryError),
     ],
-)  # fmt: skip
+)
 def test_registry_messages_are_classified(message: str, expected: type[Exception]) -> None:
     """Classification reads the registry's words, not the daemon's status code."""
     error = classify_registry_message(message, registry="r")
@@ -49,9 +53,11 @@ def test_error_chunk_in_push_stream_raises() -> None:
     """docker-py does not raise on a failed push; the seam does."""
     stream: list[dict[str, Any]] = [
         {"status": "The push refers to repository [127.0.0.1:5000/team/app]"},
-        {"errorDetail": {"message": "unauthorized: authentication required"},
-         "error": "unauthorized: authentication required"},
-    ]  # fmt: skip
+        {
+            "errorDetail": {"message": "unauthorized: authentication required"},
+            "error": "unauthorized: authentication required",
+        },
+    ]
     with pytest.raises(AuthenticationError):
         _read_push_stream(iter(stream), TARGET, None)
 
@@ -82,8 +88,14 @@ def test_secrets_do_not_print() -> None:
 
 
 def test_log_redaction_masks_credential_like_fields() -> None:
-    event = {"event": "x", "password": "p", "nested": {"auth_config": {"password": "p"}},
-             "registry_token": "t", "credential_source": "env:HARBOR_PW", "user": "bob"}  # fmt: skip
+    event = {
+        "event": "x",
+        "password": "p",
+        "nested": {"auth_config": {"password": "p"}},
+        "registry_token": "t",
+        "credential_source": "env:HARBOR_PW",
+        "user": "bob",
+    }
     out = redact(None, "info", event)
     assert out["password"] == MASK and out["registry_token"] == MASK
     assert out["nested"]["auth_config"] == MASK
