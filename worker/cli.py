@@ -9,6 +9,7 @@ Secrets are read from stdin or a hidden prompt only, and never printed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -201,8 +202,10 @@ FALLBACK = FallbackType()
 
 
 def _out() -> Console:
-    # Made per call: click's test runner swaps sys.stdout between invocations.
-    return Console(highlight=False)
+    # Made per call: click's test runner swaps sys.stdout between invocations. Into a pipe or a
+    # file, tables get room instead of rich's default 80 columns, so grep sees whole cells.
+    wide = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 240
+    return Console(highlight=False, width=wide)
 
 
 def _echo_json(data: Any) -> None:
@@ -492,7 +495,7 @@ def credential_label(registry: Registry) -> str:
     if not registry.auth_required:
         return "anonymous"
     if registry.credential_kind == CredentialKind.SECRET:
-        return "secret (stored encrypted)"
+        return "secret"
     if registry.credential_kind in (CredentialKind.ENV, CredentialKind.FILE):
         return f"{registry.credential_kind}:{registry.credential_ref}"
     return "none"
