@@ -12,8 +12,8 @@ import pytest
 
 from tests.e2e.conftest import (
     ALTERNATIVE_ID,
-    HARBOR_ID,
     E2E,
+    HARBOR_ID,
     password_of,
     served_digest,
     wait_for_job,
