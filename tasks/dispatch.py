@@ -6,7 +6,6 @@ from functools import lru_cache
 
 from celery import chain
 
-from tasks.app import app
 from worker.steps import STEPS
 
 QUEUE = "pushworker"
@@ -14,6 +13,9 @@ QUEUE = "pushworker"
 
 class CeleryDispatcher:
     def start_chain(self, job_id: str, registry_id: int) -> None:
+        # Imported here: tasks.app imports the task modules, which import this one.
+        from tasks.app import app
+
         signatures = [
             app.signature(f"pushworker.step.{step}", args=(job_id, registry_id), immutable=True)
             for step in STEPS

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -48,6 +48,7 @@ from worker.registries import (
 F = TypeVar("F", bound=Callable[..., Any])
 
 WAIT_TIMEOUT_EXIT = 124
+INTERRUPTED_EXIT = 130  # the shell's own code for Ctrl-C
 POLL_SECONDS = 0.3
 
 EPILOG = """\b
@@ -63,7 +64,8 @@ Exit codes:
   8    registry unreachable, or TLS failed
   9    Docker Engine error
   10   storage (database) error
-  124  --wait timed out
+  124  --wait timed out (the job goes on)
+  130  --wait interrupted (the job goes on)
 """
 
 
@@ -466,7 +468,8 @@ def _read_secret(
             )
         return secret
     if credential_ref is None and prompt is not None and _stdin_is_tty():
-        return click.prompt(prompt, hide_input=True)
+        # On stderr, like every prompt here: stdout stays clean for --json.
+        return click.prompt(prompt, hide_input=True, err=True)
     return None
 
 
@@ -577,9 +580,12 @@ def registry_add(name: str, url: str, registry_id: int | None, **raw: Any) -> No
     _require_credential(name, options)
     prompt = f"Password for {options.username} at {url}" if not options.anonymous else None
     secret = _read_secret(options.password_stdin, options.credential_ref, prompt)
-    spec = options.spec(secret, name=name, url=url)
-    spec.kind = spec.kind or RegistryKind.GENERIC.value
-    spec.insecure, spec.auth_required = bool(spec.insecure), not options.anonymous
+    spec = replace(
+        options.spec(secret, name=name, url=url),
+        kind=options.kind or RegistryKind.GENERIC.value,
+        insecure=bool(options.insecure),
+        auth_required=not options.anonymous,
+    )
     with session_scope() as session:
         shown = registry_fields(create_registry(session, spec, registry_id=registry_id))
     _after_save("created", shown, options)
@@ -677,21 +683,15 @@ def registry_list(include_removed: bool, as_json: bool) -> None:
     if as_json:
         _echo_json(rows)
         return
-    columns = ("id", "name", "url", "kind", "username", "credential", "ca", "fallback")
-    extra = ("removed_at",) if include_removed else ()
-    table = _table(
-        (*columns, *extra),
-        (
-            [
-                *(r[c] for c in columns[:6]),
-                r["ca_cert"],
-                _ids(r["fallback_chain"]),
-                *(r[c] for c in extra),
-            ]
-            for r in rows
-        ),
-    )
-    _out().print(table)
+    columns = ["id", "name", "url", "kind", "username", "credential", "ca", "fallback"]
+    columns += ["removed_at"] if include_removed else []
+    _out().print(_table(columns, (_registry_row(r, include_removed) for r in rows)))
+
+
+def _registry_row(shown: dict[str, Any], with_removed: bool) -> list[object]:
+    keys = ("id", "name", "url", "kind", "username", "credential", "ca_cert")
+    row: list[object] = [*(shown[key] for key in keys), _ids(shown["fallback_chain"])]
+    return [*row, shown["removed_at"]] if with_removed else row
 
 
 def _ids(ids: list[int]) -> str:
@@ -802,7 +802,7 @@ class _Follow:
     def state(self) -> str:
         job = self.job or {}
         step = f", step {job['current_step']}" if job.get("current_step") else ""
-        return f"job {self.job_id}: {job.get('status', '?')}{step}"
+        return f"job {self.job_id}: {job.get('status', 'queued')}{step}"
 
 
 def _follow(
@@ -846,9 +846,10 @@ def _wait_for(job_id: str, timeout: float | None, as_json: bool) -> None:
                 follow, timeout, lambda r: click.echo(event_line(r).plain), lambda _s: None
             )
     except KeyboardInterrupt:
-        _fail(f"stopped following; the job goes on: `pushctl jobs show {job_id}`", 130)
+        _fail(f"stopped following; the job goes on: `pushctl jobs show {job_id}`", INTERRUPTED_EXIT)
     if as_json:
-        _echo_json({"job": follow.job, "events": seen})
+        # "job_id" first, as without --wait, so scripts read the id the same way either way.
+        _echo_json({"job_id": job_id, "job": follow.job, "events": seen})
     _finish_wait(follow, finished, timeout)
 
 
@@ -914,7 +915,10 @@ def push(
         idempotency_key=idempotency_key,
     )
     if not wait:
-        _echo_json({"job_id": job_id}) if as_json else click.echo(job_id)
+        if as_json:
+            _echo_json({"job_id": job_id})
+        else:
+            click.echo(job_id)
         return
     if not as_json:
         click.echo(f"job {job_id} queued", err=True)
@@ -1088,7 +1092,7 @@ def _retry_many(job_ids: list[str], reason: str, actor: str) -> None:
 @click.option("--reason", help="Why (recorded in the event log).")
 @click.option("--actor", help="Who cancels [operator:$USER].")
 def jobs_cancel(job_id: str, reason: str | None, actor: str | None) -> None:
-    """Cancel a queued or running job (a running step finishes, the next ones are skipped).
+    """Cancel a queued or running job: steps not yet started are skipped.
 
     \b
     Example:
@@ -1104,32 +1108,16 @@ def jobs_cancel(job_id: str, reason: str | None, actor: str | None) -> None:
 
 
 def _events_table(rows: Sequence[Event], *, with_job: bool = True) -> Table:
-    columns = [
-        "time (UTC)",
-        "type",
-        *(["job"] if with_job else []),
-        "step",
-        "registry",
-        "try",
-        "actor",
-        "summary",
-    ]
-    return _table(
-        columns,
-        (
-            [
-                _when(row.time),
-                row.type,
-                *([(row.job_id or "-")[:8]] if with_job else []),
-                row.step,
-                row.registry_id,
-                row.attempt,
-                row.actor,
-                summarize(row.type, row.payload or {}),
-            ]
-            for row in rows
-        ),
-    )
+    job = ["job"] if with_job else []
+    columns = ["time (UTC)", "type", *job, "step", "registry", "try", "actor", "summary"]
+    return _table(columns, (_event_row(row, with_job) for row in rows))
+
+
+def _event_row(row: Event, with_job: bool) -> list[object]:
+    job = [(row.job_id or "-")[:8]] if with_job else []
+    summary = summarize(row.type, row.payload or {})
+    return [_when(row.time), row.type, *job, row.step, row.registry_id, row.attempt, row.actor,
+            summary]  # fmt: skip
 
 
 @cli.command("events")

@@ -83,6 +83,36 @@ def parse_reference(reference: str) -> tuple[CredentialKind, str]:
     return CredentialKind(kind), target.strip()
 
 
+def _where(registry: Registry) -> str:
+    if registry.id is None:
+        return f"registry {registry.name!r}"
+    return f"registry {registry.id} ({registry.name})"
+
+
+def check_credential_configured(registry: Registry) -> None:
+    """Refuse a registry record that cannot authenticate, without reading any secret.
+
+    Used when a record is saved and when a job is enqueued. A reference (``env:``/``file:``) is
+    only resolved by the worker, in its own environment, when a step needs it.
+    """
+    if not registry.auth_required:
+        return
+    where = _where(registry)
+    fix = "give one with `pushctl registry set-credential`"
+    if not registry.username:
+        raise CredentialError(f"{where} has no username", hint=fix)
+    if registry.credential_kind == CredentialKind.SECRET and registry.credential_secret:
+        return
+    if registry.credential_kind in (CredentialKind.ENV, CredentialKind.FILE) and (
+        registry.credential_ref
+    ):
+        return
+    raise CredentialError(
+        f"{where} has no credential (no password, token or reference)",
+        hint=f"{fix}, or mark the registry anonymous if it really takes pushes without one",
+    )
+
+
 def resolve_credential(registry: Registry, key: str | None = None) -> Credential | None:
     """The registry's credential, read now; None for a registry that takes anonymous pushes.
 
@@ -90,7 +120,7 @@ def resolve_credential(registry: Registry, key: str | None = None) -> Credential
     """
     if not registry.auth_required:
         return None
-    where = f"registry {registry.id} ({registry.name})"
+    where = _where(registry)
     fix = f"set it with `pushctl registry set-credential {registry.id}`"
     if not registry.username:
         raise CredentialError(f"{where} has no username", hint=fix)

@@ -98,8 +98,9 @@ def select_events(
     until: datetime | None = None,
     after_id: int | None = None,
     limit: int | None = None,
+    newest_first: bool = False,
 ) -> list[Event]:
-    """Events matching every given filter, oldest first."""
+    """Events matching every given filter, oldest first (or newest first)."""
     query = select(Event)
     if job_id is not None:
         query = query.where(Event.job_id == job_id)
@@ -117,7 +118,7 @@ def select_events(
         query = query.where(Event.time < until)
     if after_id is not None:
         query = query.where(Event.id > after_id)
-    query = query.order_by(Event.id)
+    query = query.order_by(Event.id.desc() if newest_first else Event.id)
     if limit is not None:
         query = query.limit(limit)
     return list(session.scalars(query))

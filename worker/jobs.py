@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from worker import events
-from worker.credentials import resolve_credential
+from worker.credentials import check_credential_configured
 from worker.errors import InvalidStateTransition, JobNotFound, ValidationError
 from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 from worker.reference import build_target
@@ -90,7 +90,7 @@ def _validate(session: Session, request: PushRequest) -> Registry:
         raise ValidationError("idempotency_key must be 1 to 200 characters")
     registry = get_registry(session, request.registry_id)
     build_target(registry.host, request.repository, request.tag)
-    resolve_credential(registry)
+    check_credential_configured(registry)
     return registry
 
 

@@ -217,6 +217,8 @@ class StepRunner:
                 note("step.skipped", run.attempts, reason=result.noop, **result.payload)
             else:
                 note("step.succeeded", run.attempts, **result.payload)
+            if job.status == JobStatus.CANCELLED:
+                return Outcome("stop", reason="job cancelled while the step ran")
             if step != STEPS[-1]:
                 return Outcome("continue")
             job.status = JobStatus.SUCCEEDED.value

@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker.credentials import encrypt_secret, parse_reference, resolve_credential
+from worker import events
+from worker.credentials import check_credential_configured, encrypt_secret, parse_reference
 from worker.errors import InvalidFallbackChain, InvalidRegistry, RegistryNotFound
 from worker.models import CredentialKind, Registry, RegistryKind, utcnow
 
@@ -95,7 +96,11 @@ def list_registries(session: Session, *, include_removed: bool = False) -> list[
 
 
 def create_registry(
-    session: Session, spec: RegistrySpec, *, registry_id: int | None = None
+    session: Session,
+    spec: RegistrySpec,
+    *,
+    registry_id: int | None = None,
+    actor: str | None = None,
 ) -> Registry:
     if not spec.name or not spec.url:
         raise InvalidRegistry("a registry needs a name and a URL")
@@ -104,20 +109,50 @@ def create_registry(
     _apply(session, registry, spec)
     session.add(registry)
     session.flush()
+    _audit(session, registry, "registry.created", actor)
     return registry
 
 
-def update_registry(session: Session, registry_id: int, spec: RegistrySpec) -> Registry:
+def update_registry(
+    session: Session, registry_id: int, spec: RegistrySpec, *, actor: str | None = None
+) -> Registry:
     registry = get_registry(session, registry_id)
     _apply(session, registry, spec)
     session.flush()
+    _audit(session, registry, "registry.updated", actor)
     return registry
 
 
-def remove_registry(session: Session, registry_id: int) -> Registry:
+def remove_registry(session: Session, registry_id: int, *, actor: str | None = None) -> Registry:
     registry = get_registry(session, registry_id)
     registry.removed_at = utcnow()
+    _audit(session, registry, "registry.removed", actor)
     return registry
+
+
+def _audit(session: Session, registry: Registry, type: str, actor: str | None) -> None:
+    """Operator changes to a registry are events too: who changed what, never the secret."""
+    events.append(
+        session,
+        stream=events.registry_stream(registry.id),
+        type=type,
+        actor=actor or events.operator_actor(),
+        registry_id=registry.id,
+        payload={
+            "registry_name": registry.name,
+            "registry_host": registry.host,
+            "fallback_chain": list(registry.fallback_chain),
+            "credential_source": _credential_description(registry),
+        },
+    )
+
+
+def _credential_description(registry: Registry) -> str:
+    if not registry.auth_required:
+        return "anonymous"
+    if registry.credential_kind == CredentialKind.SECRET:
+        return "secret"
+    return f"{registry.credential_kind}:{registry.credential_ref}"
 
 
 def _apply(session: Session, registry: Registry, spec: RegistrySpec) -> None:
@@ -145,8 +180,8 @@ def _apply(session: Session, registry: Registry, spec: RegistrySpec) -> None:
     _apply_credential(registry, spec)
     if spec.fallback_chain is not None:
         registry.fallback_chain = validate_chain(session, registry.id, spec.fallback_chain)
-    # Refuse a record that cannot authenticate now, with the message a push would give later.
-    resolve_credential(registry)
+    # Refuse a record that cannot authenticate now, not when a push needs it (the incident).
+    check_credential_configured(registry)
 
 
 def _apply_credential(registry: Registry, spec: RegistrySpec) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from worker.credentials import resolve_credential
 from worker.db import session_scope
 from worker.errors import (
     CredentialError,
@@ -12,7 +13,13 @@ from worker.errors import (
     RegistryNotFound,
     SecretKeyMissing,
 )
-from worker.registries import RegistrySpec, create_registry, parse_registry_url, update_registry
+from worker.registries import (
+    RegistrySpec,
+    create_registry,
+    get_registry,
+    parse_registry_url,
+    update_registry,
+)
 
 
 def add(rid: int, **overrides: object) -> None:
@@ -90,11 +97,15 @@ def test_a_secret_cannot_be_stored_without_a_key(
         add(1)
 
 
-def test_references_to_missing_env_or_file_are_refused(sqlite_url: str, tmp_path: object) -> None:
-    with pytest.raises(CredentialError, match="NOT_SET_ANYWHERE"):
-        add(1, secret=None, credential_ref="env:NOT_SET_ANYWHERE")
-    with pytest.raises(CredentialError, match="cannot be read"):
-        add(2, secret=None, credential_ref="file:/nonexistent/password")
+def test_references_resolve_in_the_workers_environment_with_clear_errors(sqlite_url: str) -> None:
+    """A reference is saved as given; resolving a missing variable or file names it."""
+    add(1, secret=None, credential_ref="env:NOT_SET_ANYWHERE")
+    add(2, secret=None, credential_ref="file:/nonexistent/password")
+    with session_scope() as session:
+        with pytest.raises(CredentialError, match="NOT_SET_ANYWHERE"):
+            resolve_credential(get_registry(session, 1))
+        with pytest.raises(CredentialError, match="cannot be read"):
+            resolve_credential(get_registry(session, 2))
     with pytest.raises(CredentialError, match="env:NAME or file:PATH"):
         add(3, secret=None, credential_ref="vault:thing")
 
