@@ -14,7 +14,9 @@ from pathlib import Path
 
 import docker
 
+from worker.config import get_settings
 from worker.db import session_scope
+from worker.logs import configure_logging
 from worker.registries import RegistrySpec, create_registry, list_registries, update_registry
 from worker.scratch_images import build_scratch_image
 
@@ -59,6 +61,7 @@ def wait_for_worker(timeout: float = 60) -> None:
 
 
 if __name__ == "__main__":
+    configure_logging(get_settings().log_format)  # log lines to stderr; stdout carries results
     action = sys.argv[1]
     if action == "registry":
         print(ensure_registry())

@@ -7,6 +7,7 @@ Payloads pass an allow-list of keys, so a credential cannot be recorded by accid
 
 from __future__ import annotations
 
+import getpass
 import os
 import socket
 from collections.abc import Sequence
@@ -51,8 +52,15 @@ def worker_actor() -> str:
 
 
 def operator_actor(name: str | None = None) -> str:
-    who = name or os.environ.get("PUSHWORKER_OPERATOR") or os.environ.get("USER") or "unknown"
+    who = name or os.environ.get("PUSHWORKER_OPERATOR") or _login_name()
     return f"operator:{who}"
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def append(

@@ -68,6 +68,8 @@ def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Alembic narrates every migration step at INFO; operators need only its warnings.
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
 
 
 def get_logger(name: str) -> Any:
