@@ -29,6 +29,19 @@ task_routes = {"pushworker.*": {"queue": "pushworker"}}
 task_time_limit = _push_timeout + 60
 task_soft_time_limit = _push_timeout
 
+# Celery beat: republish jobs that were committed but never reached the broker, and watch
+# every registry's health so a failing credential is seen before a push fails.
+beat_schedule = {
+    "reconcile-unpublished-jobs": {
+        "task": "pushworker.maintenance.reconcile",
+        "schedule": float(os.environ.get("PUSHWORKER_RECONCILE_EVERY", "60")),
+    },
+    "registry-health": {
+        "task": "pushworker.health.check_registries",
+        "schedule": float(os.environ.get("PUSHWORKER_HEALTH_EVERY", "300")),
+    },
+}
+
 broker_connection_retry_on_startup = True
 worker_hijack_root_logger = False
 worker_send_task_events = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -142,10 +142,25 @@ def event_fields(row: Event) -> dict[str, Any]:
     }  # fmt: skip
 
 
+#: Called with each event's fields once its transaction committed (metrics, for example).
+Subscriber = Callable[[dict[str, Any]], None]
+_subscribers: list[Subscriber] = []
+
+
+def subscribe(callback: Subscriber) -> None:
+    """Have ``callback`` called with every committed event of this process."""
+    _subscribers.append(callback)
+
+
 @sa_event.listens_for(Session, "after_commit")
 def _log_committed(session: Session) -> None:
     for row in session.info.pop("pending_event_logs", []):
         fields = event_fields(row)
+        for callback in _subscribers:
+            try:
+                callback(dict(fields))
+            except Exception:  # an observer must never break the write path
+                log.exception("event.subscriber_failed", subscriber=repr(callback))
         log.info(fields.pop("type"), **fields)
 
 

@@ -140,6 +140,8 @@ class PushJob(Base):
     pushed_reference: Mapped[str | None] = mapped_column(String(600))
     digest: Mapped[str | None] = mapped_column(String(100))
     requested_by: Mapped[str] = mapped_column(String(200))
+    #: The named Docker Engine that holds the source image (None: the default worker queue).
+    docker_host: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
