@@ -8,7 +8,8 @@ from worker.logs import configure_logging
 
 app = Celery("pushworker")
 app.config_from_object("celeryconfig")
-app.autodiscover_tasks(["tasks"], related_name="push", force=True)
+# Every task module, imported when the worker starts (and when a producer publishes).
+app.conf.include = ["tasks.push", "tasks.submit", "tasks.maintenance", "tasks.health"]
 
 
 @setup_logging.connect

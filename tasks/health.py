@@ -1,0 +1,1 @@
+"""Celery tasks: health (filled in by its issue's work)."""

@@ -1,0 +1,1 @@
+"""Celery tasks: maintenance (filled in by its issue's work)."""

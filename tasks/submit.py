@@ -1,0 +1,1 @@
+"""Celery tasks: submit (filled in by its issue's work)."""
