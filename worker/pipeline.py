@@ -151,6 +151,13 @@ class StepRunner:
                     f"step {step} was started {tries - 1} times and its worker died each time",
                     hint="see the worker's logs for what kills it; then retry the job",
                 )
+                claim = session.get(StepRun, (job_id, step, registry_id))
+                assert claim is not None
+                claim.status, claim.owner, claim.lease_expires_at = (
+                    StepStatus.FAILED.value,
+                    None,
+                    None,
+                )
                 self._fail_job(note, job, error, tries)
                 return Outcome("stop", reason="worker lost")
             if job.status != JobStatus.RUNNING:

@@ -4,8 +4,6 @@ two real registries with htpasswd authentication (``scripts/stack``)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +17,8 @@ import requests
 from cryptography.fernet import Fernet
 
 from tests.support.images import new_image
-from tests.support.stack import ROOT, RegistryEndpoint, Stack
+from tests.support.stack import RegistryEndpoint, Stack
+from tests.support.worker import WorkerProcess
 from worker.config import get_settings
 from worker.db import session_scope
 from worker.migrate import upgrade
@@ -68,11 +67,7 @@ def e2e(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]
     try:
         yield E2E(stack, env, workdir, log_path, docker.APIClient(base_url=stack.docker_host))
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        worker.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -105,39 +100,8 @@ def _spec(name: str, kind: str, endpoint: RegistryEndpoint, insecure: bool = Fal
     )
 
 
-def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tasks.app",
-        "worker",
-        "-c",
-        "2",
-        "-Q",
-        "pushworker",
-        "-n",
-        f"e2e-{os.getpid()}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "-l",
-        "INFO",
-    ]
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
-    )
-    from tasks.app import app
-
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the Celery worker exited at start:\n{log_path.read_text()[-3000:]}")
-        if app.control.ping(timeout=1.0):
-            return process
-    process.kill()
-    pytest.fail(f"the Celery worker did not answer within 90 s:\n{log_path.read_text()[-3000:]}")
+def _start_worker(env: dict[str, str], log_path: Path) -> WorkerProcess:
+    return WorkerProcess(env, log_path, name=f"e2e-{os.getpid()}@%h").start()
 
 
 # --- helpers for the tests ---------------------------------------------------------------------

@@ -19,8 +19,8 @@ from click.testing import CliRunner, Result
 from cryptography.fernet import Fernet
 
 from worker import client, errors, events
-from worker.cli import (
-    cli,
+from worker.cli import cli
+from worker.cli.common import (
     error_exit_codes,
     exit_code_for,
     human_bytes,

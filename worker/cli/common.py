@@ -1,0 +1,328 @@
+"""Shared by every ``pushctl`` command: parsing, output, the error -> exit-code map, the root group.
+
+Library errors are ``PushWorkerError``s; ``_Pushctl.invoke`` turns every one of them into
+``error:``/``hint:`` lines on stderr and the error's exit code, in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from urllib3.exceptions import InsecureRequestWarning
+
+from worker.config import get_settings
+from worker.errors import PushWorkerError, StorageError
+from worker.logs import configure_logging
+from worker.models import Event, PushJob
+
+EPILOG = """\b
+Exit codes:
+  0    ok
+  1    internal error
+  2    invalid input (also command-line usage errors)
+  3    not found
+  4    credential unavailable
+  5    invalid state (e.g. retrying a running job)
+  6    registry refused
+  7    authentication failed
+  8    registry unreachable, or TLS failed
+  9    Docker Engine error
+  10   storage (database) error
+  124  --wait timed out (the job goes on)
+  130  --wait interrupted (the job goes on)
+"""
+
+
+# --- pure helpers (unit-tested) -------------------------------------------------------------------
+
+
+def error_exit_codes() -> dict[str, int]:
+    """``{error code: exit code}`` over the whole ``PushWorkerError`` tree."""
+    codes: dict[str, int] = {}
+    pending: list[type[PushWorkerError]] = [PushWorkerError]
+    while pending:
+        cls = pending.pop()
+        codes[cls.code] = cls.exit_code
+        pending.extend(cls.__subclasses__())
+    return codes
+
+
+def exit_code_for(error_code: str | None) -> int:
+    """The exit code for an error code recorded in a job or a report; 1 when unknown."""
+    return error_exit_codes().get(error_code or "", PushWorkerError.exit_code)
+
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """``2h``, ``30m``, ``1d``, ``1h30m`` (that long ago) or an ISO 8601 time -> aware UTC."""
+    value = text.strip().lower()
+    if value and _DURATION.sub("", value) == "":
+        seconds = sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION.findall(value))
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration (30m, 2h, 1d, 1h30m) nor an ISO 8601 time"
+        ) from None
+    # A time without a zone is taken as UTC: the event log's own zone.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def parse_fallback(text: str) -> list[int]:
+    """``4,7`` -> ``[4, 7]``; an empty string is the empty chain (clears it on update)."""
+    items = [item.strip() for item in text.split(",")] if text.strip() else []
+    if not all(item.isdigit() for item in items):
+        raise ValueError(f"{text!r} is not a comma-separated list of registry ids, e.g. 4,7")
+    return [int(item) for item in items]
+
+
+def human_bytes(count: object) -> str:
+    if not isinstance(count, int | float):
+        return "?"
+    size = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def summarize(event_type: str, payload: dict[str, Any]) -> str:
+    """One short line about an event's payload, for timelines and ``push --wait``."""
+    if event_type == "step.progress":
+        done, total = (
+            human_bytes(payload.get("bytes_pushed")),
+            human_bytes(payload.get("bytes_total")),
+        )
+        return (
+            f"{done} / {total}, layers {payload.get('layers_done')}/{payload.get('layers_total')}"
+        )
+    if event_type == "fallback.applied":
+        moved = f"registry {payload.get('from_registry_id')} -> {payload.get('to_registry_id')}"
+        return f"{moved}: {payload.get('reason', '')}"
+    if event_type == "registry.tested":
+        return _summarize_test(payload)
+    parts: list[str] = []
+    if payload.get("error_message"):
+        parts.append(f"{payload.get('error_code', 'error')}: {payload['error_message']}")
+    if payload.get("hint"):
+        parts.append(f"hint: {payload['hint']}")
+    if payload.get("will_retry"):
+        parts.append(f"retry in {payload.get('retry_in')} s")
+    for key in ("reason", "reference", "digest", "credential_source", "username"):
+        if payload.get(key):
+            parts.append(f"{key}: {payload[key]}")
+    if payload.get("previous_status"):
+        parts.append(f"was {payload['previous_status']}")
+    return "; ".join(parts)
+
+
+def _summarize_test(payload: dict[str, Any]) -> str:
+    if payload.get("ok"):
+        return "all checks passed"
+    checks = payload.get("checks") or []
+    failed = next((c for c in checks if not c.get("ok") and not c.get("skipped")), None)
+    return f"failed at {failed.get('name')}: {failed.get('detail')}" if failed else "failed"
+
+
+# --- click parameter types ------------------------------------------------------------------------
+
+
+class SinceType(click.ParamType[datetime]):
+    name = "2h|30m|1d|ISO8601"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_since(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class FallbackType(click.ParamType[list[int]]):
+    name = "ID,ID"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> list[int]:
+        if isinstance(value, list):
+            return [int(item) for item in value]
+        try:
+            return parse_fallback(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SINCE = SinceType()
+FALLBACK = FallbackType()
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def _out() -> Console:
+    # Made per call: click's test runner swaps sys.stdout between invocations. Into a pipe or a
+    # file, tables get room instead of rich's default 80 columns, so grep sees whole cells.
+    wide = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 240
+    return Console(highlight=False, width=wide)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ") if moment else "-"
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _table(columns: Sequence[str], rows: Iterable[Sequence[object]], title: str = "") -> Table:
+    table = Table(*columns, title=title or None, title_justify="left")
+    for row in rows:
+        # Text, not str: rich would read "[...]" in a registry's words as markup.
+        table.add_row(*(Text("-" if cell is None else str(cell)) for cell in row))
+    return table
+
+
+def _key_values(data: dict[str, Any]) -> Table:
+    table = Table(show_header=False, box=None)
+    for key, value in data.items():
+        table.add_row(Text(key, style="bold"), Text("-" if value in (None, "") else str(value)))
+    return table
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(message, err=True)
+    raise click.exceptions.Exit(code)
+
+
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+# --- shared job and event formatting -----------------------------------------------------------
+
+
+def job_fields(job: PushJob) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "status": job.status,
+        "source_image": job.source_image,
+        "repository": job.repository,
+        "tag": job.tag,
+        "requested_registry_id": job.requested_registry_id,
+        "effective_registry_id": job.effective_registry_id,
+        "fallback_chain": list(job.fallback_chain or []),
+        "current_step": job.current_step,
+        "attempt": job.attempt,
+        "error_code": job.error_code,
+        "error_message": job.error_message,
+        "pushed_reference": job.pushed_reference,
+        "digest": job.digest,
+        "requested_by": job.requested_by,
+        "idempotency_key": job.idempotency_key,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+    }
+
+
+def event_line(row: Event) -> Text:
+    """One timeline line: time, type, step, registry, summary."""
+    where = f"registry {row.registry_id}" if row.registry_id is not None else ""
+    return Text(
+        f"{row.time:%H:%M:%S} {row.type:<17} {row.step or '-':<20} {where:<12} "
+        f"{summarize(row.type, row.payload or {})}".rstrip()
+    )
+
+
+def _events_table(rows: Sequence[Event], *, with_job: bool = True) -> Table:
+    job = ["job"] if with_job else []
+    columns = ["time (UTC)", "type", *job, "step", "registry", "try", "actor", "summary"]
+    return _table(columns, (_event_row(row, with_job) for row in rows))
+
+
+def _event_row(row: Event, with_job: bool) -> list[object]:
+    job = [(row.job_id or "-")[:8]] if with_job else []
+    summary = summarize(row.type, row.payload or {})
+    return [_when(row.time), row.type, *job, row.step, row.registry_id, row.attempt, row.actor,
+            summary]  # fmt: skip
+
+
+# --- the top-level group --------------------------------------------------------------------------
+
+
+class _Pushctl(click.Group):
+    """The group whose ``invoke`` is the one place library errors become exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PushWorkerError as exc:
+            _report_error(exc)
+        except (OperationalError, ProgrammingError) as exc:
+            if not _schema_missing(exc):
+                raise
+            _report_error(
+                StorageError(
+                    "the database has no pushworker tables", hint="run `pushctl db upgrade`"
+                )
+            )
+
+
+def _report_error(exc: PushWorkerError) -> NoReturn:
+    click.echo(f"error: {exc.message}", err=True)
+    if exc.hint:
+        click.echo(f"hint: {exc.hint}", err=True)
+    raise click.exceptions.Exit(exc.exit_code)
+
+
+def _schema_missing(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "no such table" in text or ("relation" in text and "does not exist" in text)
+
+
+@click.group(
+    name="pushctl",
+    cls=_Pushctl,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(package_name="pushworker")
+def cli() -> None:
+    """Push Docker images to explicitly named registries, and read what happened.
+
+    \b
+    Example:
+      pushctl registry add harbor https://harbor.example.com --username ci --password-stdin < pw
+    """
+    configure_logging(get_settings().log_format)  # logs go to stderr; stdout is the output
+    # A registry marked insecure is reported as such by `registry test`; one warning per request
+    # from urllib3 on top of that only buries the output.
+    warnings.filterwarnings("ignore", category=InsecureRequestWarning)
+
+
+def main() -> None:
+    """The ``pushctl`` console script."""
+    cli(prog_name="pushctl")
