@@ -36,6 +36,7 @@ class E2E:
     workdir: Path
     worker_log: Path
     api: docker.APIClient
+    worker: WorkerProcess
 
     @property
     def broker_url(self) -> str:
@@ -65,7 +66,8 @@ def e2e(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]
     log_path = workdir / "worker.log"
     worker = _start_worker(env, log_path)
     try:
-        yield E2E(stack, env, workdir, log_path, docker.APIClient(base_url=stack.docker_host))
+        api = docker.APIClient(base_url=stack.docker_host)
+        yield E2E(stack, env, workdir, log_path, api, worker)
     finally:
         worker.stop()
 
@@ -101,7 +103,8 @@ def _spec(name: str, kind: str, endpoint: RegistryEndpoint, insecure: bool = Fal
 
 
 def _start_worker(env: dict[str, str], log_path: Path) -> WorkerProcess:
-    return WorkerProcess(env, log_path, name=f"e2e-{os.getpid()}@%h").start()
+    # Concurrency 4: the load test measures the worker as operators would run it.
+    return WorkerProcess(env, log_path, concurrency=4, name=f"e2e-{os.getpid()}@%h").start()
 
 
 # --- helpers for the tests ---------------------------------------------------------------------

@@ -74,3 +74,14 @@ def test_docker_hub_record_resolves_to_docker_io() -> None:
     """An explicit Docker Hub record (host docker.io) passes the guard for its own pushes."""
     target = build_target("docker.io", "someone/app", "v1")
     assert resolve_repository_name(target.name)[0] == "docker.io"
+
+
+@given(repository=st.text(max_size=80), tag=st.text(max_size=40))
+def test_any_text_is_refused_or_resolves_to_the_registry(repository: str, tag: str) -> None:
+    """Whatever a producer sends, the guard either refuses it or pins it to the registry host."""
+    host = "reg.cyfee.com:10443"
+    try:
+        target = build_target(host, repository, tag)
+    except InvalidReference:
+        return
+    assert resolve_repository_name(target.name) == (host, repository)
