@@ -44,6 +44,12 @@ class ValidationError(PushWorkerError):
     exit_code = 2
 
 
+class InvalidMessage(ValidationError):
+    """A ``pushworker.submit`` message that does not match the push-request schema."""
+
+    code = "invalid_message"
+
+
 class InvalidReference(ValidationError):
     code = "invalid_reference"
 

@@ -1,0 +1,189 @@
+"""Reconcile's decisions on a throwaway SQLite log, with a broker that is a list (or refuses)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+
+from worker import events
+from worker.db import session_scope
+from worker.errors import ValidationError
+from worker.jobs import PushRequest, create_job, retry_job
+from worker.models import JobStatus, PushJob, utcnow
+from worker.reconcile import GRACE_ENV, grace_from_env, reconcile
+from worker.registries import RegistrySpec, create_registry
+
+GRACE = 60.0
+
+
+class Broker:
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
+        self.sent: list[tuple[str, int]] = []
+
+    def __call__(self, job_id: str, registry_id: int) -> bool:
+        if self.up:
+            self.sent.append((job_id, registry_id))
+        return self.up
+
+
+@pytest.fixture
+def registry(sqlite_url: str) -> int:
+    with session_scope() as session:
+        spec = RegistrySpec(name="r5", url="https://r5.example.com", username="u", secret="pw")
+        create_registry(session, spec, registry_id=5)
+    return 5
+
+
+def committed_job(tag: str = "v1") -> str:
+    """A job committed as enqueue_push commits it, but never published (the broker was away)."""
+    with session_scope() as session:
+        job, _ = create_job(
+            session, PushRequest("app:build", 5, "team/app", tag, "tester"), actor="producer:t"
+        )
+        return job.id
+
+
+def later(seconds: float) -> datetime:
+    return utcnow() + timedelta(seconds=seconds)
+
+
+def types_of(job_id: str) -> list[str]:
+    with session_scope() as session:
+        return [e.type for e in events.select_events(session, job_id=job_id)]
+
+
+def test_a_young_job_is_left_alone(registry: int) -> None:
+    broker = Broker()
+    job_id = committed_job()
+    report = reconcile(grace=GRACE, publish=broker, now=later(GRACE - 5))
+    assert report.republished == [] and broker.sent == []
+    assert types_of(job_id) == ["job.enqueued"]
+
+
+def test_an_unpublished_job_is_republished_once_then_waits(registry: int) -> None:
+    """Published with a job.republished event; not again in a tight loop; later, after 2x grace."""
+    broker = Broker()
+    job_id = committed_job()
+    first = reconcile(grace=GRACE, publish=broker, now=later(GRACE + 1), actor="worker:test")
+    assert first.republished == [job_id] and broker.sent == [(job_id, 5)]
+    with session_scope() as session:
+        (event,) = events.select_events(session, job_id=job_id, types=["job.republished"])
+        assert (event.actor, event.registry_id, event.attempt) == ("worker:test", 5, 1)
+        assert event.payload["job_attempt"] == 1
+        assert (
+            "not started" in event.payload["reason"] and "job.enqueued" in event.payload["reason"]
+        )
+    # Right away, and again a grace period after the republish: the wait has doubled.
+    assert reconcile(grace=GRACE, publish=broker).republished == []
+    assert reconcile(grace=GRACE, publish=broker, now=later(GRACE + 1)).republished == []
+    assert len(broker.sent) == 1
+    assert reconcile(grace=GRACE, publish=broker, now=later(2 * GRACE + 1)).republished == [job_id]
+    assert types_of(job_id) == ["job.enqueued", "job.republished", "job.republished"]
+
+
+def test_the_wait_stops_doubling(registry: int) -> None:
+    broker = Broker()
+    job_id = committed_job()
+    for _ in range(8):
+        reconcile(grace=1.0, publish=broker, now=later(10_000))
+    # Each run republished once: the events are all "now", the runs an hour later.
+    assert len(broker.sent) == 8
+    assert reconcile(grace=1.0, publish=broker, now=later(31)).republished == []
+    assert reconcile(grace=1.0, publish=broker, now=later(33)).republished == [job_id]
+
+
+def test_a_started_job_is_not_republished(registry: int) -> None:
+    broker = Broker()
+    job_id = committed_job()
+    with session_scope() as session:
+        events.append(
+            session, stream=events.job_stream(job_id), type="step.started", actor="worker:w",
+            job_id=job_id, step="resolve_credentials", registry_id=5, attempt=1,
+        )  # fmt: skip
+    assert reconcile(grace=GRACE, publish=broker, now=later(GRACE * 10)).republished == []
+
+
+@pytest.mark.parametrize("status", [JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.CANCELLED])
+def test_only_queued_jobs_are_looked_at(registry: int, status: JobStatus) -> None:
+    broker = Broker()
+    job_id = committed_job()
+    with session_scope() as session:
+        job = session.get(PushJob, job_id)
+        assert job is not None
+        job.status = status.value
+    assert reconcile(grace=GRACE, publish=broker, now=later(GRACE * 10)).republished == []
+
+
+def test_a_retried_job_counts_from_its_retry(registry: int) -> None:
+    """A job failed after it started, then retried by an operator: the retry is the marker."""
+    broker = Broker()
+    job_id = committed_job()
+    with session_scope() as session:
+        events.append(
+            session, stream=events.job_stream(job_id), type="step.started", actor="worker:w",
+            job_id=job_id, step="login", registry_id=5, attempt=1,
+        )  # fmt: skip
+        job = session.get(PushJob, job_id)
+        assert job is not None
+        job.status = JobStatus.FAILED.value
+    with session_scope() as session:
+        retry_job(session, job_id, actor="operator:test", reason="password fixed")
+    report = reconcile(grace=GRACE, publish=broker, now=later(GRACE + 1))
+    assert report.republished == [job_id]
+    with session_scope() as session:
+        (event,) = events.select_events(session, job_id=job_id, types=["job.republished"])
+        assert "job.retried" in event.payload["reason"] and event.payload["job_attempt"] == 2
+
+
+def test_a_refusing_broker_stops_the_run_and_a_later_run_tries_again(registry: int) -> None:
+    """Like job.enqueued, the event commits before the publish; a refused publish ends the run
+    (the broker is away for every job), and the job is tried again after its (doubled) wait."""
+    down = Broker(up=False)
+    first, second = committed_job("v1"), committed_job("v2")
+    report = reconcile(grace=GRACE, publish=down, now=later(GRACE + 1))
+    assert report.republished == [] and report.deferred == [first]
+    assert types_of(first) == ["job.enqueued", "job.republished"]
+    assert types_of(second) == ["job.enqueued"]
+    up = Broker()
+    assert reconcile(grace=GRACE, publish=up, now=later(GRACE + 1)).republished == [second]
+    assert reconcile(grace=GRACE, publish=up, now=later(2 * GRACE - 1)).republished == []
+    later_run = reconcile(grace=GRACE, publish=up, now=later(2 * GRACE + 1))
+    assert later_run.republished == [first, second]  # each after its one republish: 2x grace
+
+
+def test_a_concurrent_append_makes_the_reconcile_back_off(
+    registry: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the stream grew between the decision and the append (a worker started the job, or
+    another reconcile republished it), nothing is recorded and nothing is published."""
+    from worker import reconcile as module
+
+    broker = Broker()
+    job_id = committed_job()
+    real_due = module._due
+
+    def due_then_a_worker_starts(*args: object, **kwargs: object) -> object:
+        decision = real_due(*args, **kwargs)  # type: ignore[arg-type]
+        events.append(
+            args[0], stream=events.job_stream(job_id), type="step.started",  # type: ignore[arg-type]
+            actor="worker:w", job_id=job_id, step="resolve_credentials", registry_id=5, attempt=1,
+        )  # fmt: skip
+        return decision
+
+    monkeypatch.setattr(module, "_due", due_then_a_worker_starts)
+    report = reconcile(grace=GRACE, publish=broker, now=later(GRACE + 1))
+    assert report.republished == [] and broker.sent == []
+    assert types_of(job_id) == ["job.enqueued"]  # the whole transaction was rolled back
+
+
+def test_the_grace_period_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(GRACE_ENV, raising=False)
+    assert grace_from_env() == 60.0
+    monkeypatch.setenv(GRACE_ENV, "2.5")
+    assert grace_from_env() == 2.5
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv(GRACE_ENV, bad)
+        with pytest.raises(ValidationError, match=GRACE_ENV):
+            grace_from_env()
