@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal, Protocol, TypeVar
 
 from sqlalchemy import update
@@ -192,7 +192,7 @@ class StepRunner:
             except IntegrityError:
                 return "another delivery claimed this step at the same moment"
             return 1
-        if run.status == StepStatus.RUNNING and not _claim_is_dead(run, now):
+        if run.status == StepStatus.RUNNING and not claim_is_dead(run, now):
             return f"running elsewhere ({run.owner})"
         taken = session.execute(
             update(StepRun)
@@ -320,9 +320,9 @@ def _lease_seconds(step: str, settings: Settings) -> float:
     return settings.push_timeout if step == "push" else 300.0
 
 
-def _claim_is_dead(run: StepRun, now: object) -> bool:
+def claim_is_dead(run: StepRun, now: datetime) -> bool:
     """A claim whose lease ran out, or whose owner process on this host is gone."""
-    if run.lease_expires_at is None or run.lease_expires_at <= now:  # type: ignore[operator]
+    if run.lease_expires_at is None or run.lease_expires_at <= now:
         return True
     kind, _, rest = (run.owner or "").partition(":")
     host, _, pid = rest.rpartition(":")

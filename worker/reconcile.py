@@ -6,6 +6,11 @@ finds such jobs (status ``queued``, no step event since their last ``job.enqueue
 ``job.retried``) once they are older than a grace period, and publishes their chain again, with a
 ``job.republished`` event.
 
+A ``running`` job can stall the same way: a broker restarted without persistence drops the
+message of its next step. Such a job (no live claim on any step, no event for a grace period)
+is republished too; the steps that already succeeded are skipped, so the chain resumes where it
+stopped.
+
 Not in a tight loop: the ``job.republished`` event marks the time, and the next republish of the
 same job waits for a longer time: the grace period doubled for each republish since the job was
 enqueued or retried (60 s, 120 s, 240 s, ... capped at 32 times the grace period). A job whose
@@ -33,7 +38,8 @@ from worker import client, events
 from worker.db import session_scope
 from worker.errors import EventConflict, ValidationError
 from worker.logs import get_logger
-from worker.models import Event, JobStatus, PushJob, utcnow
+from worker.models import Event, JobStatus, PushJob, StepRun, StepStatus, utcnow
+from worker.pipeline import claim_is_dead
 
 log = get_logger("pushworker.reconcile")
 
@@ -148,7 +154,7 @@ def _candidates(now: datetime, grace: float, limit: int) -> list[str]:
         query = (
             select(PushJob.id)
             .where(
-                PushJob.status == JobStatus.QUEUED.value,
+                PushJob.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
                 PushJob.created_at <= now - timedelta(seconds=grace),
             )
             .order_by(PushJob.created_at)
@@ -159,7 +165,11 @@ def _candidates(now: datetime, grace: float, limit: int) -> list[str]:
 
 def _due(session: Session, job_id: str, now: datetime, grace: float) -> Due | None:
     job = session.get(PushJob, job_id)
-    if job is None or job.status != JobStatus.QUEUED:
+    if job is None:
+        return None
+    if job.status == JobStatus.RUNNING:
+        return _stalled(session, job, now, grace)
+    if job.status != JobStatus.QUEUED:
         return None
     stream = events.job_stream(job_id)
     last_seq = session.scalar(select(func.max(Event.seq)).where(Event.stream == stream)) or 0
@@ -180,3 +190,30 @@ def _due(session: Session, job_id: str, now: datetime, grace: float) -> Due | No
         f"(wait {wait:g} s); republish {len(republished) + 1}"
     )
     return Due(job_id, job.effective_registry_id, job.attempt, last_seq, reason)
+
+
+def _stalled(session: Session, job: PushJob, now: datetime, grace: float) -> Due | None:
+    """A running job with no live claim and no event for its wait: its next message was lost."""
+    claims = session.scalars(
+        select(StepRun).where(StepRun.job_id == job.id, StepRun.status == StepStatus.RUNNING.value)
+    )
+    if any(not claim_is_dead(claim, now) for claim in claims):
+        return None  # a worker is on it
+    stream = events.job_stream(job.id)
+    rows = events.select_events(session, stream=stream)
+    if not rows:
+        return None
+    republished = 0
+    for row in reversed(rows):
+        if row.type != REPUBLISHED:
+            break
+        republished += 1
+    wait = grace * 2 ** min(republished, MAX_DOUBLINGS)
+    elapsed = (now - rows[-1].time).total_seconds()
+    if elapsed < wait:
+        return None
+    reason = (
+        f"running with no live claim and no event for {elapsed:.0f} s "
+        f"(wait {wait:g} s); republish {republished + 1}"
+    )
+    return Due(job.id, job.effective_registry_id, job.attempt, rows[-1].seq, reason)

@@ -10,7 +10,7 @@ from worker import events
 from worker.db import session_scope
 from worker.errors import ValidationError
 from worker.jobs import PushRequest, create_job, retry_job
-from worker.models import JobStatus, PushJob, utcnow
+from worker.models import JobStatus, PushJob, StepRun, utcnow
 from worker.reconcile import GRACE_ENV, grace_from_env, reconcile
 from worker.registries import RegistrySpec, create_registry
 
@@ -105,8 +105,8 @@ def test_a_started_job_is_not_republished(registry: int) -> None:
     assert reconcile(grace=GRACE, publish=broker, now=later(GRACE * 10)).republished == []
 
 
-@pytest.mark.parametrize("status", [JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.CANCELLED])
-def test_only_queued_jobs_are_looked_at(registry: int, status: JobStatus) -> None:
+@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED])
+def test_finished_jobs_are_never_republished(registry: int, status: JobStatus) -> None:
     broker = Broker()
     job_id = committed_job()
     with session_scope() as session:
@@ -187,3 +187,39 @@ def test_the_grace_period_comes_from_the_environment(monkeypatch: pytest.MonkeyP
         monkeypatch.setenv(GRACE_ENV, bad)
         with pytest.raises(ValidationError, match=GRACE_ENV):
             grace_from_env()
+
+
+def _running_with_claim(owner: str, lease: timedelta) -> str:
+    job_id = committed_job()
+    with session_scope() as session:
+        events.append(
+            session, stream=events.job_stream(job_id), type="step.started", actor=owner,
+            job_id=job_id, step="push", registry_id=5, attempt=1,
+        )  # fmt: skip
+        job = session.get(PushJob, job_id)
+        assert job is not None
+        job.status = JobStatus.RUNNING.value
+        session.add(
+            StepRun(job_id=job_id, step="push", registry_id=5, status="running", attempts=1,
+                    owner=owner, lease_expires_at=utcnow() + lease, result={})
+        )  # fmt: skip
+    return job_id
+
+
+def test_a_running_job_whose_worker_is_alive_is_left_alone(registry: int) -> None:
+    """A long push on another host holds a live claim: no republish, however long it takes."""
+    broker = Broker()
+    _running_with_claim("worker:another-host:1", timedelta(hours=2))
+    assert reconcile(grace=GRACE, publish=broker, now=later(GRACE * 10)).republished == []
+
+
+def test_a_stalled_running_job_is_republished_once_per_wait(registry: int) -> None:
+    """Running, no live claim (lease expired), no event for a grace period: its message was
+    lost; republished once, and not again right away."""
+    broker = Broker()
+    job_id = _running_with_claim("worker:another-host:1", timedelta(seconds=-1))
+    assert reconcile(grace=GRACE, publish=broker, now=later(GRACE + 1)).republished == [job_id]
+    assert reconcile(grace=GRACE, publish=broker, now=later(GRACE + 2)).republished == []
+    with session_scope() as session:
+        types = [e.type for e in events.select_events(session, job_id=job_id)]
+    assert types[-1] == "job.republished"
