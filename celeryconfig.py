@@ -24,13 +24,19 @@ worker_prefetch_multiplier = 1
 _push_timeout = int(os.environ.get("PUSHWORKER_PUSH_TIMEOUT", "1800"))
 broker_transport_options = {"visibility_timeout": _push_timeout + 600}
 
+# Queues. `pushworker` (the default) carries jobs that name no Docker host and the periodic
+# tasks below; `pushworker.<host>` carries the jobs whose image is on the Docker Engine named
+# <host> (PUSHWORKER_DOCKER_HOSTS). tasks.dispatch picks the queue of each job's chain, and a
+# worker started with PUSHWORKER_WORKER_HOST=<host> consumes `pushworker.<host>` on top of its
+# -Q queues (tasks.app). Explicit queues win over these routes.
 task_default_queue = "pushworker"
 task_routes = {"pushworker.*": {"queue": "pushworker"}}
 task_time_limit = _push_timeout + 60
 task_soft_time_limit = _push_timeout
 
 # Celery beat: republish jobs that were committed but never reached the broker, and watch
-# every registry's health so a failing credential is seen before a push fails.
+# every registry's health so a failing credential is seen before a push fails (worker.health:
+# a registry.health event and an error line on every change of state). Run exactly one beat.
 beat_schedule = {
     "reconcile-unpublished-jobs": {
         "task": "pushworker.maintenance.reconcile",

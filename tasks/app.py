@@ -1,18 +1,105 @@
-"""The Celery application. Configuration lives in ``celeryconfig.py``."""
+"""The Celery application. Configuration lives in ``celeryconfig.py``.
 
+Worker start-up, in the main process: a worker started with ``PUSHWORKER_WORKER_HOST=<host>``
+(one of ``PUSHWORKER_DOCKER_HOSTS``) also consumes ``pushworker.<host>``, the queue of jobs whose
+image is on that host's Docker Engine; with ``PUSHWORKER_METRICS_PORT`` it collects Prometheus
+metrics and serves them (``worker.metrics``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import structlog
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import (
+    celeryd_after_setup,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_ready,
+)
 
+from worker import metrics
 from worker.config import get_settings
-from worker.logs import configure_logging
+from worker.errors import PushWorkerError
+from worker.jobs import DOCKER_HOSTS_ENV, check_docker_host
+from worker.logs import configure_logging, get_logger
+
+WORKER_HOST_ENV = "PUSHWORKER_WORKER_HOST"
 
 app = Celery("pushworker")
 app.config_from_object("celeryconfig")
 # Every task module, imported when the worker starts (and when a producer publishes).
 app.conf.include = ["tasks.push", "tasks.submit", "tasks.maintenance", "tasks.health"]
 
+log = get_logger("pushworker.worker")
+
 
 @setup_logging.connect
 def _use_structlog(**_kwargs: object) -> None:
     # Celery's own logging setup is replaced so every line (ours and Celery's) is structured.
     configure_logging(get_settings().log_format)
+
+
+def worker_host() -> str | None:
+    """The named Docker host this worker pushes from (``PUSHWORKER_WORKER_HOST``), if any."""
+    return os.environ.get(WORKER_HOST_ENV, "").strip() or None
+
+
+@celeryd_after_setup.connect
+def _consume_host_queue(sender: str, instance: Any, **_kwargs: object) -> None:
+    host = worker_host()
+    if host is None:
+        return
+    from tasks.dispatch import queue_for
+
+    try:
+        check_docker_host(host)
+    except PushWorkerError as error:
+        # A worker nobody can send jobs to must not look healthy: refuse to start.
+        log.error("worker.unknown_docker_host", worker_host=host, error=error.message,
+                  hint=f"add {host} to {DOCKER_HOSTS_ENV} (the same list for producers and "
+                  "workers), or fix PUSHWORKER_WORKER_HOST")  # fmt: skip
+        raise SystemExit(2) from None
+    queue = queue_for(host)
+    instance.app.amqp.queues.select_add(queue)
+    log.info("worker.docker_host", worker_host=host, queue=queue, node=sender)
+
+
+@worker_init.connect
+def _start_metrics(**_kwargs: object) -> None:
+    # In the main process, before the pool forks: the children inherit the collectors, and
+    # every line they log says which Docker host it comes from.
+    if host := worker_host():
+        structlog.contextvars.bind_contextvars(worker_host=host)
+    metrics.install()
+
+
+@worker_ready.connect
+def _serve_metrics(**_kwargs: object) -> None:
+    metrics.serve()
+
+
+_STEP_PREFIX = "pushworker.step."
+_TASK_CONTEXT = ("job_id", "registry_id", "step")
+
+
+@task_prerun.connect
+def _bind_task(task: Any = None, args: Any = None, **_kwargs: object) -> None:
+    # Celery's own lines about a step task (succeeded, retry, failed) name the job and registry
+    # too; the step wrapper binds the same for the lines the step itself logs.
+    name = str(getattr(task, "name", ""))
+    if name.startswith(_STEP_PREFIX) and isinstance(args, list | tuple) and len(args) >= 2:
+        structlog.contextvars.bind_contextvars(
+            job_id=args[0], registry_id=args[1], step=name[len(_STEP_PREFIX) :]
+        )
+
+
+@task_postrun.connect
+def _count_task(task: Any = None, state: str | None = None, **_kwargs: object) -> None:
+    structlog.contextvars.unbind_contextvars(*_TASK_CONTEXT)
+    if task is not None:
+        metrics.observe_task(str(task.name), str(state or "UNKNOWN"))

@@ -1,1 +1,22 @@
-"""Celery tasks: health (filled in by its issue's work)."""
+"""Celery tasks: registry health, run by Celery beat (``PUSHWORKER_HEALTH_EVERY`` seconds)."""
+
+from __future__ import annotations
+
+import os
+
+from tasks.app import app
+from worker import events, health
+from worker.config import get_settings
+
+# A check that waited longer than one beat interval is superseded by the next one: drop it
+# rather than let a busy worker pile them up.
+_EVERY = float(os.environ.get("PUSHWORKER_HEALTH_EVERY", "300"))
+
+
+@app.task(name="pushworker.health.check_registries", expires=_EVERY)
+def check_registries() -> dict[str, str]:
+    """Check every registry as ``pushctl registry test`` does; record each change of status."""
+    results = health.check_registries(
+        actor=events.worker_actor(), timeout=get_settings().http_timeout
+    )
+    return {str(result.registry_id): result.status for result in results}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import structlog
 from celery import Task
 from celery.exceptions import Ignore
 
@@ -19,6 +20,12 @@ def _runner() -> StepRunner:
 
 
 def _run(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]:
+    # Every line the step logs (ours, docker-py's, Celery's) names the job, step and registry.
+    with structlog.contextvars.bound_contextvars(job_id=job_id, registry_id=registry_id, step=step):
+        return _run_step(task, step, job_id, registry_id)
+
+
+def _run_step(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]:
     outcome = _runner().run(step, job_id, registry_id, delivery_retries=task.request.retries)
     if outcome.action == "retry":
         # The step counts its own tries in the database, so Celery's counter is not the bound.

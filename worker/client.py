@@ -24,16 +24,23 @@ def enqueue_push(
     requested_by: str,
     fallback: list[int] | None = None,
     idempotency_key: str | None = None,
+    docker_host: str | None = None,
 ) -> str:
     """Validate, record and queue a push; return the job id.
 
     Raises a ``worker.errors.ValidationError``, ``RegistryNotFound`` or ``CredentialError``
     (nothing recorded, nothing queued) when the request cannot succeed as given. The same
     ``idempotency_key`` returns the first job's id and queues nothing more.
+
+    ``docker_host`` names the Docker Engine that holds ``source_image`` (one of
+    ``PUSHWORKER_DOCKER_HOSTS``); the job then runs only on that host's worker. An unknown name
+    raises a ``ValidationError`` with the code ``unknown_docker_host``. None: the default
+    queue's worker and engine.
     """
     request = PushRequest(
         source_image=source_image, registry_id=registry_id, repository=repository, tag=tag,
         requested_by=requested_by, fallback=fallback, idempotency_key=idempotency_key,
+        docker_host=docker_host,
     )  # fmt: skip
     with session_scope() as session:
         job, created = create_job(session, request, actor=f"producer:{requested_by}")

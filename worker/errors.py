@@ -50,6 +50,12 @@ class InvalidMessage(ValidationError):
     code = "invalid_message"
 
 
+class UnknownDockerHost(ValidationError):
+    """A job names a Docker host that no worker serves."""
+
+    code = "unknown_docker_host"
+
+
 class InvalidReference(ValidationError):
     code = "invalid_reference"
 

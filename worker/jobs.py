@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -11,13 +13,48 @@ from sqlalchemy.orm import Session
 
 from worker import events
 from worker.credentials import check_credential_configured
-from worker.errors import InvalidStateTransition, JobNotFound, ValidationError
+from worker.errors import InvalidStateTransition, JobNotFound, UnknownDockerHost, ValidationError
 from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 from worker.reference import build_target
 from worker.registries import get_registry, validate_chain
 
 MAX_SOURCE_IMAGE = 300
-MAX_REQUESTED_BY = 200
+# The recorded actor is "producer:" + requested_by, in a 200-character column.
+MAX_REQUESTED_BY = 191
+#: The named Docker Engines jobs may ask for, comma-separated (``PUSHWORKER_DOCKER_HOSTS``).
+DOCKER_HOSTS_ENV = "PUSHWORKER_DOCKER_HOSTS"
+#: A Docker host name: it becomes part of a queue name (``pushworker.<name>``).
+DOCKER_HOST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+
+#: The error code of a job that names a Docker host no worker serves.
+def _unknown_docker_host(message: str, hint: str) -> UnknownDockerHost:
+    return UnknownDockerHost(message, hint=hint)
+
+
+def known_docker_hosts() -> tuple[str, ...]:
+    """The Docker host names of ``PUSHWORKER_DOCKER_HOSTS``, in the order given."""
+    raw = os.environ.get(DOCKER_HOSTS_ENV, "")
+    return tuple(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
+
+
+def check_docker_host(name: str) -> str:
+    """``name`` if jobs may name it; otherwise a ``ValidationError`` with the code
+    ``unknown_docker_host`` that says what to do."""
+    if not isinstance(name, str) or not DOCKER_HOST_NAME.fullmatch(name):
+        raise _unknown_docker_host(
+            f"docker_host {name!r} is not a Docker host name",
+            hint="use 1 to 63 of a-z, 0-9, '.', '-' and '_', starting with a letter or digit",
+        )
+    known = known_docker_hosts()
+    if name not in known:
+        listed = ", ".join(known) if known else "none are configured"
+        raise _unknown_docker_host(
+            f"docker_host {name!r} is not a known Docker host ({listed})",
+            hint=f"name the host whose engine holds the image, or add it to {DOCKER_HOSTS_ENV} "
+            "and start a worker with PUSHWORKER_WORKER_HOST set to it",
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -31,6 +68,8 @@ class PushRequest:
     requested_by: str
     fallback: list[int] | None = None
     idempotency_key: str | None = None
+    #: The named Docker Engine that holds ``source_image`` (None: the default queue's engine).
+    docker_host: str | None = None
 
 
 def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[PushJob, bool]:
@@ -52,6 +91,7 @@ def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[P
         repository=request.repository, tag=request.tag, requested_registry_id=registry.id,
         effective_registry_id=registry.id, fallback_chain=chain,
         status=JobStatus.QUEUED.value, attempt=1, requested_by=request.requested_by,
+        docker_host=request.docker_host,
     )  # fmt: skip
     try:
         with session.begin_nested():
@@ -85,9 +125,13 @@ def _validate(session: Session, request: PushRequest) -> Registry:
     if not request.source_image.isascii() or any(c.isspace() for c in request.source_image):
         raise ValidationError(f"source_image {request.source_image!r} is not an image reference")
     if not request.requested_by or len(request.requested_by) > MAX_REQUESTED_BY:
-        raise ValidationError("requested_by must say who asked, in 1 to 200 characters")
+        raise ValidationError(
+            f"requested_by must say who asked, in 1 to {MAX_REQUESTED_BY} characters"
+        )
     if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 200:
         raise ValidationError("idempotency_key must be 1 to 200 characters")
+    if request.docker_host is not None:
+        check_docker_host(request.docker_host)
     registry = get_registry(session, request.registry_id)
     build_target(registry.host, request.repository, request.tag)
     check_credential_configured(registry)

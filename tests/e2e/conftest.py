@@ -25,7 +25,8 @@ from worker.migrate import upgrade
 from worker.models import JobStatus, PushJob
 from worker.registries import RegistrySpec, create_registry, update_registry
 
-BROKER_DB = 11
+# Another e2e run on this machine can use another broker database (its flushdb is per db).
+BROKER_DB = int(os.environ.get("PUSHWORKER_E2E_BROKER_DB", "11"))
 HARBOR_ID, ALTERNATIVE_ID = 5, 4  # the incident's Harbor and its GitLab alternative
 
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict
 
 from bench.load import build_images, run_load
-from tests.e2e.conftest import HARBOR_ID, E2E
+from tests.e2e.conftest import E2E, HARBOR_ID
 
 JOBS = int(os.environ.get("PUSHWORKER_LOAD_JOBS", "500"))
 

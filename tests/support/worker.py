@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,11 @@ class WorkerProcess:
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def node(self) -> str:
+        """The node name Celery answers pings with (``%h`` expanded)."""
+        return self.name.replace("%h", socket.gethostname())
+
     def start(self, timeout: float = 90) -> WorkerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
@@ -39,7 +45,7 @@ class WorkerProcess:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     pytest.fail(f"the worker exited at start:\n{self.log_text()[-3000:]}")
-                if probe.control.ping(timeout=1.0):
+                if probe.control.ping(destination=[self.node], timeout=1.0):
                     return self
         finally:
             probe.close()

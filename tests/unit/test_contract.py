@@ -16,9 +16,8 @@ import pytest
 
 from worker import client, contract
 from worker.contract import handle_submission, request_from_call
-from worker.errors import InvalidMessage
 from worker.db import session_scope
-from worker.errors import DatabaseUnavailable, PushWorkerError
+from worker.errors import DatabaseUnavailable, InvalidMessage, PushWorkerError
 from worker.events import select_events
 from worker.models import PushJob, Registry
 from worker.registries import RegistrySpec, create_registry
@@ -121,7 +120,7 @@ def test_an_extra_field_is_refused_by_name_never_by_value(extra: str) -> None:
         ("tag", "", "tag must not be empty"),
         ("repository", "a" * 256, "repository must be at most 255 characters"),
         ("tag", "v" * 129, "tag must be at most 128 characters"),
-        ("requested_by", "x" * 201, "requested_by must be at most 200 characters"),
+        ("requested_by", "x" * 192, "requested_by must be at most 191 characters"),
     ],
 )
 def test_wrong_types_and_sizes_are_named(field: str, value: Any, expected: str) -> None:

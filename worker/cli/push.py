@@ -134,6 +134,7 @@ def _finish_wait(follow: _Follow, finished: bool, timeout: float | None) -> None
 @click.option("--fallback", type=FALLBACK, help="Registry ids to try if credentials are refused.")
 @click.option("--idempotency-key", help="The same key returns the first job instead of a new one.")
 @click.option("--requested-by", help="Who asks [operator:$USER].")
+@click.option("--docker-host", help="The named Docker host whose engine holds SOURCE.")
 @click.option("--wait", is_flag=True, help="Follow the job's events until it ends.")
 @click.option("--timeout", type=float, help="With --wait: give up after SECONDS (exit 124).")
 @_JSON
@@ -145,6 +146,7 @@ def push(
     fallback: list[int] | None,
     idempotency_key: str | None,
     requested_by: str | None,
+    docker_host: str | None,
     wait: bool,
     timeout: float | None,
     as_json: bool,
@@ -165,6 +167,7 @@ def push(
         requested_by=requested_by or events.operator_actor(),
         fallback=fallback,
         idempotency_key=idempotency_key,
+        docker_host=docker_host,
     )
     if not wait:
         if as_json:
