@@ -551,8 +551,13 @@ class JobTiming:
 
     @property
     def types(self) -> list[str]:
-        """Event types in order, without ``step.progress`` (written only by pushes over 2 s)."""
-        return [t for t, _, _ in self.events if t != "step.progress"]
+        """Event types in order, without ``step.progress`` (written only by pushes over 2 s); a
+        reused login (``step.skipped`` on login, see worker/steps.py) reads as its success."""
+        return [
+            "step.succeeded" if (kind, step) == ("step.skipped", "login") else kind
+            for kind, step, _ in self.events
+            if kind != "step.progress"
+        ]
 
 
 class JobWatcher:

@@ -7,6 +7,7 @@ and never lets a credential reach a message.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,13 @@ from docker.errors import APIError, DockerException, ImageNotFound
 
 from worker.classify import classify_registry_message
 from worker.credentials import Credential
-from worker.errors import DockerError, DockerUnavailable, PushWorkerError, SourceImageNotFound
+from worker.errors import (
+    AuthenticationError,
+    DockerError,
+    DockerUnavailable,
+    PushWorkerError,
+    SourceImageNotFound,
+)
 from worker.reference import TargetReference
 
 #: Called with (bytes pushed, bytes to push, layers done, layers seen) while a push runs.
@@ -45,6 +52,7 @@ class DockerEngine:
             else:
                 self._api = docker.from_env(version="auto", timeout=int(timeout)).api
         self._forget_host_auth()
+        self._logins: dict[tuple[str, str], float] = {}
 
     def _forget_host_auth(self) -> None:
         # docker-py loads ~/.docker/config.json (and credential helpers) at construction; stale
@@ -71,8 +79,29 @@ class DockerEngine:
         with _translated("tag"):
             self._api.tag(source, target.name, target.tag, force=True)
 
-    def login(self, registry_host: str, credential: Credential) -> None:
-        """Ask the daemon to authenticate against the registry (it keeps no session)."""
+    #: How long a login this engine accepted is trusted for the next job with the same
+    #: credential. The push itself always authenticates with its explicit auth_config, so a
+    #: credential revoked meanwhile still fails there (and clears the memo).
+    LOGIN_REUSE_SECONDS = 300.0
+
+    def login(self, registry_host: str, credential: Credential) -> bool:
+        """Ask the daemon to authenticate against the registry; False when a login with the
+        same credential succeeded on this engine within ``LOGIN_REUSE_SECONDS``."""
+        key = _login_key(registry_host, credential)
+        proved_at = self._logins.get(key)
+        if proved_at is not None and time.monotonic() - proved_at < self.LOGIN_REUSE_SECONDS:
+            return False
+        self._logins.pop(key, None)
+        self._login(registry_host, credential)
+        self._logins[key] = time.monotonic()
+        return True
+
+    def forget_logins(self, registry_host: str) -> None:
+        """Drop remembered logins to a registry that has just refused a credential."""
+        for key in [k for k in self._logins if k[0] == registry_host]:
+            del self._logins[key]
+
+    def _login(self, registry_host: str, credential: Credential) -> None:
         with _translated("log in to", registry=registry_host):
             try:
                 self._api.login(
@@ -93,11 +122,21 @@ class DockerEngine:
         """Push and read the whole stream; an ``error`` chunk raises (docker-py does not)."""
         # An explicit, possibly empty, auth_config: docker-py falls back to host state on None.
         auth_config = credential.auth_config() if credential else {}
-        with _translated("push to", registry=target.host):
-            stream = self._api.push(
-                target.name, tag=target.tag, stream=True, decode=True, auth_config=auth_config
-            )
-            return _read_push_stream(stream, target, on_progress)
+        try:
+            with _translated("push to", registry=target.host):
+                stream = self._api.push(
+                    target.name, tag=target.tag, stream=True, decode=True, auth_config=auth_config
+                )
+                return _read_push_stream(stream, target, on_progress)
+        except AuthenticationError:
+            self.forget_logins(target.host)
+            raise
+
+
+def _login_key(registry_host: str, credential: Credential) -> tuple[str, str]:
+    # A digest, so the memo never holds the secret itself.
+    material = f"{credential.username}\0{credential.password.reveal()}".encode()
+    return registry_host, hashlib.sha256(material).hexdigest()
 
 
 def _read_push_stream(

@@ -70,6 +70,7 @@ class RegistryHTTP:
         self.http.trust_env = False  # no proxy or netrc from the host's environment
         self.http.verify = _verify_setting(registry)
         self._tokens: dict[str, str] = {}
+        self._takes_basic = False
 
     def close(self) -> None:
         self.http.close()
@@ -114,9 +115,14 @@ class RegistryHTTP:
         """The digest the registry serves for ``repository:tag``, or None if it has none."""
         url = f"{self.base}/v2/{repository}/manifests/{tag}"
         headers = {"Accept": MANIFEST_TYPES}
-        response = self._request("HEAD", url, headers=headers)
+        # Once the registry said it takes Basic, this client sends the credential up front and
+        # saves the 401 round trip on every later request.
+        preemptive = self._basic() if self._takes_basic and self.credential else None
+        response = self._request("HEAD", url, headers=headers, auth=preemptive)
         if response.status_code == 401:
             challenge = Challenge(401, *parse_challenge(response.headers.get("WWW-Authenticate")))
+            self._takes_basic = challenge.scheme == "basic"
+            self._tokens.pop(f"repository:{repository}:pull", None)  # an expired token
             response = self._authorized(
                 "HEAD", url, challenge, scope=f"repository:{repository}:pull", headers=headers
             )

@@ -6,6 +6,7 @@ Each returns a ``StepResult``; a step that finds its effect already in place say
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,29 @@ HttpFactory = Callable[[Registry, Credential | None, float], RegistryHTTP]
 
 
 def default_http(registry: Registry, credential: Credential | None, timeout: float) -> RegistryHTTP:
-    return RegistryHTTP(registry, credential, timeout=timeout)
+    """The process's client for this registry and credential, reused across jobs so that its
+    keep-alive connection (and TLS session) is too."""
+    key = _http_key(registry, credential, timeout)
+    client = _http_clients.pop(key, None) or RegistryHTTP(registry, credential, timeout=timeout)
+    _http_clients[key] = client  # most recently used last
+    while len(_http_clients) > _MAX_HTTP_CLIENTS:
+        _http_clients.pop(next(iter(_http_clients))).close()
+    return client
+
+
+_MAX_HTTP_CLIENTS = 16
+_http_clients: dict[tuple[object, ...], RegistryHTTP] = {}
+
+
+def _http_key(
+    registry: Registry, credential: Credential | None, timeout: float
+) -> tuple[object, ...]:
+    secret = ""
+    if credential is not None:
+        material = f"{credential.username}\0{credential.password.reveal()}".encode()
+        secret = hashlib.sha256(material).hexdigest()
+    ca = hashlib.sha256((registry.ca_cert or "").encode()).hexdigest()
+    return (registry.id, registry.url, registry.insecure, ca, secret, timeout)
 
 
 @dataclass
@@ -67,13 +90,11 @@ def login(ctx: StepContext) -> StepResult:
     credential = ctx.credential()
     if credential is None:
         # Anonymous: prove the registry answers and does not ask for credentials.
-        http = ctx.http(None)
-        try:
-            http.check_credentials()
-        finally:
-            http.close()
+        ctx.http(None).check_credentials()
         return StepResult({"credential_source": "anonymous"})
-    ctx.engine().login(_login_address(ctx.registry), credential)
+    if not ctx.engine().login(_login_address(ctx.registry), credential):
+        reason = "this worker's engine accepted the same credential for this registry recently"
+        return StepResult({"username": credential.username}, noop=reason)
     return StepResult({"username": credential.username})
 
 
@@ -102,17 +123,12 @@ def push(ctx: StepContext) -> StepResult:
         engine.tag(ctx.job.source_image, target)  # another job re-pointed the tag meanwhile
     credential = ctx.credential()
     http = ctx.http(credential)
-    try:
-        served = _digest_if_served(engine, http, target, source_id)
-        if served:
-            payload = {"reference": str(target), "digest": served}
-            return StepResult(
-                payload, noop="the registry already serves this tag at the local digest"
-            )
-        result = engine.push(target, credential, ctx.on_progress)
-        remote = http.manifest_digest(target.repository, target.tag)
-    finally:
-        http.close()
+    served = _digest_if_served(engine, http, target, source_id)
+    if served:
+        payload = {"reference": str(target), "digest": served}
+        return StepResult(payload, noop="the registry already serves this tag at the local digest")
+    result = engine.push(target, credential, ctx.on_progress)
+    remote = http.manifest_digest(target.repository, target.tag)
     if remote != result.digest:
         raise PushVerificationFailed(
             f"registry {ctx.registry.host} serves {target} at {remote}, "

@@ -51,11 +51,12 @@ class FakeEngine:
             raise SourceImageNotFound(f"no image {source}")
         self.world.images[str(target)] = self.world.images[source]
 
-    def login(self, registry_host: str, credential: Credential) -> None:
+    def login(self, registry_host: str, credential: Credential) -> bool:
         self.world.logins.append(registry_host)
         error = self.world.login_errors.get(registry_host)
         if error is not None:
             raise error
+        return True
 
     def push(
         self,
