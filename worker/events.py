@@ -1,4 +1,11 @@
-"""The append-only event log: ``append`` and ``select``, nothing else.
+"""The append-only event log: ``append`` and ``select``, nothing else (verify, export and
+retention are in ``worker.audit``).
+
+Every event is a link of one global hash chain, in ``id`` order: its ``hash`` is the SHA-256 of
+its canonical JSON (every stored field but ``id`` and ``hash``, with ``prev_hash``, the hash of
+the event before it). Writers are serialised so that the chain stays a line: SQLite takes its
+write lock at the start of every transaction (``worker.db``), PostgreSQL takes a transaction-level
+advisory lock here, in ``append``, held until the transaction ends. See docs/event-log.md.
 
 Every appended event is also one structlog line with the same fields, written after the
 transaction that stored it commits (a rolled-back event is not logged as if it happened).
@@ -8,20 +15,23 @@ Payloads pass an allow-list of keys, so a credential cannot be recorded by accid
 from __future__ import annotations
 
 import getpass
+import hashlib
+import json
 import os
 import socket
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import ColumnElement, Select, func, select, text
 from sqlalchemy import event as sa_event
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from worker.errors import EventConflict, ValidationError
 from worker.logs import get_logger
-from worker.models import Event, utcnow
+from worker.models import Event, EventCheckpoint, PushJob, utcnow
 
 log = get_logger("pushworker.events")
 
@@ -35,8 +45,35 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
         "idempotency_key", "bytes_pushed", "bytes_total", "layers_done", "layers_total",
         "refusals", "previous_status", "owner", "checks", "ok", "status", "latency_ms",
         "job_attempt", "noop",
+        # retention (events.pruned)
+        "first_event_id", "last_event_id", "last_hash", "count", "cutoff", "archived_to",
+        "archive_sha256",
     }
 )  # fmt: skip
+
+#: ``prev_hash`` of the very first event of a log.
+GENESIS_HASH = "0" * 64
+#: Version of the canonical form, part of what is hashed.
+CHAIN_VERSION = 1
+#: The fields an event's hash covers, besides the version (``id`` and ``hash`` are not hashed:
+#: the order is held by ``prev_hash``, see docs/event-log.md).
+HASHED_FIELDS = (
+    "stream", "seq", "job_id", "time", "type", "step", "registry_id", "attempt", "actor",
+    "payload", "repository", "outcome", "prev_hash",
+)  # fmt: skip
+#: The key of the PostgreSQL advisory lock that serialises appends ("pushevnt").
+CHAIN_LOCK_KEY = int.from_bytes(b"pushevnt", "big")
+#: The stream of the log's own housekeeping (retention).
+AUDIT_STREAM = "audit"
+
+#: Event type suffixes (and a few whole types) -> the indexed ``outcome`` column.
+_OUTCOME_OF_SUFFIX = {
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "skipped": "skipped",
+    "cancelled": "cancelled",
+}
+_OUTCOME_OF_TYPE = {"fallback.applied": "fallback"}
 
 
 def job_stream(job_id: str) -> str:
@@ -63,6 +100,117 @@ def _login_name() -> str:
         return "unknown"
 
 
+# --- the chain ------------------------------------------------------------------------------------
+
+
+def canonical_time(moment: datetime | str) -> str:
+    """``2026-11-27T22:30:38.623908Z``: UTC, always with microseconds."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_json(record: Mapping[str, Any]) -> bytes:
+    """The bytes an event's hash is taken over: its hashed fields as JSON with sorted keys, no
+    whitespace, ASCII only, the time as ISO UTC with microseconds."""
+    body = {name: record[name] for name in HASHED_FIELDS}
+    body["time"] = canonical_time(record["time"])
+    body["v"] = CHAIN_VERSION
+    return json.dumps(
+        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def chain_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of ``canonical_json(record)``; ``record`` must hold ``prev_hash``."""
+    return hashlib.sha256(canonical_json(record)).hexdigest()
+
+
+def derive_outcome(type: str, payload: Mapping[str, Any]) -> str | None:
+    """The ``outcome`` column of an event of this type and payload."""
+    if type == "registry.tested":
+        return "succeeded" if payload.get("ok") else "failed"
+    if type in _OUTCOME_OF_TYPE:
+        return _OUTCOME_OF_TYPE[type]
+    return _OUTCOME_OF_SUFFIX.get(type.rsplit(".", 1)[-1])
+
+
+def lock_chain(session: Session) -> None:
+    """Serialise appenders on PostgreSQL until this transaction ends (SQLite: already done).
+
+    Taken at every append (it is re-entrant): a savepoint rolled back releases it.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    try:
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) in ("40P01", "40001", "55P03"):
+            # A deadlock with a writer that holds the chain and waits for a row this transaction
+            # locked: retryable, like a sequence clash.
+            raise EventConflict("the event chain is busy (deadlock); try again") from None
+        raise
+
+
+def _checkpoint_head(session: Session) -> tuple[int | None, str]:
+    """The latest checkpoint's ``(last_event_id, last_hash)``, or the genesis hash."""
+    checkpoint = session.execute(
+        select(EventCheckpoint.last_event_id, EventCheckpoint.last_hash)
+        .order_by(EventCheckpoint.id.desc())
+        .limit(1)
+    ).first()
+    if checkpoint is not None:
+        return int(checkpoint[0]), str(checkpoint[1])
+    return None, GENESIS_HASH
+
+
+@dataclass(frozen=True)
+class _AppendState:
+    last_seq: int
+    head_id: int | None
+    head_hash: str
+    job_repository: str | None
+
+
+def _append_state(session: Session, stream: str, job_id: str | None) -> _AppendState:
+    """What an append reads, in one round trip: the stream's last seq, the chain's head, and
+    the repository of the job (for the indexed ``repository`` column)."""
+    events, jobs = Event.__table__, PushJob.__table__
+    newest = select(events.c.id, events.c.hash).order_by(events.c.id.desc()).limit(1).subquery()
+    row = (
+        session.connection()
+        .execute(
+            select(
+                select(func.max(events.c.seq)).where(events.c.stream == stream).scalar_subquery(),
+                select(newest.c.id).scalar_subquery(),
+                select(newest.c.hash).scalar_subquery(),
+                select(jobs.c.repository).where(jobs.c.id == job_id).scalar_subquery(),
+            )
+        )
+        .one()
+    )
+    last_seq, head_id, head_hash, job_repository = row
+    if head_id is None:
+        head_id, head_hash = _checkpoint_head(session)
+    return _AppendState(int(last_seq or 0), head_id, str(head_hash), job_repository)
+
+
+def _checked_payload(payload: Mapping[str, Any] | None) -> dict[str, Any]:
+    payload = dict(payload or {})
+    unknown = set(payload) - ALLOWED_PAYLOAD_KEYS
+    if unknown:
+        raise ValidationError(f"event payload keys not allowed: {sorted(unknown)}")
+    try:
+        # Exactly what the database will give back (tuples become lists, and so on): the hash
+        # is taken over what a verifier reads, not over what the caller happened to pass.
+        normal: dict[str, Any] = json.loads(json.dumps(payload, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"event payload is not plain JSON: {exc}") from None
+    return normal
+
+
 def append(
     session: Session,
     *,
@@ -75,16 +223,26 @@ def append(
     attempt: int | None = None,
     payload: dict[str, Any] | None = None,
 ) -> Event:
-    """Append one event to ``stream`` with the next sequence number."""
-    payload = dict(payload or {})
-    unknown = set(payload) - ALLOWED_PAYLOAD_KEYS
-    if unknown:
-        raise ValidationError(f"event payload keys not allowed: {sorted(unknown)}")
-    seq = (session.scalar(select(func.max(Event.seq)).where(Event.stream == stream)) or 0) + 1
+    """Append one event to ``stream`` with the next sequence number, as the next link of the
+    chain."""
+    payload = _checked_payload(payload)
+    # This transaction's other changes take their row locks before the chain lock, not while
+    # holding it, which keeps lock waits one-way in the common case.
+    session.flush()
+    lock_chain(session)
+    state = _append_state(session, stream, job_id)
+    seq = state.last_seq + 1
+    named = payload.get("repository")
+    repository = named[:255] if isinstance(named, str) and named else state.job_repository
     row = Event(
         stream=stream, seq=seq, job_id=job_id, time=utcnow(), type=type, step=step,
         registry_id=registry_id, attempt=attempt, actor=actor, payload=payload,
+        repository=repository, outcome=derive_outcome(type, payload), prev_hash=state.head_hash,
     )  # fmt: skip
+    row.hash = chain_hash(_hashed_values(row))
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite would reuse the id of a deleted newest row (retention): ids only go up.
+        row.id = (state.head_id or 0) + 1
     session.add(row)
     try:
         session.flush()
@@ -94,13 +252,83 @@ def append(
     return row
 
 
+def _hashed_values(row: Event) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in HASHED_FIELDS}
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """The filters every reader of the log shares (select, export, the CLI); each is optional
+    and they combine with AND."""
+
+    job_id: str | None = None
+    stream: str | None = None
+    registry_id: int | None = None
+    repository: str | None = None
+    types: Sequence[str] | None = None
+    outcomes: Sequence[str] | None = None
+    actor: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    after_id: int | None = None
+
+    def clauses(self) -> list[ColumnElement[bool]]:
+        where: list[ColumnElement[bool]] = []
+        if self.job_id is not None:
+            where.append(Event.job_id == self.job_id)
+        if self.stream is not None:
+            where.append(Event.stream == self.stream)
+        if self.registry_id is not None:
+            where.append(Event.registry_id == self.registry_id)
+        if self.repository is not None:
+            where.append(Event.repository == self.repository)
+        if self.types:
+            where.append(_equal_or_in(Event.type, self.types))
+        if self.outcomes:
+            where.append(_equal_or_in(Event.outcome, self.outcomes))
+        if self.actor is not None:
+            where.append(Event.actor == self.actor)
+        if self.since is not None:
+            where.append(Event.time >= self.since)
+        if self.until is not None:
+            where.append(Event.time < self.until)
+        if self.after_id is not None:
+            where.append(Event.id > self.after_id)
+        return where
+
+    def select(self, *, newest_first: bool = False, limit: int | None = None) -> Select[Any]:
+        """Oldest first (or newest first): in id order, which is the chain's; in time order
+        when the query has a time bound and no ``after_id``.
+
+        The two orders agree (an event's time is taken under the chain's lock) unless the hosts'
+        clocks disagree; ordering a time range by time lets the database read it straight from
+        a time index and stop at ``limit``, where id order would make SQLite scan the table.
+        """
+        query = select(Event).where(*self.clauses())
+        by_time = (self.since is not None or self.until is not None) and self.after_id is None
+        order = [Event.time, Event.id] if by_time else [Event.id]
+        query = query.order_by(*(column.desc() for column in order) if newest_first else order)
+        return query.limit(limit) if limit is not None else query
+
+
+def _equal_or_in(column: Any, values: Sequence[str]) -> ColumnElement[bool]:
+    # One value as "=": the planner then uses the index's next column for the time range.
+    values = list(values)
+    return column == values[0] if len(values) == 1 else column.in_(values)  # type: ignore[no-any-return]
+
+
 def select_events(
     session: Session,
     *,
     job_id: str | None = None,
     stream: str | None = None,
     registry_id: int | None = None,
+    repository: str | None = None,
     types: Sequence[str] | None = None,
+    outcomes: Sequence[str] | None = None,
     actor: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -108,37 +336,27 @@ def select_events(
     limit: int | None = None,
     newest_first: bool = False,
 ) -> list[Event]:
-    """Events matching every given filter, oldest first (or newest first)."""
-    query = select(Event)
-    if job_id is not None:
-        query = query.where(Event.job_id == job_id)
-    if stream is not None:
-        query = query.where(Event.stream == stream)
-    if registry_id is not None:
-        query = query.where(Event.registry_id == registry_id)
-    if types:
-        query = query.where(Event.type.in_(list(types)))
-    if actor is not None:
-        query = query.where(Event.actor == actor)
-    if since is not None:
-        query = query.where(Event.time >= since)
-    if until is not None:
-        query = query.where(Event.time < until)
-    if after_id is not None:
-        query = query.where(Event.id > after_id)
-    query = query.order_by(Event.id.desc() if newest_first else Event.id)
-    if limit is not None:
-        query = query.limit(limit)
-    return list(session.scalars(query))
+    """Events matching every given filter, oldest first (or newest first; see
+    ``EventQuery.select`` for the order)."""
+    query = EventQuery(
+        job_id=job_id, stream=stream, registry_id=registry_id, repository=repository,
+        types=types, outcomes=outcomes, actor=actor, since=since, until=until, after_id=after_id,
+    )  # fmt: skip
+    return list(session.scalars(query.select(newest_first=newest_first, limit=limit)))
 
 
 def event_fields(row: Event) -> dict[str, Any]:
-    """An event as plain data (for logs, ``--json`` output and exports)."""
+    """An event as plain data (for logs, ``--json`` output and exports).
+
+    The hashes are part of it: a log line or an export line carries its link of the chain, so
+    logs shipped elsewhere are a copy of the chain to compare with (docs/event-log.md).
+    """
     return {
         "id": row.id, "stream": row.stream, "seq": row.seq, "job_id": row.job_id,
         "time": row.time.isoformat(), "type": row.type, "step": row.step,
         "registry_id": row.registry_id, "attempt": row.attempt, "actor": row.actor,
-        "payload": row.payload,
+        "payload": row.payload, "repository": row.repository, "outcome": row.outcome,
+        "prev_hash": row.prev_hash, "hash": row.hash,
     }  # fmt: skip
 
 

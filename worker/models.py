@@ -168,10 +168,16 @@ class StepRun(Base):
 
 
 class Event(Base):
-    """One thing that happened. Rows are inserted, never updated or deleted (triggers enforce it).
+    """One thing that happened. Rows are inserted, never updated or deleted (triggers enforce it;
+    the one exception is retention, which deletes only events covered by an ``EventCheckpoint``).
 
-    ``stream`` is ``job/<uuid>`` or ``registry/<id>``; ``seq`` numbers the events of one stream
-    from 1, and ``UNIQUE(stream, seq)`` turns two concurrent writers into a key clash.
+    ``stream`` is ``job/<uuid>``, ``registry/<id>`` or ``audit``; ``seq`` numbers the events of
+    one stream from 1, and ``UNIQUE(stream, seq)`` turns two concurrent writers into a key clash.
+
+    Every event is a link of one global hash chain in ``id`` order: ``hash`` is the SHA-256 of the
+    event's canonical JSON, which includes ``prev_hash``, the hash of the event before it (see
+    ``worker.events.chain_hash`` and docs/event-log.md). ``repository`` and ``outcome`` are derived
+    from the payload and the type when the event is appended, so that they can be indexed.
     """
 
     __tablename__ = "events"
@@ -181,6 +187,9 @@ class Event(Base):
         Index("ix_events_registry_time", "registry_id", "time"),
         Index("ix_events_type_time", "type", "time"),
         Index("ix_events_time", "time"),
+        Index("ix_events_registry_outcome_time", "registry_id", "outcome", "time"),
+        Index("ix_events_repository_type_time", "repository", "type", "time"),
+        Index("ix_events_actor_time", "actor", "time"),
     )
 
     id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
@@ -194,3 +203,38 @@ class Event(Base):
     attempt: Mapped[int | None] = mapped_column(Integer)
     actor: Mapped[str] = mapped_column(String(200))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The repository the event is about (from the payload, or the job's), for indexed queries.
+    repository: Mapped[str | None] = mapped_column(String(255))
+    #: ``succeeded``, ``failed``, ``skipped``, ``cancelled``, ``fallback`` or None (see events).
+    outcome: Mapped[str | None] = mapped_column(String(20))
+    #: The hash of the event before this one in ``id`` order (or of the latest checkpoint).
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    #: SHA-256 (hex) of this event's canonical JSON, ``prev_hash`` included.
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class EventCheckpoint(Base):
+    """Where retention cut the chain: the events up to ``last_event_id`` were archived (or
+    discarded) and deleted; the first remaining event links to ``last_hash``.
+
+    Append-only like the events (triggers); each checkpoint is confirmed by an ``events.pruned``
+    event appended in the same transaction, so a forged checkpoint does not verify.
+    """
+
+    __tablename__ = "event_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    first_event_id: Mapped[int] = mapped_column(EventId)
+    last_event_id: Mapped[int] = mapped_column(EventId, index=True)
+    #: The hash of the event ``last_event_id``: the chain's anchor for what remains.
+    last_hash: Mapped[str] = mapped_column(String(64))
+    #: How many events were removed.
+    count: Mapped[int] = mapped_column(BigInteger)
+    #: Events older than this were pruned.
+    cutoff: Mapped[datetime] = mapped_column()
+    #: The JSON-lines archive they were written to (None: discarded on purpose).
+    archived_to: Mapped[str | None] = mapped_column(String(1000))
+    #: SHA-256 of the archive file as written.
+    archive_sha256: Mapped[str | None] = mapped_column(String(64))
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
 import pytest
-from sqlalchemy import text
+from sqlalchemy import JSON, Connection, column, create_engine, insert, table, text
 from sqlalchemy.exc import DBAPIError
 
+from tests.conftest import use_database
 from worker import events
 from worker.db import engine_for, session_scope
 from worker.errors import EventConflict, ValidationError
+from worker.models import UTCDateTime
 
 
 def test_append_numbers_each_stream_from_one(database_url: str) -> None:
@@ -41,9 +50,14 @@ def test_duplicate_sequence_number_is_the_projects_own_error(
     """A writer with a stale read of the last seq clashes on UNIQUE(stream, seq): EventConflict."""
     with session_scope() as session:
         events.append(session, stream="job/a", type="t", actor="test")
-    with pytest.raises(EventConflict, match="job/a"), session_scope() as session:
+    read = events._append_state
+
+    def stale(*args: Any) -> Any:
         # Another writer appended between this writer's read and its insert: the read is stale.
-        monkeypatch.setattr(session, "scalar", lambda *_a, **_k: 0)
+        return dataclasses.replace(read(*args), last_seq=0)
+
+    monkeypatch.setattr(events, "_append_state", stale)
+    with pytest.raises(EventConflict, match="job/a"), session_scope() as session:
         events.append(session, stream="job/a", type="t", actor="late")
     with session_scope() as session:
         assert [e.actor for e in events.select_events(session, stream="job/a")] == ["test"]
@@ -64,3 +78,257 @@ def test_the_database_refuses_to_change_events(database_url: str, statement: str
         conn.execute(text(statement))
     with session_scope() as session:
         assert [e.type for e in events.select_events(session)] == ["t"]
+
+
+# --- the hash chain and the derived columns ---------------------------------------------------
+
+
+def test_every_event_links_to_the_one_before_it(database_url: str) -> None:
+    """One global chain in id order, across streams and transactions; each hash recomputes."""
+    with session_scope() as session:
+        events.append(session, stream="job/a", type="job.enqueued", actor="x", job_id="a")
+        events.append(session, stream="registry/5", type="registry.created", actor="x")
+    with session_scope() as session:
+        events.append(session, stream="job/a", type="step.started", actor="x", job_id="a")
+    with session_scope() as session:
+        rows = events.select_events(session)
+    assert rows[0].prev_hash == events.GENESIS_HASH
+    assert [r.prev_hash for r in rows[1:]] == [r.hash for r in rows[:-1]]
+    for row in rows:
+        assert row.hash == events.chain_hash(events.event_fields(row))
+    assert len({r.hash for r in rows}) == len(rows)
+
+
+def test_the_hash_covers_every_stored_field(database_url: str) -> None:
+    with session_scope() as session:
+        row = events.append(
+            session, stream="job/a", type="step.failed", actor="w", job_id="a", step="push",
+            registry_id=5, attempt=2, payload={"error_code": "x", "retry_in": 1.5},
+        )  # fmt: skip
+        fields = events.event_fields(row)
+    for name, other in [
+        ("stream", "job/b"), ("seq", 2), ("job_id", "b"), ("type", "step.succeeded"),
+        ("step", "tag"), ("registry_id", 4), ("attempt", 3), ("actor", "v"),
+        ("payload", {"error_code": "y", "retry_in": 1.5}), ("repository", "r"),
+        ("outcome", "succeeded"), ("prev_hash", "1" * 64),
+        ("time", "2020-01-01T00:00:00+00:00"),
+    ]:  # fmt: skip
+        assert events.chain_hash({**fields, name: other}) != fields["hash"], name
+    # The id is not hashed: order is held by prev_hash (docs/event-log.md).
+    assert events.chain_hash({**fields, "id": 999}) == fields["hash"]
+
+
+def test_payload_is_hashed_as_the_database_gives_it_back(database_url: str) -> None:
+    """Tuples, floats and nested values come back as JSON gives them: the hash still holds."""
+    with session_scope() as session:
+        events.append(
+            session, stream="job/a", type="t", actor="x",
+            payload={"fallback_chain": (4, 7), "retry_in": 0.1, "checks": [{"ok": True}]},
+        )  # fmt: skip
+    with session_scope() as session:
+        (row,) = events.select_events(session)
+        assert row.payload["fallback_chain"] == [4, 7]
+        assert row.hash == events.chain_hash(events.event_fields(row))
+
+
+def test_payload_that_is_not_plain_json_is_refused(database_url: str) -> None:
+    with pytest.raises(ValidationError, match="plain JSON"), session_scope() as session:
+        events.append(session, stream="job/a", type="t", actor="x", payload={"size": float("nan")})
+
+
+def test_repository_and_outcome_are_derived_and_queryable(database_url: str) -> None:
+    from worker.models import PushJob, Registry
+
+    with session_scope() as session:
+        session.add(
+            Registry(id=5, name="h", url="https://h", host="h", fallback_chain=[], insecure=False,
+                     auth_required=True)
+        )  # fmt: skip
+        session.flush()
+        session.add(
+            PushJob(id="j1", source_image="a:1", repository="team/app", tag="1",
+                    requested_registry_id=5, effective_registry_id=5, fallback_chain=[],
+                    requested_by="t")
+        )  # fmt: skip
+        session.flush()
+        events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1",
+                      registry_id=5, payload={"repository": "team/app"})  # fmt: skip
+        # No repository in the payload: the job's is used.
+        events.append(session, stream="job/j1", type="step.failed", actor="x", job_id="j1",
+                      registry_id=5, payload={"error_code": "e"})  # fmt: skip
+        events.append(session, stream="job/j1", type="job.succeeded", actor="x", job_id="j1",
+                      registry_id=5)  # fmt: skip
+        events.append(session, stream="registry/5", type="registry.tested", actor="x",
+                      registry_id=5, payload={"ok": False})  # fmt: skip
+        events.append(session, stream="job/j1", type="fallback.applied", actor="x", job_id="j1")
+    with session_scope() as session:
+        rows = events.select_events(session)
+        assert [(r.repository, r.outcome) for r in rows] == [
+            ("team/app", None),
+            ("team/app", "failed"),
+            ("team/app", "succeeded"),
+            (None, "failed"),
+            ("team/app", "fallback"),
+        ]
+        failures = events.select_events(session, registry_id=5, outcomes=["failed"])
+        assert [r.type for r in failures] == ["step.failed", "registry.tested"]
+        pushes = events.select_events(
+            session, repository="team/app", types=["job.succeeded", "job.failed"]
+        )
+        assert [r.type for r in pushes] == ["job.succeeded"]
+
+
+def test_time_range_and_newest_first(database_url: str) -> None:
+    with session_scope() as session:
+        for _ in range(3):
+            events.append(session, stream="job/a", type="t", actor="x")
+    with session_scope() as session:
+        rows = events.select_events(session)
+        middle = rows[1].time
+        assert [r.seq for r in events.select_events(session, since=middle)] == [2, 3]
+        assert [r.seq for r in events.select_events(session, until=middle)] == [1]
+        newest = events.select_events(session, newest_first=True, limit=2)
+        assert [r.seq for r in newest] == [3, 2]
+        assert [r.seq for r in events.select_events(session, after_id=rows[0].id)] == [2, 3]
+
+
+# --- what the database itself refuses ---------------------------------------------------------
+
+
+def _add_checkpoint(conn: Connection, last_event_id: int) -> None:
+    from worker.models import EventCheckpoint, utcnow
+
+    conn.execute(
+        insert(EventCheckpoint.__table__).values(
+            first_event_id=1, last_event_id=last_event_id, last_hash="0" * 64, count=1,
+            cutoff=utcnow(), time=utcnow(), actor="test",
+        )
+    )  # fmt: skip
+
+
+def test_delete_is_allowed_only_below_a_checkpoint(database_url: str) -> None:
+    """Retention's one exception: rows up to the latest checkpoint may go, no others."""
+    with session_scope() as session:
+        for _ in range(3):
+            events.append(session, stream="job/a", type="t", actor="x")
+    engine = engine_for(database_url)
+    with engine.begin() as conn:
+        _add_checkpoint(conn, 2)
+    with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+        conn.execute(text("DELETE FROM events"))
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM events WHERE id <= 2"))
+    with session_scope() as session:
+        assert [e.seq for e in events.select_events(session)] == [3]
+
+
+@pytest.mark.parametrize(
+    "statement", ["UPDATE event_checkpoints SET count = 0", "DELETE FROM event_checkpoints"]
+)
+def test_checkpoints_are_append_only(database_url: str, statement: str) -> None:
+    engine = engine_for(database_url)
+    with engine.begin() as conn:
+        _add_checkpoint(conn, 1)
+    with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+        conn.execute(text(statement))
+
+
+@pytest.mark.parametrize("table", ["events", "event_checkpoints"])
+def test_postgres_refuses_truncate(postgres_url: str, table: str) -> None:
+    """TRUNCATE skips row triggers; a statement trigger refuses it."""
+    with pytest.raises(DBAPIError, match="append-only"), engine_for(postgres_url).begin() as conn:
+        conn.execute(text(f"TRUNCATE {table}"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_at_0002(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """An empty database migrated up to 0002 only (before the chain)."""
+    from worker.migrate import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.db'}"
+        upgrade(url, "0002")
+        yield use_database(monkeypatch, url)
+        return
+    server = str(request.getfixturevalue("postgres_server"))
+    name = f"pushworker_old_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = server.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url, "0002")
+    yield use_database(monkeypatch, url)
+    engine_for(url).dispose()
+    engine_for.cache_clear()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def test_migration_chains_the_events_that_exist_already(database_at_0002: str) -> None:
+    """Events written before 0003 are chained by it, in id order, and then verify."""
+    from worker import audit
+    from worker.migrate import upgrade
+    from worker.models import PushJob, Registry, utcnow
+
+    url = database_at_0002
+    old_events = table(
+        "events", *(column(n) for n in ("stream", "seq", "job_id", "type", "registry_id")),
+        column("actor"), column("time", UTCDateTime()), column("payload", JSON()),
+    )  # fmt: skip
+    old = engine_for(url)
+    with old.begin() as conn:
+        now = utcnow()
+        conn.execute(insert(Registry.__table__).values(
+            id=5, name="h", url="https://h", host="h", kind="generic", auth_required=True,
+            insecure=False, fallback_chain=[], created_at=now, updated_at=now,
+        ))  # fmt: skip
+        conn.execute(insert(PushJob.__table__).values(
+            id="j1", source_image="a:1", repository="team/app", tag="1",
+            requested_registry_id=5, effective_registry_id=5, fallback_chain=[],
+            status="failed", attempt=1, requested_by="t", created_at=now, updated_at=now,
+        ))  # fmt: skip
+        for seq, type in enumerate(["job.enqueued", "step.failed", "job.failed"], 1):
+            conn.execute(insert(old_events).values(
+                stream="job/j1", seq=seq, job_id="j1", type=type, registry_id=5, actor="w",
+                time=now + timedelta(seconds=seq), payload={"retry_in": 0.5},
+            ))  # fmt: skip
+    old.dispose()
+    engine_for.cache_clear()
+    upgrade(url)
+    report = audit.verify(url)
+    assert report.ok and report.checked == 3, report.to_dict()
+    with session_scope() as session:
+        rows = events.select_events(session)
+        assert [(r.repository, r.outcome) for r in rows] == [
+            ("team/app", None), ("team/app", "failed"), ("team/app", "failed"),
+        ]  # fmt: skip
+        events.append(session, stream="job/j1", type="job.retried", actor="x", job_id="j1")
+    assert audit.verify(url).ok
+    with pytest.raises(DBAPIError, match="append-only"), engine_for(url).begin() as conn:
+        conn.execute(text("UPDATE events SET type = 'x'"))
+    with pytest.raises(DBAPIError, match="append-only"), engine_for(url).begin() as conn:
+        conn.execute(text("DELETE FROM events"))
+
+
+def test_migration_downgrades_and_upgrades_again(database_url: str) -> None:
+    """0003 is reversible; the triggers of 0001 are back after the downgrade."""
+    from alembic import command
+
+    from worker.migrate import alembic_config
+
+    with session_scope() as session:
+        events.append(session, stream="job/a", type="t", actor="x")
+    engine_for(database_url).dispose()
+    command.downgrade(alembic_config(database_url), "0002")
+    with pytest.raises(DBAPIError, match="append-only"), engine_for(database_url).begin() as c:
+        c.execute(text("DELETE FROM events"))
+    with pytest.raises(DBAPIError, match="append-only"), engine_for(database_url).begin() as c:
+        c.execute(text("UPDATE events SET type = 'x'"))
+    engine_for(database_url).dispose()
+    command.upgrade(alembic_config(database_url), "head")
+    from worker import audit
+
+    assert audit.verify(database_url).ok

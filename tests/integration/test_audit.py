@@ -1,0 +1,484 @@
+"""Verify, export and retention of the event log, on SQLite and PostgreSQL alike.
+
+Tampering is done the way an attacker with database access would: straight in the tables,
+with the append-only triggers bypassed on purpose (dropped on SQLite, replication mode on
+PostgreSQL), then ``verify`` must catch it and name the event.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Connection, delete, insert, select, text, update
+
+from worker import audit, events
+from worker.cli import cli
+from worker.config import get_settings
+from worker.db import engine_for, session_scope
+from worker.errors import StorageError, ValidationError
+from worker.models import Event, EventCheckpoint, utcnow
+
+EVENTS = Event.__table__
+
+
+def _append_many(count: int, *, streams: int = 3) -> list[int]:
+    ids = []
+    with session_scope() as session:
+        for n in range(count):
+            row = events.append(
+                session, stream=f"job/{n % streams}", type="step.started", actor="worker:a",
+                job_id=str(n % streams), registry_id=5, payload={"reason": f"n{n}"},
+            )  # fmt: skip
+            ids.append(row.id)
+    return ids
+
+
+@contextmanager
+def attacker(url: str) -> Iterator[Connection]:
+    """A connection that writes past the triggers, as someone with database access could."""
+    engine = engine_for(url)
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SET LOCAL session_replication_role = replica"))
+        else:
+            for trigger in ("events_no_update", "events_no_delete"):
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {trigger}"))
+        yield conn
+
+
+def _row(conn: Connection, event_id: int) -> dict[str, Any]:
+    return dict(conn.execute(select(EVENTS).where(EVENTS.c.id == event_id)).one()._mapping)
+
+
+def _problem(report: audit.VerifyReport) -> audit.Problem:
+    assert not report.ok, report.to_dict()
+    first = report.first_problem
+    assert first is not None
+    return first
+
+
+# --- verify -------------------------------------------------------------------------------------
+
+
+def test_an_untouched_log_verifies(database_url: str) -> None:
+    assert audit.verify().to_dict() == {
+        "ok": True, "checked": 0, "first_id": None, "head_id": None, "head_hash": None,
+        "checkpoint": None, "problem_count": 0, "problems": [],
+    }  # fmt: skip
+    ids = _append_many(20)
+    report = audit.verify()
+    assert report.ok and report.checked == 20
+    assert (report.first_id, report.head_id) == (ids[0], ids[-1])
+
+
+def test_an_altered_payload_is_named(database_url: str) -> None:
+    ids = _append_many(10)
+    with attacker(database_url) as conn:
+        conn.execute(
+            update(EVENTS).where(EVENTS.c.id == ids[4]).values(payload={"reason": "nothing"})
+        )
+    problem = _problem(audit.verify())
+    assert (problem.event_id, problem.kind) == (ids[4], "altered")
+    assert f"event {ids[4]} " in problem.message
+    assert audit.verify().problem_count == 1  # the next event still links: only one change
+
+
+@pytest.mark.parametrize("column", ["time", "actor", "type", "registry_id", "outcome"])
+def test_any_altered_column_is_named(database_url: str, column: str) -> None:
+    ids = _append_many(5)
+    values: dict[str, Any] = {
+        "time": utcnow(), "actor": "operator:mallory", "type": "step.succeeded",
+        "registry_id": 4, "outcome": "succeeded",
+    }  # fmt: skip
+    with attacker(database_url) as conn:
+        conn.execute(update(EVENTS).where(EVENTS.c.id == ids[2]).values({column: values[column]}))
+    problem = _problem(audit.verify())
+    assert (problem.event_id, problem.kind) == (ids[2], "altered")
+
+
+def test_a_deleted_event_is_named(database_url: str) -> None:
+    ids = _append_many(10)
+    with attacker(database_url) as conn:
+        conn.execute(delete(EVENTS).where(EVENTS.c.id == ids[6]))
+    problem = _problem(audit.verify())
+    assert (problem.event_id, problem.kind) == (ids[7], "removed")
+    assert f"after event {ids[5]}" in problem.message
+
+
+def test_a_deleted_first_event_is_named(database_url: str) -> None:
+    ids = _append_many(3)
+    with attacker(database_url) as conn:
+        conn.execute(delete(EVENTS).where(EVENTS.c.id == ids[0]))
+    problem = _problem(audit.verify())
+    assert (problem.event_id, problem.kind) == (ids[1], "removed")
+
+
+def test_a_whole_jobs_history_deleted_is_caught(database_url: str) -> None:
+    """What a per-job chain would miss: every event of one job gone."""
+    ids = _append_many(9, streams=3)
+    with attacker(database_url) as conn:
+        conn.execute(delete(EVENTS).where(EVENTS.c.job_id == "1"))
+    problem = _problem(audit.verify())
+    assert (problem.event_id, problem.kind) == (ids[2], "removed")
+
+
+def test_two_swapped_events_are_named(database_url: str) -> None:
+    """Rows swapped whole (hashes and all), so each still hashes right: the links tell."""
+    ids = _append_many(10)
+    a, b = ids[3], ids[4]
+    with attacker(database_url) as conn:
+        conn.execute(update(EVENTS).where(EVENTS.c.id == a).values(id=-1))
+        conn.execute(update(EVENTS).where(EVENTS.c.id == b).values(id=a))
+        conn.execute(update(EVENTS).where(EVENTS.c.id == -1).values(id=b))
+    report = audit.verify()
+    problem = _problem(report)
+    assert (problem.event_id, problem.kind) == (a, "reordered")
+    assert {p.kind for p in report.problems} == {"reordered"}
+
+
+def test_an_altered_and_rehashed_event_breaks_the_next_link(database_url: str) -> None:
+    ids = _append_many(6)
+    with attacker(database_url) as conn:
+        row = _row(conn, ids[2])
+        record = {**row, "time": row["time"], "payload": {"reason": "forged"}}
+        conn.execute(
+            update(EVENTS)
+            .where(EVENTS.c.id == ids[2])
+            .values(payload={"reason": "forged"}, hash=events.chain_hash(record))
+        )
+    problem = _problem(audit.verify())
+    assert (problem.event_id, problem.kind) == (ids[3], "removed")
+    assert f"event {ids[2]} was altered and re-hashed" in problem.message
+
+
+def test_an_inserted_event_is_named(database_url: str) -> None:
+    """A forged event slipped in between two others (with a fresh id) breaks the link after it."""
+    ids = _append_many(4)
+    with attacker(database_url) as conn:
+        conn.execute(delete(EVENTS).where(EVENTS.c.id.in_(ids[2:])))
+        kept = [_row(conn, ids[0]), _row(conn, ids[1])]
+    with attacker(database_url) as conn:
+        forged = {**kept[1], "id": ids[-1] + 10, "seq": 99, "actor": "operator:mallory"}
+        forged["prev_hash"] = kept[1]["hash"]
+        forged["hash"] = events.chain_hash(forged)
+        conn.execute(insert(EVENTS).values(forged))
+    assert audit.verify().ok  # appended at the end with a right link: only an anchor tells
+    anchored = audit.verify(anchors={ids[-1]: "f" * 64})
+    assert _problem(anchored).kind == "anchor"
+
+
+def test_a_cut_off_tail_is_caught_by_an_anchor(database_url: str) -> None:
+    ids = _append_many(5)
+    head = audit.verify()
+    assert head.head_id == ids[-1] and head.head_hash
+    with attacker(database_url) as conn:
+        conn.execute(delete(EVENTS).where(EVENTS.c.id >= ids[3]))
+    assert audit.verify().ok  # a truncated chain is still a chain
+    report = audit.verify(anchors={head.head_id: head.head_hash})
+    problem = _problem(report)
+    assert (problem.event_id, problem.kind) == (ids[-1], "anchor")
+    with session_scope() as session:
+        events.append(session, stream="job/0", type="t", actor="x")
+    assert audit.verify(anchors={ids[1]: _hash_of(ids[1])}).ok
+
+
+def _hash_of(event_id: int) -> str:
+    with session_scope() as session:
+        row = session.get(Event, event_id)
+        assert row is not None
+        return row.hash
+
+
+def test_a_log_broken_everywhere_is_reported_in_bounded_memory() -> None:
+    """Every link broken: every problem counted, the first MAX_PROBLEMS kept, in order."""
+    checker = audit.ChainChecker(events.GENESIS_HASH)
+    count = audit.MAX_PROBLEMS * 3
+    for n in range(1, count + 1):
+        record = {
+            "id": n, "stream": "s", "seq": n, "job_id": None, "time": "2026-01-01T00:00:00Z",
+            "type": "t", "step": None, "registry_id": None, "attempt": None, "actor": "a",
+            "payload": {}, "repository": None, "outcome": None, "prev_hash": f"{n:064x}",
+        }  # fmt: skip
+        record["hash"] = events.chain_hash(record)
+        checker.feed(record)
+    report = checker.finish()
+    assert report.problem_count == count
+    assert [p.event_id for p in report.problems] == list(range(1, audit.MAX_PROBLEMS + 1))
+    assert {p.kind for p in report.problems} == {"removed"}
+
+
+# --- concurrent writers -------------------------------------------------------------------------
+
+
+def _writer(url: str, name: str, start: Any, transactions: int, per_transaction: int) -> None:
+    os.environ["PUSHWORKER_DATABASE_URL"] = url
+    get_settings.cache_clear()
+    engine_for(url).connect().close()
+    start.wait(60)
+    for t in range(transactions):
+        with session_scope() as session:
+            for n in range(per_transaction):
+                events.append(
+                    session, stream=f"job/{name}-{t % 3}", type="step.progress", actor=name,
+                    payload={"bytes_pushed": n},
+                )  # fmt: skip
+        time.sleep(0.02)  # a worker does other things between two transactions
+
+
+def test_concurrent_writers_in_several_processes_keep_one_chain(database_url: str) -> None:
+    """Four processes append at once (several events per transaction, shared streams)."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(4)
+    processes = [
+        context.Process(target=_writer, args=(database_url, f"w{n}", start, 10, 2))
+        for n in range(4)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    report = audit.verify()
+    assert report.ok, report.to_dict()
+    assert report.checked == 4 * 10 * 2
+    with session_scope() as session:
+        actors = [row.actor for row in events.select_events(session)]
+    switches = sum(1 for a, b in itertools.pairwise(actors) if a != b)
+    assert switches > 4, "the writers did not overlap"
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def test_export_jsonl_round_trips_and_verifies(database_url: str) -> None:
+    _append_many(30)
+    out = io.StringIO()
+    assert audit.export(out, "jsonl") == 30
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert list(records[0]) == list(audit.EXPORT_FIELDS)
+    checker = audit.ChainChecker(events.GENESIS_HASH)
+    for record in records:
+        checker.feed(record)
+    assert checker.finish().ok
+    with session_scope() as session:
+        assert records == [events.event_fields(r) for r in events.select_events(session)]
+
+
+def test_export_filters_like_queries(database_url: str) -> None:
+    _append_many(9, streams=3)
+    with session_scope() as session:
+        events.append(session, stream="registry/4", type="registry.tested", actor="operator:a",
+                      registry_id=4, payload={"ok": False})  # fmt: skip
+    out = io.StringIO()
+    query = events.EventQuery(job_id="1")
+    assert audit.export(out, "jsonl", query) == 3
+    assert {json.loads(line)["job_id"] for line in out.getvalue().splitlines()} == {"1"}
+    out = io.StringIO()
+    query = events.EventQuery(registry_id=4, outcomes=["failed"], actor="operator:a")
+    assert audit.export(out, "csv", query) == 1
+    (row,) = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert row["type"] == "registry.tested" and json.loads(row["payload"]) == {"ok": False}
+    assert row["job_id"] == "" and row["outcome"] == "failed"
+
+
+def test_export_refuses_an_unknown_format(database_url: str) -> None:
+    with pytest.raises(ValidationError, match="xml"):
+        audit.export(io.StringIO(), "xml")
+
+
+def test_export_streams_in_one_snapshot_without_blocking_writers(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer commits while an export is half-way: the export does not see it, and does not
+    make it wait (on SQLite the writers' lock is not taken by readers)."""
+    monkeypatch.setattr(audit, "PAGE_SIZE", 50)
+    _append_many(50 * 2 + 5)
+    with audit.reading() as conn:
+        records = audit.iter_records(conn, events.EventQuery())
+        first = next(records)
+        with session_scope() as session:  # would wait 30 s, then fail, if the reader held it
+            events.append(session, stream="job/x", type="t", actor="x")
+        rest = list(records)
+    assert first["seq"] == 1 and len(rest) == 50 * 2 + 4
+
+
+# --- retention ----------------------------------------------------------------------------------
+
+
+def _age_all(url: str, days: int) -> None:
+    """Make every event older (time travel for the test; past the triggers)."""
+    with attacker(url) as conn:
+        rows = conn.execute(select(EVENTS)).all()
+    # Re-write the log as it would have been written `days` ago, hashes and all.
+    with attacker(url) as conn:
+        conn.execute(delete(EVENTS))
+        prev = events.GENESIS_HASH
+        for row in rows:
+            record = dict(row._mapping)
+            record["time"] = record["time"].replace(year=record["time"].year - 1)
+            record["prev_hash"] = prev
+            record["hash"] = prev = events.chain_hash(record)
+            conn.execute(insert(EVENTS).values(record))
+
+
+def test_prune_archives_checkpoints_and_verify_still_passes(
+    database_url: str, tmp_path: Path
+) -> None:
+    old = _append_many(10)
+    _age_all(database_url, 365)
+    recent = _append_many(3)
+    archive = tmp_path / "events.jsonl"
+    report = audit.prune(older_than_days=30, archive=archive, actor="operator:alice")
+    assert (report.count, report.first_event_id, report.last_event_id) == (10, old[0], old[-1])
+    lines = [json.loads(line) for line in archive.read_text().splitlines()]
+    assert [line["id"] for line in lines] == old
+    with session_scope() as session:
+        remaining = events.select_events(session)
+        assert [r.id for r in remaining[:3]] == recent
+        pruned = remaining[-1]
+        assert (pruned.type, pruned.actor, pruned.stream) == (
+            "events.pruned", "operator:alice", events.AUDIT_STREAM
+        )  # fmt: skip
+        assert pruned.payload["last_event_id"] == old[-1]
+        assert pruned.payload["count"] == 10
+        assert pruned.payload["archived_to"] == str(archive.resolve())
+        (checkpoint,) = session.scalars(select(EventCheckpoint))
+        assert (checkpoint.last_event_id, checkpoint.last_hash) == (old[-1], lines[-1]["hash"])
+        assert checkpoint.archive_sha256 == report.archive_sha256
+    after = audit.verify()
+    assert after.ok, after.to_dict()
+    assert after.checkpoint is not None and after.checkpoint["last_event_id"] == old[-1]
+    assert audit.verify_archive(archive).ok
+    # Writing goes on, and a second prune chains onto the first checkpoint.
+    _append_many(2)
+    second = audit.prune(older_than_days=0, archive=None, actor="operator:alice")
+    assert second.first_event_id == recent[0]
+    assert audit.verify().ok
+    assert audit.verify_archive(archive).ok
+
+
+def test_prune_with_nothing_old_enough_does_nothing(database_url: str) -> None:
+    _append_many(3)
+    report = audit.prune(older_than_days=1, archive=None, actor="operator:a")
+    assert report.count == 0
+    with session_scope() as session:
+        assert len(events.select_events(session)) == 3
+
+
+def test_prune_refuses_to_destroy_evidence(database_url: str, tmp_path: Path) -> None:
+    """A changed event in the part to prune: refused, nothing written, nothing deleted."""
+    ids = _append_many(5)
+    with attacker(database_url) as conn:
+        conn.execute(update(EVENTS).where(EVENTS.c.id == ids[1]).values(actor="x"))
+    archive = tmp_path / "a.jsonl"
+    with pytest.raises(StorageError, match=f"event {ids[1]}"):
+        audit.prune(older_than_days=0, archive=archive, actor="operator:a")
+    assert not archive.exists() and not list(tmp_path.glob("*.partial"))
+    with session_scope() as session:
+        assert len(events.select_events(session)) == 5
+
+
+def test_prune_never_overwrites_an_archive(database_url: str, tmp_path: Path) -> None:
+    _append_many(2)
+    archive = tmp_path / "a.jsonl"
+    archive.write_text("keep me\n")
+    with pytest.raises(ValidationError, match="exists already"):
+        audit.prune(older_than_days=0, archive=archive, actor="operator:a")
+    assert archive.read_text() == "keep me\n"
+
+
+def test_a_forged_checkpoint_does_not_verify(database_url: str) -> None:
+    """Someone inserts a checkpoint to be allowed to delete: no events.pruned confirms it."""
+    ids = _append_many(5)
+    with session_scope() as session:
+        row = session.get(Event, ids[2])
+        assert row is not None
+        session.add(EventCheckpoint(
+            first_event_id=ids[0], last_event_id=ids[2], last_hash=row.hash, count=3,
+            cutoff=utcnow(), time=utcnow(), actor="operator:mallory",
+        ))  # fmt: skip
+    with engine_for(database_url).begin() as conn:
+        conn.execute(delete(EVENTS).where(EVENTS.c.id <= ids[2]))  # the trigger lets it through
+    problem = _problem(audit.verify())
+    assert problem.kind == "checkpoint" and "not confirmed" in problem.message
+
+
+def test_an_event_restored_below_a_checkpoint_is_named(database_url: str) -> None:
+    """Someone puts a pruned event back (from the archive, say): it should not be there."""
+    ids = _append_many(4)
+    audit.prune(older_than_days=0, archive=None, actor="operator:a")
+    with session_scope() as session:
+        assert session.get(Event, ids[1]) is None
+    with attacker(database_url) as conn:
+        conn.execute(
+            insert(EVENTS).values(
+                id=ids[1], stream="job/x", seq=1, time=utcnow(), type="t", actor="x",
+                payload={}, prev_hash="0" * 64, hash="0" * 64,
+            )
+        )  # fmt: skip
+    problem = _problem(audit.verify())
+    assert (problem.event_id, problem.kind) == (ids[1], "unexpected")
+
+
+def test_an_altered_archive_does_not_verify(database_url: str, tmp_path: Path) -> None:
+    _append_many(4)
+    archive = tmp_path / "a.jsonl"
+    audit.prune(older_than_days=0, archive=archive, actor="operator:a")
+    lines = archive.read_text().splitlines()
+    record = json.loads(lines[1])
+    record["actor"] = "operator:mallory"
+    lines[1] = json.dumps(record)
+    archive.write_text("\n".join(lines) + "\n")
+    problem = _problem(audit.verify_archive(archive))
+    assert (problem.event_id, problem.kind) == (record["id"], "altered")
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def _run(*args: str, code: int = 0) -> Any:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def test_cli_verify_export_prune(database_url: str, tmp_path: Path) -> None:
+    ids = _append_many(6)
+    assert _run("events", "--job", "1", "--json").stdout.count('"job_id": "1"') == 2
+    ok = _run("events", "verify")
+    assert ok.stdout.startswith("ok: event log: 6 events") and f"head: {ids[-1]}:" in ok.stdout
+    head = ok.stdout.split("head: ")[1].strip()
+    assert _run("events", "verify", "--anchor", head).stdout.startswith("ok:")
+
+    exported = tmp_path / "e.csv"
+    _run("events", "export", "--format", "csv", "--job", "2", "--output", str(exported))
+    assert len(list(csv.DictReader(exported.open()))) == 2
+    jsonl = _run("events", "export", "--type", "step.started").stdout
+    assert len(jsonl.splitlines()) == 6
+
+    archive = tmp_path / "a.jsonl"
+    _run("events", "prune", "--older-than", "1", code=2)  # neither --archive nor --discard
+    pruned = _run("events", "prune", "--older-than", "0", "--archive", str(archive), "--json")
+    assert json.loads(pruned.stdout)["count"] == 6
+    assert _run("events", "verify").stdout.startswith("ok:")
+    assert _run("events", "verify", "--archive", str(archive)).stdout.startswith("ok:")
+    _append_many(2)
+    with attacker(database_url) as conn:
+        last = conn.execute(select(EVENTS.c.id).order_by(EVENTS.c.id.desc())).scalar()
+        conn.execute(update(EVENTS).where(EVENTS.c.id == last).values(step="push"))
+    failed = _run("events", "verify", code=StorageError.exit_code)
+    assert f"first: event {last} (step.started) was altered" in failed.stdout
+    report = json.loads(_run("events", "verify", "--json", code=StorageError.exit_code).stdout)
+    assert report["problems"][0]["event_id"] == last
