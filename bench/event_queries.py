@@ -490,7 +490,14 @@ def prepare(args: argparse.Namespace, end: datetime) -> tuple[str, Callable[[], 
         url = f"sqlite:///{path}"
         upgrade(url)
         args.fill_seconds = fill_sqlite(path, args.events, end)
-        return url, lambda: None if args.keep else path.unlink(missing_ok=True)
+
+        def remove() -> None:
+            if not args.keep:
+                engine_for(url).dispose()
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+        return url, remove
     server = args.postgres_url or os.environ.get("PUSHWORKER_STACK_POSTGRES_URL")
     if not server:
         raise SystemExit('no PostgreSQL: give --postgres-url or eval "$(scripts/stack env)"')
