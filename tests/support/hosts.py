@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.support.stack import ROOT
+from tests.support.worker import stop_process
 
 
 class CeleryProcess:
@@ -50,14 +51,7 @@ class CeleryProcess:
         return self.process is None or self.process.poll() is not None
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -15,6 +15,18 @@ from celery import Celery
 from tests.support.stack import ROOT
 
 
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """Terminate a child process, and kill it if it does not exit within 30 s."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 class WorkerProcess:
     """``celery -A tasks.app worker`` as a child process, with its own environment and log."""
 
@@ -53,14 +65,7 @@ class WorkerProcess:
         pytest.fail(f"the worker did not answer within {timeout} s:\n{self.log_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
