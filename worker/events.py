@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, select, text
+from sqlalchemy import ColumnElement, Select, bindparam, func, select, text
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
@@ -174,23 +174,30 @@ class _AppendState:
     job_repository: str | None
 
 
-def _append_state(session: Session, stream: str, job_id: str | None) -> _AppendState:
+def _state_query() -> Select[Any]:
     """What an append reads, in one round trip: the stream's last seq, the chain's head, and
     the repository of the job (for the indexed ``repository`` column)."""
     events, jobs = Event.__table__, PushJob.__table__
     newest = select(events.c.id, events.c.hash).order_by(events.c.id.desc()).limit(1).subquery()
-    row = (
-        session.connection()
-        .execute(
-            select(
-                select(func.max(events.c.seq)).where(events.c.stream == stream).scalar_subquery(),
-                select(newest.c.id).scalar_subquery(),
-                select(newest.c.hash).scalar_subquery(),
-                select(jobs.c.repository).where(jobs.c.id == job_id).scalar_subquery(),
-            )
-        )
-        .one()
+    return select(
+        select(func.max(events.c.seq))
+        .where(events.c.stream == bindparam("stream"))
+        .scalar_subquery(),
+        select(newest.c.id).scalar_subquery(),
+        select(newest.c.hash).scalar_subquery(),
+        select(jobs.c.repository).where(jobs.c.id == bindparam("job_id")).scalar_subquery(),
     )
+
+
+# Built once: SQLAlchemy memoises a statement's cache key on the statement object, so a
+# statement built per call pays for its key (a walk of the whole tree) every time. Appends are
+# the hottest path there is (about ten per job).
+_STATE_QUERY = _state_query()
+_INSERT_EVENT = Event.__table__.insert()
+
+
+def _append_state(session: Session, stream: str, job_id: str | None) -> _AppendState:
+    row = session.connection().execute(_STATE_QUERY, {"stream": stream, "job_id": job_id}).one()
     last_seq, head_id, head_hash, job_repository = row
     if head_id is None:
         head_id, head_hash = _checkpoint_head(session)
@@ -231,29 +238,31 @@ def append(
     session.flush()
     lock_chain(session)
     state = _append_state(session, stream, job_id)
-    seq = state.last_seq + 1
     named = payload.get("repository")
-    repository = named[:255] if isinstance(named, str) and named else state.job_repository
-    row = Event(
-        stream=stream, seq=seq, job_id=job_id, time=utcnow(), type=type, step=step,
-        registry_id=registry_id, attempt=attempt, actor=actor, payload=payload,
-        repository=repository, outcome=derive_outcome(type, payload), prev_hash=state.head_hash,
-    )  # fmt: skip
-    row.hash = chain_hash(_hashed_values(row))
-    if session.get_bind().dialect.name == "sqlite":
+    values: dict[str, Any] = {
+        "stream": stream, "seq": state.last_seq + 1, "job_id": job_id, "time": utcnow(),
+        "type": type, "step": step, "registry_id": registry_id, "attempt": attempt,
+        "actor": actor, "payload": payload,
+        "repository": named[:255] if isinstance(named, str) and named else state.job_repository,
+        "outcome": derive_outcome(type, payload), "prev_hash": state.head_hash,
+    }  # fmt: skip
+    values["hash"] = chain_hash(values)
+    connection = session.connection()
+    if connection.dialect.name == "sqlite":
         # SQLite would reuse the id of a deleted newest row (retention): ids only go up.
-        row.id = (state.head_id or 0) + 1
-    session.add(row)
+        values["id"] = (state.head_id or 0) + 1
     try:
-        session.flush()
+        # A Core insert, not a unit-of-work flush: an event is written once and never changed,
+        # so the ORM's change tracking would be pure cost on the hottest path.
+        inserted = connection.execute(_INSERT_EVENT, values)
     except IntegrityError:
-        raise EventConflict(f"another writer appended event {seq} of {stream} first") from None
+        raise EventConflict(
+            f"another writer appended event {values['seq']} of {stream} first"
+        ) from None
+    values["id"] = inserted.inserted_primary_key[0]
+    row = Event(**values)  # transient: a record of what was written, for logs and callers
     session.info.setdefault("pending_event_logs", []).append(row)
     return row
-
-
-def _hashed_values(row: Event) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in HASHED_FIELDS}
 
 
 # --- reading --------------------------------------------------------------------------------------
