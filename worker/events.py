@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, bindparam, func, select, text
+from sqlalchemy import ColumnElement, Select, bindparam, func, insert, select, text
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
@@ -193,7 +193,7 @@ def _state_query() -> Select[Any]:
 # statement built per call pays for its key (a walk of the whole tree) every time. Appends are
 # the hottest path there is (about ten per job).
 _STATE_QUERY = _state_query()
-_INSERT_EVENT = Event.__table__.insert()
+_INSERT_EVENT = insert(Event)
 
 
 def _append_state(session: Session, stream: str, job_id: str | None) -> _AppendState:
@@ -259,7 +259,9 @@ def append(
         raise EventConflict(
             f"another writer appended event {values['seq']} of {stream} first"
         ) from None
-    values["id"] = inserted.inserted_primary_key[0]
+    key = inserted.inserted_primary_key
+    assert key is not None, "an insert of one row has a primary key"
+    values["id"] = key[0]
     row = Event(**values)  # transient: a record of what was written, for logs and callers
     session.info.setdefault("pending_event_logs", []).append(row)
     return row

@@ -24,10 +24,9 @@ from datetime import datetime, timedelta
 from typing import Literal, Protocol, TypeVar
 
 from sqlalchemy import update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from worker import events
+from worker import events, step_runs
 from worker.config import Settings, get_settings
 from worker.db import session_scope
 from worker.docker_engine import DockerEngine
@@ -123,11 +122,11 @@ class StepRunner:
 
     def _claim(self, step: str, job_id: str, registry_id: int, actor: str) -> _Claimed | Outcome:
         with session_scope() as session:
-            job = session.get(PushJob, job_id)
+            view = step_runs.load_for_claim(session, job_id, step, registry_id)
+            job, run = view.job, view.run
             if job is None:
                 raise JobNotFound(f"job {job_id} does not exist")
-            run = session.get(StepRun, (job_id, step, registry_id))
-            note = _Recorder(session, job, step, registry_id, actor)
+            note = _Recorder(session, job_id, step, registry_id, actor)
             if run is not None and run.status == StepStatus.SUCCEEDED:
                 note(
                     "step.skipped",
@@ -151,13 +150,7 @@ class StepRunner:
                     f"step {step} was started {tries - 1} times and its worker died each time",
                     hint="see the worker's logs for what kills it; then retry the job",
                 )
-                claim = session.get(StepRun, (job_id, step, registry_id))
-                assert claim is not None
-                claim.status, claim.owner, claim.lease_expires_at = (
-                    StepStatus.FAILED.value,
-                    None,
-                    None,
-                )
+                step_runs.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
                 self._fail_job(note, job, error, tries)
                 return Outcome("stop", reason="worker lost")
             if job.status != JobStatus.RUNNING:
@@ -165,7 +158,7 @@ class StepRunner:
                 job.started_at = job.started_at or utcnow()
             job.current_step = step
             note("step.started", tries)
-            registry = session.get(Registry, registry_id)
+            registry = view.registry
             assert registry is not None, "a job's registry row is never deleted"
             return _Claimed(job=job, registry=registry, tries=tries)
 
@@ -182,14 +175,7 @@ class StepRunner:
         now = utcnow()
         lease = now + timedelta(seconds=_lease_seconds(step, self.settings))
         if run is None:
-            try:
-                with session.begin_nested():
-                    session.add(StepRun(
-                        job_id=job_id, step=step, registry_id=registry_id,
-                        status=StepStatus.RUNNING.value, attempts=1, owner=actor,
-                        lease_expires_at=lease, result={},
-                    ))  # fmt: skip
-            except IntegrityError:
+            if not step_runs.insert_first_claim(session, job_id, step, registry_id, actor, lease):
                 return "another delivery claimed this step at the same moment"
             return 1
         if run.status == StepStatus.RUNNING and not claim_is_dead(run, now):
@@ -207,8 +193,7 @@ class StepRunner:
         )  # fmt: skip
         if taken.rowcount != 1:  # type: ignore[attr-defined]
             return "another delivery claimed this step at the same moment"
-        session.refresh(run)
-        return run.attempts
+        return run.attempts + 1  # the update matched the attempts we read
 
     # --- phase 3 --------------------------------------------------------------------------------
 
@@ -216,14 +201,17 @@ class StepRunner:
         self, step: str, job_id: str, registry_id: int, result: StepResult, actor: str
     ) -> Outcome:
         with session_scope() as session:
-            job, run = _load(session, job_id, step, registry_id)
-            run.status, run.owner, run.lease_expires_at = StepStatus.SUCCEEDED.value, None, None
-            run.result = result.payload
-            note = _Recorder(session, job, step, registry_id, actor)
+            tries = step_runs.finish_claim(
+                session, job_id, step, registry_id, StepStatus.SUCCEEDED, result.payload
+            )
+            job = step_runs.load_job(session, job_id)
+            if job is None or tries is None:
+                raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
+            note = _Recorder(session, job_id, step, registry_id, actor)
             if result.noop:
-                note("step.skipped", run.attempts, reason=result.noop, **result.payload)
+                note("step.skipped", tries, reason=result.noop, **result.payload)
             else:
-                note("step.succeeded", run.attempts, **result.payload)
+                note("step.succeeded", tries, **result.payload)
             if job.status == JobStatus.CANCELLED:
                 return Outcome("stop", reason="job cancelled while the step ran")
             if step != STEPS[-1]:
@@ -241,29 +229,31 @@ class StepRunner:
     ) -> Outcome:
         dispatch_to: int | None = None
         with session_scope() as session:
-            job, run = _load(session, job_id, step, registry_id)
-            run.status, run.owner, run.lease_expires_at = StepStatus.FAILED.value, None, None
-            note = _Recorder(session, job, step, registry_id, actor)
+            tries = step_runs.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
+            job = step_runs.load_job(session, job_id)
+            if job is None or tries is None:
+                raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
+            note = _Recorder(session, job_id, step, registry_id, actor)
             fallback = next_registry(job, step, error)
             if fallback is not None:
-                note("step.failed", run.attempts, will_retry=False, **error.to_payload())
-                note("fallback.applied", run.attempts, from_registry_id=registry_id,
+                note("step.failed", tries, will_retry=False, **error.to_payload())
+                note("fallback.applied", tries, from_registry_id=registry_id,
                      to_registry_id=fallback, reason=error.message)  # fmt: skip
                 job.effective_registry_id = fallback
                 job.current_step = None
                 dispatch_to = fallback
                 outcome = Outcome("stop", reason="fallback")
-            elif should_retry(error, run.attempts, self.settings.max_attempts):
-                delay = self._delay(run.attempts)
-                note("step.failed", run.attempts, will_retry=True, retry_in=round(delay, 2),
+            elif should_retry(error, tries, self.settings.max_attempts):
+                delay = self._delay(tries)
+                note("step.failed", tries, will_retry=True, retry_in=round(delay, 2),
                      **error.to_payload())  # fmt: skip
                 outcome = Outcome("retry", delay, error.code)
             else:
-                note("step.failed", run.attempts, will_retry=False, **error.to_payload())
+                note("step.failed", tries, will_retry=False, **error.to_payload())
                 if isinstance(error, AuthenticationError):
                     refusals = [*_refusals(session, job), (registry_id, error.message)]
                     error = final_auth_error(job, registry_id, error, refusals)
-                self._fail_job(note, job, error, run.attempts)
+                self._fail_job(note, job, error, tries)
                 outcome = Outcome("stop", reason=error.code)
         if dispatch_to is not None:
             self.dispatcher.start_chain(job_id, dispatch_to)
@@ -282,25 +272,17 @@ class StepRunner:
 class _Recorder:
     """Appends events of one job with the step and registry filled in."""
 
-    def __init__(self, session: Session, job: PushJob, step: str, registry_id: int, actor: str):
-        self.session, self.job, self.step = session, job, step
+    def __init__(self, session: Session, job_id: str, step: str, registry_id: int, actor: str):
+        self.session, self.job_id, self.step = session, job_id, step
         self.registry_id, self.actor = registry_id, actor
 
     def __call__(self, type: str, attempt: int | None, **payload: object) -> None:
         job_level = type.startswith("job.")
         events.append(
-            self.session, stream=events.job_stream(self.job.id), type=type, actor=self.actor,
-            job_id=self.job.id, step=None if job_level else self.step,
+            self.session, stream=events.job_stream(self.job_id), type=type, actor=self.actor,
+            job_id=self.job_id, step=None if job_level else self.step,
             registry_id=self.registry_id, attempt=attempt, payload=dict(payload),
         )  # fmt: skip
-
-
-def _load(session: Session, job_id: str, step: str, registry_id: int) -> tuple[PushJob, StepRun]:
-    job = session.get(PushJob, job_id)
-    run = session.get(StepRun, (job_id, step, registry_id))
-    if job is None or run is None:
-        raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
-    return job, run
 
 
 def _refusals(session: Session, job: PushJob) -> list[tuple[int, str]]:

@@ -1,4 +1,5 @@
-"""The step pipeline's logic (claims, memo, retry, fallback): fake seams, a real SQLite log."""
+"""The step pipeline's logic (claims, memo, retry, fallback): fake seams, a real event log on
+both supported databases (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from worker.events import select_events
 from worker.jobs import PushRequest, create_job
 from worker.models import PushJob, StepRun, utcnow
 from worker.registries import RegistrySpec, create_registry
+from worker.step_runs import insert_first_claim
 from worker.steps import STEPS
 
 HARBOR = "reg.example.com:10443"
@@ -29,7 +31,7 @@ def auth_refused(host: str) -> AuthenticationError:
 
 
 @pytest.fixture
-def registries(sqlite_url: str) -> None:
+def registries(database_url: str) -> None:
     with session_scope() as session:
         for rid, host in ((4, GITLAB), (5, HARBOR), (6, "alt.example.com")):
             spec = RegistrySpec(name=f"r{rid}", url=f"https://{host}", username="u", secret="pw")
@@ -214,6 +216,24 @@ def test_redelivery_of_a_step_that_keeps_killing_its_worker_is_bounded(
     assert runner.run("resolve_credentials", job_id, 5).action == "stop"
     job, _ = job_and_types(job_id)
     assert (job.status, job.error_code) == ("failed", "worker_lost")
+    with session_scope() as session:
+        claim = session.get(StepRun, (job_id, "resolve_credentials", 5))
+        assert claim is not None
+        assert (claim.status, claim.owner, claim.attempts) == ("failed", None, 4)
+
+
+def test_of_two_first_claims_at_once_only_one_is_taken(registries: None) -> None:
+    """The loser of a race for a step nobody held yet learns it lost, and changes nothing."""
+    job_id = _queued_job()
+    lease = utcnow() + timedelta(minutes=5)
+    with session_scope() as session:
+        assert insert_first_claim(session, job_id, "tag", 5, "worker:a:1", lease)
+    with session_scope() as session:
+        assert not insert_first_claim(session, job_id, "tag", 5, "worker:b:2", lease)
+    with session_scope() as session:
+        claim = session.get(StepRun, (job_id, "tag", 5))
+        assert claim is not None
+        assert (claim.owner, claim.attempts, claim.status) == ("worker:a:1", 1, "running")
 
 
 OUTCOMES = st.sampled_from(["accept", "refuse_login", "refuse_push"])

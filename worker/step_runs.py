@@ -1,0 +1,124 @@
+"""The SQL of step claims (``step_runs``), for ``worker.pipeline``.
+
+Every step of every job runs these, twice per step, so the statements are built once, here:
+SQLAlchemy memoises a statement's cache key on the statement object, and a statement built per
+call pays for that key (a walk of its whole tree) on every execution. Where the ORM's identity
+map and change tracking buy nothing (a row written once per phase), they are Core statements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, and_, bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from worker.models import PushJob, Registry, StepRun, StepStatus, utcnow
+
+_RUNS = cast(Table, StepRun.__table__)
+
+#: The job, its claim on the step (if any) and the registry, in one round trip.
+_FOR_CLAIM = (
+    select(PushJob, StepRun, Registry)
+    .select_from(PushJob)
+    .outerjoin(
+        StepRun,
+        and_(
+            StepRun.job_id == PushJob.id,
+            StepRun.step == bindparam("step"),
+            StepRun.registry_id == bindparam("registry_id"),
+        ),
+    )
+    .outerjoin(Registry, Registry.id == bindparam("registry_id"))
+    .where(PushJob.id == bindparam("job_id"))
+)
+
+_JOB = select(PushJob).where(PushJob.id == bindparam("job_id"))
+
+#: A first claim that loses a race inserts nothing (no exception, no savepoint to roll back),
+#: and returns no row: what the drivers report as ``rowcount`` here differs, RETURNING does not.
+_INSERT_CLAIM = {
+    "sqlite": sqlite.insert(_RUNS).on_conflict_do_nothing().returning(_RUNS.c.attempts),
+    "postgresql": postgresql.insert(_RUNS).on_conflict_do_nothing().returning(_RUNS.c.attempts),
+}
+
+
+def _finish(*, with_result: bool) -> Any:
+    values: dict[str, Any] = {
+        "status": bindparam("status"), "owner": None, "lease_expires_at": None,
+        "updated_at": bindparam("now"),
+    }  # fmt: skip
+    if with_result:
+        values["result"] = bindparam("result")
+    return (
+        update(_RUNS)
+        .where(
+            _RUNS.c.job_id == bindparam("k_job_id"),
+            _RUNS.c.step == bindparam("k_step"),
+            _RUNS.c.registry_id == bindparam("k_registry_id"),
+        )
+        .values(**values)
+        .returning(_RUNS.c.attempts)
+    )
+
+
+#: Ends a claim (with the step's result, or keeping the last one), returning its try number.
+_FINISH_WITH_RESULT = _finish(with_result=True)
+_FINISH_KEEPING_RESULT = _finish(with_result=False)
+
+
+@dataclass(frozen=True)
+class ClaimView:
+    job: PushJob | None
+    run: StepRun | None
+    registry: Registry | None
+
+
+def load_for_claim(session: Session, job_id: str, step: str, registry_id: int) -> ClaimView:
+    params = {"job_id": job_id, "step": step, "registry_id": registry_id}
+    row = session.execute(_FOR_CLAIM, params).first()
+    if row is None:
+        return ClaimView(None, None, None)
+    return ClaimView(job=row[0], run=row[1], registry=row[2])
+
+
+def load_job(session: Session, job_id: str) -> PushJob | None:
+    return session.execute(_JOB, {"job_id": job_id}).scalar_one_or_none()
+
+
+def insert_first_claim(
+    session: Session, job_id: str, step: str, registry_id: int, owner: str, lease: datetime
+) -> bool:
+    """Claim a step nobody has claimed yet; False when another delivery got there first."""
+    connection = session.connection()
+    statement = _INSERT_CLAIM[connection.dialect.name]
+    values: dict[str, Any] = {
+        "job_id": job_id, "step": step, "registry_id": registry_id,
+        "status": StepStatus.RUNNING.value, "attempts": 1, "owner": owner,
+        "lease_expires_at": lease, "result": {}, "updated_at": utcnow(),
+    }  # fmt: skip
+    return connection.execute(statement, values).first() is not None
+
+
+def finish_claim(
+    session: Session,
+    job_id: str,
+    step: str,
+    registry_id: int,
+    status: StepStatus,
+    result: dict[str, Any] | None = None,
+) -> int | None:
+    """Mark the claim finished (storing ``result`` when given); its try number, or None when
+    the claim row is gone."""
+    params: dict[str, Any] = {
+        "k_job_id": job_id, "k_step": step, "k_registry_id": registry_id,
+        "status": status.value, "now": utcnow(),
+    }  # fmt: skip
+    statement = _FINISH_KEEPING_RESULT
+    if result is not None:
+        params["result"], statement = result, _FINISH_WITH_RESULT
+    attempts = session.connection().execute(statement, params).scalar_one_or_none()
+    return None if attempts is None else int(attempts)
