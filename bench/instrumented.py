@@ -75,7 +75,7 @@ def _patch() -> None:
     engine_cls = docker_engine.DockerEngine
     for name, kind in [
         ("push", "docker.push"), ("login", "docker.login"), ("tag", "docker.tag"),
-        ("image_id", "docker.inspect"), ("repo_digests", "docker.inspect"),
+        ("image", "docker.inspect"),
         ("__init__", "docker.connect"),
     ]:  # fmt: skip
         setattr(engine_cls, name, _timed(kind, getattr(engine_cls, name)))

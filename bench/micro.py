@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for round_no in range(args.rounds):
             with phase(f"round {round_no + 1}/{args.rounds}"):
                 # A
-                add("inspect", timed(lambda: engine.image_id(source), 40))
+                add("inspect", timed(lambda: engine.image(source), 40))
                 add("tag", timed(lambda: engine.tag(source, target), 20))
                 add("login", timed(lambda: engine.login(registry.host, credential), 5))
 
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 ROWS = [
-    ("inspect", "A. daemon: image inspect (`DockerEngine.image_id`)"),
+    ("inspect", "A. daemon: image inspect (`DockerEngine.image`)"),
     ("tag", "A. daemon: tag (`DockerEngine.tag`)"),
     (
         "login",

@@ -35,6 +35,17 @@ ProgressCallback = Callable[[int, int, int, int], None]
 
 
 @dataclass(frozen=True)
+class LocalImage:
+    """One image on the engine, as one inspect reports it."""
+
+    id: str
+    #: Every ``name:tag`` that names this image here.
+    tags: frozenset[str]
+    #: ``name@digest`` for every registry this image was pushed to or pulled from.
+    digests: frozenset[str]
+
+
+@dataclass(frozen=True)
 class PushResult:
     digest: str
     size: int | None
@@ -63,17 +74,21 @@ class DockerEngine:
         with _translated("ping"):
             self._api.ping()
 
-    def image_id(self, reference: str) -> str | None:
-        """The image id ``reference`` names on this engine, or None."""
+    def image(self, reference: str) -> LocalImage | None:
+        """The image ``reference`` names on this engine (its id, tags and digests), or None.
+
+        One inspect answers all three, so a step asks once instead of once per question.
+        """
         try:
             with _translated("inspect"):
-                return str(self._api.inspect_image(reference)["Id"])
+                found = self._api.inspect_image(reference)
         except SourceImageNotFound:
             return None
-
-    def repo_digests(self, reference: str) -> list[str]:
-        with _translated("inspect"):
-            return list(self._api.inspect_image(reference).get("RepoDigests") or [])
+        return LocalImage(
+            id=str(found["Id"]),
+            tags=frozenset(found.get("RepoTags") or ()),
+            digests=frozenset(found.get("RepoDigests") or ()),
+        )
 
     def tag(self, source: str, target: TargetReference) -> None:
         with _translated("tag"):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.credentials import Credential, resolve_credential
-from worker.docker_engine import DockerEngine, ProgressCallback
+from worker.docker_engine import DockerEngine, LocalImage, ProgressCallback
 from worker.errors import PushVerificationFailed, SourceImageNotFound
 from worker.models import PushJob, Registry
 from worker.reference import TargetReference, assert_resolves_to, build_target
@@ -105,9 +105,9 @@ def _login_address(registry: Registry) -> str:
 def tag(ctx: StepContext) -> StepResult:
     target = ctx.target()
     engine = ctx.engine()
-    source_id = _source_id(ctx, engine)
-    payload = {"reference": str(target), "image_id": source_id}
-    if engine.image_id(str(target)) == source_id:
+    source = _source_image(ctx, engine)
+    payload = {"reference": str(target), "image_id": source.id}
+    if str(target) in source.tags:
         return StepResult(payload, noop="the target already names the source image")
     engine.tag(ctx.job.source_image, target)
     return StepResult(payload)
@@ -118,12 +118,12 @@ def push(ctx: StepContext) -> StepResult:
     # Re-checked right before the push, whatever happened since the tag step.
     assert_resolves_to(target.name, ctx.registry.host, ctx.job.repository)
     engine = ctx.engine()
-    source_id = _source_id(ctx, engine)
-    if engine.image_id(str(target)) != source_id:
+    source = _source_image(ctx, engine)
+    if str(target) not in source.tags:
         engine.tag(ctx.job.source_image, target)  # another job re-pointed the tag meanwhile
     credential = ctx.credential()
     http = ctx.http(credential)
-    served = _digest_if_served(engine, http, target, source_id)
+    served = _digest_if_served(source, http, target)
     if served:
         payload = {"reference": str(target), "digest": served}
         return StepResult(payload, noop="the registry already serves this tag at the local digest")
@@ -138,24 +138,27 @@ def push(ctx: StepContext) -> StepResult:
     return StepResult({"reference": str(target), "digest": result.digest, "size": result.size})
 
 
-def _source_id(ctx: StepContext, engine: DockerEngine) -> str:
-    source_id = engine.image_id(ctx.job.source_image)
-    if source_id is None:
+def _source_image(ctx: StepContext, engine: DockerEngine) -> LocalImage:
+    """The job's source image, with the tags and digests it has on the engine.
+
+    The target counts as tagged only when the engine lists it among the source's own tags:
+    a tag that names another image (re-pointed by another job) is not, and is tagged again.
+    """
+    source = engine.image(ctx.job.source_image)
+    if source is None:
         raise SourceImageNotFound(
             f"the Docker Engine has no image {ctx.job.source_image!r}",
             hint="build or load the source image on this worker's engine, then retry the job",
         )
-    return source_id
+    return source
 
 
 def _digest_if_served(
-    engine: DockerEngine, http: RegistryHTTP, target: TargetReference, source_id: str
+    source: LocalImage, http: RegistryHTTP, target: TargetReference
 ) -> str | None:
     """The digest, when the registry already serves the tag at a digest this image has there."""
     local = {
-        entry.split("@", 1)[1]
-        for entry in engine.repo_digests(source_id)
-        if entry.split("@", 1)[0] == target.name
+        entry.split("@", 1)[1] for entry in source.digests if entry.split("@", 1)[0] == target.name
     }
     if not local:
         return None

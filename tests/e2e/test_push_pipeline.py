@@ -132,6 +132,13 @@ def test_a_new_job_for_an_image_the_registry_holds_skips_the_upload(e2e: E2E, im
     assert job.status == "succeeded"
     assert pushes.references == []
     assert event_types(second)[-2:] == ["step.skipped", "job.succeeded"]
+    # The engine's own tag list (one inspect) shows the target already names the image.
+    with session_scope() as session:
+        tag_ends = [
+            e for e in select_events(session, job_id=second, types=["step.skipped"])
+            if e.step == "tag"
+        ]  # fmt: skip
+    assert [e.payload["reason"] for e in tag_ends] == ["the target already names the source image"]
 
 
 def count_jobs() -> int:

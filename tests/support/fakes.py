@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from worker.config import Settings
 from worker.credentials import Credential
-from worker.docker_engine import ProgressCallback, PushResult
+from worker.docker_engine import LocalImage, ProgressCallback, PushResult
 from worker.errors import PushWorkerError, SourceImageNotFound
 from worker.models import Registry
 from worker.pipeline import Outcome, StepRunner
@@ -39,12 +39,12 @@ class FakeEngine:
     def ping(self) -> None:
         return None
 
-    def image_id(self, reference: str) -> str | None:
-        return self.world.images.get(reference)
-
-    def repo_digests(self, reference: str) -> list[str]:
-        image = self.world.images.get(reference, reference)
-        return list(self.world.repo_digests.get(image, []))
+    def image(self, reference: str) -> LocalImage | None:
+        image = self.world.images.get(reference)
+        if image is None:
+            return None
+        tags = frozenset(name for name, held in self.world.images.items() if held == image)
+        return LocalImage(image, tags, frozenset(self.world.repo_digests.get(image, [])))
 
     def tag(self, source: str, target: TargetReference) -> None:
         if source not in self.world.images:

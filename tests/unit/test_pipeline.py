@@ -4,6 +4,7 @@ both supported databases (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from datetime import timedelta
 
 import pytest
@@ -272,3 +273,33 @@ def test_pushes_only_ever_go_to_chain_hosts_in_chain_order(
 def test_step_order_is_resolve_login_tag_push() -> None:
     """The chain's order is part of the contract with producers and operators."""
     assert STEPS == ("resolve_credentials", "login", "tag", "push")
+
+
+def test_a_tag_already_in_place_is_recorded_as_skipped(registries: None, world: FakeWorld) -> None:
+    """The engine already lists the target among the source's tags: nothing to tag."""
+    target = f"{HARBOR}/team/app:v1"
+    world.images[target] = world.images[SOURCE]
+    job_id = run_job(world)
+    with session_scope() as session:
+        tag_events = [e for e in select_events(session, job_id=job_id) if e.step == "tag"]
+    assert [e.type for e in tag_events] == ["step.started", "step.skipped"]
+    assert tag_events[-1].payload["reason"] == "the target already names the source image"
+
+
+def test_a_target_tag_repointed_before_the_push_is_tagged_again(
+    registries: None, world: FakeWorld
+) -> None:
+    """Between the tag and push steps another image took the target name: the push step
+    points it back at the job's source image, so the registry gets the job's image."""
+    target = f"{HARBOR}/team/app:v1"
+    runner, _ = fake_runner(world, Settings.from_env())
+    job_id = _queued_job()
+    for step in ("resolve_credentials", "login", "tag"):
+        assert runner.run(step, job_id, 5).action == "continue"
+    world.images[target] = "sha256:another-image"
+    assert runner.run("push", job_id, 5).action == "stop"
+    job, _ = job_and_types(job_id)
+    assert job.status == "succeeded"
+    assert world.images[target] == world.images[SOURCE]
+    expected = "sha256:" + hashlib.sha256(world.images[SOURCE].encode()).hexdigest()
+    assert world.served[target] == job.digest == expected
