@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from celery import chain
 
-from worker.db import session_scope
+from worker.db import read_scope
 from worker.models import PushJob
 from worker.steps import STEPS
 
@@ -46,7 +46,7 @@ class CeleryDispatcher:
 
 
 def _docker_host_of(job_id: str) -> str | None:
-    with session_scope() as session:
+    with read_scope() as session:
         job = session.get(PushJob, job_id)
         return job.docker_host if job is not None else None
 

@@ -20,16 +20,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Connection, Engine, create_engine, delete, func, select
-from sqlalchemy import event as sa_event
+from sqlalchemy import Connection, delete, func, select
 
 from worker import events
 from worker.config import get_settings
-from worker.db import engine_for, session_scope
+from worker.db import engine_for, reader_for, session_scope
 from worker.errors import StorageError, ValidationError
 from worker.models import Event, EventCheckpoint, utcnow
 
@@ -50,30 +48,12 @@ EXPORT_FORMATS = ("jsonl", "csv")
 # --- reading in one snapshot ------------------------------------------------------------------
 
 
-@lru_cache(maxsize=8)
-def _sqlite_reader(url: str) -> Engine:
-    """SQLite connections that read in a deferred transaction: a WAL snapshot that does not
-    take the write lock (the writers' engine begins every transaction IMMEDIATE)."""
-    engine = create_engine(url, connect_args={"timeout": 30})
-
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA query_only=ON")
-        cursor.close()
-
-    sa_event.listen(engine, "connect", on_connect)
-    sa_event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
-    return engine
-
-
 @contextmanager
 def reading(url: str | None = None) -> Iterator[Connection]:
     """A read-only connection in one consistent snapshot of the database."""
     url = url or get_settings().database_url
     if url.startswith("sqlite"):
-        with _sqlite_reader(url).connect() as connection, connection.begin():
+        with reader_for(url).connect() as connection, connection.begin():
             yield connection
         return
     with engine_for(url).connect() as connection:

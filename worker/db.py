@@ -51,6 +51,27 @@ def engine_for(url: str) -> Engine:
     return make_engine(url)
 
 
+@lru_cache(maxsize=4)
+def reader_for(url: str) -> Engine:
+    """An engine for reads only: on SQLite, connections that read in a deferred transaction (a
+    WAL snapshot that does not take the write lock, so a reader never makes a worker wait) and
+    refuse to write (``query_only``); elsewhere the writers' engine."""
+    if not url.startswith("sqlite"):
+        return engine_for(url)
+    engine = create_engine(url, connect_args={"timeout": 30})
+    event.listen(engine, "connect", _sqlite_reader_pragmas)
+    event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN"))
+    return engine
+
+
+def _sqlite_reader_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.close()
+
+
 def default_engine() -> Engine:
     return engine_for(get_settings().database_url)
 
@@ -84,6 +105,13 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def read_scope() -> Iterator[Session]:
+    """A session for reads only (writing through it fails): see ``reader_for``."""
+    with session_scope(reader_for(get_settings().database_url)) as session:
+        yield session
 
 
 def _is_connection_error(exc: DBAPIError) -> bool:

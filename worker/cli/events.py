@@ -23,7 +23,7 @@ from worker.cli.common import (
     _out,
     cli,
 )
-from worker.db import session_scope
+from worker.db import read_scope
 from worker.errors import StorageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -105,7 +105,7 @@ def events_command(
     if as_json and jsonl:
         raise click.UsageError("give --json or --jsonl, not both")
     query = _query(**filters)
-    with session_scope() as session:
+    with read_scope() as session:
         rows = list(session.scalars(query.select(limit=limit)))
     if as_json:
         _echo_json([events.event_fields(row) for row in rows])

@@ -19,7 +19,7 @@ from worker.cli.common import (
     cli,
     job_fields,
 )
-from worker.db import session_scope
+from worker.db import read_scope, session_scope
 from worker.errors import PushWorkerError
 from worker.jobs import cancel_job, get_job, list_jobs, retry_job
 from worker.models import JobStatus
@@ -72,7 +72,7 @@ def jobs_list(
     Example:
       pushctl jobs list --status failed --registry 3 --since 2h
     """
-    with session_scope() as session:
+    with read_scope() as session:
         rows = [
             job_fields(job)
             for job in list_jobs(
@@ -96,7 +96,7 @@ def jobs_show(job_id: str, as_json: bool) -> None:
     Example:
       pushctl jobs show 5f0c...
     """
-    with session_scope() as session:
+    with read_scope() as session:
         job = job_fields(get_job(session, job_id))
         rows = events.select_events(session, job_id=job_id)
         timeline = [events.event_fields(row) for row in rows]
@@ -156,7 +156,7 @@ def jobs_retry(
         raise click.UsageError(
             "name a JOB, or select jobs with --status, --registry and/or --since"
         )
-    with session_scope() as session:
+    with read_scope() as session:
         selected = [
             job.id
             for job in list_jobs(

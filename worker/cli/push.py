@@ -22,7 +22,7 @@ from worker.cli.common import (
     exit_code_for,
     job_fields,
 )
-from worker.db import session_scope
+from worker.db import read_scope
 from worker.jobs import get_job
 from worker.models import Event, JobStatus
 
@@ -40,7 +40,7 @@ class _Follow:
     job: dict[str, Any] | None = None
 
     def poll(self) -> list[Event]:
-        with session_scope() as session:
+        with read_scope() as session:
             rows = events.select_events(session, job_id=self.job_id, after_id=self.last_id)
             self.job = job_fields(get_job(session, self.job_id))
         if rows:

@@ -30,7 +30,7 @@ from worker.cli.common import (
 )
 from worker.config import get_settings
 from worker.connection_test import ConnectionReport, check_registry, record_test
-from worker.db import session_scope
+from worker.db import read_scope, session_scope
 from worker.errors import ValidationError
 from worker.models import CredentialKind, Registry, RegistryKind
 from worker.registries import (
@@ -208,7 +208,7 @@ def registry_fields(registry: Registry) -> dict[str, Any]:
 
 
 def _test_and_record(registry_id: int, timeout: float | None) -> ConnectionReport:
-    with session_scope() as session:
+    with read_scope() as session:
         registry = get_registry(session, registry_id)
     # The network part runs outside any transaction: SQLite's write lock is not held meanwhile.
     report = check_registry(registry, timeout=timeout or get_settings().http_timeout)
@@ -361,7 +361,7 @@ def registry_list(include_removed: bool, as_json: bool) -> None:
     Example:
       pushctl registry list --json
     """
-    with session_scope() as session:
+    with read_scope() as session:
         rows = [
             registry_fields(r) for r in list_registries(session, include_removed=include_removed)
         ]
@@ -393,7 +393,7 @@ def registry_show(registry_id: int, as_json: bool) -> None:
     Example:
       pushctl registry show 3
     """
-    with session_scope() as session:
+    with read_scope() as session:
         shown = registry_fields(get_registry(session, registry_id, include_removed=True))
         stream = events.registry_stream(registry_id)
         tests = events.select_events(session, stream=stream, types=["registry.tested"])
