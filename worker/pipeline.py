@@ -153,10 +153,7 @@ class StepRunner:
                 step_runs.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
                 self._fail_job(note, job, error, tries)
                 return Outcome("stop", reason="worker lost")
-            if job.status != JobStatus.RUNNING:
-                job.status = JobStatus.RUNNING.value
-                job.started_at = job.started_at or utcnow()
-            job.current_step = step
+            step_runs.mark_running(session, job, step)
             note("step.started", tries)
             registry = view.registry
             assert registry is not None, "a job's registry row is never deleted"
@@ -204,24 +201,23 @@ class StepRunner:
             tries = step_runs.finish_claim(
                 session, job_id, step, registry_id, StepStatus.SUCCEEDED, result.payload
             )
-            job = step_runs.load_job(session, job_id)
-            if job is None or tries is None:
+            status = step_runs.job_status(session, job_id)
+            if status is None or tries is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
             note = _Recorder(session, job_id, step, registry_id, actor)
             if result.noop:
                 note("step.skipped", tries, reason=result.noop, **result.payload)
             else:
                 note("step.succeeded", tries, **result.payload)
-            if job.status == JobStatus.CANCELLED:
-                return Outcome("stop", reason="job cancelled while the step ran")
+            cancelled = Outcome("stop", reason="job cancelled while the step ran")
+            if status == JobStatus.CANCELLED:
+                return cancelled
             if step != STEPS[-1]:
                 return Outcome("continue")
-            job.status = JobStatus.SUCCEEDED.value
-            job.digest = result.payload.get("digest")
-            job.pushed_reference = result.payload.get("reference")
-            job.error_code = job.error_message = None
-            job.current_step, job.finished_at = None, utcnow()
-            note("job.succeeded", None, reference=job.pushed_reference, digest=job.digest)
+            digest, reference = result.payload.get("digest"), result.payload.get("reference")
+            if not step_runs.mark_succeeded(session, job_id, digest=digest, reference=reference):
+                return cancelled
+            note("job.succeeded", None, reference=reference, digest=digest)
             return Outcome("stop", reason="job succeeded")
 
     def _record_failure(

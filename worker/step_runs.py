@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, select, update
+from sqlalchemy import Table, and_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
-from worker.models import PushJob, Registry, StepRun, StepStatus, utcnow
+from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 
 _RUNS = cast(Table, StepRun.__table__)
 
@@ -37,6 +38,40 @@ _FOR_CLAIM = (
 )
 
 _JOB = select(PushJob).where(PushJob.id == bindparam("job_id"))
+_JOBS = cast(Table, PushJob.__table__)
+_NOW_TYPE = _JOBS.c.started_at.type
+_JOB_STATUS = select(_JOBS.c.status).where(_JOBS.c.id == bindparam("job_id"))
+
+#: A step starts: the job runs (since the first step that started), at this step.
+_MARK_RUNNING = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("job_id"))
+    .values(
+        status=JobStatus.RUNNING.value,
+        started_at=func.coalesce(
+            _JOBS.c.started_at, bindparam("now", type_=_JOBS.c.started_at.type)
+        ),
+        current_step=bindparam("step"),
+        updated_at=bindparam("now"),
+    )
+)
+
+#: The last step succeeded; an operator's cancel that came first stands.
+_MARK_SUCCEEDED = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("job_id"), _JOBS.c.status != JobStatus.CANCELLED.value)
+    .values(
+        status=JobStatus.SUCCEEDED.value,
+        digest=bindparam("digest"),
+        pushed_reference=bindparam("reference"),
+        error_code=None,
+        error_message=None,
+        current_step=None,
+        finished_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    )
+    .returning(_JOBS.c.id)
+)
 
 #: A first claim that loses a race inserts nothing (no exception, no savepoint to roll back),
 #: and returns no row: what the drivers report as ``rowcount`` here differs, RETURNING does not.
@@ -87,6 +122,26 @@ def load_for_claim(session: Session, job_id: str, step: str, registry_id: int) -
 
 def load_job(session: Session, job_id: str) -> PushJob | None:
     return session.execute(_JOB, {"job_id": job_id}).scalar_one_or_none()
+
+
+def job_status(session: Session, job_id: str) -> str | None:
+    return session.connection().execute(_JOB_STATUS, {"job_id": job_id}).scalar_one_or_none()
+
+
+def mark_running(session: Session, job: PushJob, step: str) -> None:
+    """The job runs at ``step`` (written at once; ``job`` is brought up to date)."""
+    now = utcnow()
+    session.connection().execute(_MARK_RUNNING, {"job_id": job.id, "step": step, "now": now})
+    set_committed_value(job, "status", JobStatus.RUNNING.value)
+    set_committed_value(job, "started_at", job.started_at or now)
+    set_committed_value(job, "current_step", step)
+    set_committed_value(job, "updated_at", now)
+
+
+def mark_succeeded(session: Session, job_id: str, *, digest: Any, reference: Any) -> bool:
+    """The job succeeded; False when it was cancelled meanwhile (or is gone)."""
+    params = {"job_id": job_id, "digest": digest, "reference": reference, "now": utcnow()}
+    return session.connection().execute(_MARK_SUCCEEDED, params).first() is not None
 
 
 def insert_first_claim(

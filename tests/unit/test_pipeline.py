@@ -16,11 +16,11 @@ from worker.config import Settings
 from worker.db import session_scope
 from worker.errors import AuthenticationError, RegistryUnavailable
 from worker.events import select_events
-from worker.jobs import PushRequest, create_job
+from worker.jobs import PushRequest, cancel_job, create_job
 from worker.models import PushJob, StepRun, utcnow
 from worker.registries import RegistrySpec, create_registry
 from worker.step_runs import insert_first_claim
-from worker.steps import STEPS
+from worker.steps import ACTIONS, STEPS, StepContext, StepResult
 
 HARBOR = "reg.example.com:10443"
 GITLAB = "gitlab.example.com"
@@ -303,3 +303,29 @@ def test_a_target_tag_repointed_before_the_push_is_tagged_again(
     assert world.images[target] == world.images[SOURCE]
     expected = "sha256:" + hashlib.sha256(world.images[SOURCE].encode()).hexdigest()
     assert world.served[target] == job.digest == expected
+
+
+@pytest.mark.parametrize("step", ["tag", "push"])
+def test_a_cancel_while_a_step_runs_stands(
+    registries: None, world: FakeWorld, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """The operator cancels while the step acts: the step's own outcome is recorded, the job
+    stays cancelled (it never turns succeeded) and the chain stops there."""
+    job_id = _queued_job()
+    action = ACTIONS[step]
+
+    def cancelled_meanwhile(ctx: StepContext) -> StepResult:
+        with session_scope() as session:
+            cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
+        return action(ctx)
+
+    monkeypatch.setitem(ACTIONS, step, cancelled_meanwhile)
+    runner, _ = fake_runner(world, Settings.from_env())
+    outcomes = [runner.run(name, job_id, 5) for name in STEPS[: STEPS.index(step) + 1]]
+    assert [o.action for o in outcomes] == ["continue"] * STEPS.index(step) + ["stop"]
+    job, types = job_and_types(job_id)
+    assert (job.status, job.digest) == ("cancelled", None)
+    assert types[-3:] == ["step.started", "job.cancelled", "step.succeeded"]
+    # A redelivered push does nothing either: skipped as cancelled, or as done already.
+    later = runner.run("push", job_id, 5)
+    assert (later.action, later.reason) == ("stop", "memo" if step == "push" else "job cancelled")
