@@ -13,7 +13,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.config import get_settings
-from worker.errors import DatabaseUnavailable
+from worker.errors import DatabaseUnavailable, EventConflict
+
+#: deadlock_detected, serialization_failure
+_RETRYABLE_SQLSTATES = ("40P01", "40001")
 
 
 def make_engine(url: str) -> Engine:
@@ -95,6 +98,13 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         session.commit()
     except OperationalError as exc:
         session.rollback()
+        if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+            # PostgreSQL broke a deadlock (or a serialisation conflict) by aborting this
+            # transaction: nothing of it was written, and running it again is safe.
+            raise EventConflict(
+                "the database aborted this transaction to resolve a conflict with a concurrent "
+                "writer; try again"
+            ) from None
         if _is_connection_error(exc):
             raise DatabaseUnavailable(
                 "the database does not answer", hint="check PUSHWORKER_DATABASE_URL"

@@ -178,7 +178,8 @@ class DatabaseUnavailable(StorageError):
 
 
 class EventConflict(StorageError):
-    """Two writers tried to append the same (job_id, seq)."""
+    """A concurrent writer got in the way: two appends of the same (stream, seq), or a
+    deadlock the database broke by aborting this transaction. Nothing was written; retry."""
 
     code = "event_conflict"
     retryable = True

@@ -194,6 +194,9 @@ class StepRunner:
 
     # --- phase 3 --------------------------------------------------------------------------------
 
+    # Every record transaction changes its rows before its first append, so that it never
+    # waits for a row while holding the event chain's lock (docs/event-log.md).
+
     def _record_success(
         self, step: str, job_id: str, registry_id: int, result: StepResult, actor: str
     ) -> Outcome:
@@ -204,19 +207,22 @@ class StepRunner:
             status = step_runs.job_status(session, job_id)
             if status is None or tries is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
+            last, cancelled = step == STEPS[-1], status == JobStatus.CANCELLED
+            digest, reference = result.payload.get("digest"), result.payload.get("reference")
+            succeeded = (
+                last
+                and not cancelled
+                and step_runs.mark_succeeded(session, job_id, digest=digest, reference=reference)
+            )
             note = _Recorder(session, job_id, step, registry_id, actor)
             if result.noop:
                 note("step.skipped", tries, reason=result.noop, **result.payload)
             else:
                 note("step.succeeded", tries, **result.payload)
-            cancelled = Outcome("stop", reason="job cancelled while the step ran")
-            if status == JobStatus.CANCELLED:
-                return cancelled
-            if step != STEPS[-1]:
+            if cancelled or (last and not succeeded):
+                return Outcome("stop", reason="job cancelled while the step ran")
+            if not last:
                 return Outcome("continue")
-            digest, reference = result.payload.get("digest"), result.payload.get("reference")
-            if not step_runs.mark_succeeded(session, job_id, digest=digest, reference=reference):
-                return cancelled
             note("job.succeeded", None, reference=reference, digest=digest)
             return Outcome("stop", reason="job succeeded")
 
@@ -232,11 +238,10 @@ class StepRunner:
             note = _Recorder(session, job_id, step, registry_id, actor)
             fallback = next_registry(job, step, error)
             if fallback is not None:
+                job.effective_registry_id, job.current_step = fallback, None
                 note("step.failed", tries, will_retry=False, **error.to_payload())
                 note("fallback.applied", tries, from_registry_id=registry_id,
                      to_registry_id=fallback, reason=error.message)  # fmt: skip
-                job.effective_registry_id = fallback
-                job.current_step = None
                 dispatch_to = fallback
                 outcome = Outcome("stop", reason="fallback")
             elif should_retry(error, tries, self.settings.max_attempts):
@@ -245,24 +250,30 @@ class StepRunner:
                      **error.to_payload())  # fmt: skip
                 outcome = Outcome("retry", delay, error.code)
             else:
-                note("step.failed", tries, will_retry=False, **error.to_payload())
+                final = error
                 if isinstance(error, AuthenticationError):
                     refusals = [*_refusals(session, job), (registry_id, error.message)]
-                    error = final_auth_error(job, registry_id, error, refusals)
-                self._fail_job(note, job, error, tries)
-                outcome = Outcome("stop", reason=error.code)
+                    final = final_auth_error(job, registry_id, error, refusals)
+                _mark_failed(job, final)
+                note("step.failed", tries, will_retry=False, **error.to_payload())
+                note("job.failed", tries, **final.to_payload())
+                outcome = Outcome("stop", reason=final.code)
         if dispatch_to is not None:
             self.dispatcher.start_chain(job_id, dispatch_to)
         return outcome
 
     def _fail_job(self, note: _Recorder, job: PushJob, error: PushWorkerError, tries: int) -> None:
-        job.status = JobStatus.FAILED.value
-        job.error_code, job.error_message = error.code, str(error)
-        job.finished_at = utcnow()
+        _mark_failed(job, error)
         note("job.failed", tries, **error.to_payload())
 
     def _delay(self, tries: int) -> float:
         return backoff_delay(tries, base=self.settings.retry_base, cap=self.settings.retry_max)
+
+
+def _mark_failed(job: PushJob, error: PushWorkerError) -> None:
+    job.status = JobStatus.FAILED.value
+    job.error_code, job.error_message = error.code, str(error)
+    job.finished_at = utcnow()
 
 
 class _Recorder:

@@ -1,0 +1,142 @@
+"""On PostgreSQL, the pipeline never waits for a row while it holds the event chain's lock.
+
+An operator's cancel locks the job row and then waits for the chain (its ``job.cancelled``
+event); a record transaction that held the chain and then waited for the job row would deadlock
+with it. Every transaction of the pipeline therefore changes its rows first and appends after.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.support.fakes import FakeWorld, fake_runner
+from worker.audit import verify
+from worker.config import Settings
+from worker.db import session_scope
+from worker.errors import EventConflict
+from worker.events import CHAIN_LOCK_KEY
+from worker.jobs import PushRequest, create_job
+from worker.models import PushJob
+from worker.registries import RegistrySpec, create_registry
+from worker.steps import ACTIONS, STEPS, StepContext, StepResult
+
+SOURCE = "app:build"
+
+
+def _lock_waiters(url: str, timeout: float) -> list[int]:
+    """The backends of this database waiting for a lock, once there are any (or [] at the
+    timeout)."""
+    watcher = create_engine(url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with watcher.connect() as connection:
+                pids = list(
+                    connection.execute(
+                        text(
+                            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                            " AND wait_event_type = 'Lock'"
+                        )
+                    ).scalars()
+                )
+            if pids or time.monotonic() > deadline:
+                return pids
+            time.sleep(0.05)
+    finally:
+        watcher.dispose()
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_record_transaction_waiting_for_the_job_row_holds_no_chain_lock(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    with session_scope() as session:
+        spec = RegistrySpec(name="r", url="https://reg.example.com", username="u", secret="pw")
+        create_registry(session, spec, registry_id=5)
+        job, _ = create_job(session, PushRequest(SOURCE, 5, "team/app", "v1", "t"), actor="t")
+        job_id = job.id
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, _ = fake_runner(world, Settings.from_env())
+    for earlier in STEPS[: STEPS.index(step)]:
+        assert runner.run(earlier, job_id, 5).action == "continue"
+
+    acting, locked = threading.Event(), threading.Event()
+    action = ACTIONS[step]
+
+    def act_then_wait(ctx: StepContext) -> StepResult:
+        acting.set()
+        assert locked.wait(10)
+        return action(ctx)
+
+    monkeypatch.setitem(ACTIONS, step, act_then_wait)
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(runner.run(step, job_id, 5)))
+    worker.start()
+    holder = create_engine(postgres_url)
+    try:
+        assert acting.wait(10)
+        with holder.connect() as other:
+            # Another transaction holds the job row, as an operator's cancel does before it
+            # appends its event.
+            other.execute(
+                text("SELECT id FROM push_jobs WHERE id = :id FOR UPDATE"), {"id": job_id}
+            )
+            locked.set()
+            # Only the last step's record transaction changes the job row and so waits here;
+            # while it waits, it must not be holding the chain.
+            waiting = _lock_waiters(postgres_url, 10 if step == STEPS[-1] else 1)
+            chain_free = other.execute(
+                text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY}
+            ).scalar()
+            other.rollback()
+        worker.join(20)
+    finally:
+        locked.set()
+        worker.join(20)
+        holder.dispose()
+    assert chain_free is True, f"the chain lock was held while waiting (waiters: {waiting})"
+    assert outcome and outcome[0].action == ("stop" if step == STEPS[-1] else "continue")
+    if step == STEPS[-1]:
+        assert waiting, "the last step's record transaction changes the job row"
+        with session_scope() as session:
+            finished = session.get(PushJob, job_id)
+            assert finished is not None and finished.status == "succeeded"
+    assert verify().ok
+
+
+def test_a_deadlock_the_database_breaks_is_a_retryable_conflict(postgres_url: str) -> None:
+    """Two transactions that lock two rows in opposite orders: PostgreSQL aborts one of them,
+    which surfaces as ``EventConflict`` (retryable, nothing written), not a raw driver error."""
+    with session_scope() as session:
+        for rid in (1, 2):
+            spec = RegistrySpec(
+                name=f"r{rid}", url=f"https://r{rid}.example.com", username="u", secret="pw"
+            )
+            create_registry(session, spec, registry_id=rid)
+    both_hold_one = threading.Barrier(2)
+    results: list[object] = []
+
+    def lock_in_order(first: int, second: int) -> None:
+        touch = text("UPDATE registries SET name = name WHERE id = :id")
+        try:
+            with session_scope() as session:
+                session.execute(touch, {"id": first})
+                both_hold_one.wait(10)
+                session.execute(touch, {"id": second})
+            results.append("committed")
+        except EventConflict as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=lock_in_order, args=order) for order in ((1, 2), (2, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(type(r).__name__ for r in results) == ["EventConflict", "str"]
+    conflict = next(r for r in results if isinstance(r, EventConflict))
+    assert conflict.retryable and "try again" in str(conflict)
