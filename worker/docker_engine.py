@@ -99,12 +99,14 @@ class DockerEngine:
     #: credential revoked meanwhile still fails there (and clears the memo).
     LOGIN_REUSE_SECONDS = 300.0
 
-    def login(self, registry_host: str, credential: Credential) -> bool:
-        """Ask the daemon to authenticate against the registry; False when a login with the
-        same credential succeeded on this engine within ``LOGIN_REUSE_SECONDS``."""
+    def login(self, registry_host: str, credential: Credential, *, reuse: bool = True) -> bool:
+        """Ask the daemon to authenticate against the registry; False when ``reuse`` allows it
+        and a login with the same credential succeeded on this engine within
+        ``LOGIN_REUSE_SECONDS``."""
         key = _login_key(registry_host, credential)
         proved_at = self._logins.get(key)
-        if proved_at is not None and time.monotonic() - proved_at < self.LOGIN_REUSE_SECONDS:
+        recent = proved_at is not None and time.monotonic() - proved_at < self.LOGIN_REUSE_SECONDS
+        if reuse and recent:
             return False
         self._logins.pop(key, None)
         self._login(registry_host, credential)

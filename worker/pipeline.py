@@ -100,6 +100,7 @@ class StepRunner:
             http_factory=self.http_factory,
             http_timeout=self.settings.http_timeout,
             on_progress=_progress_recorder(job_id, step, registry_id, claimed.tries, actor),
+            attempt=claimed.tries,
         )
         try:
             result = ACTIONS[step](context)

@@ -59,6 +59,8 @@ class StepContext:
     http_factory: HttpFactory = default_http
     http_timeout: float = 10
     on_progress: ProgressCallback | None = None
+    #: Which try of the step this is (1 for the first).
+    attempt: int = 1
 
     def target(self) -> TargetReference:
         return build_target(self.registry.host, self.job.repository, self.job.tag)
@@ -92,7 +94,10 @@ def login(ctx: StepContext) -> StepResult:
         # Anonymous: prove the registry answers and does not ask for credentials.
         ctx.http(None).check_credentials()
         return StepResult({"credential_source": "anonymous"})
-    if not ctx.engine().login(_login_address(ctx.registry), credential):
+    # A retry asks the registry again: the try before failed (in this process or another
+    # one), so a login remembered from earlier proves nothing about now.
+    fresh = ctx.attempt > 1
+    if not ctx.engine().login(_login_address(ctx.registry), credential, reuse=not fresh):
         reason = "this worker's engine accepted the same credential for this registry recently"
         return StepResult({"username": credential.username}, noop=reason)
     return StepResult({"username": credential.username})

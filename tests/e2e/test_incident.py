@@ -113,8 +113,10 @@ def test_unreachable_registry_is_retried_and_never_falls_back(e2e: E2E, image: s
     assert (job.status, job.error_code) == ("failed", "registry_unavailable")
     assert pushes.references == []
     with session_scope() as session:
-        failures = [e for e in select_events(session, job_id=job_id) if e.type == "step.failed"]
-        types = [e.type for e in select_events(session, job_id=job_id)]
-    assert [f.payload["will_retry"] for f in failures] == [True, True, False]
+        timeline = select_events(session, job_id=job_id)
+    failures = [e for e in timeline if e.type == "step.failed"]
+    types = [e.type for e in timeline]
+    story = [(e.type, e.step, e.attempt, e.payload.get("error_code")) for e in timeline]
+    assert [f.payload["will_retry"] for f in failures] == [True, True, False], story
     assert "fallback.applied" not in types
     assert served_digest(e2e.stack.plain, repository, "072201") is None

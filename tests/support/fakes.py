@@ -30,6 +30,8 @@ class FakeWorld:
     push_errors: dict[str, list[PushWorkerError]] = field(default_factory=dict)
     pushes: list[str] = field(default_factory=list)  # every push attempted, in order
     logins: list[str] = field(default_factory=list)
+    #: Whether each login allowed the engine to reuse a recent one.
+    login_reuse: list[bool] = field(default_factory=list)
 
 
 class FakeEngine:
@@ -51,8 +53,9 @@ class FakeEngine:
             raise SourceImageNotFound(f"no image {source}")
         self.world.images[str(target)] = self.world.images[source]
 
-    def login(self, registry_host: str, credential: Credential) -> bool:
+    def login(self, registry_host: str, credential: Credential, *, reuse: bool = True) -> bool:
         self.world.logins.append(registry_host)
+        self.world.login_reuse.append(reuse)
         error = self.world.login_errors.get(registry_host)
         if error is not None:
             raise error

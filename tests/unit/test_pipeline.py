@@ -329,3 +329,18 @@ def test_a_cancel_while_a_step_runs_stands(
     # A redelivered push does nothing either: skipped as cancelled, or as done already.
     later = runner.run("push", job_id, 5)
     assert (later.action, later.reason) == ("stop", "memo" if step == "push" else "job cancelled")
+
+
+def test_a_login_retried_after_a_failure_asks_the_registry_again(
+    registries: None, world: FakeWorld
+) -> None:
+    """The first try may reuse a login this engine proved recently; a retry never does, in
+    whichever process it lands: the try before failed, so an earlier success proves nothing."""
+    job_id = _queued_job()
+    runner, _ = fake_runner(world, Settings.from_env())
+    assert runner.run("resolve_credentials", job_id, 5).action == "continue"
+    world.login_errors[HARBOR] = RegistryUnavailable(f"registry {HARBOR} does not answer")
+    assert runner.run("login", job_id, 5).action == "retry"
+    world.login_errors.pop(HARBOR)
+    assert runner.run("login", job_id, 5).action == "continue"
+    assert world.login_reuse == [True, False]

@@ -8,7 +8,7 @@ import pytest
 
 from worker.classify import classify_registry_message
 from worker.credentials import Credential, Secret
-from worker.docker_engine import _read_push_stream
+from worker.docker_engine import DockerEngine, _read_push_stream
 from worker.errors import (
     AuthenticationError,
     DockerError,
@@ -109,3 +109,35 @@ def test_challenge_parsing() -> None:
     assert scheme == "bearer"
     assert params == {"realm": "https://harbor/service/token", "service": "harbor-registry"}
     assert parse_challenge('Basic realm="Registry Realm"')[0] == "basic"
+
+
+class _LoginCounter:
+    """docker-py's APIClient, as far as ``DockerEngine.login`` uses it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._auth_configs: object = None
+
+    def login(self, *, username: str, password: str, registry: str, reauth: bool) -> None:
+        self.calls.append(f"{username}@{registry}")
+
+
+def _engine_with(api: _LoginCounter) -> DockerEngine:
+    engine = DockerEngine.__new__(DockerEngine)  # no daemon: the client is the counter
+    engine._api = api  # type: ignore[assignment]
+    engine._logins = {}
+    return engine
+
+
+def test_a_recent_login_is_reused_only_when_allowed() -> None:
+    api = _LoginCounter()
+    engine = _engine_with(api)
+    alice = Credential("alice", Secret("pw-1"), "secret")
+    assert engine.login("reg:5000", alice) is True
+    assert engine.login("reg:5000", alice) is False  # reused: the daemon is not asked
+    assert engine.login("reg:5000", alice, reuse=False) is True
+    assert engine.login("reg:5000", Credential("alice", Secret("pw-2"), "secret")) is True
+    assert engine.login("other:5000", alice) is True
+    engine.forget_logins("reg:5000")
+    assert engine.login("reg:5000", alice) is True
+    assert api.calls == ["alice@reg:5000"] * 3 + ["alice@other:5000", "alice@reg:5000"]
