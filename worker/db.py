@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -43,10 +46,45 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: How long a writer waits for SQLite's write lock before giving up.
+SQLITE_LOCK_WAIT = 30.0
+#: The longest pause between two tries for the lock.
+_LOCK_RETRY_CAP = 0.004
+
+
 def _sqlite_begin_immediate(connection: Any) -> None:
     # A deferred transaction that reads, then writes, fails at once with "database is locked"
     # when another process wrote in between; taking the write lock up front makes it wait.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # The wait is ours rather than SQLite's busy handler, which sleeps up to 100 ms between
+    # tries: with a producer and several workers each holding the lock for a millisecond or
+    # two, those sleeps leave it idle while writers queue. Here a waiter tries again within
+    # a few milliseconds (with jitter, so that waiters do not move in step).
+    raw = connection.connection.driver_connection
+    raw.execute("PRAGMA busy_timeout=0")
+    try:
+        _take_write_lock(raw)
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={int(SQLITE_LOCK_WAIT * 1000)}")
+
+
+def _take_write_lock(raw: sqlite3.Connection) -> None:
+    deadline = time.monotonic() + SQLITE_LOCK_WAIT
+    pause = 0.0005
+    while True:
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        if time.monotonic() >= deadline:
+            raise DatabaseUnavailable(
+                f"the database stayed locked by another writer for {SQLITE_LOCK_WAIT:.0f} s",
+                hint="a long transaction holds SQLite's write lock; for many writers use "
+                "PostgreSQL (PUSHWORKER_DATABASE_URL)",
+            )
+        time.sleep(pause * random.uniform(0.5, 1.5))
+        pause = min(pause * 2, _LOCK_RETRY_CAP)
 
 
 @lru_cache(maxsize=4)

@@ -1,14 +1,19 @@
-"""Sessions: read-only scopes on SQLite neither wait for writers nor write."""
+"""Sessions on SQLite: writers wait their turn for the write lock (and say so when it never
+comes); read-only scopes neither wait for writers nor write."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
+from worker import db
 from worker.db import default_engine, read_scope, session_scope
+from worker.errors import DatabaseUnavailable
 from worker.models import Registry
 from worker.registries import RegistrySpec, create_registry
 
@@ -44,3 +49,54 @@ def test_a_read_scope_refuses_to_write(one_registry: None) -> None:
         session.flush()
     with read_scope() as session:
         assert session.get(Registry, 1).name == "r"  # type: ignore[union-attr]
+
+
+def _hold_write_lock(path: str, seconds: float, released: list[float]) -> threading.Thread:
+    """Another process's writer: holds SQLite's write lock for ``seconds``."""
+    holding = threading.Event()
+
+    def hold() -> None:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        holding.set()
+        time.sleep(seconds)
+        released.append(time.monotonic())
+        other.execute("COMMIT")
+        other.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert holding.wait(10)
+    return thread
+
+
+def test_a_writer_waits_for_the_write_lock_and_takes_it_once_free(
+    one_registry: None, sqlite_url: str
+) -> None:
+    released: list[float] = []
+    holder = _hold_write_lock(sqlite_url.split("///", 1)[1], 0.3, released)
+    with session_scope() as session:
+        session.execute(text("UPDATE registries SET name = 'renamed' WHERE id = 1"))
+        acquired = time.monotonic()
+    holder.join(10)
+    assert released and acquired >= released[0]
+    with read_scope() as session:
+        assert session.scalar(select(Registry.name)) == "renamed"
+
+
+def test_a_write_lock_held_too_long_is_a_clear_error(
+    one_registry: None, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "SQLITE_LOCK_WAIT", 0.2)
+    released: list[float] = []
+    holder = _hold_write_lock(sqlite_url.split("///", 1)[1], 1.0, released)
+    try:
+        too_long = pytest.raises(DatabaseUnavailable, match="stayed locked by another writer")
+        with too_long, session_scope() as session:
+            session.execute(text("UPDATE registries SET name = 'renamed' WHERE id = 1"))
+    finally:
+        holder.join(10)
+    with session_scope() as session:  # the connection is usable again, with its full wait
+        session.execute(text("UPDATE registries SET name = 'later' WHERE id = 1"))
+    with read_scope() as session:
+        assert session.scalar(select(Registry.name)) == "later"
