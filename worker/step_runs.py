@@ -1,4 +1,5 @@
-"""The SQL of step claims (``step_runs``), for ``worker.pipeline``.
+"""The SQL of ``worker.pipeline``'s hot path: step claims (``step_runs``) and the job state
+changes around them (the job runs, the job succeeded).
 
 Every step of every job runs these, twice per step, so the statements are built once, here:
 SQLAlchemy memoises a statement's cache key on the statement object, and a statement built per
