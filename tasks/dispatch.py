@@ -12,8 +12,7 @@ from functools import lru_cache
 
 from celery import chain
 
-from worker.db import read_scope
-from worker.models import PushJob
+from worker.jobs import docker_host_of
 from worker.steps import STEPS
 
 #: The default queue: jobs that name no Docker host, and the periodic tasks.
@@ -33,7 +32,7 @@ class CeleryDispatcher:
 
         # Read from the job, not passed in: every caller (enqueue, fallback, operator retry,
         # reconcile) sends the chain to the same engine, whichever path it comes from.
-        queue = queue_for(_docker_host_of(job_id))
+        queue = queue_for(docker_host_of(job_id))
         # Each step carries the queue: a chain's later steps are published by the worker that
         # ran the step before, from the signature's own options.
         signatures = [
@@ -43,12 +42,6 @@ class CeleryDispatcher:
             for step in STEPS
         ]
         chain(*signatures).apply_async(queue=queue)
-
-
-def _docker_host_of(job_id: str) -> str | None:
-    with read_scope() as session:
-        job = session.get(PushJob, job_id)
-        return job.docker_host if job is not None else None
 
 
 @lru_cache(maxsize=1)

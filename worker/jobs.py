@@ -7,12 +7,13 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from worker import events
 from worker.credentials import check_credential_configured
+from worker.db import read_connection
 from worker.errors import InvalidStateTransition, JobNotFound, UnknownDockerHost, ValidationError
 from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 from worker.reference import build_target
@@ -136,6 +137,16 @@ def _validate(session: Session, request: PushRequest) -> Registry:
     build_target(registry.host, request.repository, request.tag)
     check_credential_configured(registry)
     return registry
+
+
+_DOCKER_HOST_OF = select(PushJob.docker_host).where(PushJob.id == bindparam("job_id"))
+
+
+def docker_host_of(job_id: str) -> str | None:
+    """The Docker host a job names (None: none, or no such job): one read that takes no lock,
+    made on every publish."""
+    with read_connection() as connection:
+        return connection.execute(_DOCKER_HOST_OF, {"job_id": job_id}).scalar_one_or_none()
 
 
 def get_job(session: Session, job_id: str) -> PushJob:

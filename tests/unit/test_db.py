@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from worker import db
 from worker.db import default_engine, read_scope, session_scope
 from worker.errors import DatabaseUnavailable
+from worker.jobs import PushRequest, create_job, docker_host_of
 from worker.models import Registry
 from worker.registries import RegistrySpec, create_registry
 
@@ -100,3 +101,19 @@ def test_a_write_lock_held_too_long_is_a_clear_error(
         session.execute(text("UPDATE registries SET name = 'later' WHERE id = 1"))
     with read_scope() as session:
         assert session.scalar(select(Registry.name)) == "later"
+
+
+def test_a_jobs_docker_host_is_read_without_the_write_lock(
+    one_registry: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What every publish reads to pick the queue: the job's own Docker host, or None."""
+    monkeypatch.setenv("PUSHWORKER_DOCKER_HOSTS", "builder-1")
+    to_builder = PushRequest("app:1", 1, "team/app", "v1", "t", docker_host="builder-1")
+    with session_scope() as session:
+        routed, _ = create_job(session, to_builder, actor="t")
+        default, _ = create_job(session, PushRequest("app:1", 1, "team/app", "v2", "t"), actor="t")
+    with default_engine().connect() as writer, writer.begin():
+        writer.exec_driver_sql("UPDATE registries SET name = 'held' WHERE id = 1")  # holds it
+        assert docker_host_of(routed.id) == "builder-1"
+        assert docker_host_of(default.id) is None
+        assert docker_host_of("no-such-job") is None
