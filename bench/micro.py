@@ -1,12 +1,13 @@
-"""Micro-measurements behind the proposed fixes: one cost at a time, variants interleaved.
+"""Micro-measurements of single costs on the hot path: one at a time, variants interleaved.
 
     eval "$(scripts/stack env)"; .venv/bin/python -m bench.micro [--rounds 5]
 
 A. Daemon calls through ``worker.docker_engine.DockerEngine`` (warm client): an image inspect,
    a tag, a login (what the login step asks the daemon to do when it cannot reuse one).
-B. The push step's digest check (``RegistryHTTP.manifest_digest``): as the step does it (a new
-   ``RegistryHTTP``, so a new TLS connection, then 401 and a retry with Basic credentials),
-   with the object reused (keep-alive), and reused with the credentials sent at once.
+B. The push step's digest check (``RegistryHTTP.manifest_digest``): with a new
+   ``RegistryHTTP`` (a new TLS connection, then 401 and a retry with Basic credentials), with the
+   object reused (keep-alive), and reused with the credentials sent at once (what the step does:
+   ``worker.steps.default_http`` keeps one client per registry and credential).
 C. The pipeline without Celery and without I/O: ``create_job`` and the four steps run inline by
    ``worker.pipeline.StepRunner`` against fakes of the two seams (``tests/support/fakes.py``),
    on this benchmark's database: what the database and the Python around it cost per job.
@@ -211,9 +212,9 @@ ROWS = [
         "login",
         "A. daemon: login (`DockerEngine.login`: the daemon authenticates with the registry)",
     ),
-    ("manifest_fresh", "B. digest check as the push step does it (new session: TLS, 401, retry)"),
+    ("manifest_fresh", "B. digest check with a new client (new session: TLS, 401, retry)"),
     ("manifest_reused", "B. same, `RegistryHTTP` reused (keep-alive; still 401 then retry)"),
-    ("manifest_preemptive", "B. reused and credentials sent at once (1 request)"),
+    ("manifest_preemptive", "B. reused, credentials sent at once (1 request; the push step)"),
     ("fake_job_FULL", "C. pipeline without I/O: enqueue + 4 steps, wall (default settings)"),
     ("fake_job_FULL_cpu", "C. same, CPU"),
     ("fake_job_NORMAL", "C. same with SQLite `synchronous=NORMAL`, wall"),
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     common_arguments(parser)
     args = parser.parse_args(argv)
     results = run(args)
-    write_section("Micro-measurements behind the proposed fixes", report(results),
+    write_section("Micro-measurements of the hot path", report(results),
                   print_only=args.no_report)  # fmt: skip
     path = save_results("micro", {k: v for k, v in results.items() if k != "report"})
     print(f"bench: raw results in {path}", file=sys.stderr)

@@ -15,4 +15,5 @@ $PY -m bench.overhead "$@"      # 4
 $PY -m bench.enqueue "$@"       # 5
 $PY -m bench.profile_worker "$@"
 $PY -m bench.micro "$@"
+$PY -m bench.contention
 echo "bench: done; $(uptime)" >&2
