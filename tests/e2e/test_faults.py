@@ -100,7 +100,20 @@ def test_duplicate_deliveries_run_each_step_once(e2e: E2E, image: str) -> None:
     assert job.status == "succeeded"
     assert pushes.references == [f"{e2e.stack.tls.host}/{repository}:v1"]
     assert_each_step_completed_once(job_id)
-    assert sum(1 for kind, _, _ in events_of(job_id) if kind == "step.skipped") >= 4
+    # Each of the two extra chains ends with exactly one skip that stops it: the step is held
+    # by another delivery, or the job is over, or its last step is done already. (Skips of a
+    # step that another chain finished let a chain go on, so how many of those there are
+    # depends on timing.)
+    with session_scope() as session:
+        skips = [
+            (e.step, str(e.payload.get("reason", "")))
+            for e in select_events(session, job_id=job_id, types=["step.skipped"])
+        ]
+    stops = [
+        (step, reason) for step, reason in skips
+        if step == "push" or not reason.startswith("already succeeded")
+    ]  # fmt: skip
+    assert len(stops) == 2, skips
 
 
 def _wait_until_quiet(job_id: str, quiet: float = 2.0) -> None:
