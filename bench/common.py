@@ -39,6 +39,9 @@ import redis
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
+from tests.support.stack import RegistryEndpoint as Endpoint
+from tests.support.stack import Stack, parse_exports
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 REPORT = DOCS / "benchmarks.md"
@@ -63,12 +66,7 @@ def stack_env() -> dict[str, str]:
     out = subprocess.run(
         [str(ROOT / "scripts" / "stack"), "env"], capture_output=True, text=True, check=True
     ).stdout
-    env: dict[str, str] = {}
-    for line in out.splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].partition("=")
-            parsed = shlex.split(value)
-            env[key] = parsed[0] if parsed else ""
+    env = parse_exports(out)
     if "DOCKER_HOST" not in env:
         raise SystemExit(
             'the stack is not up: run `scripts/stack up` (or eval "$(scripts/stack env)")'
@@ -76,29 +74,8 @@ def stack_env() -> dict[str, str]:
     return env
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """One of the stack's registries."""
-
-    host: str  # 127.0.0.1:PORT
-    user: str
-    password: str
-    ca_file: str | None
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.ca_file else 'http'}://{self.host}"
-
-
 def registry_endpoint(stack: dict[str, str], which: str = "tls") -> Endpoint:
-    prefix = {"tls": "TLS", "plain": "PLAIN"}[which]
-    password_file = Path(stack[f"PUSHWORKER_STACK_{prefix}_PASSWORD_FILE"])
-    return Endpoint(
-        host=stack[f"PUSHWORKER_STACK_{prefix}_REGISTRY"],
-        user=stack[f"PUSHWORKER_STACK_{prefix}_USER"],
-        password=password_file.read_text().strip(),
-        ca_file=stack.get("PUSHWORKER_STACK_TLS_CA") if which == "tls" else None,
-    )
+    return Stack(stack).tls if which == "tls" else Stack(stack).plain
 
 
 class PrivateRegistry:

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.config import get_settings
-from worker.errors import DatabaseUnavailable, EventConflict
+from worker.errors import DatabaseUnavailable, EventConflict, PushWorkerError
 
 #: deadlock_detected, serialization_failure
 _RETRYABLE_SQLSTATES = ("40P01", "40001")
@@ -136,18 +136,10 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         session.commit()
     except OperationalError as exc:
         session.rollback()
-        if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
-            # PostgreSQL broke a deadlock (or a serialisation conflict) by aborting this
-            # transaction: nothing of it was written, and running it again is safe.
-            raise EventConflict(
-                "the database aborted this transaction to resolve a conflict with a concurrent "
-                "writer; try again"
-            ) from None
-        if _is_connection_error(exc):
-            raise DatabaseUnavailable(
-                "the database does not answer", hint="check PUSHWORKER_DATABASE_URL"
-            ) from None
-        raise
+        translated = _translated(exc)
+        if translated is None:
+            raise
+        raise translated from None
     except BaseException:
         session.rollback()
         raise
@@ -163,11 +155,10 @@ def read_connection() -> Iterator[Connection]:
         with reader_for(get_settings().database_url).connect() as connection:
             yield connection
     except OperationalError as exc:
-        if _is_connection_error(exc):
-            raise DatabaseUnavailable(
-                "the database does not answer", hint="check PUSHWORKER_DATABASE_URL"
-            ) from None
-        raise
+        translated = _translated(exc)
+        if translated is None:
+            raise
+        raise translated from None
 
 
 @contextmanager
@@ -175,6 +166,22 @@ def read_scope() -> Iterator[Session]:
     """A session for reads only (writing through it fails): see ``reader_for``."""
     with session_scope(reader_for(get_settings().database_url)) as session:
         yield session
+
+
+def _translated(exc: OperationalError) -> PushWorkerError | None:
+    """The project's error for this database failure, or None when it is not one of ours."""
+    if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+        # PostgreSQL broke a deadlock (or a serialisation conflict) by aborting this
+        # transaction: nothing of it was written, and running it again is safe.
+        return EventConflict(
+            "the database aborted this transaction to resolve a conflict with a concurrent "
+            "writer; try again"
+        )
+    if _is_connection_error(exc):
+        return DatabaseUnavailable(
+            "the database does not answer", hint="check PUSHWORKER_DATABASE_URL"
+        )
+    return None
 
 
 def _is_connection_error(exc: DBAPIError) -> bool:

@@ -77,10 +77,15 @@ def start_stack() -> Stack:
             f"the test stack could not be started (scripts/stack up):\n{result.stderr[-3000:]}",
             pytrace=False,
         )
+    return Stack(parse_exports(result.stdout))
+
+
+def parse_exports(text: str) -> dict[str, str]:
+    """The variables that ``scripts/stack up`` and ``scripts/stack env`` print as ``export``s."""
     env: dict[str, str] = {}
-    for line in result.stdout.splitlines():
+    for line in text.splitlines():
         if line.startswith("export "):
             key, _, value = line[len("export ") :].partition("=")
             parsed = shlex.split(value)
             env[key] = parsed[0] if parsed else ""
-    return Stack(env)
+    return env
