@@ -45,6 +45,10 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
         "idempotency_key", "bytes_pushed", "bytes_total", "layers_done", "layers_total",
         "refusals", "previous_status", "owner", "checks", "ok", "status", "latency_ms",
         "job_attempt", "noop",
+        # what a registry and the engine each said when an authentication failure was checked
+        "observed", "retry_after",
+        # poison messages (message.rejected)
+        "task_name", "queue", "content_type", "body_bytes", "message_id",
         # retention (events.pruned)
         "first_event_id", "last_event_id", "last_hash", "count", "cutoff", "archived_to",
         "archive_sha256",
