@@ -9,6 +9,7 @@ metrics and serves them (``worker.metrics``).
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import structlog
@@ -81,6 +82,22 @@ def _start_metrics(**_kwargs: object) -> None:
 @worker_ready.connect
 def _serve_metrics(**_kwargs: object) -> None:
     metrics.serve()
+
+
+@worker_ready.connect
+def _take_over_dead_claims(**_kwargs: object) -> None:
+    # A worker that starts where another died whole (SIGKILL, OOM, reboot) resumes its jobs now,
+    # not after Redis' visibility timeout or beat's grace (worker.reconcile). In a thread: the
+    # consumer must not wait for the database to answer.
+    from worker.reconcile import take_over_dead_claims
+
+    def run() -> None:
+        try:
+            take_over_dead_claims()
+        except Exception:  # the next start, or beat's reconcile, tries again
+            log.exception("worker.takeover_failed")
+
+    threading.Thread(target=run, name="pushworker-takeover", daemon=True).start()
 
 
 _STEP_PREFIX = "pushworker.step."

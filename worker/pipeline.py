@@ -15,12 +15,10 @@ step that already succeeded for this job and registry is skipped on any later de
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Literal, Protocol, TypeVar
 
 from sqlalchemy import update
@@ -39,6 +37,7 @@ from worker.errors import (
     WorkerLost,
 )
 from worker.fallback import final_auth_error, next_registry
+from worker.liveness import claim_is_dead, owner_of_this_process
 from worker.logs import get_logger
 from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 from worker.retry import backoff_delay, should_retry
@@ -173,7 +172,8 @@ class StepRunner:
         now = utcnow()
         lease = now + timedelta(seconds=_lease_seconds(step, self.settings))
         if run is None:
-            if not step_runs.insert_first_claim(session, job_id, step, registry_id, actor, lease):
+            owner = owner_of_this_process(actor)
+            if not step_runs.insert_first_claim(session, job_id, step, registry_id, owner, lease):
                 return "another delivery claimed this step at the same moment"
             return 1
         if run.status == StepStatus.RUNNING and not claim_is_dead(run, now):
@@ -185,8 +185,8 @@ class StepRunner:
                 StepRun.registry_id == registry_id, StepRun.status == run.status,
                 StepRun.attempts == run.attempts,
             )
-            .values(status=StepStatus.RUNNING.value, attempts=run.attempts + 1, owner=actor,
-                    lease_expires_at=lease)
+            .values(status=StepStatus.RUNNING.value, attempts=run.attempts + 1,
+                    owner=owner_of_this_process(actor), lease_expires_at=lease)
             .execution_options(synchronize_session=False)
         )  # fmt: skip
         if taken.rowcount != 1:  # type: ignore[attr-defined]
@@ -308,27 +308,6 @@ def _refusals(session: Session, job: PushJob) -> list[tuple[int, str]]:
 
 def _lease_seconds(step: str, settings: Settings) -> float:
     return settings.push_timeout if step == "push" else 300.0
-
-
-def claim_is_dead(run: StepRun, now: datetime) -> bool:
-    """A claim whose lease ran out, or whose owner process on this host is gone."""
-    if run.lease_expires_at is None or run.lease_expires_at <= now:
-        return True
-    kind, _, rest = (run.owner or "").partition(":")
-    host, _, pid = rest.rpartition(":")
-    if kind != "worker" or host != socket.gethostname() or not pid.isdigit():
-        return False
-    return not _pid_alive(int(pid))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _progress_recorder(

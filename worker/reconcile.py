@@ -26,6 +26,7 @@ for every job), and a later run tries again once the job's wait has passed.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,9 +38,9 @@ from sqlalchemy.orm import Session
 from worker import client, events
 from worker.db import session_scope
 from worker.errors import EventConflict, ValidationError
+from worker.liveness import claim_is_dead, owner_is_dead
 from worker.logs import get_logger
 from worker.models import Event, JobStatus, PushJob, StepRun, StepStatus, utcnow
-from worker.pipeline import claim_is_dead
 
 log = get_logger("pushworker.reconcile")
 
@@ -132,7 +133,65 @@ def reconcile(
     return report
 
 
-def _record(job_id: str, now: datetime, grace: float, actor: str) -> Due | None:
+def take_over_dead_claims(
+    *, host: str | None = None, publish: Publisher | None = None, actor: str | None = None
+) -> ReconcileReport:
+    """Republish, now, every running job whose step was claimed by a process of this host that
+    is gone (the worker was SIGKILLed whole, OOM-killed, or the machine rebooted).
+
+    Called when a worker starts: the dead worker's messages are invisible in Redis until the
+    visibility timeout (about 40 minutes) and beat's reconcile waits a grace period, but a
+    process of the same host can tell at once that the claim's owner no longer runs
+    (``worker.liveness``). The republished chain skips the steps that succeeded and takes the
+    dead claim, so the job resumes where it stopped; a message of the dead worker that comes
+    back later finds the step done and records a skip.
+    """
+    host = host or socket.gethostname()
+    send = publish or client.publish
+    who = actor or events.worker_actor()
+    report = ReconcileReport()
+    for job_id, owner, step in _dead_claims_of(host):
+        reason = f"taken over at worker start: {owner} died holding step {step}"
+        try:
+            due = _record(job_id, utcnow(), 0.0, who, reason=reason)
+        except EventConflict:
+            report.waiting += 1  # another worker starting on this host took it over first
+            continue
+        if due is None:
+            report.waiting += 1
+            continue
+        if not send(job_id, due.registry_id):
+            report.deferred.append(job_id)
+            break
+        report.republished.append(job_id)
+    if report.republished or report.deferred:
+        log.info("reconcile.took_over", host=host, **report.to_dict())
+    return report
+
+
+def _dead_claims_of(host: str) -> list[tuple[str, str, str]]:
+    """``(job id, owner, step)`` of the running claims of jobs still running whose owner was a
+    process of ``host`` that is gone; one per job."""
+    with session_scope() as session:
+        rows = session.execute(
+            select(StepRun.job_id, StepRun.owner, StepRun.step)
+            .join(PushJob, PushJob.id == StepRun.job_id)
+            .where(
+                StepRun.status == StepStatus.RUNNING.value,
+                StepRun.owner.startswith(f"worker:{host}:", autoescape=True),
+                PushJob.status == JobStatus.RUNNING.value,
+            )
+        ).all()
+    dead: dict[str, tuple[str, str, str]] = {}
+    for job_id, owner, step in rows:
+        if owner_is_dead(owner):
+            dead.setdefault(job_id, (job_id, owner, step))
+    return list(dead.values())
+
+
+def _record(
+    job_id: str, now: datetime, grace: float, actor: str, *, reason: str | None = None
+) -> Due | None:
     """In one transaction: decide whether the job is due, and if so append ``job.republished``."""
     with session_scope() as session:
         due = _due(session, job_id, now, grace)
@@ -141,7 +200,7 @@ def _record(job_id: str, now: datetime, grace: float, actor: str) -> Due | None:
         row = events.append(
             session, stream=events.job_stream(job_id), type=REPUBLISHED, actor=actor,
             job_id=job_id, registry_id=due.registry_id, attempt=due.attempt,
-            payload={"reason": due.reason, "job_attempt": due.attempt},
+            payload={"reason": reason or due.reason, "job_attempt": due.attempt},
         )  # fmt: skip
         if row.seq != due.last_seq + 1:  # something was appended since _due read the stream
             raise EventConflict(f"job {job_id} changed while it was reconciled")

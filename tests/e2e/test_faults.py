@@ -27,6 +27,7 @@ from worker.client import enqueue_push, publish
 from worker.db import session_scope
 from worker.events import select_events
 from worker.jobs import PushRequest, create_job, retry_job
+from worker.liveness import parse_owner
 from worker.migrate import upgrade
 from worker.models import PushJob, StepRun
 
@@ -63,7 +64,9 @@ def claim_owner(job_id: str, step: str, timeout: float = 60) -> tuple[int, int]:
         with session_scope() as session:
             run = session.get(StepRun, (job_id, step, HARBOR_ID))
             if run is not None and run.status == "running" and run.owner:
-                return int(run.owner.rsplit(":", 1)[1]), run.attempts
+                pid = parse_owner(run.owner)[2]
+                assert pid is not None, f"claim owner {run.owner!r} names no process"
+                return pid, run.attempts
         time.sleep(0.01)
     raise AssertionError(f"step {step} of job {job_id} was never claimed")
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from datetime import datetime, timedelta
 
 import pytest
@@ -9,9 +13,11 @@ import pytest
 from worker import events
 from worker.db import session_scope
 from worker.errors import ValidationError
+from worker.events import worker_actor
 from worker.jobs import PushRequest, create_job, retry_job
+from worker.liveness import owner_is_dead, owner_of_this_process, parse_owner, start_mark
 from worker.models import JobStatus, PushJob, StepRun, utcnow
-from worker.reconcile import GRACE_ENV, grace_from_env, reconcile
+from worker.reconcile import GRACE_ENV, grace_from_env, reconcile, take_over_dead_claims
 from worker.registries import RegistrySpec, create_registry
 
 GRACE = 60.0
@@ -223,3 +229,61 @@ def test_a_stalled_running_job_is_republished_once_per_wait(registry: int) -> No
     with session_scope() as session:
         types = [e.type for e in events.select_events(session, job_id=job_id)]
     assert types[-1] == "job.republished"
+
+
+# --- taking over the claims of a worker that died whole ------------------------------------------
+
+
+def _dead_pid() -> int:
+    """The pid of a process of this host that has exited (and was reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_worker_start_takes_over_the_claims_of_dead_processes_of_its_host(
+    registry: int,
+) -> None:
+    """The claim's lease has hours left, but its owner process on this host is gone: the job is
+    republished at once, with the reason; a second start finds nothing more to do."""
+    broker = Broker()
+    owner = f"worker:{socket.gethostname()}:{_dead_pid()}"
+    job_id = _running_with_claim(owner, timedelta(hours=2))
+    report = take_over_dead_claims(publish=broker)
+    assert report.republished == [job_id] and broker.sent == [(job_id, 5)]
+    with session_scope() as session:
+        last = events.select_events(session, job_id=job_id)[-1]
+    assert last.type == "job.republished"
+    assert (
+        "taken over at worker start" in last.payload["reason"] and owner in last.payload["reason"]
+    )
+
+
+def test_takeover_leaves_live_claims_and_other_hosts_alone(registry: int) -> None:
+    """A claim held by a live process of this host, or by any process of another host (which
+    cannot be probed from here), is not taken over."""
+    broker = Broker()
+    _running_with_claim(owner_of_this_process(worker_actor()), timedelta(hours=2))
+    _running_with_claim(f"worker:another-host:{_dead_pid()}", timedelta(hours=2))
+    assert take_over_dead_claims(publish=broker).republished == []
+    assert broker.sent == []
+
+
+def test_a_reused_pid_does_not_keep_a_dead_claim_alive(registry: int) -> None:
+    """After a restart a new process can carry the dead owner's pid; its start mark differs, so
+    the claim is recognised as dead (this very process stands in for the new one)."""
+    broker = Broker()
+    stale = f"{worker_actor()}@{start_mark(os.getpid())[:-1]}9999"
+    assert owner_is_dead(stale) and not owner_is_dead(owner_of_this_process(worker_actor()))
+    job_id = _running_with_claim(stale, timedelta(hours=2))
+    assert take_over_dead_claims(publish=broker).republished == [job_id]
+
+
+def test_claim_owners_name_the_process_and_its_start() -> None:
+    """``worker:<host>:<pid>@<start mark>``: the actor auditors read, then what liveness needs."""
+    owner = owner_of_this_process(worker_actor())
+    kind, host, pid, mark = parse_owner(owner)
+    assert (kind, host, pid) == ("worker", socket.gethostname(), os.getpid())
+    assert mark and mark == start_mark(os.getpid())
+    assert parse_owner("worker:h:12") == ("worker", "h", 12, "")
+    assert parse_owner(None) == ("", "", None, "")

@@ -1,0 +1,90 @@
+"""Whether the process that holds a step claim is still alive.
+
+A claim names its owner as ``worker:<host>:<pid>@<start mark>``: the event actor (who did it, as
+auditors read it) and the owner process's start mark, the machine's boot id and the process's
+start time in clock ticks (``/proc``). A pid alone does not identify a process for long: after a
+reboot or a container restart pids begin again from low numbers, and a new worker can carry the
+very pid of the one that died holding a claim. With the start mark, such a claim is recognised
+as dead at once instead of waiting for its lease.
+
+Only processes of this host can be probed; a claim held on another host stays alive until its
+lease runs out (the lease is what bounds it there).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+from worker.models import StepRun
+
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def owner_of_this_process(actor: str) -> str:
+    """The claim owner for ``actor`` (``worker:<host>:<pid>``) running in this process."""
+    mark = start_mark(os.getpid())
+    return f"{actor}@{mark}" if mark else actor
+
+
+def parse_owner(owner: str | None) -> tuple[str, str, int | None, str]:
+    """``(kind, host, pid, start mark)`` of a claim owner; pid None when it names none."""
+    identity, _, mark = (owner or "").partition("@")
+    kind, _, rest = identity.partition(":")
+    host, _, pid = rest.rpartition(":")
+    return kind, host, int(pid) if pid.isdigit() else None, mark
+
+
+def claim_is_dead(run: StepRun, now: datetime) -> bool:
+    """A claim whose lease ran out, or whose owner process on this host is gone."""
+    if run.lease_expires_at is None or run.lease_expires_at <= now:
+        return True
+    return owner_is_dead(run.owner)
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True when ``owner`` is a worker process of this host that no longer runs.
+
+    A live pid whose start mark differs from the recorded one is another process (the pid was
+    reused) and counts as dead. An owner recorded without a mark is judged by its pid alone.
+    """
+    kind, host, pid, mark = parse_owner(owner)
+    if kind != "worker" or host != socket.gethostname() or pid is None:
+        return False
+    if not _pid_alive(pid):
+        return True
+    return bool(mark) and start_mark(pid) != mark
+
+
+def start_mark(pid: int) -> str:
+    """``<boot id>.<start ticks>`` of a process, or "" where /proc cannot say."""
+    boot = _boot_id()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # Field 22 (starttime); the command name (field 2) may hold spaces and parentheses, so the
+    # fields are counted from the last ')'.
+    fields = stat.rpartition(")")[2].split()
+    return f"{boot}.{fields[19]}" if boot and len(fields) > 19 else ""
+
+
+@lru_cache(maxsize=1)
+def _boot_id() -> str:
+    try:
+        return _BOOT_ID.read_text().strip().replace("-", "")[:16]
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
