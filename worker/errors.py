@@ -9,6 +9,8 @@ credentials: they are built from names, hosts and the registry's own words only.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PushWorkerError(Exception):
     """Root of every error this project raises on purpose."""
@@ -22,15 +24,20 @@ class PushWorkerError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        #: What was seen on the way to this error (the engine's and the registry's words when a
+        #: refusal was checked), recorded under ``observed``. Descriptions only, never secrets.
+        self.observed: dict[str, str] = {}
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
-    def to_payload(self) -> dict[str, str]:
+    def to_payload(self) -> dict[str, Any]:
         """What the event log keeps of this error."""
-        payload = {"error_code": self.code, "error_message": self.message}
+        payload: dict[str, Any] = {"error_code": self.code, "error_message": self.message}
         if self.hint:
             payload["hint"] = self.hint
+        if self.observed:
+            payload["observed"] = dict(self.observed)
         return payload
 
 
@@ -134,6 +141,36 @@ class RegistryUnavailable(RegistryError):
     """DNS, TCP, timeout or 5xx: the registry could not be reached. Retried with backoff."""
 
     code = "registry_unavailable"
+    retryable = True
+    exit_code = 8
+
+
+class RegistryThrottled(RegistryUnavailable):
+    """HTTP 429 / ``TOOMANYREQUESTS``: the registry asks us to slow down. Retried, and never
+    sooner than the registry's ``Retry-After`` (bounded by ``PUSHWORKER_RETRY_MAX``)."""
+
+    code = "registry_throttled"
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        #: Seconds the registry asked us to wait (its ``Retry-After``), when it said.
+        self.retry_after = retry_after
+
+    def to_payload(self) -> dict[str, Any]:
+        payload = super().to_payload()
+        if self.retry_after is not None:
+            payload["retry_after"] = round(self.retry_after, 3)
+        return payload
+
+
+class RegistryMisbehaved(RegistryError):
+    """The engine reported the credential refused, but the registry's own API accepts it when
+    asked at once: a flaky registry (or a proxy in front of it), not a wrong password. Retried;
+    never a reason to fall back."""
+
+    code = "registry_misbehaved"
     retryable = True
     exit_code = 8
 

@@ -40,7 +40,7 @@ from worker.fallback import final_auth_error, next_registry
 from worker.liveness import claim_is_dead, owner_of_this_process
 from worker.logs import get_logger
 from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
-from worker.retry import backoff_delay, should_retry
+from worker.retry import retry_delay, should_retry
 from worker.steps import ACTIONS, STEPS, HttpFactory, StepContext, StepResult, default_http
 
 log = get_logger("pushworker.pipeline")
@@ -246,7 +246,7 @@ class StepRunner:
                 dispatch_to = fallback
                 outcome = Outcome("stop", reason="fallback")
             elif should_retry(error, tries, self.settings.max_attempts):
-                delay = self._delay(tries)
+                delay = self._delay(tries, error)
                 note("step.failed", tries, will_retry=True, retry_in=round(delay, 2),
                      **error.to_payload())  # fmt: skip
                 outcome = Outcome("retry", delay, error.code)
@@ -267,8 +267,11 @@ class StepRunner:
         _mark_failed(job, error)
         note("job.failed", tries, **error.to_payload())
 
-    def _delay(self, tries: int) -> float:
-        return backoff_delay(tries, base=self.settings.retry_base, cap=self.settings.retry_max)
+    def _delay(self, tries: int, error: PushWorkerError | None = None) -> float:
+        # The error may ask for a longer wait (a throttling registry's Retry-After).
+        return retry_delay(
+            error, tries, base=self.settings.retry_base, cap=self.settings.retry_max
+        )
 
 
 def _mark_failed(job: PushJob, error: PushWorkerError) -> None:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.auth import HTTPBasicAuth
 
-from worker.classify import classify_registry_message
+from worker.classify import classify_http, parse_retry_after
 from worker.credentials import Credential
 from worker.errors import (
     AuthenticationError,
@@ -102,7 +102,12 @@ class RegistryHTTP:
         return Challenge(response.status_code, scheme, params)
 
     def check_credentials(self) -> Challenge:
-        """Prove the credential against ``/v2/``; AuthenticationError when refused."""
+        """Prove the credential against ``/v2/``; AuthenticationError when refused.
+
+        Always asks the registry anew (no cached token): the answer confirms or refutes a
+        refusal the engine just reported, so it must be about the credential as it is now.
+        """
+        self._tokens.pop("", None)
         challenge = self.ping()
         if challenge.status == 200:
             return challenge
@@ -173,25 +178,41 @@ class RegistryHTTP:
         return str(token)
 
     def _refusal(self, response: requests.Response) -> RegistryError:
-        words = _registry_words(response)
-        if response.status_code in (401, 403):
-            return AuthenticationError(
-                f"registry {self.label} rejected the credentials: {words}",
-                hint="check the registry's username and password "
-                "(pushctl registry set-credential), then retry the job",
-            )
-        return classify_registry_message(words, registry=self.label)
+        """The error for a non-success answer, from its status, error codes and Retry-After."""
+        codes, messages = _registry_errors(response)
+        status = f"HTTP {response.status_code}"
+        words = f"{status} {'; '.join(messages)}" if messages else status
+        return classify_http(
+            response.status_code,
+            codes,
+            words,
+            registry=self.label,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
 
 
-def _registry_words(response: requests.Response) -> str:
-    """The registry's own error text, from its JSON ``errors`` list when it has one."""
-    status = f"HTTP {response.status_code}"
+def _registry_errors(response: requests.Response) -> tuple[list[str], list[str]]:
+    """The Distribution error codes of the body, and each error as ``CODE: message``.
+
+    Anything but the documented ``{"errors": [{"code", "message"}]}`` shape (HTML from a
+    proxy, a HEAD without body, JSON of another shape) yields no codes: the status decides.
+    """
     try:
-        errors = response.json().get("errors") or []
-        messages = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors]
-        return f"{status} {'; '.join(messages)}" if messages else status
+        body = response.json()
     except ValueError:
-        return status
+        return [], []
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, list):
+        return [], []
+    codes: list[str] = []
+    messages: list[str] = []
+    for entry in errors:
+        if not isinstance(entry, dict):
+            continue
+        code, message = str(entry.get("code") or ""), str(entry.get("message") or "")
+        codes.append(code)
+        messages.append(f"{code}: {message}".strip(": ")[:300])
+    return codes, messages
 
 
 def _first_line(exc: Exception) -> str:

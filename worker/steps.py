@@ -9,16 +9,23 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from worker.credentials import Credential, resolve_credential
 from worker.docker_engine import DockerEngine, LocalImage, ProgressCallback
-from worker.errors import PushVerificationFailed, SourceImageNotFound
+from worker.errors import (
+    AuthenticationError,
+    PushVerificationFailed,
+    RegistryError,
+    RegistryMisbehaved,
+    SourceImageNotFound,
+)
 from worker.models import PushJob, Registry
 from worker.reference import TargetReference, assert_resolves_to, build_target
 from worker.registry_http import RegistryHTTP
 
 STEPS = ("resolve_credentials", "login", "tag", "push")
+T = TypeVar("T")
 
 
 #: Makes the registry HTTP client a step uses (a fake in fast tests).
@@ -97,7 +104,9 @@ def login(ctx: StepContext) -> StepResult:
     # A retry asks the registry again: the try before failed (in this process or another
     # one), so a login remembered from earlier proves nothing about now.
     fresh = ctx.attempt > 1
-    if not ctx.engine().login(_login_address(ctx.registry), credential, reuse=not fresh):
+    engine = ctx.engine()
+    address = _login_address(ctx.registry)
+    if not _confirmed(ctx, credential, lambda: engine.login(address, credential, reuse=not fresh)):
         reason = "this worker's engine accepted the same credential for this registry recently"
         return StepResult({"username": credential.username}, noop=reason)
     return StepResult({"username": credential.username})
@@ -132,7 +141,7 @@ def push(ctx: StepContext) -> StepResult:
     if served:
         payload = {"reference": str(target), "digest": served}
         return StepResult(payload, noop="the registry already serves this tag at the local digest")
-    result = engine.push(target, credential, ctx.on_progress)
+    result = _confirmed(ctx, credential, lambda: engine.push(target, credential, ctx.on_progress))
     remote = http.manifest_digest(target.repository, target.tag)
     if remote != result.digest:
         raise PushVerificationFailed(
@@ -141,6 +150,57 @@ def push(ctx: StepContext) -> StepResult:
             hint="another writer may have pushed the same tag; the step retries",
         )
     return StepResult({"reference": str(target), "digest": result.digest, "size": result.size})
+
+
+def _confirmed(ctx: StepContext, credential: Credential | None, call: Callable[[], T]) -> T:
+    """Run an engine call that authenticates (login, push); a refusal it reports counts only
+    once the registry's own HTTP API refuses the same credential too.
+
+    The engine's word alone is not enough: when its ``/v2/`` ping fails (a 5xx window) it goes
+    on without credentials and then reports "unauthorized", and a fallback on that word would
+    send the image to another registry because of an outage.
+    """
+    try:
+        return call()
+    except AuthenticationError as claim:
+        raise _checked_refusal(ctx, credential, claim) from None
+
+
+def _checked_refusal(
+    ctx: StepContext, credential: Credential | None, claim: AuthenticationError
+) -> RegistryError:
+    """The error a refusal reported by the engine really is, once the registry was asked:
+
+    * refused there too: the engine's AuthenticationError (confirmed; fallback may apply);
+    * the check failed otherwise (unreachable, 5xx, 429, TLS): that error, never a refusal;
+    * the credential works: RegistryMisbehaved (retried).
+
+    Each carries both answers under ``observed`` (the registry's words, never the secret).
+    """
+    observed = {"engine": _brief(claim.message)}
+    error: RegistryError
+    try:
+        ctx.http(credential).check_credentials()
+    except AuthenticationError as answer:
+        observed["registry"] = _brief(answer.message)
+        error = claim
+    except RegistryError as answer:
+        observed["registry"] = _brief(f"{answer.code}: {answer.message}")
+        error = answer
+    else:
+        observed["registry"] = "GET /v2/ accepted the credential"
+        error = RegistryMisbehaved(
+            f"the Docker Engine reported that registry {ctx.registry.host} refused the "
+            f"credential ({_brief(claim.message)}), but the registry accepts it when asked "
+            "directly: the registry (or a proxy in front of it) misbehaved",
+            hint="the step retries; if it keeps happening, look at the registry's logs",
+        )
+    error.observed = {**error.observed, **observed}
+    return error
+
+
+def _brief(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _source_image(ctx: StepContext, engine: DockerEngine) -> LocalImage:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from worker.config import Settings
 from worker.credentials import Credential
 from worker.docker_engine import LocalImage, ProgressCallback, PushResult
-from worker.errors import PushWorkerError, SourceImageNotFound
+from worker.errors import AuthenticationError, PushWorkerError, SourceImageNotFound
 from worker.models import Registry
 from worker.pipeline import Outcome, StepRunner
 from worker.reference import TargetReference
@@ -32,6 +32,10 @@ class FakeWorld:
     logins: list[str] = field(default_factory=list)
     #: Whether each login allowed the engine to reuse a recent one.
     login_reuse: list[bool] = field(default_factory=list)
+    #: host -> what the registry's HTTP API answers when a credential is checked (None =
+    #: accepts). Unset: a host whose engine refused a credential refuses it here too.
+    check_errors: dict[str, PushWorkerError | None] = field(default_factory=dict)
+    refused_by_engine: set[str] = field(default_factory=set)
 
 
 class FakeEngine:
@@ -58,8 +62,13 @@ class FakeEngine:
         self.world.login_reuse.append(reuse)
         error = self.world.login_errors.get(registry_host)
         if error is not None:
+            self._note_refusal(registry_host, error)
             raise error
         return True
+
+    def _note_refusal(self, host: str, error: PushWorkerError) -> None:
+        if isinstance(error, AuthenticationError):
+            self.world.refused_by_engine.add(host)
 
     def push(
         self,
@@ -70,6 +79,7 @@ class FakeEngine:
         self.world.pushes.append(str(target))
         queued = self.world.push_errors.get(target.host) or []
         if queued:
+            self._note_refusal(target.host, queued[0])
             raise queued.pop(0)
         image = self.world.images[str(target)]
         digest = "sha256:" + hashlib.sha256(image.encode()).hexdigest()
@@ -88,7 +98,12 @@ class FakeHttp:
         return self.world.served.get(f"{self.host}/{repository}:{tag}")
 
     def check_credentials(self) -> None:
-        return None
+        if self.host in self.world.check_errors:
+            error = self.world.check_errors[self.host]
+            if error is not None:
+                raise error
+        elif self.host in self.world.refused_by_engine:
+            raise AuthenticationError(f"registry {self.host} rejected the credentials: HTTP 401")
 
     def close(self) -> None:
         return None
