@@ -30,9 +30,17 @@ from sqlalchemy.orm import Session
 from worker import client, events
 from worker.db import session_scope
 from worker.errors import InvalidMessage, PushWorkerError
-from worker.jobs import MAX_REQUESTED_BY, MAX_SOURCE_IMAGE
+from worker.jobs import (
+    MAX_ID,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_REPOSITORY,
+    MAX_REQUESTED_BY,
+    MAX_SOURCE_IMAGE,
+    MAX_TAG,
+)
 from worker.logs import get_logger
 from worker.models import Event
+from worker.text import printable
 
 log = get_logger("pushworker.contract")
 
@@ -41,11 +49,32 @@ QUEUE = "pushworker"
 SCHEMA_ID = "urn:pushworker:schema:push-request:1"
 SCHEMA_FILE = "docs/push-request.schema.json"
 REJECTED = "submission.rejected"
-MAX_REPOSITORY = 255  # Docker's limit for a repository name
-MAX_TAG = 128  # Docker's limit for a tag
-MAX_IDEMPOTENCY_KEY = 200
 #: Problems named in one rejection; a message with more says how many more.
 MAX_PROBLEMS = 10
+#: What no string field may contain: C0 and C1 controls and DEL (``worker.text.CONTROL``), so
+#: that a producer cannot put an escape sequence on an operator's terminal or a NUL byte that
+#: PostgreSQL cannot store. Written as "must not match" because a ``^...$`` pattern would let a
+#: trailing newline through in Python's regex dialect (``$`` matches before it).
+CONTROL_PATTERN = "[\\x00-\\x1f\\x7f-\\x9f]"
+#: The longest descriptive text a rejection keeps of a field.
+MAX_DESCRIBED = 300
+#: The longest fallback chain a rejection keeps.
+MAX_DESCRIBED_CHAIN = 20
+
+
+def _text(max_length: int, description: str) -> dict[str, Any]:
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": max_length,
+        "not": {"pattern": CONTROL_PATTERN},
+        "description": description,
+    }
+
+
+def _id(description: str) -> dict[str, Any]:
+    # The range of the Integer columns on every backend: an id outside it cannot name a record.
+    return {"type": "integer", "minimum": 1, "maximum": MAX_ID, "description": description}
 
 
 def push_request_schema() -> dict[str, Any]:
@@ -71,50 +100,35 @@ def push_request_schema() -> dict[str, Any]:
             "idempotency_key",
         ],
         "properties": {
-            "source_image": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": MAX_SOURCE_IMAGE,
-                "description": "The local image to push, as the worker's Docker Engine names "
-                "it (reference or image id), e.g. myapp:build.",
-            },
-            "registry_id": {
-                "type": "integer",
-                "description": "The id of the registry record to push to (pushctl registry "
-                "list). There is no default registry.",
-            },
-            "repository": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": MAX_REPOSITORY,
-                "description": "The repository path inside the registry, without a host, "
-                "e.g. team/myapp.",
-            },
-            "tag": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": MAX_TAG,
-                "description": "The tag to push, e.g. 1.2.3.",
-            },
-            "requested_by": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": MAX_REQUESTED_BY,
-                "description": "Who asks, recorded in the event log, e.g. platform:user-42.",
-            },
+            "source_image": _text(
+                MAX_SOURCE_IMAGE,
+                "The local image to push, as the worker's Docker Engine names it (reference "
+                "or image id), e.g. myapp:build.",
+            ),
+            "registry_id": _id(
+                "The id of the registry record to push to (pushctl registry list). There is "
+                "no default registry."
+            ),
+            "repository": _text(
+                MAX_REPOSITORY,
+                "The repository path inside the registry, without a host, e.g. team/myapp.",
+            ),
+            "tag": _text(MAX_TAG, "The tag to push, e.g. 1.2.3."),
+            "requested_by": _text(
+                MAX_REQUESTED_BY,
+                "Who asks, recorded in the event log, e.g. platform:user-42.",
+            ),
             "fallback": {
                 "type": "array",
-                "items": {"type": "integer"},
+                "items": _id("A registry id."),
                 "description": "Registry ids to try, in order, if the registry refuses the "
                 "credentials. Absent: the registry's own chain; []: no fallback.",
             },
-            "idempotency_key": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": MAX_IDEMPOTENCY_KEY,
-                "description": "Unique per intended push: a message delivered twice, or sent "
-                "again, returns the first job instead of making a second one.",
-            },
+            "idempotency_key": _text(
+                MAX_IDEMPOTENCY_KEY,
+                "Unique per intended push: a message delivered twice, or sent again, returns "
+                "the first job instead of making a second one.",
+            ),
         },
     }
 
@@ -193,6 +207,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{where} must not be empty"
     if error.validator == "maxLength":
         return f"{where} must be at most {expected} characters"
+    if error.validator == "not":
+        return f"{where} must not contain control characters (NUL, ESC, newline, ...)"
+    if error.validator in ("minimum", "maximum"):
+        return f"{where} must be a registry id from 1 to {MAX_ID}"
     return f"{where} is not valid ({error.validator})"
 
 
@@ -270,47 +288,99 @@ def handle_submission(
         failure = PushWorkerError(f"the submission crashed: {type(exc).__name__}")
     else:
         return Submission(submission_id, job_id=job_id)
-    with session_scope() as session:
-        record_rejection(session, submission_id, failure, args[0] if len(args) == 1 else None)
+    _record(submission_id, failure, args[0] if len(args) == 1 else None)
     return Submission(submission_id, error_code=failure.code)
 
 
+def _record(submission_id: str, failure: PushWorkerError, request: Any) -> None:
+    """Record the rejection with the request's fields; if even that cannot be stored (a bug in
+    what is kept), record it without them: every rejection is on record."""
+    try:
+        with session_scope() as session:
+            record_rejection(session, submission_id, failure, request)
+        return
+    except PushWorkerError as exc:
+        if exc.retryable:
+            raise
+        reason = exc.code
+    except Exception as exc:  # the database refused the row: keep the bare facts instead
+        log.exception("submission.rejection_unrecorded", submission_id=submission_id)
+        reason = type(exc).__name__
+    with session_scope() as session:
+        record_rejection(session, submission_id, failure, None, unrecorded=reason)
+
+
 def record_rejection(
-    session: Session, submission_id: str, error: PushWorkerError, request: Any
+    session: Session,
+    submission_id: str,
+    error: PushWorkerError,
+    request: Any,
+    *,
+    unrecorded: str | None = None,
 ) -> Event:
-    """Append ``submission.rejected`` to the submission's stream (once, even if redelivered)."""
+    """Append ``submission.rejected`` to the submission's stream (once, even if redelivered).
+
+    Only the request's descriptive fields are kept, each in a form every backend stores as
+    given (control characters escaped, lone surrogates escaped, out-of-range ids dropped), so
+    the record itself cannot fail on what a producer sent. ``unrecorded``: why the fields could
+    not be kept (the minimal record).
+    """
     stream = submission_stream(submission_id)
     earlier = events.select_events(session, stream=stream, types=[REJECTED])
     if earlier:
         return earlier[0]
     described = _descriptive_fields(request)
-    registry_id = described.get("requested_registry_id")
+    payload: dict[str, Any] = {**described, **_storable_error(error)}
+    if unrecorded is not None:
+        payload["reason"] = f"the request's fields could not be recorded ({unrecorded})"
     requested_by = described.get("requested_by")
     return events.append(
         session, stream=stream, type=REJECTED,
         actor=f"producer:{requested_by or 'unknown'}"[:200],
-        registry_id=registry_id if isinstance(registry_id, int) else None,
-        payload={**described, **error.to_payload()},
+        registry_id=described.get("requested_registry_id"),
+        payload=payload,
     )  # fmt: skip
 
 
+def storable_text(value: str, limit: int = MAX_DESCRIBED) -> str:
+    """``value`` cut to ``limit`` and made safe to store and to show: control characters
+    (NUL included) and lone surrogates become visible escapes, nothing is dropped silently."""
+    shown = printable(value[:limit])
+    if not shown.isascii():
+        shown = shown.encode("utf-8", "backslashreplace").decode("utf-8")
+    return shown
+
+
+def storable_id(value: Any) -> int | None:
+    """``value`` if it is an id a record can have (an int, not a bool, 1 to ``MAX_ID``)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID:
+        return int(value)
+    return None
+
+
+def _storable_error(error: PushWorkerError) -> dict[str, str]:
+    # Messages name fields rather than values, but some quote a value (with repr): escaped
+    # like the fields, so the record can neither fail nor carry an escape sequence.
+    return {key: storable_text(value, 2000) for key, value in error.to_payload().items()}
+
+
 def _descriptive_fields(request: Any) -> dict[str, Any]:
-    """The request's fields that describe it, well-typed ones only (its own values, no others)."""
+    """The request's fields that describe it, in a storable form (its own values, no others)."""
     if not isinstance(request, Mapping):
         return {}
     fields: dict[str, Any] = {}
     for key in ("source_image", "repository", "tag", "requested_by", "idempotency_key"):
         value = request.get(key)
         if isinstance(value, str):
-            fields[key] = value[:300]
-    registry_id = request.get("registry_id")
-    if isinstance(registry_id, int) and not isinstance(registry_id, bool):
+            fields[key] = storable_text(value)
+    registry_id = storable_id(request.get("registry_id"))
+    if registry_id is not None:
         fields["requested_registry_id"] = registry_id
     chain = request.get("fallback")
-    if isinstance(chain, list) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in chain
-    ):
-        fields["fallback_chain"] = chain[:20]
+    if isinstance(chain, list):
+        ids = [storable_id(item) for item in chain[:MAX_DESCRIBED_CHAIN]]
+        if all(item is not None for item in ids):
+            fields["fallback_chain"] = ids
     return fields
 
 

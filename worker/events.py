@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, bindparam, func, insert, select, text
+from sqlalchemy import ColumnElement, Select, String, bindparam, func, insert, select, text
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
@@ -222,6 +222,100 @@ def _checked_payload(payload: Mapping[str, Any] | None) -> dict[str, Any]:
     return normal
 
 
+#: The range of an ``Integer`` column on every backend (PostgreSQL's ``integer`` is 32-bit;
+#: SQLite would take more, and then PostgreSQL would refuse what SQLite kept).
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+
+
+def _length(name: str) -> int:
+    kind = Event.__table__.c[name].type
+    assert isinstance(kind, String) and kind.length, f"events.{name} is a bounded String"
+    return kind.length
+
+
+#: Each text column's length limit, read from the model so that the two cannot drift apart.
+_TEXT_LIMITS = {
+    name: _length(name)
+    for name in ("stream", "job_id", "type", "step", "actor", "repository", "outcome")
+}
+
+
+def stored_text(name: str, value: object, *, required: bool = False) -> str | None:
+    """``value`` exactly as the text column ``name`` stores it, or a ``ValidationError``.
+
+    A plain ``str`` (a ``str`` subclass such as an enum member becomes its plain value, which
+    is what the driver binds), within the column's length, without NUL (PostgreSQL cannot
+    store it) and encodable as UTF-8 (no lone surrogates: neither driver can send them).
+    """
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(f"event field {name} must be a string, not {_type_name(value)}")
+    text = str.__str__(value)
+    limit = _TEXT_LIMITS.get(name)
+    if (required and not text) or (limit is not None and len(text) > limit):
+        raise ValidationError(f"event field {name} must be 1 to {limit} characters")
+    if "\x00" in text:
+        raise ValidationError(f"event field {name} contains a NUL character")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(
+                f"event field {name} is not valid Unicode (a lone surrogate)"
+            ) from None
+    return text
+
+
+def stored_int(name: str, value: object) -> int | None:
+    """``value`` exactly as an ``Integer`` column stores it, or a ``ValidationError``: a real
+    int (a bool is not a number here: it would be hashed as ``true`` and stored as 1) in the
+    32-bit range every backend keeps."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValidationError(f"event field {name} must be an integer, not {_type_name(value)}")
+    number = int(value)
+    if not INT_MIN <= number <= INT_MAX:
+        raise ValidationError(f"event field {name} is out of range ({INT_MIN} to {INT_MAX})")
+    return number
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _stored_columns(
+    stream: object,
+    type: object,
+    actor: object,
+    job_id: object,
+    step: object,
+    registry_id: object,
+    attempt: object,
+) -> dict[str, Any]:
+    """The caller's column values in the form the database stores them (checked, never coerced
+    silently): the hash is taken over these, so a stored event always verifies."""
+    return {
+        "stream": stored_text("stream", stream, required=True),
+        "type": stored_text("type", type, required=True),
+        "actor": stored_text("actor", actor, required=True),
+        "job_id": stored_text("job_id", job_id),
+        "step": stored_text("step", step),
+        "registry_id": stored_int("registry_id", registry_id),
+        "attempt": stored_int("attempt", attempt),
+    }  # fmt: skip
+
+
+def _named_repository(payload: Mapping[str, Any]) -> str | None:
+    """The payload's repository as the indexed column stores it (cut to the column's length);
+    None when the payload names none (the job's is used)."""
+    named = payload.get("repository")
+    if isinstance(named, str) and named:
+        return stored_text("repository", named[: _TEXT_LIMITS["repository"]])
+    return None
+
+
 def append(
     session: Session,
     *,
@@ -237,18 +331,17 @@ def append(
     """Append one event to ``stream`` with the next sequence number, as the next link of the
     chain."""
     payload = _checked_payload(payload)
+    columns = _stored_columns(stream, type, actor, job_id, step, registry_id, attempt)
+    named_repository = _named_repository(payload)
     # This transaction's other changes take their row locks before the chain lock, not while
     # holding it, which keeps lock waits one-way in the common case.
     session.flush()
     lock_chain(session)
-    state = _append_state(session, stream, job_id)
-    named = payload.get("repository")
+    state = _append_state(session, columns["stream"], columns["job_id"])
     values: dict[str, Any] = {
-        "stream": stream, "seq": state.last_seq + 1, "job_id": job_id, "time": utcnow(),
-        "type": type, "step": step, "registry_id": registry_id, "attempt": attempt,
-        "actor": actor, "payload": payload,
-        "repository": named[:255] if isinstance(named, str) and named else state.job_repository,
-        "outcome": derive_outcome(type, payload), "prev_hash": state.head_hash,
+        **columns, "seq": state.last_seq + 1, "time": utcnow(), "payload": payload,
+        "repository": named_repository or state.job_repository,
+        "outcome": derive_outcome(columns["type"], payload), "prev_hash": state.head_hash,
     }  # fmt: skip
     values["hash"] = chain_hash(values)
     connection = session.connection()

@@ -18,10 +18,17 @@ from worker.errors import InvalidStateTransition, JobNotFound, UnknownDockerHost
 from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 from worker.reference import build_target
 from worker.registries import get_registry, validate_chain
+from worker.text import refuse_control
 
 MAX_SOURCE_IMAGE = 300
 # The recorded actor is "producer:" + requested_by, in a 200-character column.
 MAX_REQUESTED_BY = 191
+MAX_REPOSITORY = 255  # Docker's limit for a repository name, and the column's
+MAX_TAG = 128  # Docker's limit for a tag, and the column's
+MAX_IDEMPOTENCY_KEY = 200
+#: The largest id a record can have: the range of an ``Integer`` column on every backend
+#: (PostgreSQL's is 32-bit; SQLite would keep more, and PostgreSQL would then refuse it).
+MAX_ID = 2**31 - 1
 #: The named Docker Engines jobs may ask for, comma-separated (``PUSHWORKER_DOCKER_HOSTS``).
 DOCKER_HOSTS_ENV = "PUSHWORKER_DOCKER_HOSTS"
 #: A Docker host name: it becomes part of a queue name (``pushworker.<name>``).
@@ -75,6 +82,7 @@ class PushRequest:
 
 def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[PushJob, bool]:
     """The job for ``request`` and whether it is new; an idempotency key returns its job."""
+    check_request(request)
     if request.idempotency_key:
         existing = session.scalar(
             select(PushJob).where(PushJob.idempotency_key == request.idempotency_key)
@@ -118,19 +126,58 @@ def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[P
     return job, True
 
 
+def check_id(field: str, value: object) -> int:
+    """``value`` if it is a record id: an int (a bool is not an id, nor is ``"2"`` or 2.0)
+    from 1 to ``MAX_ID``; otherwise a ``ValidationError`` naming the field."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValidationError(f"{field} must be an integer, not {type(value).__name__}")
+    if not 1 <= value <= MAX_ID:
+        raise ValidationError(f"{field} must be a registry id from 1 to {MAX_ID}")
+    return int(value)
+
+
+def check_text(field: str, value: object, max_length: int) -> str:
+    """``value`` if it is a plain string of 1 to ``max_length`` characters without control
+    characters (``worker.text``) or lone surrogates; otherwise a ``ValidationError``."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string, not {type(value).__name__}")
+    if not 1 <= len(value) <= max_length:
+        raise ValidationError(f"{field} must be 1 to {max_length} characters")
+    refuse_control(field, value)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(f"{field} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def check_request(request: PushRequest) -> None:
+    """Every field of ``request`` has exactly the type and range it is stored with, before
+    anything reads or writes the database: an id is an int in the columns' range, text is a
+    ``str`` without control characters. Nothing is coerced, so what is hashed is what is
+    stored (a ``"2"`` or ``True`` in a chain would be hashed as sent and stored as 2 or 1)."""
+    check_id("registry_id", request.registry_id)
+    check_text("source_image", request.source_image, MAX_SOURCE_IMAGE)
+    check_text("repository", request.repository, MAX_REPOSITORY)
+    check_text("tag", request.tag, MAX_TAG)
+    check_text("requested_by", request.requested_by, MAX_REQUESTED_BY)
+    if request.idempotency_key is not None:
+        check_text("idempotency_key", request.idempotency_key, MAX_IDEMPOTENCY_KEY)
+    if request.docker_host is not None:
+        check_text("docker_host", request.docker_host, 100)
+    if request.fallback is not None:
+        if not isinstance(request.fallback, list):
+            raise ValidationError(
+                f"fallback must be a list of registry ids, not {type(request.fallback).__name__}"
+            )
+        for index, member in enumerate(request.fallback):
+            check_id(f"fallback[{index}]", member)
+
+
 def _validate(session: Session, request: PushRequest) -> Registry:
-    if not isinstance(request.registry_id, int) or isinstance(request.registry_id, bool):
-        raise ValidationError(f"registry_id must be an integer, not {request.registry_id!r}")
-    if not request.source_image or len(request.source_image) > MAX_SOURCE_IMAGE:
-        raise ValidationError("source_image must be 1 to 300 characters")
-    if not request.source_image.isascii() or any(c.isspace() for c in request.source_image):
+    if any(c.isspace() for c in request.source_image) or not request.source_image.isascii():
         raise ValidationError(f"source_image {request.source_image!r} is not an image reference")
-    if not request.requested_by or len(request.requested_by) > MAX_REQUESTED_BY:
-        raise ValidationError(
-            f"requested_by must say who asked, in 1 to {MAX_REQUESTED_BY} characters"
-        )
-    if request.idempotency_key is not None and not 1 <= len(request.idempotency_key) <= 200:
-        raise ValidationError("idempotency_key must be 1 to 200 characters")
     if request.docker_host is not None:
         check_docker_host(request.docker_host)
     registry = get_registry(session, request.registry_id)
