@@ -1,7 +1,8 @@
 """Set-up steps of scripts/demo: the demo registry record, a fresh image, a ready worker.
 
-Idempotent: the registry record is created once (reading its password from the stack's
-password file, so no secret key is needed) and updated on later runs.
+Idempotent: the registry record is created once (reading its password from a file in
+PUSHWORKER_CREDENTIALS_DIR, which scripts/demo fills, so no secret key is needed) and updated on
+later runs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def ensure_registry() -> int:
         url=f"https://{host}",
         kind="harbor",
         username=os.environ["PUSHWORKER_STACK_TLS_USER"],
-        credential_ref=f"file:{os.environ['PUSHWORKER_STACK_TLS_PASSWORD_FILE']}",
+        credential_ref="file:demo-harbor",  # in PUSHWORKER_CREDENTIALS_DIR
         ca_cert=Path(os.environ["PUSHWORKER_STACK_TLS_CA"]).read_text(),
     )
     with session_scope() as session:

@@ -6,11 +6,35 @@ One frozen object, read once per process; ``pushctl config`` prints it with secr
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "pushworker"
+
+
+#: Where a credential reference may point unless the deployment says otherwise: environment
+#: variables with this prefix, and files in Docker's (and compose's) secrets directory.
+DEFAULT_CREDENTIAL_ENV_PREFIX = "REGISTRY_CREDENTIAL_"
+DEFAULT_CREDENTIALS_DIR = "/run/secrets"
+
+#: Every environment variable ``Settings.from_env`` reads. A credential reference may never name
+#: one of them (worker/credential_refs.py); a unit test proves the list is complete.
+SETTINGS_ENV_NAMES = (
+    "PUSHWORKER_DATABASE_URL",
+    "PUSHWORKER_BROKER_URL",
+    "PUSHWORKER_SECRET_KEY",
+    "DOCKER_HOST",
+    "PUSHWORKER_LOG_FORMAT",
+    "PUSHWORKER_HTTP_TIMEOUT",
+    "PUSHWORKER_PUSH_TIMEOUT",
+    "PUSHWORKER_MAX_ATTEMPTS",
+    "PUSHWORKER_RETRY_BASE",
+    "PUSHWORKER_RETRY_MAX",
+    "PUSHWORKER_CREDENTIAL_ENV_PREFIX",
+    "PUSHWORKER_CREDENTIALS_DIR",
+)
 
 
 def _default_database_url() -> str:
@@ -41,10 +65,16 @@ class Settings:
     retry_base: float
     #: Upper bound of a retry delay (``PUSHWORKER_RETRY_MAX``), well under the visibility timeout.
     retry_max: float
+    #: Prefix every ``env:NAME`` credential reference must start with; the worker's own
+    #: settings are never readable whatever it is (``PUSHWORKER_CREDENTIAL_ENV_PREFIX``).
+    credential_env_prefix: str = DEFAULT_CREDENTIAL_ENV_PREFIX
+    #: Absolute directory every ``file:PATH`` credential reference must resolve into, after
+    #: symlinks and ``..``; a relative PATH is taken inside it (``PUSHWORKER_CREDENTIALS_DIR``).
+    credentials_dir: str = DEFAULT_CREDENTIALS_DIR
 
     @classmethod
-    def from_env(cls) -> Settings:
-        env = os.environ
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
         return cls(
             database_url=env.get("PUSHWORKER_DATABASE_URL") or _default_database_url(),
             broker_url=env.get("PUSHWORKER_BROKER_URL") or "redis://127.0.0.1:6379/0",
@@ -56,6 +86,9 @@ class Settings:
             max_attempts=int(env.get("PUSHWORKER_MAX_ATTEMPTS", "4")),
             retry_base=float(env.get("PUSHWORKER_RETRY_BASE", "2")),
             retry_max=float(env.get("PUSHWORKER_RETRY_MAX", "300")),
+            credential_env_prefix=env.get("PUSHWORKER_CREDENTIAL_ENV_PREFIX")
+            or DEFAULT_CREDENTIAL_ENV_PREFIX,
+            credentials_dir=env.get("PUSHWORKER_CREDENTIALS_DIR") or DEFAULT_CREDENTIALS_DIR,
         )
 
     def masked(self) -> dict[str, str]:

@@ -6,13 +6,12 @@ reaches a log line, an exception or a traceback by mistake prints as ``***``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from worker.config import get_settings
+from worker import credential_refs
+from worker.config import Settings, get_settings
 from worker.errors import CredentialError, SecretKeyMissing
 from worker.models import CredentialKind, Registry
 
@@ -54,7 +53,7 @@ def _fernet(key: str | None = None) -> Fernet:
         raise SecretKeyMissing(
             "no secret key is configured, so a secret cannot be stored or read",
             hint="set PUSHWORKER_SECRET_KEY (make one with `pushctl config new-key`), "
-            "or store a reference such as env:NAME or file:PATH instead",
+            "or store a reference (env:NAME or file:PATH, see docs/deploy.md) instead",
         )
     try:
         return Fernet(key.encode())
@@ -73,14 +72,21 @@ def encrypt_secret(secret: str, key: str | None = None) -> str:
     return _fernet(key).encrypt(secret.encode()).decode()
 
 
-def parse_reference(reference: str) -> tuple[CredentialKind, str]:
-    """``env:NAME`` or ``file:PATH`` -> (kind, target); anything else is refused."""
+def parse_reference(reference: str, settings: Settings | None = None) -> tuple[CredentialKind, str]:
+    """``env:NAME`` or ``file:PATH`` -> (kind, target), refused unless of that form and inside
+    the credential namespace of ``settings`` (this process's by default)."""
     kind, sep, target = reference.partition(":")
     if not sep or kind not in (CredentialKind.ENV, CredentialKind.FILE) or not target.strip():
         raise CredentialError(
             f"credential reference {reference!r} is not of the form env:NAME or file:PATH"
         )
-    return CredentialKind(kind), target.strip()
+    target = target.strip()
+    settings = settings or get_settings()
+    if kind == CredentialKind.ENV:
+        credential_refs.check_env_name(target, settings)
+    else:
+        credential_refs.check_file_path(target, settings)
+    return CredentialKind(kind), target
 
 
 def _where(registry: Registry) -> str:
@@ -145,24 +151,21 @@ def _read_password(registry: Registry, where: str, fix: str, key: str | None) ->
                 f"the stored secret of {where} cannot be decrypted with PUSHWORKER_SECRET_KEY",
                 hint=f"the key changed since it was stored; {fix}",
             ) from None
-    if kind == CredentialKind.ENV:
-        name = registry.credential_ref or ""
-        value = os.environ.get(name)
-        if value is None:
-            raise CredentialError(
-                f"{where} reads its password from environment variable {name}, "
-                "which is not set in the worker's environment",
-                hint=f"export {name} for the worker, or {fix}",
-            )
-        return value
-    if kind == CredentialKind.FILE:
-        path = Path(registry.credential_ref or "")
-        try:
-            return path.read_text().strip("\r\n")
-        except OSError as exc:
-            raise CredentialError(
-                f"{where} reads its password from {path}, which cannot be read "
-                f"({exc.strerror or type(exc).__name__})",
-                hint=f"create the file for the worker's user, or {fix}",
-            ) from None
+    if kind in (CredentialKind.ENV, CredentialKind.FILE):
+        return _read_reference(CredentialKind(kind), registry.credential_ref or "", where, fix)
     raise CredentialError(f"{where} has no credential", hint=fix)
+
+
+def _read_reference(kind: CredentialKind, target: str, where: str, fix: str) -> str:
+    """Read a reference in this process, confined to its namespace (the authoritative check:
+    the record may predate the confinement or have been saved with other settings)."""
+    settings = get_settings()
+    try:
+        if kind == CredentialKind.ENV:
+            return credential_refs.read_env(target, settings)
+        return credential_refs.read_file(target, settings)
+    except CredentialError as exc:
+        raise CredentialError(
+            f"{where}: {exc.message}",
+            hint=f"{exc.hint}; or {fix}" if exc.hint else fix,
+        ) from None

@@ -84,7 +84,9 @@ def test_docker_hub_url_without_kind_dockerhub_is_refused(e2e: E2E) -> None:
 
 
 @pytest.mark.parametrize(
-    "reference", ["env:PUSHWORKER_TEST_UNSET_VARIABLE", "file:/nonexistent/pushworker-password"]
+    "reference",
+    # Inside the default namespace (REGISTRY_CREDENTIAL_*, /run/secrets), absent on the worker.
+    ["env:REGISTRY_CREDENTIAL_TEST_UNSET_VARIABLE", "file:/run/secrets/pushworker-missing-pw"],
 )
 def test_credential_reference_missing_in_the_worker_fails_the_job_clearly(
     e2e: E2E, image: str, reference: str

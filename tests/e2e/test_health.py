@@ -142,7 +142,7 @@ def test_a_missing_password_is_seen_before_any_push(e2e: E2E, beat: CeleryProces
     with session_scope() as session:
         create_registry(session, RegistrySpec(
             name="missing-password", url=plain.url, insecure=True, username=plain.user,
-            credential_ref=f"env:{UNSET_VARIABLE}",
+            credential_ref=f"env:REGISTRY_CREDENTIAL_{UNSET_VARIABLE}",  # in the namespace
         ), registry_id=MISSING_ID)  # fmt: skip
     try:
         wait_until(lambda: len(health_events(MISSING_ID)) == 1, "the credential failure recorded")

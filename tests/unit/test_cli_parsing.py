@@ -194,7 +194,11 @@ def test_add_list_show_never_print_the_password(runner: CliRunner) -> None:
         assert "next" not in result.output  # only the first line of stdin was read
 
 
-def test_references_are_shown_as_given(runner: CliRunner, tmp_path: Path) -> None:
+def test_references_are_shown_as_given(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PUSHWORKER_CREDENTIALS_DIR", str(tmp_path))  # the file's namespace
+    get_settings.cache_clear()
     secret_file = tmp_path / "pw"
     secret_file.write_text(PASSWORD)
     add_harbor(runner, "--credential-ref", f"file:{secret_file}")

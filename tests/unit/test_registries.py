@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from worker.config import get_settings
 from worker.credentials import resolve_credential
 from worker.db import session_scope
 from worker.errors import (
@@ -97,14 +100,21 @@ def test_a_secret_cannot_be_stored_without_a_key(
         add(1)
 
 
-def test_references_resolve_in_the_workers_environment_with_clear_errors(sqlite_url: str) -> None:
-    """A reference is saved as given; resolving a missing variable or file names it."""
-    add(1, secret=None, credential_ref="env:NOT_SET_ANYWHERE")
-    add(2, secret=None, credential_ref="file:/nonexistent/password")
+def test_references_resolve_in_the_workers_environment_with_clear_errors(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reference inside the namespace is saved as given; resolving a missing variable or file
+    names it. (Confinement itself: tests/unit/test_credential_refs.py.)"""
+    monkeypatch.setenv("PUSHWORKER_CREDENTIALS_DIR", str(tmp_path))
+    monkeypatch.delenv("PUSHWORKER_CREDENTIAL_ENV_PREFIX", raising=False)
+    monkeypatch.delenv("REGISTRY_CREDENTIAL_NOT_SET_ANYWHERE", raising=False)
+    get_settings.cache_clear()
+    add(1, secret=None, credential_ref="env:REGISTRY_CREDENTIAL_NOT_SET_ANYWHERE")
+    add(2, secret=None, credential_ref=f"file:{tmp_path / 'nonexistent-password'}")
     with session_scope() as session:
-        with pytest.raises(CredentialError, match="NOT_SET_ANYWHERE"):
+        with pytest.raises(CredentialError, match="REGISTRY_CREDENTIAL_NOT_SET_ANYWHERE"):
             resolve_credential(get_registry(session, 1))
-        with pytest.raises(CredentialError, match="cannot be read"):
+        with pytest.raises(CredentialError, match=r"nonexistent-password.*cannot be read"):
             resolve_credential(get_registry(session, 2))
     with pytest.raises(CredentialError, match="env:NAME or file:PATH"):
         add(3, secret=None, credential_ref="vault:thing")
