@@ -1,22 +1,41 @@
 """Registry records: create, update, validate. A record that cannot authenticate is refused here,
-when it is saved, not later when a push needs it (the incident's empty ``auth_config``)."""
+when it is saved, not later when a push needs it (the incident's empty ``auth_config``).
+
+Every registry edit runs serialised with every other (``_lock_registries``): a name checked
+free, an id picked, a fallback chain checked for cycles are still true when the edit commits.
+What the database would refuse anyway (a unique name or id, a value it cannot store) is
+translated here, at its boundary, into the same ``InvalidRegistry`` a check would raise.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from sqlalchemy import select
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from worker import events
 from worker.credentials import check_credential_configured, encrypt_secret, parse_reference
 from worker.errors import InvalidFallbackChain, InvalidRegistry, RegistryNotFound
+from worker.hostnames import DOCKER_HUB_HOSTS, parse_address
 from worker.models import CredentialKind, Registry, RegistryKind, utcnow
+from worker.text import refuse_control
 
-DOCKER_HUB_HOSTS = frozenset(
-    {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
-)
+__all__ = ["DOCKER_HUB_HOSTS", "RegistryAddress", "RegistrySpec", "parse_registry_url"]
+
+#: The key of the PostgreSQL advisory lock that serialises registry edits ("pushregs"). Taken
+#: first in an edit's transaction, before the event chain's lock (``worker.events``).
+REGISTRY_LOCK_KEY = int.from_bytes(b"pushregs", "big")
+#: Registry ids are 32-bit on every backend (``registries.id`` is an INTEGER).
+MAX_REGISTRY_ID = 2**31 - 1
+#: Column widths of the text fields (``worker.models.Registry``).
+_MAX_LENGTHS = {"name": 100, "username": 200, "credential_ref": 500}
+#: Line breaks and tabs are part of a PEM bundle; every other control character is refused.
+_PEM_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -26,41 +45,69 @@ class RegistryAddress:
 
 
 def parse_registry_url(url: str, *, kind: str, insecure: bool) -> RegistryAddress:
-    """Normalise a registry URL; refuse what would push somewhere other than meant."""
-    text = url.strip()
-    if "://" not in text:
-        text = f"https://{text}"
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https"):
-        raise InvalidRegistry(f"registry URL {url!r} must use https:// (or http:// if insecure)")
-    if not parts.hostname:
-        raise InvalidRegistry(f"registry URL {url!r} has no host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+    """Normalise a registry URL (``worker.hostnames``); refuse what would push somewhere other
+    than meant: Docker Hub under another kind, plain HTTP unless insecure is explicit."""
+    address = parse_address(url)
+    shown = address.url
+    if address.scheme == "http" and not insecure:
         raise InvalidRegistry(
-            f"registry URL {url!r} must be scheme://host[:port] only",
-            hint="put project paths in the job's repository, credentials in set-credential",
-        )
-    if parts.scheme == "http" and not insecure:
-        raise InvalidRegistry(
-            f"registry URL {url!r} is plain HTTP",
+            f"registry URL {shown!r} is plain HTTP",
             hint="use https://, or pass --insecure explicitly",
         )
-    try:
-        port = parts.port
-    except ValueError:
-        raise InvalidRegistry(f"registry URL {url!r} has an invalid port") from None
-    hostname = parts.hostname.lower()
-    host = f"{hostname}:{port}" if port else hostname
-    if hostname in DOCKER_HUB_HOSTS:
+    if address.is_docker_hub:
         if kind != RegistryKind.DOCKERHUB:
             raise InvalidRegistry(
-                f"{hostname} is Docker Hub, and a Docker Hub registry must say so",
+                f"{address.hostname} is Docker Hub (or another host of Docker's), and a Docker "
+                "Hub registry must say so",
                 hint="use kind dockerhub if Docker Hub is really meant; it is never a default",
+            )
+        if address.hostname not in DOCKER_HUB_HOSTS or address.port is not None:
+            raise InvalidRegistry(
+                f"{shown!r} is not Docker Hub's registry address",
+                hint="give https://registry-1.docker.io for kind dockerhub",
             )
         return RegistryAddress(url="https://registry-1.docker.io", host="docker.io")
     if kind == RegistryKind.DOCKERHUB:
-        raise InvalidRegistry(f"kind dockerhub needs a Docker Hub URL, not {url!r}")
-    return RegistryAddress(url=f"{parts.scheme}://{host}", host=host)
+        raise InvalidRegistry(f"kind dockerhub needs a Docker Hub URL, not {shown!r}")
+    return RegistryAddress(url=address.url, host=address.host)
+
+
+def checked_address(registry: Registry) -> RegistryAddress:
+    """The stored address of ``registry``, checked again with today's rules before anything is
+    sent to it: a record saved before a rule existed (a Docker Hub host spelled with a trailing
+    dot, a dotless host) is refused at use, not trusted because it was once accepted."""
+    fix = f"correct it: pushctl registry update {registry.id} --url URL; nothing was sent to it"
+    try:
+        if registry.kind not in {k.value for k in RegistryKind}:
+            raise InvalidRegistry(f"unknown registry kind {registry.kind!r}")
+        address = parse_registry_url(
+            registry.url, kind=registry.kind, insecure=bool(registry.insecure)
+        )
+    except InvalidRegistry as exc:
+        raise InvalidRegistry(
+            f"registry {registry.id}'s stored address is refused: {exc.message}", hint=fix
+        ) from None
+    if (address.url, address.host) != (registry.url, registry.host):
+        raise InvalidRegistry(
+            f"registry {registry.id}'s stored address ({registry.url!r}, host "
+            f"{registry.host!r}) is not the canonical {address.url!r} (host {address.host!r})",
+            hint=fix,
+        )
+    return address
+
+
+def unusable_reason(session: Session, registry_id: int) -> str | None:
+    """Why a job must not be sent to ``registry_id`` now, or None when it may."""
+    registry = session.get(Registry, registry_id)
+    if registry is None:
+        return f"registry {registry_id} does not exist"
+    if registry.removed_at is not None:
+        return f"registry {registry_id} was removed"
+    try:
+        checked_address(registry)
+    except InvalidRegistry as exc:
+        return exc.message
+    return None
 
 
 @dataclass
@@ -104,11 +151,15 @@ def create_registry(
 ) -> Registry:
     if not spec.name or not spec.url:
         raise InvalidRegistry("a registry needs a name and a URL")
-    registry = Registry(id=registry_id, fallback_chain=[], auth_required=True, insecure=False)
+    _lock_registries(session)
+    registry = Registry(
+        id=_new_id(session, registry_id), fallback_chain=[], auth_required=True, insecure=False
+    )
     registry.kind = RegistryKind.GENERIC.value
     _apply(session, registry, spec)
-    session.add(registry)
-    session.flush()
+    with _stored(registry):
+        session.add(registry)
+        session.flush()
     _audit(session, registry, "registry.created", actor)
     return registry
 
@@ -116,34 +167,139 @@ def create_registry(
 def update_registry(
     session: Session, registry_id: int, spec: RegistrySpec, *, actor: str | None = None
 ) -> Registry:
+    _lock_registries(session)
     registry = get_registry(session, registry_id)
     _apply(session, registry, spec)
-    session.flush()
+    with _stored(registry):
+        session.flush()
     _audit(session, registry, "registry.updated", actor)
     return registry
 
 
 def remove_registry(session: Session, registry_id: int, *, actor: str | None = None) -> Registry:
+    """Remove a registry, and take it out of every other registry's fallback chain (each such
+    change recorded as ``registry.updated``), so that no stored chain still names it."""
+    _lock_registries(session)
     registry = get_registry(session, registry_id)
     registry.removed_at = utcnow()
+    holders = [
+        other
+        for other in list_registries(session)
+        if other.id != registry_id and registry_id in (other.fallback_chain or [])
+    ]
+    for other in holders:
+        # A new list: the JSON column notices only assignment, not changes in place.
+        other.fallback_chain = [rid for rid in other.fallback_chain if rid != registry_id]
+    session.flush()
     _audit(session, registry, "registry.removed", actor)
+    for other in holders:
+        reason = f"registry {registry_id} was removed, so it left this fallback chain"
+        _audit(session, other, "registry.updated", actor, reason=reason)
     return registry
 
 
-def _audit(session: Session, registry: Registry, type: str, actor: str | None) -> None:
+def removed_from_chains(session: Session, registry_id: int) -> list[int]:
+    """The registries whose chain lost ``registry_id`` when it was removed (from their events)."""
+    needle = f"registry {registry_id} was removed"
+    rows = events.select_events(session, types=["registry.updated"])
+    return sorted(
+        {r.registry_id for r in rows if r.registry_id and needle in str(r.payload.get("reason"))}
+    )
+
+
+def job_chain(session: Session, registry: Registry, requested: list[int] | None) -> list[int]:
+    """The fallback chain a new job copies: the one it asked for, else the registry's stored
+    one, checked either way (removed or unusable members are refused, never copied), after the
+    registry's own stored address."""
+    checked_address(registry)
+    chain = list(registry.fallback_chain or []) if requested is None else requested
+    try:
+        return validate_chain(session, registry.id, chain)
+    except (InvalidFallbackChain, RegistryNotFound) as exc:
+        if requested is not None:
+            raise
+        # The operator's stored chain, not the producer's request, is what must change.
+        raise InvalidFallbackChain(
+            f"the stored fallback chain of registry {registry.id}: {exc.message}",
+            hint=f"set it again: pushctl registry update {registry.id} --fallback IDS",
+        ) from None
+
+
+def _lock_registries(session: Session) -> None:
+    """Serialise registry edits: on PostgreSQL a transaction-level advisory lock taken before
+    anything is read (SQLite's writers are serialised by ``BEGIN IMMEDIATE``, ``worker.db``).
+
+    Two edits that each checked a chain against the other's old state made a cycle
+    (201 -> [202], 202 -> [201]); two adds of one name both found it free."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRY_LOCK_KEY})
+
+
+def _new_id(session: Session, registry_id: int | None) -> int:
+    """The id of a new registry: the one asked for, if free, else the next after every stored
+    one (removed ones included: an id is never reused, so old events keep their meaning).
+
+    Picked under the registry lock, not by PostgreSQL's sequence, which explicit ids (``--id``)
+    never advance."""
+    if registry_id is None:
+        return int(session.scalar(select(func.max(Registry.id))) or 0) + 1
+    if isinstance(registry_id, bool) or not 1 <= registry_id <= MAX_REGISTRY_ID:
+        raise InvalidRegistry(
+            f"registry id {registry_id} is out of range",
+            hint=f"give an id from 1 to {MAX_REGISTRY_ID}, or none for the next free one",
+        )
+    taken = session.get(Registry, registry_id)
+    if taken is not None:
+        removed = ", removed" if taken.removed_at is not None else ""
+        raise InvalidRegistry(
+            f"registry id {registry_id} is taken (by {taken.name!r}{removed})",
+            hint="choose another --id, or leave it out for the next free one",
+        )
+    return registry_id
+
+
+@contextmanager
+def _stored(registry: Registry) -> Iterator[None]:
+    """What the database refuses on a flush of ``registry``, as ``InvalidRegistry``. The checks
+    before it (under the registry lock) make these rare; this keeps a concurrent writer that
+    bypasses them from surfacing as a raw database error. Values are never echoed."""
+    try:
+        yield
+    except IntegrityError as exc:
+        detail = str(exc.orig).lower()
+        if "name" in detail:
+            message = f"a registry named {registry.name!r} exists already"
+        elif "pkey" in detail or "registries.id" in detail or "primary" in detail:
+            message = f"registry id {registry.id} is taken"
+        else:
+            message = "the registry conflicts with a stored one"
+        raise InvalidRegistry(message, hint="see `pushctl registry list --all`") from None
+    except DataError:
+        raise InvalidRegistry(
+            "a registry field holds a value the database cannot store",
+            hint="give plain text of the documented lengths, without NUL bytes",
+        ) from None
+
+
+def _audit(
+    session: Session, registry: Registry, type: str, actor: str | None, reason: str | None = None
+) -> None:
     """Operator changes to a registry are events too: who changed what, never the secret."""
+    payload: dict[str, object] = {
+        "registry_name": registry.name,
+        "registry_host": registry.host,
+        "fallback_chain": list(registry.fallback_chain),
+        "credential_source": _credential_description(registry),
+    }
+    if reason is not None:
+        payload["reason"] = reason
     events.append(
         session,
         stream=events.registry_stream(registry.id),
         type=type,
         actor=actor or events.operator_actor(),
         registry_id=registry.id,
-        payload={
-            "registry_name": registry.name,
-            "registry_host": registry.host,
-            "fallback_chain": list(registry.fallback_chain),
-            "credential_source": _credential_description(registry),
-        },
+        payload=payload,
     )
 
 
@@ -155,7 +311,33 @@ def _credential_description(registry: Registry) -> str:
     return f"{registry.credential_kind}:{registry.credential_ref}"
 
 
+def _refuse_bad_text(spec: RegistrySpec) -> None:
+    """Control characters (NUL, ESC, newlines) in any field are refused, naming the field and
+    never echoing the value (it may be a secret); over-long ones too, before the database."""
+    fields = {
+        "the registry name": spec.name,
+        "the registry URL": spec.url,
+        "the registry kind": spec.kind,
+        "the username": spec.username,
+        "the password": spec.secret,
+        "the credential reference": spec.credential_ref,
+    }
+    for field, value in fields.items():
+        if value is not None:
+            refuse_control(field, value)
+    for attribute, limit in _MAX_LENGTHS.items():
+        value = getattr(spec, attribute)
+        if value is not None and len(value.strip()) > limit:
+            raise InvalidRegistry(f"the {attribute.replace('_', ' ')} is longer than {limit}")
+    if spec.ca_cert is not None and _PEM_CONTROL.search(spec.ca_cert):
+        raise InvalidRegistry(
+            "the CA bundle contains a control character",
+            hint="give a PEM file (text with line breaks only)",
+        )
+
+
 def _apply(session: Session, registry: Registry, spec: RegistrySpec) -> None:
+    _refuse_bad_text(spec)
     if spec.name is not None:
         _check_unique_name(session, spec.name.strip(), registry.id)
         registry.name = spec.name.strip()
@@ -217,13 +399,28 @@ def _check_ca(pem: str) -> str | None:
 
 
 def validate_chain(session: Session, registry_id: int | None, chain: list[int]) -> list[int]:
-    """A fallback chain is checked when it is set, never first discovered broken when used."""
+    """A fallback chain is checked when it is set, never first discovered broken when used:
+    each member exists, is not removed and has a usable address; no repeats, no cycle."""
     if len(set(chain)) != len(chain):
         raise InvalidFallbackChain(f"fallback chain {chain} names a registry twice")
     if registry_id is not None and registry_id in chain:
         raise InvalidFallbackChain(f"fallback chain {chain} names its own registry {registry_id}")
     for member in chain:
-        get_registry(session, member)
+        stored = session.get(Registry, member)
+        if stored is None or stored.removed_at is not None:
+            gone = "does not exist" if stored is None else "was removed"
+            raise RegistryNotFound(
+                f"fallback chain {chain} names registry {member}, which {gone}",
+                hint="name only registries of `pushctl registry list`, in order",
+            )
+        try:
+            checked_address(stored)
+        except InvalidRegistry as exc:
+            raise InvalidFallbackChain(
+                f"fallback chain {chain} names registry {member}, which cannot be used: "
+                f"{exc.message}",
+                hint=exc.hint,
+            ) from None
         if registry_id is not None and _reaches(session, member, registry_id, set()):
             raise InvalidFallbackChain(
                 f"fallback chain {chain} makes a cycle: registry {member} falls back "
