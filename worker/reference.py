@@ -4,6 +4,10 @@ The incident: an unqualified name resolves to Docker Hub (``docker.io``) under D
 Here the pushed reference is always built from the registry record's host, then parsed back with
 docker-py's ``resolve_repository_name`` (the rules the daemon applies); if the host it resolves
 to is not the registry's host, nothing is tagged or pushed.
+
+Both sides of that comparison are in the canonical spelling of ``worker.hostnames``: a registry
+host that is not (``Registry-1.Docker.IO.``, ``host:443``, a record stored before the rules) is
+refused rather than compared, and so is a Docker host other than Docker Hub's own ``docker.io``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from dataclasses import dataclass
 from docker.auth import resolve_repository_name
 from docker.errors import InvalidRepository
 
-from worker.errors import InvalidReference, ReferenceHostMismatch
+from worker.errors import InvalidReference, InvalidRegistry, ReferenceHostMismatch
+from worker.hostnames import canonical_host, is_docker_hostname
 
 # Docker's distribution/reference grammar, ASCII only (Python's \w would admit unicode letters).
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -74,6 +79,7 @@ def validate_tag(tag: str) -> str:
 
 def build_target(registry_host: str, repository: str, tag: str) -> TargetReference:
     """The reference to push, checked against Docker's own resolution rules."""
+    check_registry_host(registry_host)
     validate_repository(repository)
     validate_tag(tag)
     target = TargetReference(registry_host, repository, tag)
@@ -92,8 +98,9 @@ def assert_resolves_to(name: str, registry_host: str, repository: str) -> None:
         index, remote = resolve_repository_name(name)
     except InvalidRepository as exc:
         raise InvalidReference(f"{name!r} is not a valid reference: {exc}") from None
+    check_registry_host(registry_host)
     expected = _index_name(registry_host)
-    if index != expected or remote != repository:
+    if index != expected or canonical_host(index) != expected or remote != repository:
         raise ReferenceHostMismatch(
             f"{name!r} would be pushed to {index!r}, not to the job's registry {expected!r}",
             hint="this push was refused before anything left the host; check the registry URL",
@@ -104,3 +111,27 @@ def _index_name(host: str) -> str:
     # Docker spells every Docker Hub host "docker.io"; apply the same rule to the expectation.
     index, _ = resolve_repository_name(f"{host}/x")
     return str(index)
+
+
+def check_registry_host(registry_host: str) -> str:
+    """``registry_host`` if it is a registry host in canonical spelling; Docker's own hosts only
+    as Docker Hub's ``docker.io`` (the one host a ``dockerhub`` record stores)."""
+    hint = "correct the registry's URL: pushctl registry update ID --url URL"
+    try:
+        canonical = canonical_host(registry_host)
+    except InvalidRegistry as exc:
+        raise ReferenceHostMismatch(
+            f"registry host {registry_host!r} is refused: {exc.message}", hint=hint
+        ) from None
+    if canonical != registry_host:
+        raise ReferenceHostMismatch(
+            f"registry host {registry_host!r} is not in its canonical spelling {canonical!r}",
+            hint=hint,
+        )
+    if is_docker_hostname(canonical.partition(":")[0]) and canonical != "docker.io":
+        raise ReferenceHostMismatch(
+            f"registry host {registry_host!r} is Docker's; only a dockerhub record (docker.io) "
+            "pushes there",
+            hint=hint,
+        )
+    return registry_host

@@ -61,7 +61,11 @@ def parse_registry_url(url: str, *, kind: str, insecure: bool) -> RegistryAddres
                 "Hub registry must say so",
                 hint="use kind dockerhub if Docker Hub is really meant; it is never a default",
             )
-        if address.hostname not in DOCKER_HUB_HOSTS or address.port is not None:
+        if (
+            address.hostname not in DOCKER_HUB_HOSTS
+            or address.port is not None
+            or address.scheme != "https"
+        ):
             raise InvalidRegistry(
                 f"{shown!r} is not Docker Hub's registry address",
                 hint="give https://registry-1.docker.io for kind dockerhub",
@@ -182,11 +186,7 @@ def remove_registry(session: Session, registry_id: int, *, actor: str | None = N
     _lock_registries(session)
     registry = get_registry(session, registry_id)
     registry.removed_at = utcnow()
-    holders = [
-        other
-        for other in list_registries(session)
-        if other.id != registry_id and registry_id in (other.fallback_chain or [])
-    ]
+    holders = [get_registry(session, rid) for rid in chains_naming(session, registry_id)]
     for other in holders:
         # A new list: the JSON column notices only assignment, not changes in place.
         other.fallback_chain = [rid for rid in other.fallback_chain if rid != registry_id]
@@ -198,13 +198,13 @@ def remove_registry(session: Session, registry_id: int, *, actor: str | None = N
     return registry
 
 
-def removed_from_chains(session: Session, registry_id: int) -> list[int]:
-    """The registries whose chain lost ``registry_id`` when it was removed (from their events)."""
-    needle = f"registry {registry_id} was removed"
-    rows = events.select_events(session, types=["registry.updated"])
-    return sorted(
-        {r.registry_id for r in rows if r.registry_id and needle in str(r.payload.get("reason"))}
-    )
+def chains_naming(session: Session, registry_id: int) -> list[int]:
+    """The registries (not removed) whose fallback chain names ``registry_id``."""
+    return [
+        other.id
+        for other in list_registries(session)
+        if other.id != registry_id and registry_id in (other.fallback_chain or [])
+    ]
 
 
 def job_chain(session: Session, registry: Registry, requested: list[int] | None) -> list[int]:

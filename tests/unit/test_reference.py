@@ -8,17 +8,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.errors import InvalidReference, ReferenceHostMismatch
-from worker.reference import assert_resolves_to, build_target
+from worker.reference import assert_resolves_to, build_target, check_registry_host
 
 COMPONENT = st.from_regex(r"[a-z0-9]{1,8}(?:[._-][a-z0-9]{1,8}){0,2}", fullmatch=True)
 REPOSITORY = st.lists(COMPONENT, min_size=1, max_size=4).map("/".join)
 TAG = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+#: A DNS label in Docker's domain grammar (letters, digits, inner hyphens).
+LABEL = st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,6}[a-z0-9])?", fullmatch=True)
+#: Registry hosts in canonical spelling (worker.hostnames), as records store them.
 HOST = st.one_of(
     st.builds(
         lambda a, b, p: f"{a}.{b}:{p}",
-        COMPONENT,
+        LABEL,
         st.sampled_from(["com", "io"]),
-        st.integers(1, 65535),
+        st.integers(1, 65535).filter(lambda p: p != 443),
     ),
     st.builds(lambda p: f"127.0.0.1:{p}", st.integers(1, 65535)),
     st.just("localhost:5000"),
@@ -85,3 +88,37 @@ def test_any_text_is_refused_or_resolves_to_the_registry(repository: str, tag: s
     except InvalidReference:
         return
     assert resolve_repository_name(target.name) == (host, repository)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "registry-1.docker.io.",  # a record saved before trailing dots were normalised
+        "Registry-1.Docker.IO",
+        "index.docker.io:443",
+        "registry-1.docker.io",  # Docker's own, but only "docker.io" is a dockerhub record
+        "auth.docker.io",
+        "reg.example.com:443",  # default port: the canonical form leaves it out
+        "reg.example.com.",
+        "myregistry",  # Docker reads it as a Docker Hub namespace
+        "::1:5000",  # what urlsplit once stored for https://[::1]:5000
+        "127.1:5000",
+        "reg.example.com:0",
+        "xn--zz.example.com",
+        "\uff44ocker.io",  # full-width d
+    ],
+)
+def test_a_registry_host_not_in_canonical_spelling_is_refused(host: str) -> None:
+    """The guard compares canonical spellings only: any other host is refused before a
+    reference is built, whatever Docker would make of it."""
+    with pytest.raises(ReferenceHostMismatch):
+        build_target(host, "team/app", "v1")
+    with pytest.raises(ReferenceHostMismatch):
+        assert_resolves_to(f"{host}/team/app", host, "team/app")
+
+
+@pytest.mark.parametrize(
+    "host", ["docker.io", "reg.example.com", "myregistry:5000", "localhost", "127.0.0.1:5000"]
+)
+def test_canonical_hosts_pass_the_host_check(host: str) -> None:
+    assert check_registry_host(host) == host
