@@ -37,6 +37,42 @@ def _redact_mapping(mapping: MutableMapping[str, Any]) -> MutableMapping[str, An
     return mapping
 
 
+#: Loggers of the libraries that print what a broker message carries (Celery, kombu).
+_MESSAGE_LOGGERS = ("celery", "kombu")
+#: Where such a line starts to show a message's contents: the body, its headers (``argsrepr`` is
+#: the arguments' repr), ``dump_body`` output, a payload kombu could not restore.
+_MESSAGE_CONTENT = re.compile(
+    r"message body was|decode message body|restore message|\bbody\s*[:=]|\bheaders\s*[:=]"
+    r"|\bargsrepr\b|\bkwargsrepr\b|\bpayload\s*[:=]|\(\d+b\)",
+    re.I,
+)
+WITHHELD = "[message contents withheld]"
+
+
+def drop_message_bodies(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Cut Celery's and kombu's lines where they start to print a message's contents.
+
+    Those lines (an unknown task, an undecodable body, a message that could not be restored)
+    print the whole body, which a producer may have filled with anything, a password too; key
+    masking cannot see into it. The exception of such a line is kept as its type only, because
+    a decoding error's text quotes the bytes it failed on.
+    """
+    if not str(event_dict.get("logger", "")).startswith(_MESSAGE_LOGGERS):
+        return event_dict
+    text = str(event_dict.get("event", ""))
+    found = _MESSAGE_CONTENT.search(text)
+    if found is None:
+        return event_dict
+    event_dict["event"] = f"{text[: found.start()]}{WITHHELD}"
+    exc_info = event_dict.pop("exc_info", None)
+    if isinstance(exc_info, tuple) and exc_info and exc_info[0] is not None:
+        event_dict["exception_type"] = exc_info[0].__name__
+    event_dict.pop("exception", None)
+    return event_dict
+
+
 def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> None:
     """Route structlog (and the stdlib loggers Celery uses) through one processor chain."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
@@ -61,7 +97,7 @@ def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> No
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, drop_message_bodies, *shared],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
