@@ -30,6 +30,7 @@ from worker.config import get_settings
 from worker.db import engine_for, reader_for, session_scope
 from worker.errors import StorageError, ValidationError
 from worker.models import Event, EventCheckpoint, utcnow
+from worker.text import printable
 
 #: Rows fetched per round trip by the streaming readers.
 PAGE_SIZE = 2000
@@ -373,7 +374,9 @@ def verify_archive(path: Path, url: str | None = None) -> VerifyReport:
 
 
 def jsonl_line(record: Mapping[str, Any]) -> str:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+    # ASCII only: JSON escapes C0 controls anyway, but would write DEL and the C1 controls
+    # (U+009B is a CSI on some terminals) raw; escaped, an export on a terminal is inert.
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
 def write_records(out: IO[str], records: Iterable[Mapping[str, Any]], fmt: str) -> int:
@@ -391,9 +394,17 @@ def write_records(out: IO[str], records: Iterable[Mapping[str, Any]], fmt: str) 
     for record in records:
         row = dict(record)
         row["payload"] = json.dumps(row["payload"], sort_keys=True, separators=(",", ":"))
-        writer.writerow(["" if row[name] is None else row[name] for name in EXPORT_FIELDS])
+        writer.writerow([_csv_cell(row[name]) for name in EXPORT_FIELDS])
         count += 1
     return count
+
+
+def _csv_cell(value: object) -> object:
+    # CSV is read by people and spreadsheets: control characters in text (rows written before
+    # they were refused at the entry points) are shown as escapes, never written raw.
+    if value is None:
+        return ""
+    return printable(value) if isinstance(value, str) else value
 
 
 def export(

@@ -136,7 +136,7 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         session.commit()
     except OperationalError as exc:
         session.rollback()
-        translated = _translated(exc)
+        translated = translate_error(exc)
         if translated is None:
             raise
         raise translated from None
@@ -155,7 +155,7 @@ def read_connection() -> Iterator[Connection]:
         with reader_for(get_settings().database_url).connect() as connection:
             yield connection
     except OperationalError as exc:
-        translated = _translated(exc)
+        translated = translate_error(exc)
         if translated is None:
             raise
         raise translated from None
@@ -168,7 +168,7 @@ def read_scope() -> Iterator[Session]:
         yield session
 
 
-def _translated(exc: OperationalError) -> PushWorkerError | None:
+def translate_error(exc: OperationalError) -> PushWorkerError | None:
     """The project's error for this database failure, or None when it is not one of ours."""
     if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
         # PostgreSQL broke a deadlock (or a serialisation conflict) by aborting this

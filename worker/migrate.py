@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.exc import OperationalError
 
 from worker.config import get_settings
-from worker.db import make_engine
+from worker.db import make_engine, translate_error
+from worker.errors import DatabaseUnavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -20,15 +24,30 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    # Alembic connects by itself, outside worker.db's sessions: a database that does not
+    # answer is translated here, so `pushctl db upgrade` says so (exit 10) instead of a
+    # driver traceback.
+    try:
+        yield
+    except OperationalError as exc:
+        raise translate_error(exc) or DatabaseUnavailable(
+            "the database refused the migration's connection",
+            hint="check PUSHWORKER_DATABASE_URL",
+        ) from None
+
+
 def upgrade(url: str | None = None, revision: str = "head") -> None:
     url = url or get_settings().database_url
-    make_engine(url).dispose()  # creates the SQLite file's folder
-    command.upgrade(alembic_config(url), revision)
+    with _database_errors():
+        make_engine(url).dispose()  # creates the SQLite file's folder
+        command.upgrade(alembic_config(url), revision)
 
 
 def current(url: str | None = None) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
     engine = make_engine(url or get_settings().database_url)
-    with engine.connect() as connection:
+    with _database_errors(), engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()

@@ -7,6 +7,7 @@ Library errors are ``PushWorkerError``s; ``_Pushctl.invoke`` turns every one of 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -19,13 +20,16 @@ import click
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import DataError, OperationalError, ProgrammingError, SQLAlchemyError
 from urllib3.exceptions import InsecureRequestWarning
 
 from worker.config import get_settings
-from worker.errors import PushWorkerError, StorageError
+from worker.db import translate_error
+from worker.errors import PushWorkerError, StorageError, ValidationError
+from worker.jobs import MAX_ID
 from worker.logs import configure_logging
 from worker.models import Event, PushJob
+from worker.text import CONTROL, printable
 
 EPILOG = """\b
 Exit codes:
@@ -87,9 +91,36 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 def parse_fallback(text: str) -> list[int]:
     """``4,7`` -> ``[4, 7]``; an empty string is the empty chain (clears it on update)."""
     items = [item.strip() for item in text.split(",")] if text.strip() else []
-    if not all(item.isdigit() for item in items):
-        raise ValueError(f"{text!r} is not a comma-separated list of registry ids, e.g. 4,7")
-    return [int(item) for item in items]
+    # isascii: str.isdigit also accepts digits such as "²", which int() does not.
+    if not all(item.isascii() and item.isdigit() for item in items):
+        raise ValueError(
+            f"{printable(text)!r} is not a comma-separated list of registry ids, e.g. 4,7"
+        )
+    ids = [int(item) for item in items]
+    if not all(1 <= member <= MAX_ID for member in ids):
+        raise ValueError(f"registry ids are from 1 to {MAX_ID}")
+    return ids
+
+
+def check_plain(text: str) -> str:
+    """``text`` if it is plain printable text: no control character (ESC, NUL, newline ...,
+    see ``worker.text``) and valid Unicode (a command line can carry undecodable bytes, which
+    Python turns into lone surrogates that no database driver can send); else ``ValueError``."""
+    found = CONTROL.search(text)
+    if found is not None:
+        raise ValueError(
+            f"contains a control character (U+{ord(found.group()):04X} at position "
+            f"{found.start()}); give plain printable text"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid UTF-8 text") from None
+    return text
+
+
+#: Days of retention: a timedelta keeps at most 999,999,999 days; nobody means more than this.
+MAX_DAYS = 1_000_000.0
 
 
 def human_bytes(count: object) -> str:
@@ -172,8 +203,43 @@ class FallbackType(click.ParamType[list[int]]):
             self.fail(str(exc), param, ctx)
 
 
+class PlainTextType(click.ParamType[str]):
+    """Free text from the command line that is stored or looked up (``--reason``, a job id,
+    ``--repository`` ...): refused, as a usage error, when it holds control characters."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_plain(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class DaysType(click.ParamType[float]):
+    name = "DAYS"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            days = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{printable(value)!r} is not a number of days", param, ctx)
+        # float() takes "nan" and "inf", which a range check lets through.
+        if not (math.isfinite(days) and 0 <= days <= MAX_DAYS):
+            self.fail(f"the number of days must be from 0 to {MAX_DAYS:.0f}", param, ctx)
+        return days
+
+
 SINCE = SinceType()
 FALLBACK = FallbackType()
+TEXT = PlainTextType()
+DAYS = DaysType()
+#: A record id (registry, event): the range of the Integer columns on every backend.
+ID = click.IntRange(1, MAX_ID)
+#: How many rows a listing shows.
+LIMIT = click.IntRange(1, MAX_ID)
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -201,20 +267,22 @@ def _iso(moment: datetime | None) -> str | None:
 def _table(columns: Sequence[str], rows: Iterable[Sequence[object]], title: str = "") -> Table:
     table = Table(*columns, title=title or None, title_justify="left")
     for row in rows:
-        # Text, not str: rich would read "[...]" in a registry's words as markup.
-        table.add_row(*(Text("-" if cell is None else str(cell)) for cell in row))
+        # Text, not str: rich would read "[...]" in a registry's words as markup. printable:
+        # a stored value may carry escape sequences (rows written before they were refused).
+        table.add_row(*(Text("-" if cell is None else printable(cell)) for cell in row))
     return table
 
 
 def _key_values(data: dict[str, Any]) -> Table:
     table = Table(show_header=False, box=None)
     for key, value in data.items():
-        table.add_row(Text(key, style="bold"), Text("-" if value in (None, "") else str(value)))
+        shown = "-" if value in (None, "") else printable(value)
+        table.add_row(Text(printable(key), style="bold"), Text(shown))
     return table
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(message, err=True)
+    click.echo(printable(message), err=True)
     raise click.exceptions.Exit(code)
 
 
@@ -252,8 +320,10 @@ def event_line(row: Event) -> Text:
     """One timeline line: time, type, step, registry, summary."""
     where = f"registry {row.registry_id}" if row.registry_id is not None else ""
     return Text(
-        f"{row.time:%H:%M:%S} {row.type:<17} {row.step or '-':<20} {where:<12} "
-        f"{summarize(row.type, row.payload or {})}".rstrip()
+        printable(
+            f"{row.time:%H:%M:%S} {row.type:<17} {row.step or '-':<20} {where:<12} "
+            f"{summarize(row.type, row.payload or {})}".rstrip()
+        )
     )
 
 
@@ -281,20 +351,48 @@ class _Pushctl(click.Group):
             return super().invoke(ctx)
         except PushWorkerError as exc:
             _report_error(exc)
-        except (OperationalError, ProgrammingError) as exc:
-            if not _schema_missing(exc):
-                raise
+        except SQLAlchemyError as exc:
+            _report_error(_database_error(exc))
+        except (OverflowError, UnicodeError):
+            # A driver refusing a value before it reaches the database (sqlite3: an int beyond
+            # 64 bits; a lone surrogate from undecodable command-line bytes).
             _report_error(
-                StorageError(
-                    "the database has no pushworker tables", hint="run `pushctl db upgrade`"
+                ValidationError(
+                    "a value given cannot be stored: a number out of range, or text that is "
+                    "not valid Unicode",
+                    hint="check the command's arguments",
                 )
             )
 
 
+def _database_error(exc: SQLAlchemyError) -> PushWorkerError:
+    """A clear error for a database failure that no seam translated. Never the driver's own
+    text: it quotes the statement's parameters, which can hold anything given."""
+    if isinstance(exc, OperationalError | ProgrammingError) and _schema_missing(exc):
+        return StorageError(
+            "the database has no pushworker tables", hint="run `pushctl db upgrade`"
+        )
+    translated = translate_error(exc) if isinstance(exc, OperationalError) else None
+    if translated is not None:
+        return translated
+    if isinstance(exc, DataError):
+        return ValidationError(
+            "the database cannot take a value given (a NUL byte, a number out of range, or "
+            "text that is too long)",
+            hint="check the command's arguments",
+        )
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    code = f", SQLSTATE {sqlstate}" if sqlstate else ""
+    return StorageError(
+        f"the database refused the command ({type(exc).__name__}{code})",
+        hint="check the database (PUSHWORKER_DATABASE_URL) and its logs",
+    )
+
+
 def _report_error(exc: PushWorkerError) -> NoReturn:
-    click.echo(f"error: {exc.message}", err=True)
+    click.echo(f"error: {printable(exc.message)}", err=True)
     if exc.hint:
-        click.echo(f"hint: {exc.hint}", err=True)
+        click.echo(f"hint: {printable(exc.hint)}", err=True)
     raise click.exceptions.Exit(exc.exit_code)
 
 

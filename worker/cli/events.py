@@ -17,7 +17,11 @@ import click
 from worker import audit, events
 from worker.cli.common import (
     _JSON,
+    DAYS,
+    ID,
+    LIMIT,
     SINCE,
+    TEXT,
     _echo_json,
     _events_table,
     _out,
@@ -25,6 +29,7 @@ from worker.cli.common import (
 )
 from worker.db import read_scope
 from worker.errors import StorageError
+from worker.text import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,13 +40,17 @@ VERIFY_FAILED_EXIT = StorageError.exit_code
 def _filters(command: F) -> F:
     """The filter options shared by the listing and ``export``."""
     options = [
-        click.option("--job", "job_id", help="Only this job's events."),
+        click.option("--job", "job_id", type=TEXT, help="Only this job's events."),
+        click.option("--registry", "registry_id", type=ID, help="Only events about this registry."),
         click.option(
-            "--registry", "registry_id", type=int, help="Only events about this registry."
+            "--repository", type=TEXT, help="Only events about this repository, e.g. team/myapp."
         ),
-        click.option("--repository", help="Only events about this repository, e.g. team/myapp."),
         click.option(
-            "--type", "types", multiple=True, help="Only this type (repeatable), e.g. job.failed."
+            "--type",
+            "types",
+            type=TEXT,
+            multiple=True,
+            help="Only this type (repeatable), e.g. job.failed.",
         ),
         click.option(
             "--outcome",
@@ -50,7 +59,7 @@ def _filters(command: F) -> F:
             type=click.Choice(["succeeded", "failed", "skipped", "cancelled", "fallback"]),
             help="Only this outcome (repeatable).",
         ),
-        click.option("--actor", help="Only this actor, exactly (e.g. operator:alice)."),
+        click.option("--actor", type=TEXT, help="Only this actor, exactly (e.g. operator:alice)."),
         click.option("--since", type=SINCE, help="From then on."),
         click.option("--until", type=SINCE, help="Before then."),
     ]
@@ -79,7 +88,7 @@ def _query(
 @_filters
 @click.option(
     "--limit",
-    type=int,
+    type=LIMIT,
     default=500,
     show_default=True,
     help="At most this many, oldest first (narrow with --since).",
@@ -119,8 +128,11 @@ def events_command(
 def _anchor(text: str) -> tuple[int, str]:
     event_id, sep, digest = text.partition(":")
     digest = digest.strip().lower()
-    if not sep or not event_id.strip().isdigit() or len(digest) != 64:
-        raise click.BadParameter(f"{text!r} is not ID:SHA256 (as printed by `events verify`)")
+    event_id = event_id.strip()
+    if not sep or not (event_id.isascii() and event_id.isdigit()) or len(digest) != 64:
+        raise click.BadParameter(
+            f"{printable(text)!r} is not ID:SHA256 (as printed by `events verify`)"
+        )
     return int(event_id), digest
 
 
@@ -163,7 +175,7 @@ def verify_command(anchors: tuple[str, ...], archive: Path | None, as_json: bool
 
 
 def _print_report(report: audit.VerifyReport, archive: Path | None) -> None:
-    what = str(archive) if archive is not None else "event log"
+    what = printable(archive) if archive is not None else "event log"
     start = "the genesis"
     if report.checkpoint is not None and archive is None:
         start = (
@@ -177,9 +189,10 @@ def _print_report(report: audit.VerifyReport, archive: Path | None) -> None:
         click.echo(f"FAILED: {what}: {report.problem_count} problem(s) in {report.checked} {span}")
         first = report.first_problem
         if first is not None:
-            click.echo(f"first: {first.message}")
+            # The messages name stored types and values: escaped like every other output.
+            click.echo(f"first: {printable(first.message)}")
         for problem in report.problems[1:]:
-            click.echo(f"  also: {problem.message}")
+            click.echo(f"  also: {printable(problem.message)}")
         if report.problem_count > len(report.problems):
             click.echo(f"  ... and {report.problem_count - len(report.problems)} more")
     if report.head_id is not None:
@@ -222,7 +235,7 @@ def export_command(fmt: str, output: Path | None, **filters: Any) -> None:
 @click.option(
     "--older-than",
     "older_than",
-    type=click.FloatRange(min=0),
+    type=DAYS,
     required=True,
     metavar="DAYS",
     help="Remove the events older than this many days.",
@@ -233,7 +246,7 @@ def export_command(fmt: str, output: Path | None, **filters: Any) -> None:
     help="Write them to this new JSON-lines file first (never overwritten).",
 )
 @click.option("--discard", is_flag=True, help="Remove them without an archive, on purpose.")
-@click.option("--actor", help="Who prunes (default: operator:<login>).")
+@click.option("--actor", type=TEXT, help="Who prunes (default: operator:<login>).")
 @_JSON
 def prune_command(
     older_than: float, archive: Path | None, discard: bool, actor: str | None, as_json: bool

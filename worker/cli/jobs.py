@@ -10,7 +10,10 @@ import click
 from worker import client, events
 from worker.cli.common import (
     _JSON,
+    ID,
+    LIMIT,
     SINCE,
+    TEXT,
     _echo_json,
     _events_table,
     _key_values,
@@ -23,6 +26,7 @@ from worker.db import read_scope, session_scope
 from worker.errors import PushWorkerError
 from worker.jobs import cancel_job, get_job, list_jobs, retry_job
 from worker.models import JobStatus
+from worker.text import printable
 
 
 @cli.group()
@@ -57,10 +61,10 @@ def _job_row(job: dict[str, Any]) -> list[object]:
 
 @jobs.command("list")
 @click.option("--status", type=_STATUSES, help="Only jobs in this status.")
-@click.option("--registry", "registry_id", type=int, help="Only jobs requested for this registry.")
+@click.option("--registry", "registry_id", type=ID, help="Only jobs requested for this registry.")
 @click.option("--since", type=SINCE, help="Only jobs created since then.")
 @click.option(
-    "--limit", type=int, default=50, show_default=True, help="At most this many, newest first."
+    "--limit", type=LIMIT, default=50, show_default=True, help="At most this many, newest first."
 )
 @_JSON
 def jobs_list(
@@ -87,7 +91,7 @@ def jobs_list(
 
 
 @jobs.command("show")
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="JOB", type=TEXT)
 @_JSON
 def jobs_show(job_id: str, as_json: bool) -> None:
     """Show a job and its event timeline.
@@ -119,13 +123,15 @@ def _retry_one(job_id: str, reason: str, actor: str) -> str:
 
 
 @jobs.command("retry")
-@click.argument("job_id", metavar="[JOB]", required=False)
+@click.argument("job_id", metavar="[JOB]", required=False, type=TEXT)
 @click.option("--status", type=_STATUSES, help="Bulk: jobs in this status [failed].")
-@click.option("--registry", "registry_id", type=int, help="Bulk: jobs requested for this registry.")
+@click.option("--registry", "registry_id", type=ID, help="Bulk: jobs requested for this registry.")
 @click.option("--since", type=SINCE, help="Bulk: jobs created since then.")
-@click.option("--limit", type=int, default=100, show_default=True, help="Bulk: at most this many.")
-@click.option("--reason", required=True, help="Why (recorded in the event log).")
-@click.option("--actor", help="Who retries [operator:$USER].")
+@click.option(
+    "--limit", type=LIMIT, default=100, show_default=True, help="Bulk: at most this many."
+)
+@click.option("--reason", type=TEXT, required=True, help="Why (recorded in the event log).")
+@click.option("--actor", type=TEXT, help="Who retries [operator:$USER].")
 def jobs_retry(
     job_id: str | None,
     status: str | None,
@@ -150,7 +156,7 @@ def jobs_retry(
         )
     who = events.operator_actor(actor)
     if job_id:
-        click.echo(_retry_one(job_id, reason, who))  # errors end the command via _Pushctl
+        click.echo(printable(_retry_one(job_id, reason, who)))  # errors: via _Pushctl
         return
     if not bulk:
         raise click.UsageError(
@@ -175,19 +181,19 @@ def _retry_many(job_ids: list[str], reason: str, actor: str) -> None:
     errors: list[PushWorkerError] = []
     for job_id in job_ids:
         try:
-            click.echo(f"✓ {_retry_one(job_id, reason, actor)}")
+            click.echo(printable(f"✓ {_retry_one(job_id, reason, actor)}"))
         except PushWorkerError as exc:
             errors.append(exc)
-            click.echo(f"✗ job {job_id}: {exc.message}", err=True)
+            click.echo(printable(f"✗ job {job_id}: {exc.message}"), err=True)
     click.echo(f"{len(job_ids) - len(errors)} of {len(job_ids)} selected job(s) retried", err=True)
     if errors:
         raise click.exceptions.Exit(errors[0].exit_code)
 
 
 @jobs.command("cancel")
-@click.argument("job_id", metavar="JOB")
-@click.option("--reason", help="Why (recorded in the event log).")
-@click.option("--actor", help="Who cancels [operator:$USER].")
+@click.argument("job_id", metavar="JOB", type=TEXT)
+@click.option("--reason", type=TEXT, help="Why (recorded in the event log).")
+@click.option("--actor", type=TEXT, help="Who cancels [operator:$USER].")
 def jobs_cancel(job_id: str, reason: str | None, actor: str | None) -> None:
     """Cancel a queued or running job: steps not yet started are skipped.
 
@@ -198,4 +204,4 @@ def jobs_cancel(job_id: str, reason: str | None, actor: str | None) -> None:
     with session_scope() as session:
         job = cancel_job(session, job_id, actor=events.operator_actor(actor), reason=reason)
         status = job.status
-    click.echo(f"job {job_id} {status}")
+    click.echo(printable(f"job {job_id} {status}"))

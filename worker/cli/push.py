@@ -14,6 +14,8 @@ from worker import client, events
 from worker.cli.common import (
     _JSON,
     FALLBACK,
+    ID,
+    TEXT,
     _echo_json,
     _fail,
     _out,
@@ -25,6 +27,7 @@ from worker.cli.common import (
 from worker.db import read_scope
 from worker.jobs import get_job
 from worker.models import Event, JobStatus
+from worker.text import printable
 
 WAIT_TIMEOUT_EXIT = 124
 INTERRUPTED_EXIT = 130  # the shell's own code for Ctrl-C
@@ -115,7 +118,9 @@ def _finish_wait(follow: _Follow, finished: bool, timeout: float | None) -> None
         )
     if job.get("status") == JobStatus.SUCCEEDED:
         click.echo(
-            f"job {follow.job_id} succeeded: {job.get('pushed_reference')}@{job.get('digest')}",
+            printable(
+                f"job {follow.job_id} succeeded: {job.get('pushed_reference')}@{job.get('digest')}"
+            ),
             err=True,
         )
         return
@@ -127,16 +132,26 @@ def _finish_wait(follow: _Follow, finished: bool, timeout: float | None) -> None
 
 
 @cli.command("push")
-@click.argument("source")
-@click.option("--registry", "registry_id", type=int, required=True, help="Registry id to push to.")
-@click.option("--repository", required=True, help="Repository path in the registry, e.g. team/app.")
-@click.option("--tag", required=True, help="Tag to push.")
+@click.argument("source", type=TEXT)
+@click.option("--registry", "registry_id", type=ID, required=True, help="Registry id to push to.")
+@click.option(
+    "--repository", type=TEXT, required=True, help="Repository path in the registry, e.g. team/app."
+)
+@click.option("--tag", type=TEXT, required=True, help="Tag to push.")
 @click.option("--fallback", type=FALLBACK, help="Registry ids to try if credentials are refused.")
-@click.option("--idempotency-key", help="The same key returns the first job instead of a new one.")
-@click.option("--requested-by", help="Who asks [operator:$USER].")
-@click.option("--docker-host", help="The named Docker host whose engine holds SOURCE.")
+@click.option(
+    "--idempotency-key",
+    type=TEXT,
+    help="The same key returns the first job instead of a new one.",
+)
+@click.option("--requested-by", type=TEXT, help="Who asks [operator:$USER].")
+@click.option("--docker-host", type=TEXT, help="The named Docker host whose engine holds SOURCE.")
 @click.option("--wait", is_flag=True, help="Follow the job's events until it ends.")
-@click.option("--timeout", type=float, help="With --wait: give up after SECONDS (exit 124).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, max=10**9),
+    help="With --wait: give up after SECONDS (exit 124).",
+)
 @_JSON
 def push(
     source: str,
