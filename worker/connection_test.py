@@ -3,6 +3,9 @@
 Each check is timed and says what to do when it fails. The first failure stops the test: the
 operator sees the lowest broken layer instead of a pile of its consequences. Details are built
 from host names, certificate fields and the registry's own words, never from credentials.
+
+The dns check starts with the stored address itself (``worker.registries.checked_address``):
+a record that today's rules refuse is never looked up or connected to.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import certifi
 from cryptography import x509
@@ -25,13 +27,16 @@ from worker.credentials import Credential, resolve_credential
 from worker.errors import (
     AuthenticationError,
     CredentialError,
+    InvalidRegistry,
     PushWorkerError,
     RegistryError,
     RegistryTLSError,
     RegistryUnavailable,
 )
+from worker.hostnames import parse_address
 from worker.logs import get_logger
 from worker.models import Event, Registry
+from worker.registries import checked_address
 from worker.registry_http import Challenge, RegistryHTTP
 
 log = get_logger("pushworker.connection_test")
@@ -188,16 +193,26 @@ class _Probe:
     ) -> None:
         self.registry, self.credential = registry, credential
         self.credential_problem, self.timeout = credential_problem, timeout
-        # The URL, not registry.host: Docker Hub's host is "docker.io", its API another name.
-        parts = urlsplit(registry.url)
-        self.scheme = parts.scheme
-        self.hostname = parts.hostname or ""
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        # Set by ``address`` (the first thing ``dns`` does): nothing connects before it ran.
+        self.scheme, self.hostname, self.port = "", "", 0
         self.challenge: Challenge | None = None
 
     # --- network layers -------------------------------------------------------------------------
 
+    def address(self) -> None:
+        """The stored address, checked with the rules of today before anything is sent: a
+        record saved before them (``https://registry-1.docker.io.`` as a generic registry, a
+        dotless host, ``https://::1:5000``) fails here, with no lookup and no connection."""
+        try:
+            checked = checked_address(self.registry)
+        except InvalidRegistry as exc:
+            raise _Failed(exc.message, exc.hint or "", exc.code) from None
+        # The URL, not registry.host: Docker Hub's host is "docker.io", its API another name.
+        parsed = parse_address(checked.url)
+        self.scheme, self.hostname, self.port = parsed.scheme, parsed.hostname, parsed.connect_port
+
     def dns(self) -> str:
+        self.address()
         try:
             infos = socket.getaddrinfo(self.hostname, self.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:

@@ -47,6 +47,8 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
         "job_attempt", "noop",
         # what a registry and the engine each said when an authentication failure was checked
         "observed", "retry_after",
+        # chain members a fallback passed over (removed, unusable): registry id and why
+        "skipped",
         # poison messages (message.rejected)
         "task_name", "queue", "content_type", "body_bytes", "message_id",
         # retention (events.pruned)

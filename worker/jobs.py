@@ -17,7 +17,7 @@ from worker.db import read_connection
 from worker.errors import InvalidStateTransition, JobNotFound, UnknownDockerHost, ValidationError
 from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 from worker.reference import build_target
-from worker.registries import get_registry, validate_chain
+from worker.registries import get_registry, job_chain
 from worker.text import refuse_control
 
 MAX_SOURCE_IMAGE = 300
@@ -90,11 +90,8 @@ def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[P
         if existing is not None:
             return existing, False
     registry = _validate(session, request)
-    chain = (
-        validate_chain(session, registry.id, request.fallback)
-        if request.fallback is not None
-        else list(registry.fallback_chain)
-    )
+    # The registry's stored address and the chain (asked for, or stored) are checked now.
+    chain = job_chain(session, registry, request.fallback)
     job = PushJob(
         idempotency_key=request.idempotency_key, source_image=request.source_image,
         repository=request.repository, tag=request.tag, requested_registry_id=registry.id,

@@ -36,10 +36,11 @@ from worker.errors import (
     PushWorkerError,
     WorkerLost,
 )
-from worker.fallback import final_auth_error, next_registry
+from worker.fallback import final_auth_error, plan_fallback
 from worker.liveness import claim_is_dead, owner_of_this_process
 from worker.logs import get_logger
 from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
+from worker.registries import target_refusal, unusable_reason
 from worker.retry import retry_delay, should_retry
 from worker.steps import ACTIONS, STEPS, HttpFactory, StepContext, StepResult, default_http
 
@@ -141,6 +142,13 @@ class StepRunner:
                 reason = f"superseded: the job moved to registry {job.effective_registry_id}"
                 note("step.skipped", None, reason=reason)
                 return Outcome("stop", reason="superseded")
+            # Checked before any claim: a registry removed while the job waited, or a stored
+            # record today's address rules refuse, fails the job and is sent nothing.
+            refusal = target_refusal(view.registry, registry_id)
+            if refusal is not None:
+                _mark_failed(job, refusal)
+                note("job.failed", None, **refusal.to_payload())
+                return Outcome("stop", reason=refusal.code)
             tries = self._take_claim(session, run, job_id, step, registry_id, actor)
             if isinstance(tries, str):
                 note("step.skipped", None, reason=tries)
@@ -237,12 +245,16 @@ class StepRunner:
             if job is None or tries is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
             note = _Recorder(session, job_id, step, registry_id, actor)
-            fallback = next_registry(job, step, error)
+            # Each member is checked now, not when the job copied the chain: a removed one is
+            # skipped (and named), never a target.
+            plan = plan_fallback(job, step, error, lambda rid: unusable_reason(session, rid))
+            skipped = {"skipped": plan.skipped_payload()} if plan.skipped else {}
+            fallback = plan.to
             if fallback is not None:
                 job.effective_registry_id, job.current_step = fallback, None
                 note("step.failed", tries, will_retry=False, **error.to_payload())
                 note("fallback.applied", tries, from_registry_id=registry_id,
-                     to_registry_id=fallback, reason=error.message)  # fmt: skip
+                     to_registry_id=fallback, reason=error.message, **skipped)  # fmt: skip
                 dispatch_to = fallback
                 outcome = Outcome("stop", reason="fallback")
             elif should_retry(error, tries, self.settings.max_attempts):
@@ -254,10 +266,10 @@ class StepRunner:
                 final = error
                 if isinstance(error, AuthenticationError):
                     refusals = [*_refusals(session, job), (registry_id, error.message)]
-                    final = final_auth_error(job, registry_id, error, refusals)
+                    final = final_auth_error(job, registry_id, error, refusals, plan.skipped)
                 _mark_failed(job, final)
                 note("step.failed", tries, will_retry=False, **error.to_payload())
-                note("job.failed", tries, **final.to_payload())
+                note("job.failed", tries, **final.to_payload(), **skipped)
                 outcome = Outcome("stop", reason=final.code)
         if dispatch_to is not None:
             self.dispatcher.start_chain(job_id, dispatch_to)

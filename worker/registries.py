@@ -20,7 +20,12 @@ from sqlalchemy.orm import Session
 
 from worker import events
 from worker.credentials import check_credential_configured, encrypt_secret, parse_reference
-from worker.errors import InvalidFallbackChain, InvalidRegistry, RegistryNotFound
+from worker.errors import (
+    InvalidFallbackChain,
+    InvalidRegistry,
+    PushWorkerError,
+    RegistryNotFound,
+)
 from worker.hostnames import DOCKER_HUB_HOSTS, parse_address
 from worker.models import CredentialKind, Registry, RegistryKind, utcnow
 from worker.text import refuse_control
@@ -98,6 +103,22 @@ def checked_address(registry: Registry) -> RegistryAddress:
             hint=fix,
         )
     return address
+
+
+def target_refusal(registry: Registry | None, registry_id: int) -> PushWorkerError | None:
+    """Why a step claimed for ``registry_id`` must not act, as the error that fails its job;
+    None when it may act. Checked at every claim: a registry removed while the job waited, or a
+    record that today's rules refuse, receives nothing."""
+    if registry is None or registry.removed_at is not None:
+        return RegistryNotFound(
+            f"registry {registry_id} was removed after the job was queued; nothing was sent to it",
+            hint="enqueue the push again, naming a registry of `pushctl registry list`",
+        )
+    try:
+        checked_address(registry)
+    except InvalidRegistry as exc:
+        return exc
+    return None
 
 
 def unusable_reason(session: Session, registry_id: int) -> str | None:
