@@ -35,6 +35,7 @@ from worker.errors import ValidationError
 from worker.models import CredentialKind, Registry, RegistryKind
 from worker.registries import (
     RegistrySpec,
+    chains_naming,
     create_registry,
     get_registry,
     list_registries,
@@ -415,14 +416,20 @@ def registry_show(registry_id: int, as_json: bool) -> None:
 def registry_remove(registry_id: int) -> None:
     """Remove a registry: no new pushes to it; its jobs and events stay readable.
 
+    It also leaves every other registry's fallback chain (each change is a registry.updated
+    event), and queued jobs that would move to it skip it.
+
     \b
     Example:
       pushctl registry remove 3
     """
     with session_scope() as session:
+        holders = chains_naming(session, registry_id)
         removed = remove_registry(session, registry_id)
         name = removed.name
     click.echo(
         f"registry {registry_id} ({name}) removed; `pushctl registry show {registry_id}` "
         "still shows it"
     )
+    if holders:
+        click.echo(f"taken out of the fallback chain of registries {_ids(holders)}")
