@@ -56,20 +56,34 @@ def owner_is_dead(owner: str | None) -> bool:
         return False
     if not _pid_alive(pid):
         return True
-    return bool(mark) and start_mark(pid) != mark
+    state, started = _proc_stat(pid)
+    # A zombie still answers kill(pid, 0) until its parent (or init, for an orphan of a worker
+    # killed whole) reaps it, but it will never act again.
+    if state in ("Z", "X"):
+        return True
+    return bool(mark) and _mark(started) != mark
 
 
 def start_mark(pid: int) -> str:
     """``<boot id>.<start ticks>`` of a process, or "" where /proc cannot say."""
+    return _mark(_proc_stat(pid)[1])
+
+
+def _mark(started: str) -> str:
     boot = _boot_id()
+    return f"{boot}.{started}" if boot and started else ""
+
+
+def _proc_stat(pid: int) -> tuple[str, str]:
+    """``(state, start time in ticks)`` from /proc, or empty strings where it cannot say."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
-    # Field 22 (starttime); the command name (field 2) may hold spaces and parentheses, so the
-    # fields are counted from the last ')'.
+        return "", ""
+    # The command name (field 2) may hold spaces and parentheses, so the fields are counted
+    # from the last ')': state is field 3, starttime field 22.
     fields = stat.rpartition(")")[2].split()
-    return f"{boot}.{fields[19]}" if boot and len(fields) > 19 else ""
+    return (fields[0], fields[19]) if len(fields) > 19 else ("", "")
 
 
 @lru_cache(maxsize=1)

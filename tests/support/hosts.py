@@ -26,9 +26,17 @@ from tests.support.worker import stop_process
 
 class CeleryProcess:
     def __init__(
-        self, argv: list[str], env: dict[str, str], log_path: Path, node: str = ""
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        node: str = "",
+        *,
+        own_group: bool = False,
     ) -> None:
         self.argv, self.env, self.log_path, self.node = argv, env, log_path, node
+        #: In a process group of its own, so a test can kill the worker whole (main + pool).
+        self.own_group = own_group
         self.process: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
@@ -36,6 +44,7 @@ class CeleryProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "tasks.app", *self.argv],
                 cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=self.own_group,
             )  # fmt: skip
 
     @property
@@ -75,6 +84,7 @@ def start_host_worker(
     pool: str = "solo",
     concurrency: int = 1,
     wait: bool = True,
+    own_group: bool = False,
 ) -> CeleryProcess:
     """A worker with ``PUSHWORKER_WORKER_HOST=host``; ``env`` holds its ``DOCKER_HOST``.
 
@@ -86,7 +96,9 @@ def start_host_worker(
         "-Q", queues or f"pushworker.{host}",
         "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
     ]  # fmt: skip
-    worker = CeleryProcess(argv, {**env, "PUSHWORKER_WORKER_HOST": host}, log_path, node=node)
+    worker = CeleryProcess(
+        argv, {**env, "PUSHWORKER_WORKER_HOST": host}, log_path, node=node, own_group=own_group
+    )
     worker.spawn()
     if wait:
         wait_ready(worker)
