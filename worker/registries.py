@@ -431,7 +431,7 @@ def validate_chain(session: Session, registry_id: int | None, chain: list[int]) 
         if stored is None or stored.removed_at is not None:
             gone = "does not exist" if stored is None else "was removed"
             raise RegistryNotFound(
-                f"fallback chain {chain} names registry {member}, which {gone}",
+                f"registry {member} {gone} (named in fallback chain {chain})",
                 hint="name only registries of `pushctl registry list`, in order",
             )
         try:
