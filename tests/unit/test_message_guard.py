@@ -306,3 +306,53 @@ def test_any_message_gets_a_verdict_never_an_exception(message: dict[str, Any]) 
     else:
         assert result.reason and result.message
         json.dumps(result.to_payload())  # recordable as it is
+
+
+def _celery_lines(secret: str) -> list[tuple[str, str, tuple[Any, ...]]]:
+    """Celery's and kombu's own format strings that print a message, filled with a secret."""
+    from celery.worker.consumer import consumer
+
+    body = f"[[{{'password': '{secret}'}}], {{}}, {{}}]"
+    head = {"task": "pushworker.sumbit", "argsrepr": f"({secret!r},)"}
+    name = "celery.worker.consumer.consumer"
+    return [
+        (name, consumer.UNKNOWN_TASK_ERROR, (KeyError("x"), f"{body} (80b)", head, {})),
+        (name, consumer.INVALID_TASK_ERROR, (ValueError("x"), f"{body} (80b)")),
+        (name, consumer.UNKNOWN_FORMAT, (body,)),
+        (
+            name,
+            consumer.MESSAGE_DECODE_ERROR,
+            (
+                UnicodeDecodeError("utf-8", secret.encode(), 0, 1, "bad"),
+                "application/json",
+                "utf-8",
+                head,
+                body,
+            ),
+        ),
+        ("kombu.transport.redis", "Could not restore message: %r", ({"body": secret},)),
+    ]
+
+
+def test_celery_and_kombu_lines_never_print_a_message_body(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Second line of defence behind the guard: through the worker's logging configuration,
+    each of Celery's and kombu's lines that prints a message body, its headers or a decoding
+    error's bytes keeps its first words and loses the contents (and the exception's text)."""
+    import logging
+
+    from worker.logs import WITHHELD, configure_logging
+
+    secret = "s3cret-" + uuid.uuid4().hex
+    configure_logging("json")
+    for logger, text, args in _celery_lines(secret):
+        try:
+            raise ValueError(secret)
+        except ValueError:
+            logging.getLogger(logger).error(text, *args, exc_info=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(_celery_lines(secret))
+    for line in lines:
+        assert secret not in line
+        assert WITHHELD in json.loads(line)["event"]
