@@ -216,26 +216,32 @@ class PlainTextType(click.ParamType[str]):
             self.fail(str(exc), param, ctx)
 
 
-class DaysType(click.ParamType[float]):
-    name = "DAYS"
+class FiniteFloatType(click.ParamType[float]):
+    """A number from 0 to ``maximum``: float() takes "nan" and "inf", which click's
+    FloatRange lets through (nan compares false with both bounds)."""
+
+    def __init__(self, name: str, maximum: float) -> None:
+        self.name = name
+        self.maximum = maximum
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> float:
         try:
-            days = float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            self.fail(f"{printable(value)!r} is not a number of days", param, ctx)
-        # float() takes "nan" and "inf", which a range check lets through.
-        if not (math.isfinite(days) and 0 <= days <= MAX_DAYS):
-            self.fail(f"the number of days must be from 0 to {MAX_DAYS:.0f}", param, ctx)
-        return days
+            self.fail(f"{printable(value)!r} is not a number", param, ctx)
+        if not (math.isfinite(number) and 0 <= number <= self.maximum):
+            self.fail(f"must be a number from 0 to {self.maximum:.0f}", param, ctx)
+        return number
 
 
 SINCE = SinceType()
 FALLBACK = FallbackType()
 TEXT = PlainTextType()
-DAYS = DaysType()
+DAYS = FiniteFloatType("DAYS", MAX_DAYS)
+#: Seconds to wait for something: at most a year.
+SECONDS = FiniteFloatType("SECONDS", 366 * 86400.0)
 #: A record id (registry, event): the range of the Integer columns on every backend.
 ID = click.IntRange(1, MAX_ID)
 #: How many rows a listing shows.

@@ -15,6 +15,7 @@ from worker.cli.common import (
     _JSON,
     FALLBACK,
     ID,
+    SECONDS,
     TEXT,
     _echo_json,
     _fail,
@@ -149,7 +150,7 @@ def _finish_wait(follow: _Follow, finished: bool, timeout: float | None) -> None
 @click.option("--wait", is_flag=True, help="Follow the job's events until it ends.")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, max=10**9),
+    type=SECONDS,
     help="With --wait: give up after SECONDS (exit 124).",
 )
 @_JSON
