@@ -16,9 +16,12 @@ from collections.abc import Iterator
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from worker import client, events
 from worker.cli import cli
+from worker.cli import jobs as cli_jobs
+from worker.config import get_settings
 from worker.db import session_scope
 from worker.models import PushJob
 from worker.registries import RegistrySpec, create_registry
@@ -197,3 +200,41 @@ def test_stored_escape_sequences_are_printed_escaped(runner: CliRunner, command:
     if command[1:2] in (["retry"], ["verify"]):
         return  # they print no stored text
     assert "\\x1b" in result.stdout or "\\u001b" in result.stdout, result.stdout[-800:]
+
+
+def test_db_upgrade_with_the_database_down_is_a_clear_storage_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alembic connects by itself; a database that does not answer is exit 10, not a trace."""
+    monkeypatch.setenv("PUSHWORKER_DATABASE_URL", "postgresql+psycopg://pw@127.0.0.1:1/pw")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(cli, ["db", "upgrade"])
+    assert result.exit_code == 10, result.output
+    assert result.stderr.startswith("error: the database does not answer")
+    assert_clean(result, "db upgrade")
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (DataError("INSERT ...", {"v": "hunter2"}, Exception("invalid byte hunter2")), 2),
+        (IntegrityError("INSERT ...", {"v": "hunter2"}, Exception("duplicate hunter2")), 10),
+        (OperationalError("SELECT", {"v": "hunter2"}, Exception("disk I/O error hunter2")), 10),
+        (OverflowError("Python int too large to convert to SQLite INTEGER"), 2),
+    ],
+    ids=["DataError", "IntegrityError", "OperationalError", "OverflowError"],
+)
+def test_leftover_database_errors_become_a_message_without_the_drivers_text(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, error: Exception, code: int
+) -> None:
+    """A database error no seam translated: a clear message and a documented exit code; the
+    driver's text (which quotes the statement's parameters) is never printed."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(cli_jobs, "list_jobs", refuse)
+    result = CliRunner().invoke(cli, ["jobs", "list"])
+    assert result.exit_code == code, result.output
+    assert result.stderr.startswith("error: ") and "hunter2" not in result.output
+    assert_clean(result, type(error).__name__)
