@@ -26,10 +26,12 @@ from sqlalchemy import select
 from tests.e2e.conftest import E2E, served_digest, wait_for_job
 from tests.support.images import new_image
 from tests.support.stack import ROOT, RegistryEndpoint
+from worker import audit
 from worker.db import session_scope
 from worker.events import select_events
 from worker.models import Event, PushJob, Registry
 from worker.registries import RegistrySpec, create_registry
+from worker.text import has_control
 
 CONTRACT_ID = 31  # a registry of this module's own (the harness's are 4 and 5)
 SECRET = f"never-in-a-message-{uuid.uuid4().hex[:8]}"
@@ -190,3 +192,46 @@ def test_invalid_messages_are_rejected_on_record_and_the_next_job_still_runs(
         recorded = json.dumps([r.payload for r in select_events(session)])
     assert SECRET not in recorded
     assert SECRET not in e2e.worker_log.read_text(errors="replace")
+
+
+def test_hostile_messages_are_each_recorded_once_and_the_log_verifies(
+    e2e: E2E, registry: int, producer: Producer, image: str
+) -> None:
+    """Ids beyond 32 and 64 bits, a chain of strings or booleans, NUL, an escape sequence and a
+    lone surrogate, sent as raw JSON through the real broker: each is refused by the schema and
+    recorded as exactly one submission.rejected event (the rejection itself used to fail on
+    2^63, and a chain of "2" was hashed as sent and stored as 2, breaking the log); the stored
+    record holds no raw control character; the valid message after them is pushed; and
+    ``events verify`` finds the whole log intact."""
+    schema = "invalid_message"
+    hostile = {
+        "id 2^63": (request(image, registry_id=2**63), schema),
+        "id 2^31": (request(image, registry_id=2**31), schema),
+        "id 0": (request(image, registry_id=0), schema),
+        "chain of strings": (request(image, fallback=[str(CONTRACT_ID + 1)]), schema),
+        "chain of booleans": (request(image, fallback=[True]), schema),
+        "chain of 2^63": (request(image, fallback=[2**63]), schema),
+        "NUL in requested_by": (request(image, requested_by="x\x00y"), schema),
+        "ESC in requested_by": (request(image, requested_by="x\x1b[2J\x1b]0;owned\x07"), schema),
+        "C1 in tag": (request(image, tag="v\x9b1"), schema),
+        # JSON Schema cannot say "valid Unicode": the producer API's own check refuses it
+        "surrogate in key": (request(image, idempotency_key="k\ud800"), "invalid_input"),
+    }  # fmt: skip
+    valid = request(new_image(e2e.api))
+    ids = producer.send_task([{"args": [sent]} for sent, _ in [*hostile.values(), (valid, "")]])
+
+    assert job_by_key(valid["idempotency_key"]).status == "succeeded"
+    for task_id, (name, (_sent, code)) in zip(ids[:-1], hostile.items(), strict=True):
+        row = rejection(task_id)  # exactly one event on the submission's stream
+        assert row.payload["error_code"] == code, (name, row.payload)
+        shown = [row.actor, *(str(value) for value in row.payload.values())]
+        assert not any(has_control(text) for text in shown), (name, shown)
+        if name.startswith("id 2^"):
+            assert row.registry_id is None and "requested_registry_id" not in row.payload
+    with session_scope() as session:
+        repositories = [sent["repository"] for sent, _ in hostile.values()]
+        made = session.scalars(select(PushJob.id).where(PushJob.repository.in_(repositories)))
+        assert made.all() == []
+    report = audit.verify()
+    assert report.ok, [problem.message for problem in report.problems]
+    assert "raised unexpected" not in e2e.worker_log.read_text(errors="replace")
