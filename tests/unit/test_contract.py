@@ -121,6 +121,16 @@ def test_an_extra_field_is_refused_by_name_never_by_value(extra: str) -> None:
         ("repository", "a" * 256, "repository must be at most 255 characters"),
         ("tag", "v" * 129, "tag must be at most 128 characters"),
         ("requested_by", "x" * 192, "requested_by must be at most 191 characters"),
+        ("registry_id", 2**63, "registry_id must be a registry id from 1 to 2147483647"),
+        ("registry_id", 2**31, "registry_id must be a registry id from 1 to 2147483647"),
+        ("registry_id", 0, "registry_id must be a registry id from 1 to 2147483647"),
+        ("fallback", [4, True], "fallback[1] must be of type integer, not boolean"),
+        ("fallback", [4, -1], "fallback[1] must be a registry id from 1 to 2147483647"),
+        ("requested_by", "x\x1b[2J", "requested_by must not contain control characters"),
+        ("requested_by", "x\x00", "requested_by must not contain control characters"),
+        ("tag", "v1\n", "tag must not contain control characters"),  # no "$" loophole
+        ("source_image", "img\x9b", "source_image must not contain control characters"),
+        ("idempotency_key", "k\x7f", "idempotency_key must not contain control characters"),
     ],
 )
 def test_wrong_types_and_sizes_are_named(field: str, value: Any, expected: str) -> None:
