@@ -14,7 +14,13 @@ from sqlalchemy.orm import Session
 from worker import events
 from worker.credentials import check_credential_configured
 from worker.db import read_connection
-from worker.errors import InvalidStateTransition, JobNotFound, UnknownDockerHost, ValidationError
+from worker.errors import (
+    InvalidReference,
+    InvalidStateTransition,
+    JobNotFound,
+    UnknownDockerHost,
+    ValidationError,
+)
 from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 from worker.reference import build_target
 from worker.registries import get_registry, job_chain
@@ -133,13 +139,16 @@ def check_id(field: str, value: object) -> int:
     return int(value)
 
 
-def check_text(field: str, value: object, max_length: int) -> str:
+def check_text(
+    field: str, value: object, max_length: int, error: type[ValidationError] = ValidationError
+) -> str:
     """``value`` if it is a plain string of 1 to ``max_length`` characters without control
-    characters (``worker.text``) or lone surrogates; otherwise a ``ValidationError``."""
+    characters (``worker.text``) or lone surrogates; otherwise ``error`` (a
+    ``ValidationError``; ``InvalidReference`` for the parts of a reference)."""
     if not isinstance(value, str):
-        raise ValidationError(f"{field} must be a string, not {type(value).__name__}")
+        raise error(f"{field} must be a string, not {type(value).__name__}")
     if not 1 <= len(value) <= max_length:
-        raise ValidationError(f"{field} must be 1 to {max_length} characters")
+        raise error(f"{field} must be 1 to {max_length} characters")
     refuse_control(field, value)
     if not value.isascii():
         try:
@@ -156,8 +165,8 @@ def check_request(request: PushRequest) -> None:
     stored (a ``"2"`` or ``True`` in a chain would be hashed as sent and stored as 2 or 1)."""
     check_id("registry_id", request.registry_id)
     check_text("source_image", request.source_image, MAX_SOURCE_IMAGE)
-    check_text("repository", request.repository, MAX_REPOSITORY)
-    check_text("tag", request.tag, MAX_TAG)
+    check_text("repository", request.repository, MAX_REPOSITORY, InvalidReference)
+    check_text("tag", request.tag, MAX_TAG, InvalidReference)
     check_text("requested_by", request.requested_by, MAX_REQUESTED_BY)
     if request.idempotency_key is not None:
         check_text("idempotency_key", request.idempotency_key, MAX_IDEMPOTENCY_KEY)
