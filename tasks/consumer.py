@@ -20,7 +20,6 @@ is still acknowledged: a poison message must never come back.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from queue import Empty
@@ -32,7 +31,7 @@ from vine import promise
 
 from worker import events
 from worker.contract import record_rejection
-from worker.db import default_engine, session_scope
+from worker.db import session_scope
 from worker.errors import InvalidMessage
 from worker.logs import get_logger
 from worker.messages import Refusal, check_message, message_id_of, shown
@@ -62,8 +61,6 @@ def record_refusal(refusal: Refusal, queue: str | None) -> bool:
             **refusal.to_payload(),
         )  # fmt: skip
         return False
-    finally:
-        _close_connections()
     return True
 
 
@@ -77,13 +74,6 @@ def _append_rejected(session: Any, refusal: Refusal, queue: str | None) -> None:
         payload["queue"] = queue
     events.append(session, stream=stream, type=REJECTED, actor=events.worker_actor(),
                   payload=payload)  # fmt: skip
-
-
-def _close_connections() -> None:
-    # This runs in the worker's main process, which forks pool children: a pooled connection
-    # left open here would be inherited and shared by a child.
-    with contextlib.suppress(Exception):  # no engine could be made: nothing to close
-        default_engine().dispose()
 
 
 def _queue_of(message: Message) -> str | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -22,6 +24,29 @@ from worker.errors import DatabaseUnavailable, EventConflict, PushWorkerError
 _RETRYABLE_SQLSTATES = ("40P01", "40001")
 
 
+#: Every engine this process made, so that a forked child can drop the connections it inherits.
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _forget_inherited_connections() -> None:
+    # A child forked from a process that used the database (Celery's main process records
+    # refused messages and takes over dead claims; it forks pool children whenever one is
+    # replaced) inherits that process's pooled connections. Two processes talking on one
+    # socket corrupt each other's transactions, so the child drops them without closing them
+    # (closing would end the parent's sessions too) and opens its own (SQLAlchemy's advice for
+    # os.fork: dispose(close=False) in the child).
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
+
+
+def _tracked(engine: Engine) -> Engine:
+    _ENGINES.add(engine)
+    return engine
+
+
 def make_engine(url: str) -> Engine:
     """An engine tuned for several worker processes sharing one database."""
     if url.startswith("sqlite"):
@@ -31,8 +56,8 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        return _tracked(engine)
+    return _tracked(create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -102,7 +127,7 @@ def reader_for(url: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": 30})
     event.listen(engine, "connect", _sqlite_reader_pragmas)
     event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN"))
-    return engine
+    return _tracked(engine)
 
 
 def _sqlite_reader_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -281,9 +281,7 @@ class StepRunner:
 
     def _delay(self, tries: int, error: PushWorkerError | None = None) -> float:
         # The error may ask for a longer wait (a throttling registry's Retry-After).
-        return retry_delay(
-            error, tries, base=self.settings.retry_base, cap=self.settings.retry_max
-        )
+        return retry_delay(error, tries, base=self.settings.retry_base, cap=self.settings.retry_max)
 
 
 def _mark_failed(job: PushJob, error: PushWorkerError) -> None:
