@@ -14,6 +14,8 @@ from typing import Any
 
 import structlog
 
+from worker.text import printable
+
 MASK = "***"
 #: Keys whose values are never written, wherever they appear in an event dict.
 _SECRET_KEY = re.compile(r"pass(word)?|secret|token|authorization|auth_config|api_key|cookie", re.I)
@@ -73,6 +75,44 @@ def drop_message_bodies(
     return event_dict
 
 
+def escape_controls(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Escape control characters in text values, for a terminal: a producer's ``requested_by``
+    or a registry's words must not repaint an operator's screen. (JSON escapes them itself.)"""
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = printable(value, keep_lines=key == "exception")
+    return event_dict
+
+
+class _StderrLogger:
+    """Writes each line to the process's *current* ``sys.stderr``.
+
+    Not the stream that was current when logging was configured: test runners, CLI runners and
+    daemons swap ``sys.stderr``, and a line written to a stream closed since must not fail.
+    """
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = msg
+
+
+def _stderr_logger(*_args: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes to the current ``sys.stderr`` (see ``_StderrLogger``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> None:
     """Route structlog (and the stdlib loggers Celery uses) through one processor chain."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
@@ -87,18 +127,23 @@ def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
+    terminal: list[Any] = [] if use_json else [escape_controls]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, *terminal, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=True,
     )
     # Lines from the standard library's loggers (Celery, kombu) get the same shape and masking.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, drop_message_bodies, *shared],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *terminal,
+                renderer,
+            ],
         )
     )
     root = logging.getLogger()

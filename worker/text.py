@@ -35,7 +35,12 @@ def refuse_control(field: str, value: str) -> str:
     return value
 
 
-def printable(value: object) -> str:
+#: The same, but for text that is meant to span lines (a traceback): newline and tab stay.
+CONTROL_EXCEPT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(value: object, *, keep_lines: bool = False) -> str:
     """``value`` as text with every control character shown as an escape (``\\x1b``), so it
-    can be printed on a terminal without acting on it."""
-    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    can be printed on a terminal without acting on it; ``keep_lines`` leaves newlines and tabs."""
+    pattern = CONTROL_EXCEPT_LINES if keep_lines else CONTROL
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
