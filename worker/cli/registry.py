@@ -18,6 +18,7 @@ from worker import events
 from worker.cli.common import (
     _JSON,
     FALLBACK,
+    ID,
     _echo_json,
     _fail,
     _iso,
@@ -250,7 +251,7 @@ def _after_save(verb: str, shown: dict[str, Any], options: RegistryOptions) -> N
 @registry.command("add")
 @click.argument("name")
 @click.argument("url")
-@click.option("--id", "registry_id", type=int, help="Use this id (default: the next free one).")
+@click.option("--id", "registry_id", type=ID, help="Use this id (default: the next free one).")
 @_registry_options
 def registry_add(name: str, url: str, registry_id: int | None, **raw: Any) -> None:
     """Add a registry, then test the connection to it.
@@ -278,7 +279,7 @@ def registry_add(name: str, url: str, registry_id: int | None, **raw: Any) -> No
 
 
 @registry.command("update")
-@click.argument("registry_id", metavar="ID", type=int)
+@click.argument("registry_id", metavar="ID", type=ID)
 @click.option("--name", help="New name.")
 @click.option("--url", help="New URL (scheme://host[:port]).")
 @_registry_options
@@ -298,7 +299,7 @@ def registry_update(registry_id: int, name: str | None, url: str | None, **raw: 
 
 
 @registry.command("set-credential")
-@click.argument("registry_id", metavar="ID", type=int)
+@click.argument("registry_id", metavar="ID", type=ID)
 @click.option("--username", help="New user; the stored one is kept when not given.")
 @_PASSWORD_STDIN
 @_CREDENTIAL_REF
@@ -333,7 +334,7 @@ def registry_set_credential(
 
 
 @registry.command("test")
-@click.argument("registry_id", metavar="ID", type=int)
+@click.argument("registry_id", metavar="ID", type=ID)
 @_JSON
 @_TEST_TIMEOUT
 def registry_test(registry_id: int, as_json: bool, timeout: float | None) -> None:
@@ -385,7 +386,7 @@ def _ids(ids: list[int]) -> str:
 
 
 @registry.command("show")
-@click.argument("registry_id", metavar="ID", type=int)
+@click.argument("registry_id", metavar="ID", type=ID)
 @_JSON
 def registry_show(registry_id: int, as_json: bool) -> None:
     """Show a registry and its last connection test.
@@ -412,7 +413,7 @@ def registry_show(registry_id: int, as_json: bool) -> None:
 
 
 @registry.command("remove")
-@click.argument("registry_id", metavar="ID", type=int)
+@click.argument("registry_id", metavar="ID", type=ID)
 def registry_remove(registry_id: int) -> None:
     """Remove a registry: no new pushes to it; its jobs and events stay readable.
 
