@@ -54,7 +54,7 @@ worker_send_task_events = False
 timezone = "UTC"
 enable_utc = True
 
-# Every message passes the message guard (worker.messages) before Celery's strategy sees it: a
+# Every message passes the message guard (worker.core.messages) before Celery's strategy sees it: a
 # message that is not a well-formed JSON call of one of our tasks is recorded and acknowledged,
 # never handed to the pool, never requeued (tasks.consumer).
 worker_consumer = "tasks.consumer:GuardedConsumer"

@@ -220,7 +220,7 @@ class Bench:
         if self.registry is not None:
             self.registry.stop()
         redis.Redis.from_url(self.broker_url).flushdb()
-        from worker.db import engine_for
+        from worker.store.db import engine_for
 
         engine_for.cache_clear()  # let go of the database before dropping it
         if self._pg_database is not None:
@@ -259,14 +259,14 @@ def setup(name: str, args: argparse.Namespace) -> Bench:
     # HOME (no ~/.docker/config.json for docker-py) is the worker's only: this process keeps
     # its own, so that nothing it writes later lands in a removed work directory.
     os.environ.update({key: value for key, value in env.items() if key != "HOME"})
-    from worker.config import get_settings
-    from worker.db import engine_for
+    from worker.core.settings import get_settings
+    from worker.store.db import engine_for
 
     get_settings.cache_clear()
     engine_for.cache_clear()
     _log_to(workdir / "producer.log")
     redis.Redis.from_url(env["PUSHWORKER_BROKER_URL"]).flushdb()
-    from worker.migrate import upgrade
+    from worker.store.migrate import upgrade
 
     upgrade(database_url)
     private = None
@@ -286,7 +286,7 @@ def setup(name: str, args: argparse.Namespace) -> Bench:
 
 def _log_to(path: Path) -> None:
     """This process's log lines (the producer's, as in production: JSON at INFO) go to a file."""
-    from worker.logs import configure_logging
+    from worker.core.logs import configure_logging
 
     handle = path.open("a", buffering=1)
     saved, sys.stderr = sys.stderr, handle
@@ -297,8 +297,8 @@ def _log_to(path: Path) -> None:
 
 
 def _add_registry(endpoint: Endpoint) -> None:
-    from worker.db import session_scope
     from worker.registries import RegistrySpec, create_registry
+    from worker.store.db import session_scope
 
     ca = Path(endpoint.ca_file).read_text() if endpoint.ca_file else None
     spec = RegistrySpec(
@@ -529,7 +529,8 @@ class JobTiming:
     @property
     def types(self) -> list[str]:
         """Event types in order, without ``step.progress`` (written only by pushes over 2 s); a
-        reused login (``step.skipped`` on login, see worker/steps.py) reads as its success."""
+        reused login (``step.skipped`` on login, see worker/engine/steps.py) reads as its
+        success."""
         return [
             "step.succeeded" if (kind, step) == ("step.skipped", "login") else kind
             for kind, step, _ in self.events
@@ -555,7 +556,7 @@ class JobWatcher:
         """Status of each job, through one raw driver connection: a poll costs this process
         (which shares the two cores with the worker) about 0.1 ms, not the ~1 ms of an ORM
         session."""
-        from worker.models import PushJob
+        from worker.store.models import PushJob
 
         if self._raw is None:
             self._raw = self.engine.raw_connection()
@@ -596,7 +597,7 @@ class JobWatcher:
             raise TimeoutError(f"{len(pending)} jobs did not finish within {timeout} s")
 
     def fill_events(self, timings: Sequence[JobTiming]) -> None:
-        from worker.models import Event
+        from worker.store.models import Event
 
         by_id = {t.job_id: t for t in timings}
         with Session(self.engine) as session:
@@ -617,8 +618,8 @@ class JobWatcher:
 
 
 def enqueue(source_image: str, repository: str, tag: str = "v1") -> JobTiming:
-    """One producer call (``worker.client.enqueue_push``), timed."""
-    from worker.client import enqueue_push
+    """One producer call (``worker.producer.enqueue_push``), timed."""
+    from worker.producer import enqueue_push
 
     started = time.time()
     job_id = enqueue_push(

@@ -3,11 +3,11 @@ project's lock wait (short jittered retries) against SQLite's own busy handler.
 
     .venv/bin/python -m bench.contention [--processes 5] [--jobs 60] [--rounds 2]
 
-Each process runs ``create_job`` and the four steps (``worker.pipeline.StepRunner``, inline)
+Each process runs ``create_job`` and the four steps (``worker.engine.pipeline.StepRunner``, inline)
 against fakes of Docker and the registry (``tests/support/fakes.py``): the database writes of a
 real job (nine transactions, eleven events) and nothing else, as fast as it can. That is the
 shape of an enqueue burst beside a busy worker, with the network taken out. The baseline
-variant swaps ``worker.db._sqlite_begin_immediate`` for a plain ``BEGIN IMMEDIATE`` that waits
+variant swaps ``worker.store.db._sqlite_begin_immediate`` for a plain ``BEGIN IMMEDIATE`` that waits
 in SQLite's busy handler (``busy_timeout``), which is what the project did before. Needs no
 stack: a fresh SQLite file per round and variant.
 """
@@ -41,14 +41,14 @@ def _writer(url: str, variant: str, jobs: int, out: Any) -> None:
     os.environ["PUSHWORKER_DATABASE_URL"] = url
     import structlog
 
-    from worker import db
+    from worker.store import db
 
     if variant == "busy-handler":
         db._sqlite_begin_immediate = _busy_handler_begin  # type: ignore[assignment]
     # The event log lines are not what is measured here.
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
     from tests.support.fakes import FakeWorld, fake_runner
-    from worker.config import get_settings
+    from worker.core.settings import get_settings
     from worker.jobs import PushRequest, create_job
 
     world = FakeWorld(images={"app:1": "sha256:" + "ab" * 32})
@@ -66,10 +66,10 @@ def _writer(url: str, variant: str, jobs: int, out: Any) -> None:
 
 
 def _prepare(directory: Path) -> str:
-    from worker.config import get_settings
-    from worker.db import session_scope
-    from worker.migrate import upgrade
+    from worker.core.settings import get_settings
     from worker.registries import RegistrySpec, create_registry
+    from worker.store.db import session_scope
+    from worker.store.migrate import upgrade
 
     url = f"sqlite:///{directory / 'contention.db'}"
     os.environ["PUSHWORKER_DATABASE_URL"] = url

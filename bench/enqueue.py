@@ -1,10 +1,10 @@
-"""Benchmark 5: latency of the producer API, ``worker.client.enqueue_push()``.
+"""Benchmark 5: latency of the producer API, ``worker.producer.enqueue_push()``.
 
     eval "$(scripts/stack env)"; .venv/bin/python -m bench.enqueue [--calls 100] [--rounds 5]
 
 Each call validates the request, commits the job row and its ``job.enqueued`` event, then
 publishes the job's chain on the broker. Timed per call, split into the database part and the
-publish (``worker.client.publish``, timed by wrapping it in this process). No worker consumes
+publish (``worker.producer.publish``, timed by wrapping it in this process). No worker consumes
 the queue (the messages are dropped at the end), so this is the producer alone; benchmark 3
 reports the same call while a busy worker writes to the same database.
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bench = setup("enqueue", args)
     try:
         import bench.noop_app as noop  # after setup(): the broker URL is in the environment
-        import worker.client as client
+        import worker.producer as client
 
         publish_times: list[float] = []
         real_publish = client.publish
@@ -113,7 +113,7 @@ def report(results: dict[str, Any]) -> list[str]:
     for label, s in [
         ("**`enqueue_push()`**, whole call", total),
         ("  validation + job row + `job.enqueued` event, committed", database),
-        ("  publish (`worker.client.publish`, incl. its read of the job's Docker host)", publish),
+        ("  publish (`worker.producer.publish`, incl. its read of the job's Docker host)", publish),
         ("bare chain of 4 no-op tasks, `apply_async` (the floor)", bare),
     ]:
         lines.append(

@@ -4,9 +4,10 @@
     .venv/bin/python -m bench.event_queries --backend postgresql --events 1000000 --valid-chain
     .venv/bin/python -m bench.event_queries --backend sqlite --events 1000000
 
-A fresh database is migrated to head (``worker.migrate``, the real schema and indexes), filled
+A fresh database is migrated to head (``worker.store.migrate``, the real schema and indexes), filled
 with a synthetic year of push jobs, then each question is asked ``--reps`` times with a fresh
-parameter each time (another job, registry, repository) through ``worker.events.select_events``,
+parameter each time (another job, registry, repository) through
+``worker.store.events.select_events``,
 the call the CLI makes, in its own transaction, as ``pushctl events`` does; p50/p95/max in ms.
 
 The data: 8 events per job (job.enqueued, started/succeeded for resolve_credentials, login and
@@ -19,8 +20,9 @@ chain does not verify; ``--valid-chain`` computes the real chain in Python and l
 instead); SQLite by ``executemany`` in batches, always with the real chain. Secondary indexes
 are dropped for the load and created afterwards (then ANALYZE), as a bulk load would.
 
-Export streams every event as JSON lines to /dev/null (``worker.audit.export``) while a thread
-samples the process's RSS; verify runs ``worker.audit.verify`` over the whole log (valid chains
+Export streams every event as JSON lines to /dev/null (``worker.store.audit.export``) while a thread
+samples the process's RSS; verify runs ``worker.store.audit.verify`` over the whole log (valid
+chains
 only). Not part of the test suite.
 """
 
@@ -47,10 +49,10 @@ from typing import Any, cast
 
 from sqlalchemy import Engine, Table, create_engine, event, text
 
-from worker import audit, events
-from worker.db import engine_for, session_scope
-from worker.migrate import upgrade
-from worker.models import Event
+from worker.store import audit, events
+from worker.store.db import engine_for, session_scope
+from worker.store.migrate import upgrade
+from worker.store.models import Event
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

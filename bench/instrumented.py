@@ -5,9 +5,9 @@
 ``tasks.app`` unchanged (same configuration, same tasks), plus, in every pool process, when
 ``BENCH_TRACE_DIR`` is set:
 
-- spans (start and end, wall clock) of the Docker Engine calls (``worker.docker_engine``), the
-  registry HTTP requests (``worker.registry_http``), each database transaction of a step
-  (``worker.pipeline.session_scope``), each commit, each event append, credential resolution,
+- spans (start and end, wall clock) of the Docker Engine calls (``worker.seams.docker_engine``), the
+  registry HTTP requests (``worker.seams.registry_http``), each database transaction of a step
+  (``worker.engine.pipeline.session_scope``), each commit, each event append, credential resolution,
   the step itself (``StepRunner.run``) and Celery's publishing of the chain's next message;
 - the number and time of SQL statements;
 - one JSON line per task in ``$BENCH_TRACE_DIR/trace-<pid>.jsonl``, written after the task;
@@ -41,14 +41,14 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-import worker.docker_engine as docker_engine
-import worker.events as events
-import worker.pipeline as pipeline
-import worker.registry_http as registry_http
-import worker.steps as steps
+import worker.engine.pipeline as pipeline
+import worker.engine.steps as steps
+import worker.seams.docker_engine as docker_engine
+import worker.seams.registry_http as registry_http
+import worker.store.events as events
 from tasks.app import app
-from worker.credentials import resolve_credential
-from worker.db import session_scope as session_scope_of_worker
+from worker.core.credentials import resolve_credential
+from worker.store.db import session_scope as session_scope_of_worker
 
 TRACE_DIR = os.environ.get("BENCH_TRACE_DIR")
 PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR")

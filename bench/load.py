@@ -22,10 +22,10 @@ from pathlib import Path
 
 import docker
 
-from worker.db import session_scope
-from worker.events import select_events
-from worker.models import PushJob
 from worker.scratch_images import build_scratch_image
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import PushJob
 
 EXPECTED = ["job.enqueued"] + ["step.started", "step.succeeded"] * 4 + ["job.succeeded"]
 
@@ -90,7 +90,7 @@ def _children(pid: int) -> list[int]:
 
 
 def run_load(images: list[str], registry_id: int, worker_pid: int, concurrency: int) -> LoadReport:
-    from worker.client import enqueue_push
+    from worker.producer import enqueue_push
 
     started = time.monotonic()
     with PeakRss(worker_pid) as rss:
@@ -137,7 +137,8 @@ def _check(job_ids: list[str]) -> tuple[int, int]:
             job = session.get(PushJob, job_id)
             succeeded += job is not None and job.status == "succeeded"
             types = [e.type for e in select_events(session, job_id=job_id)]
-            if len(types) > 4 and types[4] == "step.skipped":  # a reused login (worker/steps.py)
+            # A reused login (worker/engine/steps.py) records a skip.
+            if len(types) > 4 and types[4] == "step.skipped":
                 types[4] = "step.succeeded"
             incomplete += types != EXPECTED
     return succeeded, incomplete

@@ -2,14 +2,15 @@
 
     eval "$(scripts/stack env)"; .venv/bin/python -m bench.micro [--rounds 5]
 
-A. Daemon calls through ``worker.docker_engine.DockerEngine`` (warm client): an image inspect,
+A. Daemon calls through ``worker.seams.docker_engine.DockerEngine`` (warm client): an image inspect,
    a tag, a login (what the login step asks the daemon to do when it cannot reuse one).
 B. The push step's digest check (``RegistryHTTP.manifest_digest``): with a new
    ``RegistryHTTP`` (a new TLS connection, then 401 and a retry with Basic credentials), with the
    object reused (keep-alive), and reused with the credentials sent at once (what the step does:
-   ``worker.steps.default_http`` keeps one client per registry and credential).
+   ``worker.engine.steps.default_http`` keeps one client per registry and credential).
 C. The pipeline without Celery and without I/O: ``create_job`` and the four steps run inline by
-   ``worker.pipeline.StepRunner`` against fakes of the two seams (``tests/support/fakes.py``),
+   ``worker.engine.pipeline.StepRunner`` against fakes of the two seams
+   (``tests/support/fakes.py``),
    on this benchmark's database: what the database and the Python around it cost per job.
    Variant: SQLite with ``PRAGMA synchronous=NORMAL`` (set on checkout, in this process only).
 D. The producer's publish of a job's four-task chain (``tasks.dispatch``), with and without the
@@ -76,14 +77,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from sqlalchemy import event
 
         from tests.support.fakes import FakeWorld, fake_runner
-        from worker.config import get_settings
-        from worker.credentials import resolve_credential
-        from worker.db import default_engine, session_scope
-        from worker.docker_engine import DockerEngine
+        from worker.core.credentials import resolve_credential
+        from worker.core.reference import build_target
+        from worker.core.settings import get_settings
         from worker.jobs import PushRequest, create_job
-        from worker.reference import build_target
         from worker.registries import get_registry
-        from worker.registry_http import RegistryHTTP
+        from worker.seams.docker_engine import DockerEngine
+        from worker.seams.registry_http import RegistryHTTP
+        from worker.store.db import default_engine, session_scope
 
         with phase("images"):
             (source,) = make_images(bench.api, f"{bench.run_id}-micro", 1, MiB)

@@ -171,7 +171,7 @@ def _verify_digests(watcher: JobWatcher, pipeline: dict[str, list[dict[str, Any]
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from worker.models import PushJob
+    from worker.store.models import PushJob
 
     ids = [r["job_id"] for records in pipeline.values() for r in records]
     with Session(watcher.engine) as session:

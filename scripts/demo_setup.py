@@ -15,11 +15,11 @@ from pathlib import Path
 
 import docker
 
-from worker.config import get_settings
-from worker.db import session_scope
-from worker.logs import configure_logging
+from worker.core.logs import configure_logging
+from worker.core.settings import get_settings
 from worker.registries import RegistrySpec, create_registry, list_registries, update_registry
 from worker.scratch_images import build_scratch_image
+from worker.store.db import session_scope
 
 DEMO_REGISTRY = "demo-harbor"
 

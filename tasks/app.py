@@ -24,10 +24,10 @@ from celery.signals import (
 )
 
 from worker import metrics
-from worker.config import get_settings
-from worker.errors import PushWorkerError
+from worker.core.errors import PushWorkerError
+from worker.core.logs import configure_logging, get_logger
+from worker.core.settings import get_settings
 from worker.jobs import DOCKER_HOSTS_ENV, check_docker_host
-from worker.logs import configure_logging, get_logger
 
 WORKER_HOST_ENV = "PUSHWORKER_WORKER_HOST"
 

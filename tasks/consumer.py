@@ -1,7 +1,8 @@
 """The worker's consumer, with the message guard in front of Celery's strategy.
 
 Configured by ``celeryconfig.worker_consumer``. Every message the worker reads, on any queue,
-passes ``worker.messages.check_message`` before Celery decodes it; a refused message is recorded
+passes ``worker.core.messages.check_message`` before Celery decodes it; a refused message is
+recorded
 (``message.rejected`` on ``messages/<message id>``, or ``submission.rejected`` on
 ``submissions/<id>`` for ``pushworker.submit``, as docs/producers.md says) and acknowledged, so it
 never comes back. Three more ways a message could stop the consumer are closed here:
@@ -29,12 +30,12 @@ from celery.worker.consumer import Consumer
 from kombu.message import Message
 from vine import promise
 
-from worker import events
 from worker.contract import record_rejection
-from worker.db import session_scope
-from worker.errors import InvalidMessage
-from worker.logs import get_logger
-from worker.messages import Refusal, check_message, message_id_of, shown
+from worker.core.errors import InvalidMessage
+from worker.core.logs import get_logger
+from worker.core.messages import Refusal, check_message, message_id_of, shown
+from worker.store import events
+from worker.store.db import session_scope
 
 log = get_logger("pushworker.consumer")
 
@@ -97,7 +98,7 @@ def refusal_for(message: Message, reason: str, text: str) -> Refusal:
 
 
 class GuardedConsumer(Consumer):  # type: ignore[misc]  # Celery is untyped
-    """Celery's consumer with ``worker.messages``' guard in front of every task strategy."""
+    """Celery's consumer with ``worker.core.messages``' guard in front of every task strategy."""
 
     def create_task_handler(self, promise: Any = promise) -> Callable[[Message], None]:
         celery_handler = super().create_task_handler(promise)

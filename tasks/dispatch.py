@@ -12,8 +12,8 @@ from functools import lru_cache
 
 from celery import chain
 
+from worker.engine.steps import STEPS
 from worker.jobs import docker_host_of
-from worker.steps import STEPS
 
 #: The default queue: jobs that name no Docker host, and the periodic tasks.
 DEFAULT_QUEUE = "pushworker"

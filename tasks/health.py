@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 from tasks.app import app
-from worker import events, health
-from worker.config import get_settings
+from worker import health
+from worker.core.settings import get_settings
+from worker.store import events
 
 # A check that waited longer than one beat interval is superseded by the next one: drop it
 # rather than let a busy worker pile them up.

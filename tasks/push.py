@@ -11,7 +11,7 @@ from celery.exceptions import Ignore
 
 from tasks.app import app
 from tasks.dispatch import celery_dispatcher
-from worker.pipeline import StepRunner, default_runner
+from worker.engine.pipeline import StepRunner, default_runner
 
 
 @lru_cache(maxsize=1)

@@ -13,11 +13,11 @@ from typing import Any
 from celery import Task
 
 from tasks.app import app
-from worker.config import get_settings
 from worker.contract import TASK_NAME, handle_submission, submission_id_for
-from worker.errors import PushWorkerError
-from worker.logs import get_logger
-from worker.retry import backoff_delay
+from worker.core.errors import PushWorkerError
+from worker.core.logs import get_logger
+from worker.core.settings import get_settings
+from worker.engine.retry import backoff_delay
 
 log = get_logger("pushworker.submit")
 

@@ -16,8 +16,8 @@ from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 
 from tests.support.stack import Stack, start_stack
-from worker.config import get_settings
-from worker.migrate import upgrade
+from worker.core.settings import get_settings
+from worker.store.migrate import upgrade
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -76,7 +76,7 @@ def postgres_url(postgres_server: str, monkeypatch: pytest.MonkeyPatch) -> Itera
     url = postgres_server.rsplit("/", 1)[0] + f"/{name}"
     upgrade(url)
     yield use_database(monkeypatch, url)
-    from worker.db import engine_for
+    from worker.store.db import engine_for
 
     engine_for(url).dispose()
     engine_for.cache_clear()

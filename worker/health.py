@@ -23,13 +23,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from worker import events, metrics
-from worker.connection_test import ConnectionReport, check_registry
-from worker.db import session_scope
-from worker.errors import AuthenticationError, CredentialError, EventConflict, PushWorkerError
-from worker.logs import get_logger
-from worker.models import Registry
+from worker import metrics
+from worker.core.errors import AuthenticationError, CredentialError, EventConflict, PushWorkerError
+from worker.core.logs import get_logger
+from worker.probe import ConnectionReport, check_registry
 from worker.registries import list_registries
+from worker.store import events
+from worker.store.db import session_scope
+from worker.store.models import Registry
 
 log = get_logger("pushworker.health")
 

@@ -11,20 +11,20 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from worker import events
-from worker.credentials import check_credential_configured
-from worker.db import read_connection
-from worker.errors import (
+from worker.core.credentials import check_credential_configured
+from worker.core.errors import (
     InvalidReference,
     InvalidStateTransition,
     JobNotFound,
     UnknownDockerHost,
     ValidationError,
 )
-from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
-from worker.reference import build_target
+from worker.core.reference import build_target
+from worker.core.text import refuse_control
 from worker.registries import get_registry, job_chain
-from worker.text import refuse_control
+from worker.store import events
+from worker.store.db import read_connection
+from worker.store.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 
 MAX_SOURCE_IMAGE = 300
 # The recorded actor is "producer:" + requested_by, in a 200-character column.
@@ -143,7 +143,7 @@ def check_text(
     field: str, value: object, max_length: int, error: type[ValidationError] = ValidationError
 ) -> str:
     """``value`` if it is a plain string of 1 to ``max_length`` characters without control
-    characters (``worker.text``) or lone surrogates; otherwise ``error`` (a
+    characters (``worker.core.text``) or lone surrogates; otherwise ``error`` (a
     ``ValidationError``; ``InvalidReference`` for the parts of a reference)."""
     if not isinstance(value, str):
         raise error(f"{field} must be a string, not {type(value).__name__}")

@@ -26,8 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker import events
-from worker.logs import get_logger
+from worker.core.logs import get_logger
+from worker.store import events
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

@@ -19,7 +19,7 @@ duplicate is harmless: each step claims its work, so a second delivery is a ``st
 
 As with ``job.enqueued``, the event is committed first and the message published after it, so a
 worker always finds the event before the steps it causes. If the broker refuses the message,
-``worker.client.publish`` logs ``job.publish_deferred``, the run stops there (the broker is away
+``worker.producer.publish`` logs ``job.publish_deferred``, the run stops there (the broker is away
 for every job), and a later run tries again once the job's wait has passed.
 """
 
@@ -35,12 +35,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from worker import client, events
-from worker.db import session_scope
-from worker.errors import EventConflict, ValidationError
-from worker.liveness import claim_is_dead, owner_is_dead
-from worker.logs import get_logger
-from worker.models import Event, JobStatus, PushJob, StepRun, StepStatus, utcnow
+from worker import producer
+from worker.core.errors import EventConflict, ValidationError
+from worker.core.logs import get_logger
+from worker.engine.liveness import claim_is_dead, owner_is_dead
+from worker.store import events
+from worker.store.db import session_scope
+from worker.store.models import Event, JobStatus, PushJob, StepRun, StepStatus, utcnow
 
 log = get_logger("pushworker.reconcile")
 
@@ -106,10 +107,10 @@ def reconcile(
     """Republish every queued job that never started within its wait; see the module's text.
 
     ``publish(job_id, registry_id)`` sends the chain and says whether the broker took it
-    (``worker.client.publish`` by default). ``now`` is for tests.
+    (``worker.producer.publish`` by default). ``now`` is for tests.
     """
     grace = grace_from_env() if grace is None else grace
-    send = publish or client.publish
+    send = publish or producer.publish
     who = actor or events.worker_actor()
     report = ReconcileReport()
     for job_id in _candidates(now or utcnow(), grace, limit):
@@ -142,12 +143,12 @@ def take_over_dead_claims(
     Called when a worker starts: the dead worker's messages are invisible in Redis until the
     visibility timeout (about 40 minutes) and beat's reconcile waits a grace period, but a
     process of the same host can tell at once that the claim's owner no longer runs
-    (``worker.liveness``). The republished chain skips the steps that succeeded and takes the
+    (``worker.engine.liveness``). The republished chain skips the steps that succeeded and takes the
     dead claim, so the job resumes where it stopped; a message of the dead worker that comes
     back later finds the step done and records a skip.
     """
     host = host or socket.gethostname()
-    send = publish or client.publish
+    send = publish or producer.publish
     who = actor or events.worker_actor()
     report = ReconcileReport()
     for job_id, owner, step in _dead_claims_of(host):

@@ -18,26 +18,26 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
-from worker import events
-from worker.credentials import check_credential_configured, encrypt_secret, parse_reference
-from worker.errors import (
+from worker.core.credentials import check_credential_configured, encrypt_secret, parse_reference
+from worker.core.errors import (
     InvalidFallbackChain,
     InvalidRegistry,
     PushWorkerError,
     RegistryNotFound,
 )
-from worker.hostnames import DOCKER_HUB_HOSTS, parse_address
-from worker.models import CredentialKind, Registry, RegistryKind, utcnow
-from worker.text import refuse_control
+from worker.core.hostnames import DOCKER_HUB_HOSTS, parse_address
+from worker.core.text import refuse_control
+from worker.store import events
+from worker.store.models import CredentialKind, Registry, RegistryKind, utcnow
 
 __all__ = ["DOCKER_HUB_HOSTS", "RegistryAddress", "RegistrySpec", "parse_registry_url"]
 
 #: The key of the PostgreSQL advisory lock that serialises registry edits ("pushregs"). Taken
-#: first in an edit's transaction, before the event chain's lock (``worker.events``).
+#: first in an edit's transaction, before the event chain's lock (``worker.store.events``).
 REGISTRY_LOCK_KEY = int.from_bytes(b"pushregs", "big")
 #: Registry ids are 32-bit on every backend (``registries.id`` is an INTEGER).
 MAX_REGISTRY_ID = 2**31 - 1
-#: Column widths of the text fields (``worker.models.Registry``).
+#: Column widths of the text fields (``worker.store.models.Registry``).
 _MAX_LENGTHS = {"name": 100, "username": 200, "credential_ref": 500}
 #: Line breaks and tabs are part of a PEM bundle; every other control character is refused.
 _PEM_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -50,7 +50,7 @@ class RegistryAddress:
 
 
 def parse_registry_url(url: str, *, kind: str, insecure: bool) -> RegistryAddress:
-    """Normalise a registry URL (``worker.hostnames``); refuse what would push somewhere other
+    """Normalise a registry URL (``worker.core.hostnames``); refuse what would push somewhere other
     than meant: Docker Hub under another kind, plain HTTP unless insecure is explicit."""
     address = parse_address(url)
     shown = address.url
@@ -248,7 +248,7 @@ def job_chain(session: Session, registry: Registry, requested: list[int] | None)
 
 def _lock_registries(session: Session) -> None:
     """Serialise registry edits: on PostgreSQL a transaction-level advisory lock taken before
-    anything is read (SQLite's writers are serialised by ``BEGIN IMMEDIATE``, ``worker.db``).
+    anything is read (SQLite's writers are serialised by ``BEGIN IMMEDIATE``, ``worker.store.db``).
 
     Two edits that each checked a chain against the other's old state made a cycle
     (201 -> [202], 202 -> [201]); two adds of one name both found it free."""

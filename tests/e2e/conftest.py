@@ -19,11 +19,11 @@ from cryptography.fernet import Fernet
 from tests.support.images import new_image
 from tests.support.stack import RegistryEndpoint, Stack
 from tests.support.worker import WorkerProcess
-from worker.config import get_settings
-from worker.db import session_scope
-from worker.migrate import upgrade
-from worker.models import JobStatus, PushJob
+from worker.core.settings import get_settings
 from worker.registries import RegistrySpec, create_registry, update_registry
+from worker.store.db import session_scope
+from worker.store.migrate import upgrade
+from worker.store.models import JobStatus, PushJob
 
 # Another e2e run on this machine can use another broker database (its flushdb is per db).
 BROKER_DB = int(os.environ.get("PUSHWORKER_E2E_BROKER_DB", "11"))
@@ -142,7 +142,7 @@ def password_of(registry_id: int, password: str) -> Iterator[None]:
 
 
 def _current_password(registry_id: int) -> str:
-    from worker.credentials import resolve_credential
+    from worker.core.credentials import resolve_credential
     from worker.registries import get_registry
 
     with session_scope() as session:

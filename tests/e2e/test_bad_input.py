@@ -10,17 +10,17 @@ from sqlalchemy import func, select
 
 from tests.e2e.conftest import E2E, HARBOR_ID, wait_for_job
 from tests.support.images import daemon_pushes
-from worker.client import enqueue_push
-from worker.db import session_scope
-from worker.errors import (
+from worker.core.errors import (
     CredentialError,
     InvalidReference,
     InvalidRegistry,
     RegistryNotFound,
     ValidationError,
 )
-from worker.models import PushJob
+from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry
+from worker.store.db import session_scope
+from worker.store.models import PushJob
 
 GOOD: dict[str, Any] = {
     "registry_id": HARBOR_ID,

@@ -14,11 +14,11 @@ from tests.e2e.conftest import E2E, HARBOR_ID, served_digest, wait_for_job
 from tests.e2e.test_faults import assert_each_step_completed_once
 from tests.support.images import new_image
 from tests.support.worker import WorkerProcess, publish_via
-from worker.db import session_scope
-from worker.events import select_events
 from worker.jobs import PushRequest, create_job
-from worker.models import JobStatus, PushJob
 from worker.reconcile import reconcile
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import JobStatus, PushJob
 
 MiB = 1024 * 1024
 

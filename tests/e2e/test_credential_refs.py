@@ -27,11 +27,11 @@ import pytest
 
 from tests.e2e.conftest import E2E, wait_for_job
 from tests.support.images import daemon_pushes
-from worker.client import enqueue_push
-from worker.db import session_scope
-from worker.errors import CredentialError
-from worker.models import Registry
+from worker.core.errors import CredentialError
+from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry
+from worker.store.db import session_scope
+from worker.store.models import Registry
 
 PUSHCTL = str(Path(sys.executable).with_name("pushctl"))  # .venv/bin/pushctl
 OUTSIDE_FILE = Path("/etc/hostname")

@@ -23,13 +23,13 @@ from tests.e2e.conftest import E2E, HARBOR_ID, served_digest, wait_for_job
 from tests.support.images import daemon_pushes, new_image
 from tests.support.tcpproxy import TcpProxy
 from tests.support.worker import WorkerProcess, publish_via
-from worker.client import enqueue_push, publish
-from worker.db import session_scope
-from worker.events import select_events
+from worker.engine.liveness import parse_owner
 from worker.jobs import PushRequest, create_job, retry_job
-from worker.liveness import parse_owner
-from worker.migrate import upgrade
-from worker.models import PushJob, StepRun
+from worker.producer import enqueue_push, publish
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.migrate import upgrade
+from worker.store.models import PushJob, StepRun
 
 MiB = 1024 * 1024
 
@@ -226,7 +226,7 @@ def test_database_unreachable_when_a_step_starts_defers_the_step(
             assert_each_step_completed_once(job_id)
     finally:
         proxy.cut()
-        from worker.db import engine_for
+        from worker.store.db import engine_for
 
         engine_for.cache_clear()
         with admin.connect() as connection:
@@ -237,7 +237,7 @@ def test_database_unreachable_when_a_step_starts_defers_the_step(
 @contextmanager
 def _database(url: str) -> Iterator[None]:
     """Point this process's default sessions at ``url`` for the block."""
-    from worker.config import get_settings
+    from worker.core.settings import get_settings
 
     previous = os.environ["PUSHWORKER_DATABASE_URL"]
     os.environ["PUSHWORKER_DATABASE_URL"] = url
@@ -297,7 +297,7 @@ def test_registry_outage_fails_jobs_then_an_operator_retry_succeeds(e2e: E2E) ->
 
 def test_hostname_is_part_of_claim_owner() -> None:
     """Claims name their owner as worker:<host>:<pid>, which takeover checks rely on."""
-    from worker.events import worker_actor
+    from worker.store.events import worker_actor
 
     assert worker_actor() == f"worker:{socket.gethostname()}:{os.getpid()}"
 

@@ -17,10 +17,10 @@ import pytest
 
 from tests.e2e.conftest import E2E, HARBOR_ID
 from tests.support.hosts import CeleryProcess, start_beat
-from worker.db import session_scope
-from worker.events import registry_stream, select_events
-from worker.models import Event
 from worker.registries import RegistrySpec, create_registry, remove_registry, update_registry
+from worker.store.db import session_scope
+from worker.store.events import registry_stream, select_events
+from worker.store.models import Event
 
 MISSING_ID = 62
 UNSET_VARIABLE = "PUSHWORKER_E2E_NEVER_SET_PASSWORD"

@@ -19,11 +19,11 @@ from tests.e2e.conftest import (
     wait_for_job,
 )
 from tests.support.images import daemon_pushes
-from worker.client import enqueue_push
-from worker.db import session_scope
-from worker.errors import CredentialError
-from worker.events import select_events
+from worker.core.errors import CredentialError
+from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry
+from worker.store.db import session_scope
+from worker.store.events import select_events
 
 
 def repo() -> str:

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e.conftest import ALTERNATIVE_ID, E2E, HARBOR_ID, password_of, wait_for_job
 from tests.support.hosts import CeleryProcess, free_port, start_host_worker
 from tests.support.images import new_image
-from worker.client import enqueue_push
-from worker.db import session_scope
+from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry, remove_registry
+from worker.store.db import session_scope
 
 HOST = "metrics-host"
 DOWN_ID = 71  # a registry nobody listens for

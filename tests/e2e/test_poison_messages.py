@@ -25,11 +25,11 @@ from sqlalchemy import func, select
 
 from tests.e2e.conftest import E2E, HARBOR_ID, wait_for_job
 from tests.support.images import new_image
-from worker.client import enqueue_push
-from worker.db import session_scope
-from worker.messages import MAX_BODY_BYTES, STEP_TASKS, SUBMIT_TASK, TASK_ARGUMENTS, Accepted
-from worker.messages import check_message as guard_verdict
-from worker.models import Event
+from worker.core.messages import MAX_BODY_BYTES, STEP_TASKS, SUBMIT_TASK, TASK_ARGUMENTS, Accepted
+from worker.core.messages import check_message as guard_verdict
+from worker.producer import enqueue_push
+from worker.store.db import session_scope
+from worker.store.models import Event
 
 QUEUE = "pushworker"
 SECRET = "pw-secret-" + uuid.uuid4().hex

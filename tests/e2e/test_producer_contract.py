@@ -26,12 +26,12 @@ from sqlalchemy import select
 from tests.e2e.conftest import E2E, served_digest, wait_for_job
 from tests.support.images import new_image
 from tests.support.stack import ROOT, RegistryEndpoint
-from worker import audit
-from worker.db import session_scope
-from worker.events import select_events
-from worker.models import Event, PushJob, Registry
+from worker.core.text import has_control
 from worker.registries import RegistrySpec, create_registry
-from worker.text import has_control
+from worker.store import audit
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import Event, PushJob, Registry
 
 CONTRACT_ID = 31  # a registry of this module's own (the harness's are 4 and 5)
 SECRET = f"never-in-a-message-{uuid.uuid4().hex[:8]}"

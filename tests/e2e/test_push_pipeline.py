@@ -10,11 +10,11 @@ from sqlalchemy import func, select
 
 from tests.e2e.conftest import E2E, HARBOR_ID, password_of, served_digest, wait_for_job
 from tests.support.images import daemon_pushes, new_image
-from worker.client import enqueue_push, publish
-from worker.db import session_scope
-from worker.errors import InvalidReference, RegistryNotFound
-from worker.events import select_events
-from worker.models import PushJob
+from worker.core.errors import InvalidReference, RegistryNotFound
+from worker.producer import enqueue_push, publish
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import PushJob
 
 
 def repo() -> str:

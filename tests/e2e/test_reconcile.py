@@ -9,10 +9,10 @@ import pytest
 
 from tests.e2e.conftest import E2E, served_digest, wait_for_job
 from tests.e2e.test_producer_contract import ensure_registry
-from worker.db import session_scope
-from worker.events import select_events
 from worker.jobs import PushRequest, create_job
 from worker.reconcile import reconcile
+from worker.store.db import session_scope
+from worker.store.events import select_events
 
 RECONCILE_ID = 51  # a registry of this module's own (the harness's are 4 and 5)
 GRACE = 1.0
@@ -58,7 +58,7 @@ def test_a_job_committed_while_the_broker_was_away_is_republished_once(
 
 
 def job_status(job_id: str) -> str:
-    from worker.models import PushJob
+    from worker.store.models import PushJob
 
     with session_scope() as session:
         job = session.get(PushJob, job_id)

@@ -20,11 +20,11 @@ import pytest
 from tests.e2e.conftest import E2E, HARBOR_ID, served_digest, wait_for_job
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.images import daemon_pushes
-from worker.client import enqueue_push
-from worker.db import session_scope
-from worker.events import select_events
-from worker.models import Event, PushJob
+from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import Event, PushJob
 
 TAG = "v1"
 _ids = itertools.count(900)  # the e2e database is new for each session

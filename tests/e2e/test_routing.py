@@ -27,11 +27,11 @@ from tests.e2e.conftest import (
 )
 from tests.support.hosts import CeleryProcess, start_host_worker, wait_ready
 from tests.support.images import daemon_pushes, new_image
-from worker.client import enqueue_push
-from worker.db import session_scope
-from worker.errors import ValidationError
-from worker.events import select_events
-from worker.models import PushJob
+from worker.core.errors import ValidationError
+from worker.producer import enqueue_push
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import PushJob
 
 HOSTS = "builder-1,builder-2"
 

@@ -23,7 +23,7 @@ import redis
 from sqlalchemy import MetaData, Table, create_engine, inspect, select
 
 from tests.e2e.conftest import ALTERNATIVE_ID, E2E, HARBOR_ID, password_of, wait_for_job
-from worker.client import enqueue_push
+from worker.producer import enqueue_push
 
 PUSHCTL = str(Path(sys.executable).with_name("pushctl"))  # .venv/bin/pushctl
 

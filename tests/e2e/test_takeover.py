@@ -18,11 +18,11 @@ import pytest
 from tests.e2e.conftest import E2E, HARBOR_ID, served_digest, wait_for_job
 from tests.support.hosts import CeleryProcess, start_host_worker
 from tests.support.images import new_image
-from worker.client import enqueue_push
-from worker.db import session_scope
-from worker.events import select_events
-from worker.liveness import owner_is_dead, parse_owner
-from worker.models import JobStatus, PushJob, StepRun
+from worker.engine.liveness import owner_is_dead, parse_owner
+from worker.producer import enqueue_push
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import JobStatus, PushJob, StepRun
 
 HOST = "takeover-1"
 

@@ -25,14 +25,14 @@ import pytest
 from tests.e2e.conftest import E2E, password_of, served_digest, wait_for_job
 from tests.support.images import daemon_pushes
 from tests.support.stack import RegistryEndpoint
-from worker.client import enqueue_push, publish
-from worker.credentials import encrypt_secret
-from worker.db import session_scope
-from worker.errors import ValidationError
-from worker.events import select_events
+from worker.core.credentials import encrypt_secret
+from worker.core.errors import ValidationError
 from worker.jobs import PushRequest, create_job
-from worker.models import JobStatus, PushJob, Registry
+from worker.producer import enqueue_push, publish
 from worker.registries import RegistrySpec, create_registry, remove_registry, update_registry
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import JobStatus, PushJob, Registry
 
 TAG = "t1"
 

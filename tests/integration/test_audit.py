@@ -23,12 +23,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import Connection, delete, insert, select, text, update
 
-from worker import audit, events
 from worker.cli import cli
-from worker.config import get_settings
-from worker.db import engine_for, session_scope
-from worker.errors import StorageError, ValidationError
-from worker.models import Event, EventCheckpoint, utcnow
+from worker.core.errors import StorageError, ValidationError
+from worker.core.settings import get_settings
+from worker.store import audit, events
+from worker.store.db import engine_for, session_scope
+from worker.store.models import Event, EventCheckpoint, utcnow
 
 EVENTS = Event.__table__
 

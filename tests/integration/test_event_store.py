@@ -14,10 +14,10 @@ from sqlalchemy import JSON, Connection, column, create_engine, insert, table, t
 from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import use_database
-from worker import events
-from worker.db import engine_for, session_scope
-from worker.errors import EventConflict, ValidationError
-from worker.models import UTCDateTime
+from worker.core.errors import EventConflict, ValidationError
+from worker.store import events
+from worker.store.db import engine_for, session_scope
+from worker.store.models import UTCDateTime
 
 
 def test_append_numbers_each_stream_from_one(database_url: str) -> None:
@@ -137,7 +137,7 @@ def test_payload_that_is_not_plain_json_is_refused(database_url: str) -> None:
 
 
 def test_repository_and_outcome_are_derived_and_queryable(database_url: str) -> None:
-    from worker.models import PushJob, Registry
+    from worker.store.models import PushJob, Registry
 
     with session_scope() as session:
         session.add(
@@ -196,7 +196,7 @@ def test_time_range_and_newest_first(database_url: str) -> None:
 
 
 def _add_checkpoint(conn: Connection, last_event_id: int) -> None:
-    from worker.models import EventCheckpoint, utcnow
+    from worker.store.models import EventCheckpoint, utcnow
 
     conn.execute(
         insert(EventCheckpoint.__table__).values(
@@ -245,7 +245,7 @@ def database_at_0002(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
     """An empty database migrated up to 0002 only (before the chain)."""
-    from worker.migrate import upgrade
+    from worker.store.migrate import upgrade
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -269,9 +269,9 @@ def database_at_0002(
 
 def test_migration_chains_the_events_that_exist_already(database_at_0002: str) -> None:
     """Events written before 0003 are chained by it, in id order, and then verify."""
-    from worker import audit
-    from worker.migrate import upgrade
-    from worker.models import PushJob, Registry, utcnow
+    from worker.store import audit
+    from worker.store.migrate import upgrade
+    from worker.store.models import PushJob, Registry, utcnow
 
     url = database_at_0002
     old_events = table(
@@ -317,7 +317,7 @@ def test_migration_downgrades_and_upgrades_again(database_url: str) -> None:
     """0003 is reversible; the triggers of 0001 are back after the downgrade."""
     from alembic import command
 
-    from worker.migrate import alembic_config
+    from worker.store.migrate import alembic_config
 
     with session_scope() as session:
         events.append(session, stream="job/a", type="t", actor="x")
@@ -329,6 +329,6 @@ def test_migration_downgrades_and_upgrades_again(database_url: str) -> None:
         c.execute(text("UPDATE events SET type = 'x'"))
     engine_for(database_url).dispose()
     command.upgrade(alembic_config(database_url), "head")
-    from worker import audit
+    from worker.store import audit
 
     assert audit.verify(database_url).ok

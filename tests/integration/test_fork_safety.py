@@ -12,7 +12,7 @@ import os
 
 from sqlalchemy import text
 
-from worker.db import session_scope
+from worker.store.db import session_scope
 
 
 def _backend_pid() -> int:

@@ -15,15 +15,15 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.support.fakes import FakeWorld, fake_runner
-from worker.audit import verify
-from worker.config import Settings
-from worker.db import session_scope
-from worker.errors import EventConflict
-from worker.events import CHAIN_LOCK_KEY
+from worker.core.errors import EventConflict
+from worker.core.settings import Settings
+from worker.engine.steps import ACTIONS, STEPS, StepContext, StepResult
 from worker.jobs import PushRequest, create_job
-from worker.models import PushJob
 from worker.registries import RegistrySpec, create_registry
-from worker.steps import ACTIONS, STEPS, StepContext, StepResult
+from worker.store.audit import verify
+from worker.store.db import session_scope
+from worker.store.events import CHAIN_LOCK_KEY
+from worker.store.models import PushJob
 
 SOURCE = "app:build"
 

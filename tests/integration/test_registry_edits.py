@@ -15,9 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from worker.db import session_scope
-from worker.errors import InvalidFallbackChain, InvalidRegistry, PushWorkerError
-from worker.models import Registry
+from worker.core.errors import InvalidFallbackChain, InvalidRegistry, PushWorkerError
 from worker.registries import (
     RegistrySpec,
     create_registry,
@@ -25,6 +23,8 @@ from worker.registries import (
     remove_registry,
     update_registry,
 )
+from worker.store.db import session_scope
+from worker.store.models import Registry
 
 #: Rounds of the cycle race: before chain edits were serialised, 3 of 5 tries made a cycle.
 CYCLE_ROUNDS = 20
@@ -138,7 +138,7 @@ def _set_chain(registry_id: int, chain: list[int]) -> bool:
 
 def test_removing_a_registry_takes_it_out_of_every_chain(postgres_url: str) -> None:
     """``registry remove`` drops the registry from every other chain, each a registry.updated."""
-    from worker.events import registry_stream, select_events
+    from worker.store.events import registry_stream, select_events
 
     for rid in (1, 2, 3):
         _add(f"r{rid}", registry_id=rid)

@@ -4,7 +4,7 @@ Two entry points are driven with generated, hostile input (wrong JSON types, boo
 ids beyond 32 bits, NUL, ESC and other control characters, lone surrogates, over-long text):
 
 - ``events.append`` itself: every call either raises a ``ValidationError`` and stores nothing,
-  or stores an event; and the whole log always verifies (``worker.audit.verify``).
+  or stores an event; and the whole log always verifies (``worker.store.audit.verify``).
 - ``contract.handle_submission`` (the ``pushworker.submit`` task's body): every request is
   either accepted (a job) or has exactly one ``submission.rejected`` event, which holds no raw
   control character; and the log verifies.
@@ -21,13 +21,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from worker import audit, client, contract, events
-from worker.client import enqueue_push
-from worker.db import session_scope
-from worker.errors import ValidationError
-from worker.models import Event, PushJob
+from worker import contract, producer
+from worker.core.errors import ValidationError
+from worker.core.text import has_control
+from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry
-from worker.text import has_control
+from worker.store import audit, events
+from worker.store.db import session_scope
+from worker.store.models import Event, PushJob
 
 #: Examples per property and backend (each example is one or two transactions and a verify).
 APPEND_EXAMPLES = 150
@@ -163,7 +164,7 @@ def registries(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
                 name=f"r{rid}", url=f"https://r{rid}.example.com", username="u", secret="pw"
             )
             create_registry(session, spec, registry_id=rid)
-    monkeypatch.setattr(client, "publish", lambda job_id, registry_id: True)
+    monkeypatch.setattr(producer, "publish", lambda job_id, registry_id: True)
     yield database_url
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from worker.config import Settings
-from worker.credentials import Credential
-from worker.docker_engine import LocalImage, ProgressCallback, PushResult
-from worker.errors import AuthenticationError, PushWorkerError, SourceImageNotFound
-from worker.models import Registry
-from worker.pipeline import Outcome, StepRunner
-from worker.reference import TargetReference
-from worker.steps import STEPS
+from worker.core.credentials import Credential
+from worker.core.errors import AuthenticationError, PushWorkerError, SourceImageNotFound
+from worker.core.reference import TargetReference
+from worker.core.settings import Settings
+from worker.engine.pipeline import Outcome, StepRunner
+from worker.engine.steps import STEPS
+from worker.seams.docker_engine import LocalImage, ProgressCallback, PushResult
+from worker.store.models import Registry
 
 
 @dataclass

@@ -81,7 +81,7 @@ def publish_via(broker_url: str, job_id: str, registry_id: int, queue: str = "pu
     """Publish a job's chain on another broker than this process's configured one."""
     from celery import chain
 
-    from worker.steps import STEPS
+    from worker.engine.steps import STEPS
 
     app = Celery(broker=broker_url)
     app.conf.task_serializer = "json"

@@ -14,14 +14,8 @@ import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.classify import (
-    DAEMON_RULES,
-    classify_http,
-    classify_registry_message,
-    parse_retry_after,
-)
-from worker.credentials import Credential, Secret
-from worker.errors import (
+from worker.core.credentials import Credential, Secret
+from worker.core.errors import (
     AuthenticationError,
     RegistryError,
     RegistryMisbehaved,
@@ -29,9 +23,15 @@ from worker.errors import (
     RegistryTLSError,
     RegistryUnavailable,
 )
-from worker.registry_http import RegistryHTTP
-from worker.retry import retry_delay
-from worker.steps import _confirmed
+from worker.engine.retry import retry_delay
+from worker.engine.steps import _confirmed
+from worker.seams.classify import (
+    DAEMON_RULES,
+    classify_http,
+    classify_registry_message,
+    parse_retry_after,
+)
+from worker.seams.registry_http import RegistryHTTP
 
 P = "127.0.0.1:45725"
 

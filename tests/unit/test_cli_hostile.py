@@ -18,13 +18,14 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from worker import client, events
+from worker import producer
 from worker.cli import cli
 from worker.cli import jobs as cli_jobs
-from worker.config import get_settings
-from worker.db import session_scope
-from worker.models import PushJob
+from worker.core.settings import get_settings
 from worker.registries import RegistrySpec, create_registry
+from worker.store import events
+from worker.store.db import session_scope
+from worker.store.models import PushJob
 
 #: The exit codes pushctl documents (common.EPILOG), minus 1: an internal error is a bug here.
 DOCUMENTED = {0, 2, 3, 4, 5, 6, 7, 8, 9, 10}
@@ -94,12 +95,12 @@ def runner(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRu
     with session_scope() as session:
         spec = RegistrySpec(name="r5", url="https://r5.example.com", username="u", secret="pw")
         create_registry(session, spec, registry_id=5)
-    monkeypatch.setattr(client, "publish", lambda job_id, registry_id: True)
+    monkeypatch.setattr(producer, "publish", lambda job_id, registry_id: True)
     yield CliRunner()
 
 
 def queued_job() -> str:
-    return client.enqueue_push(
+    return producer.enqueue_push(
         source_image="img", registry_id=5, repository="team/app", tag=f"t{uuid.uuid4().hex[:8]}",
         requested_by="platform:test",
     )  # fmt: skip

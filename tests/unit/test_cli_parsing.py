@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 from cryptography.fernet import Fernet
 
-from worker import client, errors, events
+from worker import producer
 from worker.cli import cli
 from worker.cli.common import (
     error_exit_codes,
@@ -28,9 +28,11 @@ from worker.cli.common import (
     parse_since,
     summarize,
 )
-from worker.config import get_settings
-from worker.db import session_scope
-from worker.models import PushJob
+from worker.core import errors
+from worker.core.settings import get_settings
+from worker.store import events
+from worker.store.db import session_scope
+from worker.store.models import PushJob
 
 pytestmark = pytest.mark.unit
 
@@ -319,7 +321,7 @@ def _finish_jobs_as(
                           payload=payload)  # fmt: skip
         return True
 
-    monkeypatch.setattr(client, "publish", publish)
+    monkeypatch.setattr(producer, "publish", publish)
 
 
 @pytest.mark.parametrize(
@@ -354,7 +356,7 @@ def test_wait_times_out_and_a_queued_job_cannot_be_retried(
     runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     add_harbor(runner, "--password-stdin", input=f"{PASSWORD}\n")
-    monkeypatch.setattr(client, "publish", lambda _job, _registry: True)  # nobody runs it
+    monkeypatch.setattr(producer, "publish", lambda _job, _registry: True)  # nobody runs it
     push = ("push", "app:1", "--registry", "1", "--repository", "team/app", "--tag", "1")
     result = run(runner, *push, "--wait", "--timeout", "0.5", code=124)
     assert "still queued" in result.stderr

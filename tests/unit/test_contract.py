@@ -14,13 +14,13 @@ from typing import Any
 import jsonschema
 import pytest
 
-from worker import client, contract
+from worker import contract, producer
 from worker.contract import handle_submission, request_from_call
-from worker.db import session_scope
-from worker.errors import DatabaseUnavailable, InvalidMessage, PushWorkerError
-from worker.events import select_events
-from worker.models import PushJob, Registry
+from worker.core.errors import DatabaseUnavailable, InvalidMessage, PushWorkerError
 from worker.registries import RegistrySpec, create_registry
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import PushJob, Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-do-not-record"
@@ -187,7 +187,7 @@ def published(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> list[tuple[st
         sent.append((job_id, registry_id))
         return True
 
-    monkeypatch.setattr(client, "publish", publish)
+    monkeypatch.setattr(producer, "publish", publish)
     return sent
 
 
@@ -302,7 +302,7 @@ def test_a_database_outage_is_raised_for_the_task_to_retry(
     def down(**_kwargs: Any) -> str:
         raise DatabaseUnavailable("the database does not answer")
 
-    monkeypatch.setattr(client, "enqueue_push", down)
+    monkeypatch.setattr(producer, "enqueue_push", down)
     with pytest.raises(DatabaseUnavailable):
         submit([message()])
 
@@ -313,7 +313,7 @@ def test_a_crash_is_recorded_and_not_raised(
     def crash(**_kwargs: Any) -> str:
         raise KeyError(SECRET)
 
-    monkeypatch.setattr(client, "enqueue_push", crash)
+    monkeypatch.setattr(producer, "enqueue_push", crash)
     result = submit([message()])
     assert result.error_code == "internal_error"
     (event,) = rejected_events(result)

@@ -14,15 +14,20 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import credential_refs
 from worker.cli import cli
-from worker.config import DEFAULT_CREDENTIAL_ENV_PREFIX, SETTINGS_ENV_NAMES, Settings, get_settings
-from worker.credential_refs import check_env_name, check_file_path, read_env, read_file
-from worker.credentials import parse_reference, resolve_credential
-from worker.db import session_scope
-from worker.errors import CredentialError
-from worker.models import Registry
+from worker.core import credential_refs
+from worker.core.credential_refs import check_env_name, check_file_path, read_env, read_file
+from worker.core.credentials import parse_reference, resolve_credential
+from worker.core.errors import CredentialError
+from worker.core.settings import (
+    DEFAULT_CREDENTIAL_ENV_PREFIX,
+    SETTINGS_ENV_NAMES,
+    Settings,
+    get_settings,
+)
 from worker.registries import RegistrySpec, create_registry, list_registries
+from worker.store.db import session_scope
+from worker.store.models import Registry
 
 BASE = Settings.from_env({})  # every default, none of the developer's environment
 OUTSIDE_SECRET = "outside-secret-never-returned"

@@ -11,12 +11,12 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
-from worker import db
-from worker.db import default_engine, read_scope, session_scope
-from worker.errors import DatabaseUnavailable
+from worker.core.errors import DatabaseUnavailable
 from worker.jobs import PushRequest, create_job, docker_host_of
-from worker.models import Registry
 from worker.registries import RegistrySpec, create_registry
+from worker.store import db
+from worker.store.db import default_engine, read_scope, session_scope
+from worker.store.models import Registry
 
 
 @pytest.fixture

@@ -12,18 +12,18 @@ from hypothesis import strategies as st
 from sqlalchemy import update
 
 from tests.support.fakes import FakeWorld, InlineDispatcher, fake_runner
-from worker.config import Settings
-from worker.db import session_scope
-from worker.errors import (
+from worker.core.errors import (
     AuthenticationError,
     InvalidFallbackChain,
     PushWorkerError,
     ValidationError,
 )
-from worker.events import select_events
+from worker.core.settings import Settings
 from worker.jobs import PushRequest, create_job
-from worker.models import PushJob, Registry, utcnow
 from worker.registries import RegistrySpec, create_registry, remove_registry
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import PushJob, Registry, utcnow
 
 SOURCE = "app:build"
 HOSTS = {5: "reg.example.com:10443", 4: "gitlab.example.com", 6: "alt.example.com"}

@@ -1,4 +1,4 @@
-"""One canonical spelling of registry hosts (``worker.hostnames``), proved over generated
+"""One canonical spelling of registry hosts (``worker.core.hostnames``), proved over generated
 spellings: every spelling of a Docker Hub host is Docker Hub, every spelling of an ordinary host
 is that host, and what cannot be kept exactly is refused."""
 
@@ -9,10 +9,10 @@ from docker.auth import resolve_repository_name
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.errors import InvalidRegistry
-from worker.hostnames import DOCKER_HUB_HOSTS, canonical_host, parse_address
-from worker.models import RegistryKind
+from worker.core.errors import InvalidRegistry
+from worker.core.hostnames import DOCKER_HUB_HOSTS, canonical_host, parse_address
 from worker.registries import parse_registry_url
+from worker.store.models import RegistryKind
 
 #: A DNS label in Docker's domain grammar.
 LABEL = st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)

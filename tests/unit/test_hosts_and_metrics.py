@@ -10,11 +10,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tasks.dispatch import queue_for
-from worker.connection_test import Check, ConnectionReport
-from worker.errors import ValidationError
+from worker.core.errors import ValidationError
 from worker.health import CREDENTIALS_FAILING, HEALTHY, UNHEALTHY, status_of
 from worker.jobs import check_docker_host, known_docker_hosts
 from worker.metrics import Metrics, check_endpoint
+from worker.probe import Check, ConnectionReport
 
 
 def test_known_hosts_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

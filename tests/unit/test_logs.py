@@ -9,7 +9,7 @@ import sys
 import pytest
 import structlog
 
-from worker.logs import configure_logging, get_logger
+from worker.core.logs import configure_logging, get_logger
 
 
 @pytest.fixture(autouse=True)

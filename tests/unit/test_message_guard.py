@@ -1,4 +1,5 @@
-"""The message guard (``worker.messages``): what the worker accepts from the broker, and that it
+"""The message guard (``worker.core.messages``): what the worker accepts from the broker, and that
+it
 answers every input with a verdict instead of an exception."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.messages import (
+from worker.core.messages import (
     CONTENT_TYPE,
     MAX_BODY_BYTES,
     MAX_DEPTH,
@@ -342,7 +343,7 @@ def test_celery_and_kombu_lines_never_print_a_message_body(
     error's bytes keeps its first words and loses the contents (and the exception's text)."""
     import logging
 
-    from worker.logs import WITHHELD, configure_logging
+    from worker.core.logs import WITHHELD, configure_logging
 
     secret = "s3cret-" + uuid.uuid4().hex
     configure_logging("json")

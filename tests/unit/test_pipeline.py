@@ -12,15 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.fakes import FakeWorld, fake_runner
-from worker.config import Settings
-from worker.db import session_scope
-from worker.errors import AuthenticationError, RegistryUnavailable
-from worker.events import select_events
+from worker.core.errors import AuthenticationError, RegistryUnavailable
+from worker.core.settings import Settings
+from worker.engine.steps import ACTIONS, STEPS, StepContext, StepResult
 from worker.jobs import PushRequest, cancel_job, create_job
-from worker.models import PushJob, StepRun, utcnow
 from worker.registries import RegistrySpec, create_registry
-from worker.step_runs import insert_first_claim
-from worker.steps import ACTIONS, STEPS, StepContext, StepResult
+from worker.store.claims import insert_first_claim
+from worker.store.db import session_scope
+from worker.store.events import select_events
+from worker.store.models import PushJob, StepRun, utcnow
 
 HARBOR = "reg.example.com:10443"
 GITLAB = "gitlab.example.com"

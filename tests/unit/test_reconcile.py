@@ -10,15 +10,15 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from worker import events
-from worker.db import session_scope
-from worker.errors import ValidationError
-from worker.events import worker_actor
+from worker.core.errors import ValidationError
+from worker.engine.liveness import owner_is_dead, owner_of_this_process, parse_owner, start_mark
 from worker.jobs import PushRequest, create_job, retry_job
-from worker.liveness import owner_is_dead, owner_of_this_process, parse_owner, start_mark
-from worker.models import JobStatus, PushJob, StepRun, utcnow
 from worker.reconcile import GRACE_ENV, grace_from_env, reconcile, take_over_dead_claims
 from worker.registries import RegistrySpec, create_registry
+from worker.store import events
+from worker.store.db import session_scope
+from worker.store.events import worker_actor
+from worker.store.models import JobStatus, PushJob, StepRun, utcnow
 
 GRACE = 60.0
 

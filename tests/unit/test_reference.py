@@ -7,15 +7,15 @@ from docker.auth import resolve_repository_name
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.errors import InvalidReference, ReferenceHostMismatch
-from worker.reference import assert_resolves_to, build_target, check_registry_host
+from worker.core.errors import InvalidReference, ReferenceHostMismatch
+from worker.core.reference import assert_resolves_to, build_target, check_registry_host
 
 COMPONENT = st.from_regex(r"[a-z0-9]{1,8}(?:[._-][a-z0-9]{1,8}){0,2}", fullmatch=True)
 REPOSITORY = st.lists(COMPONENT, min_size=1, max_size=4).map("/".join)
 TAG = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 #: A DNS label in Docker's domain grammar (letters, digits, inner hyphens).
 LABEL = st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,6}[a-z0-9])?", fullmatch=True)
-#: Registry hosts in canonical spelling (worker.hostnames), as records store them.
+#: Registry hosts in canonical spelling (worker.core.hostnames), as records store them.
 HOST = st.one_of(
     st.builds(
         lambda a, b, p: f"{a}.{b}:{p}",

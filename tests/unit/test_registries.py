@@ -6,16 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import get_settings
-from worker.credentials import resolve_credential
-from worker.db import session_scope
-from worker.errors import (
+from worker.core.credentials import resolve_credential
+from worker.core.errors import (
     CredentialError,
     InvalidFallbackChain,
     InvalidRegistry,
     RegistryNotFound,
     SecretKeyMissing,
 )
+from worker.core.settings import get_settings
 from worker.registries import (
     RegistrySpec,
     create_registry,
@@ -23,6 +22,7 @@ from worker.registries import (
     parse_registry_url,
     update_registry,
 )
+from worker.store.db import session_scope
 
 
 def add(rid: int, **overrides: object) -> None:
@@ -92,7 +92,7 @@ def test_a_secret_cannot_be_stored_without_a_key(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Storing a secret with no PUSHWORKER_SECRET_KEY is refused, saying how to fix it."""
-    from worker.config import get_settings
+    from worker.core.settings import get_settings
 
     monkeypatch.delenv("PUSHWORKER_SECRET_KEY")
     get_settings.cache_clear()

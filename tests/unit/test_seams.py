@@ -6,19 +6,19 @@ from typing import Any
 
 import pytest
 
-from worker.classify import classify_registry_message
-from worker.credentials import Credential, Secret
-from worker.docker_engine import DockerEngine, _read_push_stream
-from worker.errors import (
+from worker.core.credentials import Credential, Secret
+from worker.core.errors import (
     AuthenticationError,
     DockerError,
     RegistryError,
     RegistryTLSError,
     RegistryUnavailable,
 )
-from worker.logs import MASK, redact
-from worker.reference import TargetReference
-from worker.registry_http import parse_challenge
+from worker.core.logs import MASK, redact
+from worker.core.reference import TargetReference
+from worker.seams.classify import classify_registry_message
+from worker.seams.docker_engine import DockerEngine, _read_push_stream
+from worker.seams.registry_http import parse_challenge
 
 TARGET = TargetReference("127.0.0.1:5000", "team/app", "v1")
 

@@ -23,13 +23,13 @@ from rich.text import Text
 from sqlalchemy.exc import DataError, OperationalError, ProgrammingError, SQLAlchemyError
 from urllib3.exceptions import InsecureRequestWarning
 
-from worker.config import get_settings
-from worker.db import translate_error
-from worker.errors import PushWorkerError, StorageError, ValidationError
+from worker.core.errors import PushWorkerError, StorageError, ValidationError
+from worker.core.logs import configure_logging
+from worker.core.settings import get_settings
+from worker.core.text import CONTROL, printable
 from worker.jobs import MAX_ID
-from worker.logs import configure_logging
-from worker.models import Event, PushJob
-from worker.text import CONTROL, printable
+from worker.store.db import translate_error
+from worker.store.models import Event, PushJob
 
 EPILOG = """\b
 Exit codes:
@@ -104,7 +104,7 @@ def parse_fallback(text: str) -> list[int]:
 
 def check_plain(text: str) -> str:
     """``text`` if it is plain printable text: no control character (ESC, NUL, newline ...,
-    see ``worker.text``) and valid Unicode (a command line can carry undecodable bytes, which
+    see ``worker.core.text``) and valid Unicode (a command line can carry undecodable bytes, which
     Python turns into lone surrogates that no database driver can send); else ``ValueError``."""
     found = CONTROL.search(text)
     if found is not None:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import click
 
-from worker import migrate
 from worker.cli.common import (
     _echo_json,
     _out,
     _table,
     cli,
 )
-from worker.config import get_settings, mask_url_password
-from worker.credentials import new_key
+from worker.core.credentials import new_key
+from worker.core.settings import get_settings, mask_url_password
+from worker.store import migrate
 
 
 @cli.group()

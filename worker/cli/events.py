@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 import click
 
-from worker import audit, events
 from worker.cli.common import (
     _JSON,
     DAYS,
@@ -27,9 +26,10 @@ from worker.cli.common import (
     _out,
     cli,
 )
-from worker.db import read_scope
-from worker.errors import StorageError
-from worker.text import printable
+from worker.core.errors import StorageError
+from worker.core.text import printable
+from worker.store import audit, events
+from worker.store.db import read_scope
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from worker import client, events
+from worker import producer
 from worker.cli.common import (
     _JSON,
     ID,
@@ -22,11 +22,12 @@ from worker.cli.common import (
     cli,
     job_fields,
 )
-from worker.db import read_scope, session_scope
-from worker.errors import PushWorkerError
+from worker.core.errors import PushWorkerError
+from worker.core.text import printable
 from worker.jobs import cancel_job, get_job, list_jobs, retry_job
-from worker.models import JobStatus
-from worker.text import printable
+from worker.store import events
+from worker.store.db import read_scope, session_scope
+from worker.store.models import JobStatus
 
 
 @cli.group()
@@ -117,7 +118,7 @@ def _retry_one(job_id: str, reason: str, actor: str) -> str:
         job = retry_job(session, job_id, actor=actor, reason=reason)
         registry_id, attempt = job.requested_registry_id, job.attempt
     # Published after the commit, so the worker finds the job queued (the producer's own order).
-    published = client.publish(job_id, registry_id)
+    published = producer.publish(job_id, registry_id)
     note = "" if published else " (broker unreachable: the reconcile task will publish it)"
     return f"job {job_id} queued again as attempt {attempt} on registry {registry_id}{note}"
 

@@ -10,7 +10,7 @@ from typing import Any
 import click
 from rich.text import Text
 
-from worker import client, events
+from worker import producer
 from worker.cli.common import (
     _JSON,
     FALLBACK,
@@ -25,10 +25,11 @@ from worker.cli.common import (
     exit_code_for,
     job_fields,
 )
-from worker.db import read_scope
+from worker.core.text import printable
 from worker.jobs import get_job
-from worker.models import Event, JobStatus
-from worker.text import printable
+from worker.store import events
+from worker.store.db import read_scope
+from worker.store.models import Event, JobStatus
 
 WAIT_TIMEOUT_EXIT = 124
 INTERRUPTED_EXIT = 130  # the shell's own code for Ctrl-C
@@ -175,7 +176,7 @@ def push(
     """
     if timeout is not None and not wait:
         raise click.UsageError("--timeout needs --wait")
-    job_id = client.enqueue_push(
+    job_id = producer.enqueue_push(
         source_image=source,
         registry_id=registry_id,
         repository=repository,

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 import click
 from rich.text import Text
 
-from worker import events
 from worker.cli.common import (
     _JSON,
     FALLBACK,
@@ -29,11 +28,9 @@ from worker.cli.common import (
     cli,
     exit_code_for,
 )
-from worker.config import get_settings
-from worker.connection_test import ConnectionReport, check_registry, record_test
-from worker.db import read_scope, session_scope
-from worker.errors import ValidationError
-from worker.models import CredentialKind, Registry, RegistryKind
+from worker.core.errors import ValidationError
+from worker.core.settings import get_settings
+from worker.probe import ConnectionReport, check_registry, record_test
 from worker.registries import (
     RegistrySpec,
     chains_naming,
@@ -43,6 +40,9 @@ from worker.registries import (
     remove_registry,
     update_registry,
 )
+from worker.store import events
+from worker.store.db import read_scope, session_scope
+from worker.store.models import CredentialKind, Registry, RegistryKind
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -5,7 +5,7 @@ Here the pushed reference is always built from the registry record's host, then 
 docker-py's ``resolve_repository_name`` (the rules the daemon applies); if the host it resolves
 to is not the registry's host, nothing is tagged or pushed.
 
-Both sides of that comparison are in the canonical spelling of ``worker.hostnames``: a registry
+Both sides of that comparison are in the canonical spelling of ``worker.core.hostnames``: a registry
 host that is not (``Registry-1.Docker.IO.``, ``host:443``, a record stored before the rules) is
 refused rather than compared, and so is a Docker host other than Docker Hub's own ``docker.io``.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from docker.auth import resolve_repository_name
 from docker.errors import InvalidRepository
 
-from worker.errors import InvalidReference, InvalidRegistry, ReferenceHostMismatch
-from worker.hostnames import canonical_host, is_docker_hostname
+from worker.core.errors import InvalidReference, InvalidRegistry, ReferenceHostMismatch
+from worker.core.hostnames import canonical_host, is_docker_hostname
 
 # Docker's distribution/reference grammar, ASCII only (Python's \w would admit unicode letters).
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"

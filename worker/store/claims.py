@@ -1,4 +1,4 @@
-"""The SQL of ``worker.pipeline``'s hot path: step claims (``step_runs``) and the job state
+"""The SQL of ``worker.engine.pipeline``'s hot path: step claims (``step_runs``) and the job state
 changes around them (the job runs, the job succeeded).
 
 Every step of every job runs these, twice per step, so the statements are built once, here:
@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
+from worker.store.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 
 _RUNS = cast(Table, StepRun.__table__)
 

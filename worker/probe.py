@@ -22,9 +22,8 @@ import certifi
 from cryptography import x509
 from sqlalchemy.orm import Session
 
-from worker import events
-from worker.credentials import Credential, resolve_credential
-from worker.errors import (
+from worker.core.credentials import Credential, resolve_credential
+from worker.core.errors import (
     AuthenticationError,
     CredentialError,
     InvalidRegistry,
@@ -33,11 +32,12 @@ from worker.errors import (
     RegistryTLSError,
     RegistryUnavailable,
 )
-from worker.hostnames import parse_address
-from worker.logs import get_logger
-from worker.models import Event, Registry
+from worker.core.hostnames import parse_address
+from worker.core.logs import get_logger
 from worker.registries import checked_address
-from worker.registry_http import Challenge, RegistryHTTP
+from worker.seams.registry_http import Challenge, RegistryHTTP
+from worker.store import events
+from worker.store.models import Event, Registry
 
 log = get_logger("pushworker.connection_test")
 
@@ -56,7 +56,7 @@ class Check:
     fix: str | None = None
     #: True when the check did not run: an earlier one failed, or it does not apply (tls on http).
     skipped: bool = False
-    #: The ``worker.errors`` code of a failure, which the CLI turns into its exit code.
+    #: The ``worker.core.errors`` code of a failure, which the CLI turns into its exit code.
     error_code: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

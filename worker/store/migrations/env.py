@@ -3,8 +3,8 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from worker.config import get_settings
-from worker.models import Base
+from worker.core.settings import get_settings
+from worker.store.models import Base
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or get_settings().database_url

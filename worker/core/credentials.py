@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from worker import credential_refs
-from worker.config import Settings, get_settings
-from worker.errors import CredentialError, SecretKeyMissing
-from worker.models import CredentialKind, Registry
+from worker.core import credential_refs
+from worker.core.errors import CredentialError, SecretKeyMissing
+from worker.core.settings import Settings, get_settings
+from worker.store.models import CredentialKind, Registry
 
 
 class Secret:

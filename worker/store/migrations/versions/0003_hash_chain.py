@@ -1,10 +1,11 @@
 """The event log becomes a hash chain; indexed repository and outcome; retention checkpoints.
 
-- ``events`` gains ``prev_hash`` and ``hash`` (the chain, see worker.events), and ``repository``
+- ``events`` gains ``prev_hash`` and ``hash`` (the chain, see worker.store.events), and
+``repository``
   and ``outcome`` (derived at append, indexed); existing events are chained here, in id order.
 - ``event_checkpoints``: where retention cut the chain. Append-only, like the events.
 - The DELETE trigger on ``events`` now lets through exactly the events covered by a checkpoint
-  (retention, ``worker.audit.prune``); every other DELETE is still refused. On PostgreSQL,
+  (retention, ``worker.store.audit.prune``); every other DELETE is still refused. On PostgreSQL,
   TRUNCATE (which skips row triggers) is refused on both tables too.
 
 Revision ID: 0003
@@ -16,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from worker.events import GENESIS_HASH, chain_hash, derive_outcome
+from worker.store.events import GENESIS_HASH, chain_hash, derive_outcome
 
 revision = "0003"
 down_revision = "0002"

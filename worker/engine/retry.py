@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from worker.errors import PushWorkerError, RegistryThrottled
+from worker.core.errors import PushWorkerError, RegistryThrottled
 
 
 def should_retry(error: PushWorkerError, tries: int, max_attempts: int) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from worker.errors import ValidationError
+from worker.core.errors import ValidationError
 
 #: C0 controls, DEL and C1 controls (ESC, NUL, CSI ...); tab and newline included on purpose:
 #: none of the fields this guards is multi-line.

@@ -4,10 +4,11 @@ A step goes through three phases:
 
 1. claim (one transaction): memo check, job state check, then a claim row in ``step_runs`` and a
    ``step.started`` event. A step never acts without having recorded that it started.
-2. act (no transaction): the step's action from ``worker.steps``, talking to Docker and the
+2. act (no transaction): the step's action from ``worker.engine.steps``, talking to Docker and the
    registry.
-3. record (one transaction): the outcome, with retry and fallback decided by ``worker.retry`` and
-   ``worker.fallback``.
+3. record (one transaction): the outcome, with retry and fallback decided by
+``worker.engine.retry`` and
+   ``worker.engine.fallback``.
 
 Celery delivers at least once; the claim turns duplicates into ``step.skipped`` events, and a
 step that already succeeded for this job and registry is skipped on any later delivery.
@@ -24,11 +25,7 @@ from typing import Literal, Protocol, TypeVar
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from worker import events, step_runs
-from worker.config import Settings, get_settings
-from worker.db import session_scope
-from worker.docker_engine import DockerEngine
-from worker.errors import (
+from worker.core.errors import (
     AuthenticationError,
     DatabaseUnavailable,
     EventConflict,
@@ -36,13 +33,17 @@ from worker.errors import (
     PushWorkerError,
     WorkerLost,
 )
-from worker.fallback import final_auth_error, plan_fallback
-from worker.liveness import claim_is_dead, owner_of_this_process
-from worker.logs import get_logger
-from worker.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
+from worker.core.logs import get_logger
+from worker.core.settings import Settings, get_settings
+from worker.engine.fallback import final_auth_error, plan_fallback
+from worker.engine.liveness import claim_is_dead, owner_of_this_process
+from worker.engine.retry import retry_delay, should_retry
+from worker.engine.steps import ACTIONS, STEPS, HttpFactory, StepContext, StepResult, default_http
 from worker.registries import target_refusal, unusable_reason
-from worker.retry import retry_delay, should_retry
-from worker.steps import ACTIONS, STEPS, HttpFactory, StepContext, StepResult, default_http
+from worker.seams.docker_engine import DockerEngine
+from worker.store import claims, events
+from worker.store.db import session_scope
+from worker.store.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 
 log = get_logger("pushworker.pipeline")
 T = TypeVar("T")
@@ -123,7 +124,7 @@ class StepRunner:
 
     def _claim(self, step: str, job_id: str, registry_id: int, actor: str) -> _Claimed | Outcome:
         with session_scope() as session:
-            view = step_runs.load_for_claim(session, job_id, step, registry_id)
+            view = claims.load_for_claim(session, job_id, step, registry_id)
             job, run = view.job, view.run
             if job is None:
                 raise JobNotFound(f"job {job_id} does not exist")
@@ -158,10 +159,10 @@ class StepRunner:
                     f"step {step} was started {tries - 1} times and its worker died each time",
                     hint="see the worker's logs for what kills it; then retry the job",
                 )
-                step_runs.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
+                claims.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
                 self._fail_job(note, job, error, tries)
                 return Outcome("stop", reason="worker lost")
-            step_runs.mark_running(session, job, step)
+            claims.mark_running(session, job, step)
             note("step.started", tries)
             registry = view.registry
             assert registry is not None, "a job's registry row is never deleted"
@@ -181,7 +182,7 @@ class StepRunner:
         lease = now + timedelta(seconds=_lease_seconds(step, self.settings))
         if run is None:
             owner = owner_of_this_process(actor)
-            if not step_runs.insert_first_claim(session, job_id, step, registry_id, owner, lease):
+            if not claims.insert_first_claim(session, job_id, step, registry_id, owner, lease):
                 return "another delivery claimed this step at the same moment"
             return 1
         if run.status == StepStatus.RUNNING and not claim_is_dead(run, now):
@@ -210,10 +211,10 @@ class StepRunner:
         self, step: str, job_id: str, registry_id: int, result: StepResult, actor: str
     ) -> Outcome:
         with session_scope() as session:
-            tries = step_runs.finish_claim(
+            tries = claims.finish_claim(
                 session, job_id, step, registry_id, StepStatus.SUCCEEDED, result.payload
             )
-            status = step_runs.job_status(session, job_id)
+            status = claims.job_status(session, job_id)
             if status is None or tries is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
             last, cancelled = step == STEPS[-1], status == JobStatus.CANCELLED
@@ -221,7 +222,7 @@ class StepRunner:
             succeeded = (
                 last
                 and not cancelled
-                and step_runs.mark_succeeded(session, job_id, digest=digest, reference=reference)
+                and claims.mark_succeeded(session, job_id, digest=digest, reference=reference)
             )
             note = _Recorder(session, job_id, step, registry_id, actor)
             if result.noop:
@@ -240,8 +241,8 @@ class StepRunner:
     ) -> Outcome:
         dispatch_to: int | None = None
         with session_scope() as session:
-            tries = step_runs.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
-            job = step_runs.load_job(session, job_id)
+            tries = claims.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
+            job = claims.load_job(session, job_id)
             if job is None or tries is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
             note = _Recorder(session, job_id, step, registry_id, actor)

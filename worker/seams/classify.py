@@ -12,7 +12,7 @@ Two sources, best first:
 Order matters and is deliberate: throttling and server failures come *before* authentication.
 During a 5xx window the daemon goes on without credentials and then reports "unauthorized",
 so a message that also says 5xx/429 is an outage, never a refused credential. Even a pure
-"unauthorized" from the daemon is only a *claim*: ``worker.steps`` confirms it against the
+"unauthorized" from the daemon is only a *claim*: ``worker.engine.steps`` confirms it against the
 registry's HTTP API before it may count as a refusal (and move a job to its fallback).
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-from worker.errors import (
+from worker.core.errors import (
     AuthenticationError,
     RegistryError,
     RegistryThrottled,

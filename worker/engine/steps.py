@@ -11,18 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from worker.credentials import Credential, resolve_credential
-from worker.docker_engine import DockerEngine, LocalImage, ProgressCallback
-from worker.errors import (
+from worker.core.credentials import Credential, resolve_credential
+from worker.core.errors import (
     AuthenticationError,
     PushVerificationFailed,
     RegistryError,
     RegistryMisbehaved,
     SourceImageNotFound,
 )
-from worker.models import PushJob, Registry
-from worker.reference import TargetReference, assert_resolves_to, build_target
-from worker.registry_http import RegistryHTTP
+from worker.core.reference import TargetReference, assert_resolves_to, build_target
+from worker.seams.docker_engine import DockerEngine, LocalImage, ProgressCallback
+from worker.seams.registry_http import RegistryHTTP
+from worker.store.models import PushJob, Registry
 
 STEPS = ("resolve_credentials", "login", "tag", "push")
 T = TypeVar("T")

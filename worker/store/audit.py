@@ -25,12 +25,12 @@ from typing import IO, Any
 
 from sqlalchemy import Connection, delete, func, select
 
-from worker import events
-from worker.config import get_settings
-from worker.db import engine_for, reader_for, session_scope
-from worker.errors import StorageError, ValidationError
-from worker.models import Event, EventCheckpoint, utcnow
-from worker.text import printable
+from worker.core.errors import StorageError, ValidationError
+from worker.core.settings import get_settings
+from worker.core.text import printable
+from worker.store import events
+from worker.store.db import engine_for, reader_for, session_scope
+from worker.store.models import Event, EventCheckpoint, utcnow
 
 #: Rows fetched per round trip by the streaming readers.
 PAGE_SIZE = 2000

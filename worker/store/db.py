@@ -17,8 +17,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.config import get_settings
-from worker.errors import DatabaseUnavailable, EventConflict, PushWorkerError
+from worker.core.errors import DatabaseUnavailable, EventConflict, PushWorkerError
+from worker.core.settings import get_settings
 
 #: deadlock_detected, serialization_failure
 _RETRYABLE_SQLSTATES = ("40P01", "40001")

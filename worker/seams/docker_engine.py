@@ -19,16 +19,16 @@ import requests
 from docker import auth as docker_auth
 from docker.errors import APIError, DockerException, ImageNotFound
 
-from worker.classify import classify_registry_message
-from worker.credentials import Credential
-from worker.errors import (
+from worker.core.credentials import Credential
+from worker.core.errors import (
     AuthenticationError,
     DockerError,
     DockerUnavailable,
     PushWorkerError,
     SourceImageNotFound,
 )
-from worker.reference import TargetReference
+from worker.core.reference import TargetReference
+from worker.seams.classify import classify_registry_message
 
 #: Called with (bytes pushed, bytes to push, layers done, layers seen) while a push runs.
 ProgressCallback = Callable[[int, int, int, int], None]

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from worker.text import printable
+from worker.core.text import printable
 
 MASK = "***"
 #: Keys whose values are never written, wherever they appear in an event dict.

@@ -1,10 +1,11 @@
 """The append-only event log: ``append`` and ``select``, nothing else (verify, export and
-retention are in ``worker.audit``).
+retention are in ``worker.store.audit``).
 
 Every event is a link of one global hash chain, in ``id`` order: its ``hash`` is the SHA-256 of
 its canonical JSON (every stored field but ``id`` and ``hash``, with ``prev_hash``, the hash of
 the event before it). Writers are serialised so that the chain stays a line: SQLite takes its
-write lock at the start of every transaction (``worker.db``), PostgreSQL takes a transaction-level
+write lock at the start of every transaction (``worker.store.db``), PostgreSQL takes a
+transaction-level
 advisory lock here, in ``append``, held until the transaction ends. See docs/event-log.md.
 
 Every appended event is also one structlog line with the same fields, written after the
@@ -29,9 +30,9 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from worker.errors import EventConflict, ValidationError
-from worker.logs import get_logger
-from worker.models import Event, EventCheckpoint, PushJob, utcnow
+from worker.core.errors import EventConflict, ValidationError
+from worker.core.logs import get_logger
+from worker.store.models import Event, EventCheckpoint, PushJob, utcnow
 
 log = get_logger("pushworker.events")
 

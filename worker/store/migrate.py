@@ -10,9 +10,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.exc import OperationalError
 
-from worker.config import get_settings
-from worker.db import make_engine, translate_error
-from worker.errors import DatabaseUnavailable
+from worker.core.errors import DatabaseUnavailable
+from worker.core.settings import get_settings
+from worker.store.db import make_engine, translate_error
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -26,7 +26,7 @@ def alembic_config(url: str) -> Config:
 
 @contextmanager
 def _database_errors() -> Iterator[None]:
-    # Alembic connects by itself, outside worker.db's sessions: a database that does not
+    # Alembic connects by itself, outside worker.store.db's sessions: a database that does not
     # answer is translated here, so `pushctl db upgrade` says so (exit 10) instead of a
     # driver traceback.
     try:

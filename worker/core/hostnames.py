@@ -7,7 +7,7 @@ Docker Hub host was once saved as a "generic" registry and sent a credential.
 
 ``parse_address`` is the one place that turns what an operator typed (or what an old record
 stored) into the spelling every other module compares: Docker Hub detection and registry URLs
-(``worker.registries``), the reference guard (``worker.reference``), the login address and the
+(``worker.registries``), the reference guard (``worker.core.reference``), the login address and the
 connection test.
 
 What it refuses, it refuses rather than guess: user info (``user:pw@``), IPv6 literals (the
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import idna
 
-from worker.errors import InvalidRegistry
-from worker.text import has_control
+from worker.core.errors import InvalidRegistry
+from worker.core.text import has_control
 
 #: Docker Hub's names; every spelling of them (any case, trailing dot, port, IDNA) is Docker Hub.
 DOCKER_HUB_HOSTS = frozenset(

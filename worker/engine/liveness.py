@@ -19,7 +19,7 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
-from worker.models import StepRun
+from worker.store.models import StepRun
 
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 

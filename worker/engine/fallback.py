@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from worker.errors import AuthenticationError, FallbackExhausted, PushWorkerError
-from worker.models import PushJob
+from worker.core.errors import AuthenticationError, FallbackExhausted, PushWorkerError
+from worker.store.models import PushJob
 
 #: Steps whose authentication failures may move a job to the next registry.
 FALLBACK_STEPS = frozenset({"login", "push"})

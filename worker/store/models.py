@@ -1,7 +1,7 @@
 """The stored state: registries, push jobs, step claims and the append-only event log.
 
 Typed SQLAlchemy 2.x ORM; the schema itself is created by the Alembic migrations in
-``worker/migrations`` (``pushctl db upgrade``), never implicitly.
+``worker/store/migrations`` (``pushctl db upgrade``), never implicitly.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ class Event(Base):
 
     Every event is a link of one global hash chain in ``id`` order: ``hash`` is the SHA-256 of the
     event's canonical JSON, which includes ``prev_hash``, the hash of the event before it (see
-    ``worker.events.chain_hash`` and docs/event-log.md). ``repository`` and ``outcome`` are derived
+    ``worker.store.events.chain_hash`` and docs/event-log.md). ``repository`` and ``outcome`` are
+    derived
     from the payload and the type when the event is appended, so that they can be indexed.
     """
 

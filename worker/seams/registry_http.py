@@ -19,15 +19,15 @@ from urllib.parse import urlsplit
 import requests
 from requests.auth import HTTPBasicAuth
 
-from worker.classify import classify_http, parse_retry_after
-from worker.credentials import Credential
-from worker.errors import (
+from worker.core.credentials import Credential
+from worker.core.errors import (
     AuthenticationError,
     RegistryError,
     RegistryTLSError,
     RegistryUnavailable,
 )
-from worker.models import Registry
+from worker.seams.classify import classify_http, parse_retry_after
+from worker.store.models import Registry
 
 MANIFEST_TYPES = ", ".join(
     [

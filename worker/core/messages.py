@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from worker.text import printable
+from worker.core.text import printable
 
 #: Largest body accepted, in bytes. A push request is under 2 KiB; a step's arguments and its
 #: chain under 4 KiB.
@@ -130,7 +130,7 @@ class Refusal:
         return self.task_name == SUBMIT_TASK
 
     def to_payload(self) -> dict[str, Any]:
-        """The ``message.rejected`` event's payload (keys allowed by ``worker.events``)."""
+        """The ``message.rejected`` event's payload (keys allowed by ``worker.store.events``)."""
         payload: dict[str, Any] = {
             "reason": self.reason,
             "error_code": ERROR_CODE,

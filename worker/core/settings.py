@@ -20,7 +20,7 @@ DEFAULT_CREDENTIAL_ENV_PREFIX = "REGISTRY_CREDENTIAL_"
 DEFAULT_CREDENTIALS_DIR = "/run/secrets"
 
 #: Every environment variable ``Settings.from_env`` reads. A credential reference may never name
-#: one of them (worker/credential_refs.py); a unit test proves the list is complete.
+#: one of them (worker/core/credential_refs.py); a unit test proves the list is complete.
 SETTINGS_ENV_NAMES = (
     "PUSHWORKER_DATABASE_URL",
     "PUSHWORKER_BROKER_URL",

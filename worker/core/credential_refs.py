@@ -16,8 +16,8 @@ import re
 import stat
 from collections.abc import Mapping
 
-from worker.config import SETTINGS_ENV_NAMES, Settings
-from worker.errors import CredentialError
+from worker.core.errors import CredentialError
+from worker.core.settings import SETTINGS_ENV_NAMES, Settings
 
 PREFIX_SETTING = "PUSHWORKER_CREDENTIAL_ENV_PREFIX"
 DIR_SETTING = "PUSHWORKER_CREDENTIALS_DIR"

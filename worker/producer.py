@@ -1,0 +1,68 @@
+"""The producer API: what the web platform calls to enqueue a push.
+
+The job row and its ``job.enqueued`` event are committed before the message is published, so a
+broker that is down at enqueue time loses nothing: the job stays ``queued`` and the periodic
+reconcile task publishes it once the broker is back.
+"""
+
+from __future__ import annotations
+
+from worker.core.logs import get_logger
+from worker.jobs import PushRequest, create_job
+from worker.store import events
+from worker.store.db import session_scope
+
+log = get_logger("pushworker.producer")
+
+
+def enqueue_push(
+    *,
+    source_image: str,
+    registry_id: int,
+    repository: str,
+    tag: str,
+    requested_by: str,
+    fallback: list[int] | None = None,
+    idempotency_key: str | None = None,
+    docker_host: str | None = None,
+) -> str:
+    """Validate, record and queue a push; return the job id.
+
+    Raises a ``worker.core.errors.ValidationError``, ``RegistryNotFound`` or ``CredentialError``
+    (nothing recorded, nothing queued) when the request cannot succeed as given. The same
+    ``idempotency_key`` returns the first job's id and queues nothing more.
+
+    ``docker_host`` names the Docker Engine that holds ``source_image`` (one of
+    ``PUSHWORKER_DOCKER_HOSTS``); the job then runs only on that host's worker. An unknown name
+    raises a ``ValidationError`` with the code ``unknown_docker_host``. None: the default
+    queue's worker and engine.
+    """
+    request = PushRequest(
+        source_image=source_image, registry_id=registry_id, repository=repository, tag=tag,
+        requested_by=requested_by, fallback=fallback, idempotency_key=idempotency_key,
+        docker_host=docker_host,
+    )  # fmt: skip
+    with session_scope() as session:
+        job, created = create_job(session, request, actor=f"producer:{requested_by}")
+        job_id, registry = job.id, job.effective_registry_id
+    if created:
+        publish(job_id, registry)
+    return job_id
+
+
+def publish(job_id: str, registry_id: int) -> bool:
+    """Send the job's chain to the broker; False (and a warning) when the broker is away."""
+    from tasks.dispatch import celery_dispatcher  # the Celery app is only needed here
+
+    try:
+        celery_dispatcher().start_chain(job_id, registry_id)
+    except Exception as exc:  # kombu raises many types; every one means "not published"
+        log.warning(
+            "job.publish_deferred", job_id=job_id, error=type(exc).__name__,
+            hint="the job is recorded; the reconcile task publishes it when the broker is back",
+        )  # fmt: skip
+        return False
+    return True
+
+
+__all__ = ["enqueue_push", "events", "publish"]
