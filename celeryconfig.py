@@ -2,6 +2,8 @@
 
 import os
 
+from worker.core.queues import DEFAULT_QUEUE
+
 broker_url = os.environ.get("PUSHWORKER_BROKER_URL", "redis://127.0.0.1:6379/0")
 # Job state and events live in the database; Celery keeps no results (nothing to leak, no keys).
 result_backend = None
@@ -29,8 +31,8 @@ broker_transport_options = {"visibility_timeout": _push_timeout + 600}
 # <host> (PUSHWORKER_DOCKER_HOSTS). tasks.dispatch picks the queue of each job's chain, and a
 # worker started with PUSHWORKER_WORKER_HOST=<host> consumes `pushworker.<host>` on top of its
 # -Q queues (tasks.app). Explicit queues win over these routes.
-task_default_queue = "pushworker"
-task_routes = {"pushworker.*": {"queue": "pushworker"}}
+task_default_queue = DEFAULT_QUEUE
+task_routes = {"pushworker.*": {"queue": DEFAULT_QUEUE}}
 task_time_limit = _push_timeout + 60
 task_soft_time_limit = _push_timeout
 

@@ -26,6 +26,7 @@ from celery.signals import (
 from worker import metrics
 from worker.core.errors import PushWorkerError
 from worker.core.logs import configure_logging, get_logger
+from worker.core.queues import STEP_TASK_PREFIX
 from worker.core.settings import get_settings
 from worker.jobs import DOCKER_HOSTS_ENV, check_docker_host
 
@@ -55,7 +56,7 @@ def _consume_host_queue(sender: str, instance: Any, **_kwargs: object) -> None:
     host = worker_host()
     if host is None:
         return
-    from tasks.dispatch import queue_for
+    from worker.core.queues import queue_for
 
     try:
         check_docker_host(host)
@@ -100,7 +101,7 @@ def _take_over_dead_claims(**_kwargs: object) -> None:
     threading.Thread(target=run, name="pushworker-takeover", daemon=True).start()
 
 
-_STEP_PREFIX = "pushworker.step."
+_STEP_PREFIX = STEP_TASK_PREFIX
 _TASK_CONTEXT = ("job_id", "registry_id", "step")
 
 

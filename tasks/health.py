@@ -6,6 +6,7 @@ import os
 
 from tasks.app import app
 from worker import health
+from worker.core.queues import HEALTH_TASK
 from worker.core.settings import get_settings
 from worker.store import events
 
@@ -14,7 +15,7 @@ from worker.store import events
 _EVERY = float(os.environ.get("PUSHWORKER_HEALTH_EVERY", "300"))
 
 
-@app.task(name="pushworker.health.check_registries", expires=_EVERY)
+@app.task(name=HEALTH_TASK, expires=_EVERY)
 def check_registries() -> dict[str, str]:
     """Check every registry as ``pushctl registry test`` does; record each change of status."""
     results = health.check_registries(

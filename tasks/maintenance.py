@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from tasks.app import app
+from worker.core.queues import RECONCILE_TASK
 from worker.reconcile import reconcile as reconcile_jobs
 
 # A reconcile that waited longer than one beat interval is superseded by the next one: drop it
@@ -14,6 +15,6 @@ from worker.reconcile import reconcile as reconcile_jobs
 _EVERY = float(os.environ.get("PUSHWORKER_RECONCILE_EVERY", "60"))
 
 
-@app.task(name="pushworker.maintenance.reconcile", expires=_EVERY)
+@app.task(name=RECONCILE_TASK, expires=_EVERY)
 def reconcile() -> dict[str, Any]:
     return reconcile_jobs().to_dict()

@@ -10,13 +10,13 @@ from celery import Task
 from celery.exceptions import Ignore
 
 from tasks.app import app
-from tasks.dispatch import celery_dispatcher
+from worker.engine.dispatch import get_dispatcher
 from worker.engine.pipeline import StepRunner, default_runner
 
 
 @lru_cache(maxsize=1)
 def _runner() -> StepRunner:
-    return default_runner(celery_dispatcher())
+    return default_runner(get_dispatcher())
 
 
 def _run(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from worker import producer
 from worker.core.errors import InvalidMessage, PushWorkerError
 from worker.core.logs import get_logger
+from worker.core.queues import DEFAULT_QUEUE, SUBMIT_TASK
 from worker.core.text import printable
 from worker.jobs import (
     MAX_ID,
@@ -45,8 +46,8 @@ from worker.store.models import Event
 
 log = get_logger("pushworker.contract")
 
-TASK_NAME = "pushworker.submit"
-QUEUE = "pushworker"
+TASK_NAME = SUBMIT_TASK
+QUEUE = DEFAULT_QUEUE
 SCHEMA_ID = "urn:pushworker:schema:push-request:1"
 SCHEMA_FILE = "docs/push-request.schema.json"
 REJECTED = "submission.rejected"

@@ -4,7 +4,7 @@ Each check is timed and says what to do when it fails. The first failure stops t
 operator sees the lowest broken layer instead of a pile of its consequences. Details are built
 from host names, certificate fields and the registry's own words, never from credentials.
 
-The dns check starts with the stored address itself (``worker.registries.checked_address``):
+The dns check starts with the stored address itself (``worker.engine.targets.checked_address``):
 a record that today's rules refuse is never looked up or connected to.
 """
 
@@ -34,7 +34,7 @@ from worker.core.errors import (
 )
 from worker.core.hostnames import parse_address
 from worker.core.logs import get_logger
-from worker.registries import checked_address
+from worker.engine.targets import checked_address, endpoint_of
 from worker.seams.registry_http import Challenge, RegistryHTTP
 from worker.store import events
 from worker.store.models import Event, Registry
@@ -298,7 +298,7 @@ class _Probe:
     # --- the registry API -----------------------------------------------------------------------
 
     def v2(self) -> str:
-        http = RegistryHTTP(self.registry, None, timeout=self.timeout)
+        http = RegistryHTTP(endpoint_of(self.registry), None, timeout=self.timeout)
         try:
             self.challenge = http.ping()
         except RegistryError as exc:
@@ -313,7 +313,7 @@ class _Probe:
             return self._anonymous()
         if self.credential is None:
             raise self._missing_credential()
-        http = RegistryHTTP(self.registry, self.credential, timeout=self.timeout)
+        http = RegistryHTTP(endpoint_of(self.registry), self.credential, timeout=self.timeout)
         try:
             challenge = http.check_credentials()
         except AuthenticationError as exc:

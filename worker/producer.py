@@ -8,6 +8,7 @@ reconcile task publishes it once the broker is back.
 from __future__ import annotations
 
 from worker.core.logs import get_logger
+from worker.engine.dispatch import get_dispatcher
 from worker.jobs import PushRequest, create_job
 from worker.store import events
 from worker.store.db import session_scope
@@ -52,10 +53,8 @@ def enqueue_push(
 
 def publish(job_id: str, registry_id: int) -> bool:
     """Send the job's chain to the broker; False (and a warning) when the broker is away."""
-    from tasks.dispatch import celery_dispatcher  # the Celery app is only needed here
-
     try:
-        celery_dispatcher().start_chain(job_id, registry_id)
+        get_dispatcher().start_chain(job_id, registry_id)
     except Exception as exc:  # kombu raises many types; every one means "not published"
         log.warning(
             "job.publish_deferred", job_id=job_id, error=type(exc).__name__,

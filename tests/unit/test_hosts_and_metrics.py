@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tasks.dispatch import queue_for
 from worker.core.errors import ValidationError
+from worker.core.queues import queue_for
 from worker.health import CREDENTIALS_FAILING, HEALTHY, UNHEALTHY, status_of
 from worker.jobs import check_docker_host, known_docker_hosts
 from worker.metrics import Metrics, check_endpoint

@@ -28,6 +28,7 @@ from worker.cli.common import (
     cli,
     exit_code_for,
 )
+from worker.core.credentials import CredentialKind
 from worker.core.errors import ValidationError
 from worker.core.settings import get_settings
 from worker.probe import ConnectionReport, check_registry, record_test
@@ -42,7 +43,7 @@ from worker.registries import (
 )
 from worker.store import events
 from worker.store.db import read_scope, session_scope
-from worker.store.models import CredentialKind, Registry, RegistryKind
+from worker.store.models import Registry, RegistryKind
 
 F = TypeVar("F", bound=Callable[..., Any])
 

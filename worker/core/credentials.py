@@ -6,14 +6,43 @@ reaches a log line, an exception or a traceback by mistake prints as ``***``.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography.fernet import Fernet, InvalidToken
 
 from worker.core import credential_refs
 from worker.core.errors import CredentialError, SecretKeyMissing
 from worker.core.settings import Settings, get_settings
-from worker.store.models import CredentialKind, Registry
+
+
+class CredentialKind(enum.StrEnum):
+    """How a registry record holds its credential (the ``credential_kind`` column)."""
+
+    SECRET = "secret"  # noqa: S105 - a kind name: the Fernet token is stored in the row
+    ENV = "env"  # the name of an environment variable of the worker
+    FILE = "file"  # the path of a file readable by the worker
+
+
+class CredentialRecord(Protocol):
+    """What credential handling reads of a registry record (``worker.store.models.Registry``
+    is one); a Protocol, so that this bottom layer never imports the database's models."""
+
+    @property
+    def id(self) -> int | None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def auth_required(self) -> bool: ...
+    @property
+    def credential_kind(self) -> str | None: ...
+    @property
+    def credential_secret(self) -> str | None: ...
+    @property
+    def credential_ref(self) -> str | None: ...
 
 
 class Secret:
@@ -89,13 +118,13 @@ def parse_reference(reference: str, settings: Settings | None = None) -> tuple[C
     return CredentialKind(kind), target
 
 
-def _where(registry: Registry) -> str:
+def _where(registry: CredentialRecord) -> str:
     if registry.id is None:
         return f"registry {registry.name!r}"
     return f"registry {registry.id} ({registry.name})"
 
 
-def check_credential_configured(registry: Registry) -> None:
+def check_credential_configured(registry: CredentialRecord) -> None:
     """Refuse a registry record that cannot authenticate, without reading any secret.
 
     Used when a record is saved and when a job is enqueued. A reference (``env:``/``file:``) is
@@ -119,7 +148,7 @@ def check_credential_configured(registry: Registry) -> None:
     )
 
 
-def resolve_credential(registry: Registry, key: str | None = None) -> Credential | None:
+def resolve_credential(registry: CredentialRecord, key: str | None = None) -> Credential | None:
     """The registry's credential, read now; None for a registry that takes anonymous pushes.
 
     Raises ``CredentialError`` naming what is missing and where to fix it.
@@ -139,7 +168,7 @@ def resolve_credential(registry: Registry, key: str | None = None) -> Credential
     return Credential(registry.username, Secret(password), source)
 
 
-def _read_password(registry: Registry, where: str, fix: str, key: str | None) -> str:
+def _read_password(registry: CredentialRecord, where: str, fix: str, key: str | None) -> str:
     kind = registry.credential_kind
     if kind == CredentialKind.SECRET:
         if not registry.credential_secret:

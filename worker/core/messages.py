@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
+from worker.core import queues
 from worker.core.text import printable
 
 #: Largest body accepted, in bytes. A push request is under 2 KiB; a step's arguments and its
@@ -95,17 +96,17 @@ def _submit_arguments(args: list[Any], kwargs: dict[str, Any]) -> str | None:
     return None
 
 
-SUBMIT_TASK: Final = "pushworker.submit"
+SUBMIT_TASK: Final = queues.SUBMIT_TASK
 STEP_TASKS: Final = tuple(
-    f"pushworker.step.{step}" for step in ("resolve_credentials", "login", "tag", "push")
+    queues.step_task(step) for step in ("resolve_credentials", "login", "tag", "push")
 )
 #: Every task this worker runs, and what its arguments must be. A name not here is refused: a
 #: new task must be added (tests/unit/test_message_guard.py compares it with the app).
 TASK_ARGUMENTS: Final[Mapping[str, ArgumentCheck]] = {
     SUBMIT_TASK: _submit_arguments,
     **{name: _step_arguments for name in STEP_TASKS},
-    "pushworker.maintenance.reconcile": _no_arguments,
-    "pushworker.health.check_registries": _no_arguments,
+    queues.RECONCILE_TASK: _no_arguments,
+    queues.HEALTH_TASK: _no_arguments,
 }
 
 

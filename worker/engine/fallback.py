@@ -40,7 +40,7 @@ class FallbackPlan:
         return [{"registry_id": rid, "reason": why} for rid, why in self.skipped]
 
 
-#: Why a registry may not be a target now (``worker.registries.unusable_reason``), or None.
+#: Why a registry may not be a target now (``worker.engine.targets.unusable_reason``), or None.
 Unusable = Callable[[int], str | None]
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -35,11 +35,12 @@ from worker.core.errors import (
 )
 from worker.core.logs import get_logger
 from worker.core.settings import Settings, get_settings
+from worker.engine.dispatch import Dispatcher
 from worker.engine.fallback import final_auth_error, plan_fallback
 from worker.engine.liveness import claim_is_dead, owner_of_this_process
 from worker.engine.retry import retry_delay, should_retry
 from worker.engine.steps import ACTIONS, STEPS, HttpFactory, StepContext, StepResult, default_http
-from worker.registries import target_refusal, unusable_reason
+from worker.engine.targets import target_refusal, unusable_reason
 from worker.seams.docker_engine import DockerEngine
 from worker.store import claims, events
 from worker.store.db import session_scope
@@ -47,12 +48,6 @@ from worker.store.models import JobStatus, PushJob, Registry, StepRun, StepStatu
 
 log = get_logger("pushworker.pipeline")
 T = TypeVar("T")
-
-
-class Dispatcher(Protocol):
-    """Starts a job's chain of step tasks on the broker (Celery, in production)."""
-
-    def start_chain(self, job_id: str, registry_id: int) -> None: ...
 
 
 @dataclass(frozen=True)

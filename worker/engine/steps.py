@@ -6,7 +6,6 @@ Each returns a ``StepResult``; a step that finds its effect already in place say
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,8 +19,9 @@ from worker.core.errors import (
     SourceImageNotFound,
 )
 from worker.core.reference import TargetReference, assert_resolves_to, build_target
+from worker.engine.targets import endpoint_of
 from worker.seams.docker_engine import DockerEngine, LocalImage, ProgressCallback
-from worker.seams.registry_http import RegistryHTTP
+from worker.seams.registry_http import RegistryHTTP, shared_client
 from worker.store.models import PushJob, Registry
 
 STEPS = ("resolve_credentials", "login", "tag", "push")
@@ -33,29 +33,9 @@ HttpFactory = Callable[[Registry, Credential | None, float], RegistryHTTP]
 
 
 def default_http(registry: Registry, credential: Credential | None, timeout: float) -> RegistryHTTP:
-    """The process's client for this registry and credential, reused across jobs so that its
-    keep-alive connection (and TLS session) is too."""
-    key = _http_key(registry, credential, timeout)
-    client = _http_clients.pop(key, None) or RegistryHTTP(registry, credential, timeout=timeout)
-    _http_clients[key] = client  # most recently used last
-    while len(_http_clients) > _MAX_HTTP_CLIENTS:
-        _http_clients.pop(next(iter(_http_clients))).close()
-    return client
-
-
-_MAX_HTTP_CLIENTS = 16
-_http_clients: dict[tuple[object, ...], RegistryHTTP] = {}
-
-
-def _http_key(
-    registry: Registry, credential: Credential | None, timeout: float
-) -> tuple[object, ...]:
-    secret = ""
-    if credential is not None:
-        material = f"{credential.username}\0{credential.password.reveal()}".encode()
-        secret = hashlib.sha256(material).hexdigest()
-    ca = hashlib.sha256((registry.ca_cert or "").encode()).hexdigest()
-    return (registry.id, registry.url, registry.insecure, ca, secret, timeout)
+    """The process's client for this registry and credential (``worker.seams.registry_http``
+    keeps them for their keep-alive connections)."""
+    return shared_client(endpoint_of(registry), credential, timeout)
 
 
 @dataclass

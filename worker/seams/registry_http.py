@@ -27,7 +27,6 @@ from worker.core.errors import (
     RegistryUnavailable,
 )
 from worker.seams.classify import classify_http, parse_retry_after
-from worker.store.models import Registry
 
 MANIFEST_TYPES = ", ".join(
     [
@@ -56,11 +55,27 @@ def parse_challenge(header: str | None) -> tuple[str, dict[str, str]]:
     return scheme.lower(), dict(_PARAM.findall(rest))
 
 
+@dataclass(frozen=True)
+class RegistryEndpoint:
+    """What this seam needs to know of a registry: plain values, never a database row."""
+
+    #: The registry's id, for messages.
+    id: int
+    #: ``scheme://host[:port]``, canonical (``worker.core.hostnames``).
+    url: str
+    #: ``host[:port]`` as it prefixes references.
+    host: str
+    #: PEM bundle of the CA that signs the registry's certificate, if not a public one.
+    ca_cert: str | None = None
+    #: Skip TLS verification of an https:// registry (an operator's explicit choice).
+    insecure: bool = False
+
+
 class RegistryHTTP:
     """HTTP access to one registry, with its TLS settings and (optionally) its credential."""
 
     def __init__(
-        self, registry: Registry, credential: Credential | None, *, timeout: float = 10
+        self, registry: RegistryEndpoint, credential: Credential | None, *, timeout: float = 10
     ) -> None:
         self.base = registry.url
         self.label = f"{registry.id} ({registry.host})"
@@ -219,7 +234,7 @@ def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
 
 
-def _verify_setting(registry: Registry) -> bool | str:
+def _verify_setting(registry: RegistryEndpoint) -> bool | str:
     """requests' ``verify``: the registry's CA bundle when it has one."""
     if registry.insecure and registry.url.startswith("https://"):
         return False
@@ -237,3 +252,30 @@ def _ca_file(pem: str) -> Path:
         tmp.write_text(pem)
         tmp.replace(path)
     return path
+
+
+#: Clients kept per process, most recently used last.
+_MAX_SHARED = 16
+_shared: dict[tuple[RegistryEndpoint, str, float], RegistryHTTP] = {}
+
+
+def shared_client(
+    endpoint: RegistryEndpoint, credential: Credential | None, timeout: float
+) -> RegistryHTTP:
+    """This process's client for ``endpoint`` and ``credential``, reused across jobs so that its
+    keep-alive connection (and TLS session) is too; the least recently used is closed when more
+    than a few registries are in use."""
+    key = (endpoint, _credential_digest(credential), timeout)
+    client = _shared.pop(key, None) or RegistryHTTP(endpoint, credential, timeout=timeout)
+    _shared[key] = client
+    while len(_shared) > _MAX_SHARED:
+        _shared.pop(next(iter(_shared))).close()
+    return client
+
+
+def _credential_digest(credential: Credential | None) -> str:
+    # A digest, so the key never holds the secret itself.
+    if credential is None:
+        return ""
+    material = f"{credential.username}\0{credential.password.reveal()}".encode()
+    return hashlib.sha256(material).hexdigest()

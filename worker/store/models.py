@@ -66,12 +66,6 @@ class RegistryKind(enum.StrEnum):
     DOCKERHUB = "dockerhub"
 
 
-class CredentialKind(enum.StrEnum):
-    SECRET = "secret"  # noqa: S105 - a kind name: the Fernet token is stored in the row
-    ENV = "env"  # the name of an environment variable of the worker
-    FILE = "file"  # the path of a file readable by the worker
-
-
 class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
