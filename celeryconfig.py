@@ -1,10 +1,18 @@
-"""Celery settings for the push worker. Values explained where they are not Celery's defaults."""
+"""Celery settings for the push worker. Values explained where they are not Celery's defaults.
 
-import os
+The values pushworker chooses come from its settings (``worker.core.settings``), so a variable
+has one default and one validation wherever it is read.
+"""
+
+import math
 
 from worker.core.queues import DEFAULT_QUEUE
+from worker.core.settings import get_settings as _get_settings
 
-broker_url = os.environ.get("PUSHWORKER_BROKER_URL", "redis://127.0.0.1:6379/0")
+# Underscored, as _push_timeout below: helpers of this file, not Celery settings.
+_settings = _get_settings()
+
+broker_url = _settings.broker_url
 # Job state and events live in the database; Celery keeps no results (nothing to leak, no keys).
 result_backend = None
 task_ignore_result = True
@@ -23,7 +31,7 @@ worker_prefetch_multiplier = 1
 
 # Unacked messages return after the visibility timeout: it must exceed the longest push, and
 # every retry delay (PUSHWORKER_RETRY_MAX, 300 s) stays far under it.
-_push_timeout = int(os.environ.get("PUSHWORKER_PUSH_TIMEOUT", "1800"))
+_push_timeout = math.ceil(_settings.push_timeout)
 broker_transport_options = {"visibility_timeout": _push_timeout + 600}
 
 # Queues. `pushworker` (the default) carries jobs that name no Docker host and the periodic
@@ -42,11 +50,11 @@ task_soft_time_limit = _push_timeout
 beat_schedule = {
     "reconcile-unpublished-jobs": {
         "task": "pushworker.maintenance.reconcile",
-        "schedule": float(os.environ.get("PUSHWORKER_RECONCILE_EVERY", "60")),
+        "schedule": _settings.reconcile_every,
     },
     "registry-health": {
         "task": "pushworker.health.check_registries",
-        "schedule": float(os.environ.get("PUSHWORKER_HEALTH_EVERY", "300")),
+        "schedule": _settings.health_every,
     },
 }
 

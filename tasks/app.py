@@ -8,7 +8,6 @@ metrics and serves them (``worker.metrics``).
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
@@ -27,10 +26,8 @@ from worker import metrics
 from worker.core.errors import PushWorkerError
 from worker.core.logs import configure_logging, get_logger
 from worker.core.queues import STEP_TASK_PREFIX
-from worker.core.settings import get_settings
-from worker.jobs import DOCKER_HOSTS_ENV, check_docker_host
-
-WORKER_HOST_ENV = "PUSHWORKER_WORKER_HOST"
+from worker.core.settings import DOCKER_HOSTS_ENV, WORKER_HOST_ENV, get_settings
+from worker.jobs import check_docker_host
 
 app = Celery("pushworker")
 app.config_from_object("celeryconfig")
@@ -48,7 +45,7 @@ def _use_structlog(**_kwargs: object) -> None:
 
 def worker_host() -> str | None:
     """The named Docker host this worker pushes from (``PUSHWORKER_WORKER_HOST``), if any."""
-    return os.environ.get(WORKER_HOST_ENV, "").strip() or None
+    return get_settings().worker_host
 
 
 @celeryd_after_setup.connect
@@ -64,7 +61,7 @@ def _consume_host_queue(sender: str, instance: Any, **_kwargs: object) -> None:
         # A worker nobody can send jobs to must not look healthy: refuse to start.
         log.error("worker.unknown_docker_host", worker_host=host, error=error.message,
                   hint=f"add {host} to {DOCKER_HOSTS_ENV} (the same list for producers and "
-                  "workers), or fix PUSHWORKER_WORKER_HOST")  # fmt: skip
+                  f"workers), or fix {WORKER_HOST_ENV}")  # fmt: skip
         raise SystemExit(2) from None
     queue = queue_for(host)
     instance.app.amqp.queues.select_add(queue)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from tasks.app import app
 from worker import health
 from worker.core.queues import HEALTH_TASK
@@ -12,7 +10,7 @@ from worker.store import events
 
 # A check that waited longer than one beat interval is superseded by the next one: drop it
 # rather than let a busy worker pile them up.
-_EVERY = float(os.environ.get("PUSHWORKER_HEALTH_EVERY", "300"))
+_EVERY = get_settings().health_every
 
 
 @app.task(name=HEALTH_TASK, expires=_EVERY)

@@ -3,16 +3,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from tasks.app import app
 from worker.core.queues import RECONCILE_TASK
+from worker.core.settings import get_settings
 from worker.reconcile import reconcile as reconcile_jobs
 
 # A reconcile that waited longer than one beat interval is superseded by the next one: drop it
 # rather than let a busy worker pile them up.
-_EVERY = float(os.environ.get("PUSHWORKER_RECONCILE_EVERY", "60"))
+_EVERY = get_settings().reconcile_every
 
 
 @app.task(name=RECONCILE_TASK, expires=_EVERY)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,6 +18,7 @@ from worker.core.errors import (
     ValidationError,
 )
 from worker.core.reference import build_target
+from worker.core.settings import DOCKER_HOST_NAME, DOCKER_HOSTS_ENV, get_settings
 from worker.core.text import refuse_control
 from worker.registries import get_registry, job_chain
 from worker.store import events
@@ -35,21 +34,11 @@ MAX_IDEMPOTENCY_KEY = 200
 #: The largest id a record can have: the range of an ``Integer`` column on every backend
 #: (PostgreSQL's is 32-bit; SQLite would keep more, and PostgreSQL would then refuse it).
 MAX_ID = 2**31 - 1
-#: The named Docker Engines jobs may ask for, comma-separated (``PUSHWORKER_DOCKER_HOSTS``).
-DOCKER_HOSTS_ENV = "PUSHWORKER_DOCKER_HOSTS"
-#: A Docker host name: it becomes part of a queue name (``pushworker.<name>``).
-DOCKER_HOST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
 #: The error code of a job that names a Docker host no worker serves.
 def _unknown_docker_host(message: str, hint: str) -> UnknownDockerHost:
     return UnknownDockerHost(message, hint=hint)
-
-
-def known_docker_hosts() -> tuple[str, ...]:
-    """The Docker host names of ``PUSHWORKER_DOCKER_HOSTS``, in the order given."""
-    raw = os.environ.get(DOCKER_HOSTS_ENV, "")
-    return tuple(dict.fromkeys(name.strip() for name in raw.split(",") if name.strip()))
 
 
 def check_docker_host(name: str) -> str:
@@ -60,7 +49,7 @@ def check_docker_host(name: str) -> str:
             f"docker_host {name!r} is not a Docker host name",
             hint="use 1 to 63 of a-z, 0-9, '.', '-' and '_', starting with a letter or digit",
         )
-    known = known_docker_hosts()
+    known = get_settings().docker_hosts
     if name not in known:
         listed = ", ".join(known) if known else "none are configured"
         raise _unknown_docker_host(

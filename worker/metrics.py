@@ -27,16 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker.core.logs import get_logger
+from worker.core.settings import METRICS_DIR_ENV, METRICS_PORT_ENV, get_settings
 from worker.store import events
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 log = get_logger("pushworker.metrics")
-
-PORT_ENV = "PUSHWORKER_METRICS_PORT"
-ADDR_ENV = "PUSHWORKER_METRICS_ADDR"
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Seconds: from a fast credential lookup to a long push.
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
@@ -45,11 +42,6 @@ CHECK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 MAX_OPEN_STEPS = 10_000
 _STEP_ENDS = {"step.succeeded": "succeeded", "step.failed": "failed", "step.skipped": "skipped"}
 _JOB_ENDS = {"job.succeeded": "succeeded", "job.failed": "failed", "job.cancelled": "cancelled"}
-
-
-def configured_port() -> int | None:
-    raw = os.environ.get(PORT_ENV, "").strip()
-    return int(raw) if raw else None
 
 
 class Metrics:
@@ -109,6 +101,8 @@ class Metrics:
             ["registry"], buckets=CHECK_BUCKETS, registry=reg,
         )  # fmt: skip
         self._open: OrderedDict[tuple[str, str, int], datetime] = OrderedDict()
+        #: Where the processes' numbers are kept (multiprocess mode); None: in this process only.
+        self.directory: str | None = None
 
     # --- event log ------------------------------------------------------------------------------
 
@@ -182,14 +176,19 @@ def install() -> Metrics | None:
     """
     if _active:
         return _active[0]
-    if configured_port() is None:
+    settings = get_settings()
+    if settings.metrics_port is None:
         return None
-    directory = os.environ.get(MULTIPROC_ENV)
+    directory = settings.metrics_dir
     if directory:
         _empty(Path(directory))
     else:
-        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="pushworker-metrics-")
+        directory = tempfile.mkdtemp(prefix="pushworker-metrics-")
+        # prometheus_client reads its variable itself (at import, in this process and the
+        # forked ones), so the directory chosen here is handed to it there.
+        os.environ[METRICS_DIR_ENV] = directory
     metrics = Metrics()
+    metrics.directory = directory
     _active.append(metrics)
     events.subscribe(_guarded(metrics.on_event))
     return metrics
@@ -197,22 +196,24 @@ def install() -> Metrics | None:
 
 def serve() -> bool:
     """Serve ``/metrics`` from this (main) process: the sum over every pool process."""
-    port = configured_port()
+    settings = get_settings()
+    port = settings.metrics_port
     if port is None or not _active:
         return False
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    addr = os.environ.get(ADDR_ENV) or "0.0.0.0"  # noqa: S104 - scraped from other machines
+    directory = _active[0].directory
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    addr = settings.metrics_addr
     try:
         start_http_server(port, addr=addr, registry=registry)
     except OSError as exc:
         log.error("metrics.unavailable", port=port, addr=addr, error=str(exc),
-                  hint=f"free the port or set {PORT_ENV} to another one")  # fmt: skip
+                  hint=f"free the port or set {METRICS_PORT_ENV} to another one")  # fmt: skip
         return False
-    log.info("metrics.serving", port=port, addr=addr, directory=os.environ.get(MULTIPROC_ENV))
+    log.info("metrics.serving", port=port, addr=addr, directory=directory)
     return True
 
 
@@ -260,11 +261,12 @@ _FILE_KINDS = frozenset({"counter", "gauge", "histogram", "summary"})
 
 def check_endpoint(timeout: float = 5) -> str | None:
     """None when the local ``/metrics`` answers 200; otherwise what is wrong."""
-    port = configured_port()
+    settings = get_settings()
+    port = settings.metrics_port
     if port is None:
-        return f"{PORT_ENV} is not set: this process serves no metrics"
-    addr = os.environ.get(ADDR_ENV, "").strip()
-    host = "127.0.0.1" if addr in ("", "0.0.0.0", "::") else addr  # noqa: S104 - compared only
+        return f"{METRICS_PORT_ENV} is not set: this process serves no metrics"
+    addr = settings.metrics_addr
+    host = "127.0.0.1" if addr in ("0.0.0.0", "::") else addr  # noqa: S104 - compared only
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:

@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
 from worker.core.errors import DatabaseUnavailable
+from worker.core.settings import get_settings
 from worker.jobs import PushRequest, create_job, docker_host_of
 from worker.registries import RegistrySpec, create_registry
 from worker.store import db
@@ -108,6 +109,7 @@ def test_a_jobs_docker_host_is_read_without_the_write_lock(
 ) -> None:
     """What every publish reads to pick the queue: the job's own Docker host, or None."""
     monkeypatch.setenv("PUSHWORKER_DOCKER_HOSTS", "builder-1")
+    get_settings.cache_clear()
     to_builder = PushRequest("app:1", 1, "team/app", "v1", "t", docker_host="builder-1")
     with session_scope() as session:
         routed, _ = create_job(session, to_builder, actor="t")

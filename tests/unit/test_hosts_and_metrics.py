@@ -11,15 +11,16 @@ from prometheus_client import CollectorRegistry
 
 from worker.core.errors import ValidationError
 from worker.core.queues import queue_for
+from worker.core.settings import get_settings
 from worker.health import CREDENTIALS_FAILING, HEALTHY, UNHEALTHY, status_of
-from worker.jobs import check_docker_host, known_docker_hosts
+from worker.jobs import check_docker_host
 from worker.metrics import Metrics, check_endpoint
 from worker.probe import Check, ConnectionReport
 
 
-def test_known_hosts_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_known_hosts_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PUSHWORKER_DOCKER_HOSTS", " builder-1, builder-2,,builder-1 ")
-    assert known_docker_hosts() == ("builder-1", "builder-2")
+    get_settings.cache_clear()
     assert check_docker_host("builder-2") == "builder-2"
     with pytest.raises(ValidationError, match=r"'builder-3' is not a known Docker host") as refused:
         check_docker_host("builder-3")
@@ -32,6 +33,7 @@ def test_known_hosts_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
 
 def test_no_hosts_configured_refuses_every_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PUSHWORKER_DOCKER_HOSTS", raising=False)
+    get_settings.cache_clear()
     with pytest.raises(ValidationError) as refused:
         check_docker_host("builder-1")
     assert "none are configured" in refused.value.message
@@ -112,7 +114,28 @@ def test_health_and_tasks() -> None:
 
 def test_endpoint_check_without_a_port(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PUSHWORKER_METRICS_PORT", raising=False)
+    get_settings.cache_clear()
     assert "PUSHWORKER_METRICS_PORT is not set" in str(check_endpoint())
+
+
+@pytest.mark.parametrize(
+    ("addr", "url"),
+    [
+        ("", "http://127.0.0.1:9/metrics"),
+        ("0.0.0.0", "http://127.0.0.1:9/metrics"),  # noqa: S104 - compared only
+        ("::", "http://127.0.0.1:9/metrics"),
+        ("::1", "http://[::1]:9/metrics"),
+    ],
+)
+def test_endpoint_check_asks_the_configured_address(
+    monkeypatch: pytest.MonkeyPatch, addr: str, url: str
+) -> None:
+    """The check asks the port and address the endpoint was told to use (an any-address bind is
+    asked on the loopback); nothing listens on port 9 here, so the answer names the URL."""
+    monkeypatch.setenv("PUSHWORKER_METRICS_PORT", "9")
+    monkeypatch.setenv("PUSHWORKER_METRICS_ADDR", addr)
+    get_settings.cache_clear()
+    assert str(check_endpoint(timeout=2)).startswith(f"{url}: ")
 
 
 # --- health statuses ------------------------------------------------------------------------------

@@ -1,15 +1,23 @@
 """Settings, read from environment variables with documented defaults.
 
-One frozen object, read once per process; ``pushctl config`` prints it with secrets masked.
+One frozen object, read once per process; ``pushctl config`` prints it with secrets masked. This
+is the only module that reads the worker's configuration from the environment: everything else
+asks ``get_settings()``, so a default or a bound is written once and a bad value is refused here,
+as a ``ValidationError`` that names the variable. (``worker.core.credential_refs`` reads the
+variable a credential reference names: that is a credential, not a setting.)
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
+
+from worker.core.errors import ValidationError
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "pushworker"
 
@@ -18,6 +26,13 @@ DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "pushworker"
 #: variables with this prefix, and files in Docker's (and compose's) secrets directory.
 DEFAULT_CREDENTIAL_ENV_PREFIX = "REGISTRY_CREDENTIAL_"
 DEFAULT_CREDENTIALS_DIR = "/run/secrets"
+
+#: Variables other modules name in their messages (or, for prometheus_client's, set).
+DOCKER_HOSTS_ENV = "PUSHWORKER_DOCKER_HOSTS"
+WORKER_HOST_ENV = "PUSHWORKER_WORKER_HOST"
+METRICS_PORT_ENV = "PUSHWORKER_METRICS_PORT"
+#: prometheus_client's own variable: it reads it itself, so worker.metrics sets it when unset.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Every environment variable ``Settings.from_env`` reads. A credential reference may never name
 #: one of them (worker/core/credential_refs.py); a unit test proves the list is complete.
@@ -34,7 +49,21 @@ SETTINGS_ENV_NAMES = (
     "PUSHWORKER_RETRY_MAX",
     "PUSHWORKER_CREDENTIAL_ENV_PREFIX",
     "PUSHWORKER_CREDENTIALS_DIR",
+    "PUSHWORKER_RECONCILE_EVERY",
+    "PUSHWORKER_RECONCILE_GRACE",
+    "PUSHWORKER_HEALTH_EVERY",
+    DOCKER_HOSTS_ENV,
+    WORKER_HOST_ENV,
+    METRICS_PORT_ENV,
+    "PUSHWORKER_METRICS_ADDR",
+    METRICS_DIR_ENV,
+    "PUSHWORKER_OPERATOR",
 )
+
+#: A Docker host name: it becomes part of a queue name (``pushworker.<name>``).
+DOCKER_HOST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+#: Every interface: the metrics are scraped from other machines.
+DEFAULT_METRICS_ADDR = "0.0.0.0"  # noqa: S104
 
 
 def _default_database_url() -> str:
@@ -71,6 +100,29 @@ class Settings:
     #: Absolute directory every ``file:PATH`` credential reference must resolve into, after
     #: symlinks and ``..``; a relative PATH is taken inside it (``PUSHWORKER_CREDENTIALS_DIR``).
     credentials_dir: str = DEFAULT_CREDENTIALS_DIR
+    #: Seconds between Celery beat's reconcile runs (``PUSHWORKER_RECONCILE_EVERY``).
+    reconcile_every: float = 60.0
+    #: Seconds a queued or stalled job may go unstarted before reconcile republishes it
+    #: (``PUSHWORKER_RECONCILE_GRACE``).
+    reconcile_grace: float = 60.0
+    #: Seconds between Celery beat's registry health checks (``PUSHWORKER_HEALTH_EVERY``).
+    health_every: float = 300.0
+    #: The named Docker Engines jobs may ask for, in the order given, without repeats; the same
+    #: list for producers and workers (``PUSHWORKER_DOCKER_HOSTS``, comma-separated).
+    docker_hosts: tuple[str, ...] = ()
+    #: The Docker host this worker pushes from (``PUSHWORKER_WORKER_HOST``). Checked against
+    #: ``docker_hosts`` when the worker starts (tasks.app), which refuses to start with a logged
+    #: error: producers and pushctl have no use for it and must not fail on it.
+    worker_host: str | None = None
+    #: Port of the worker's Prometheus endpoint; None: no metrics (``PUSHWORKER_METRICS_PORT``).
+    metrics_port: int | None = None
+    #: Address the endpoint listens on (``PUSHWORKER_METRICS_ADDR``).
+    metrics_addr: str = DEFAULT_METRICS_ADDR
+    #: prometheus_client's multiprocess directory; None: a fresh temporary one
+    #: (``PROMETHEUS_MULTIPROC_DIR``).
+    metrics_dir: str | None = None
+    #: Who operator commands are recorded as; None: the login name (``PUSHWORKER_OPERATOR``).
+    operator: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -81,14 +133,23 @@ class Settings:
             secret_key=env.get("PUSHWORKER_SECRET_KEY") or None,
             docker_host=env.get("DOCKER_HOST") or None,
             log_format=env.get("PUSHWORKER_LOG_FORMAT", "auto"),
-            http_timeout=float(env.get("PUSHWORKER_HTTP_TIMEOUT", "10")),
-            push_timeout=float(env.get("PUSHWORKER_PUSH_TIMEOUT", "1800")),
-            max_attempts=int(env.get("PUSHWORKER_MAX_ATTEMPTS", "4")),
-            retry_base=float(env.get("PUSHWORKER_RETRY_BASE", "2")),
-            retry_max=float(env.get("PUSHWORKER_RETRY_MAX", "300")),
+            http_timeout=_seconds(env, "PUSHWORKER_HTTP_TIMEOUT", 10, positive=True),
+            push_timeout=_seconds(env, "PUSHWORKER_PUSH_TIMEOUT", 1800, positive=True),
+            max_attempts=_integer(env, "PUSHWORKER_MAX_ATTEMPTS", 4, low=1),
+            retry_base=_seconds(env, "PUSHWORKER_RETRY_BASE", 2),
+            retry_max=_seconds(env, "PUSHWORKER_RETRY_MAX", 300),
             credential_env_prefix=env.get("PUSHWORKER_CREDENTIAL_ENV_PREFIX")
             or DEFAULT_CREDENTIAL_ENV_PREFIX,
             credentials_dir=env.get("PUSHWORKER_CREDENTIALS_DIR") or DEFAULT_CREDENTIALS_DIR,
+            reconcile_every=_seconds(env, "PUSHWORKER_RECONCILE_EVERY", 60, positive=True),
+            reconcile_grace=_seconds(env, "PUSHWORKER_RECONCILE_GRACE", 60),
+            health_every=_seconds(env, "PUSHWORKER_HEALTH_EVERY", 300, positive=True),
+            docker_hosts=_docker_hosts(env),
+            worker_host=_text(env, WORKER_HOST_ENV),
+            metrics_port=_port(env, METRICS_PORT_ENV),
+            metrics_addr=_text(env, "PUSHWORKER_METRICS_ADDR") or DEFAULT_METRICS_ADDR,
+            metrics_dir=_text(env, METRICS_DIR_ENV),
+            operator=env.get("PUSHWORKER_OPERATOR") or None,
         )
 
     def masked(self) -> dict[str, str]:
@@ -100,9 +161,68 @@ class Settings:
                 shown[field.name] = "(set)" if value else "(not set)"
             elif isinstance(value, str) and "://" in value:
                 shown[field.name] = mask_url_password(value)
+            elif isinstance(value, tuple):
+                shown[field.name] = ",".join(value)  # as the variable is written
             else:
                 shown[field.name] = "" if value is None else str(value)
         return shown
+
+
+# --- parsing: an empty variable means its default, as compose writes `NAME: ${NAME:-}` --------
+
+
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    return env.get(name, "").strip() or None
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, *, positive: bool = False) -> float:
+    """A finite number of seconds, > 0 (``positive``) or >= 0."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    # `not ... >` also refuses nan; a timedelta or a beat interval cannot hold infinity.
+    if not math.isfinite(value) or not (value > 0 if positive else value >= 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValidationError(f"{name} must be a number of seconds {bound}, not {raw!r}")
+    return value
+
+
+def _integer(
+    env: Mapping[str, str], name: str, default: int, *, low: int, high: int | None = None
+) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValidationError(f"{name} must be a whole number {bounds}, not {raw!r}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    # Unset means "serve nothing", so there is no default port to fall back on.
+    return _integer(env, name, 0, low=1, high=65535) if _text(env, name) else None
+
+
+def _docker_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    """``PUSHWORKER_DOCKER_HOSTS``: names in the order given, repeats and empty items dropped."""
+    names = [name.strip() for name in env.get(DOCKER_HOSTS_ENV, "").split(",")]
+    for name in names:
+        # A name no job can ask for (check_docker_host refuses its spelling) is a typo to fix.
+        if name and not DOCKER_HOST_NAME.fullmatch(name):
+            raise ValidationError(
+                f"{DOCKER_HOSTS_ENV} holds {name!r}, which is not a Docker host name: use 1 to 63 "
+                "of a-z, 0-9, '.', '-' and '_', starting with a letter or digit"
+            )
+    return tuple(dict.fromkeys(name for name in names if name))
 
 
 def mask_url_password(url: str) -> str:
