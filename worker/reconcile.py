@@ -25,7 +25,6 @@ for every job), and a later run tries again once the job's wait has passed.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,8 +35,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from worker import producer
-from worker.core.errors import EventConflict, ValidationError
+from worker.core.errors import EventConflict
 from worker.core.logs import get_logger
+from worker.core.settings import get_settings
 from worker.engine.liveness import claim_is_dead, owner_is_dead
 from worker.store import events
 from worker.store.db import session_scope
@@ -45,8 +45,6 @@ from worker.store.models import Event, JobStatus, PushJob, StepRun, StepStatus, 
 
 log = get_logger("pushworker.reconcile")
 
-GRACE_ENV = "PUSHWORKER_RECONCILE_GRACE"
-DEFAULT_GRACE = 60.0
 #: The wait before a republish doubles per earlier republish, at most this many times.
 MAX_DOUBLINGS = 5
 #: Jobs looked at per run, oldest first; the next run takes the rest.
@@ -56,20 +54,6 @@ _MARKERS = ("job.enqueued", "job.retried")
 _STARTED = ("step.started", "step.skipped")
 
 Publisher = Callable[[str, int], bool]
-
-
-def grace_from_env() -> float:
-    """``PUSHWORKER_RECONCILE_GRACE`` in seconds (default 60)."""
-    raw = os.environ.get(GRACE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_GRACE
-    try:
-        grace = float(raw)
-    except ValueError:
-        grace = -1.0
-    if not grace >= 0:  # also refuses nan
-        raise ValidationError(f"{GRACE_ENV} must be a number of seconds >= 0, not {raw!r}")
-    return grace
 
 
 @dataclass(frozen=True)
@@ -109,7 +93,7 @@ def reconcile(
     ``publish(job_id, registry_id)`` sends the chain and says whether the broker took it
     (``worker.producer.publish`` by default). ``now`` is for tests.
     """
-    grace = grace_from_env() if grace is None else grace
+    grace = get_settings().reconcile_grace if grace is None else grace
     send = publish or producer.publish
     who = actor or events.worker_actor()
     report = ReconcileReport()

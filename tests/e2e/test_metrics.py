@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e.conftest import ALTERNATIVE_ID, E2E, HARBOR_ID, password_of, wait_for_job
 from tests.support.hosts import CeleryProcess, free_port, start_host_worker
 from tests.support.images import new_image
+from worker.core.settings import get_settings
 from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry, remove_registry
 from worker.store.db import session_scope
@@ -91,6 +92,7 @@ def metrics_worker(e2e: E2E) -> Iterator[MetricsWorker]:
 @pytest.fixture(autouse=True)
 def _known_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PUSHWORKER_DOCKER_HOSTS", HOST)
+    get_settings.cache_clear()
 
 
 def push(e2e: E2E, registry_id: int, fallback: list[int] | None = None) -> str:

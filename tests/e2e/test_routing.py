@@ -28,6 +28,7 @@ from tests.e2e.conftest import (
 from tests.support.hosts import CeleryProcess, start_host_worker, wait_ready
 from tests.support.images import daemon_pushes, new_image
 from worker.core.errors import ValidationError
+from worker.core.settings import get_settings
 from worker.producer import enqueue_push
 from worker.store.db import session_scope
 from worker.store.events import select_events
@@ -69,6 +70,7 @@ def builders(e2e: E2E) -> Iterator[Builders]:
 @pytest.fixture(autouse=True)
 def _known_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PUSHWORKER_DOCKER_HOSTS", HOSTS)
+    get_settings.cache_clear()
 
 
 def push(image: str, host: str | None, fallback: list[int] | None = None) -> str:

@@ -18,6 +18,7 @@ import pytest
 from tests.e2e.conftest import E2E, HARBOR_ID, served_digest, wait_for_job
 from tests.support.hosts import CeleryProcess, start_host_worker
 from tests.support.images import new_image
+from worker.core.settings import get_settings
 from worker.engine.liveness import owner_is_dead, parse_owner
 from worker.producer import enqueue_push
 from worker.store.db import session_scope
@@ -30,6 +31,7 @@ HOST = "takeover-1"
 @pytest.fixture(autouse=True)
 def _known_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PUSHWORKER_DOCKER_HOSTS", HOST)
+    get_settings.cache_clear()
 
 
 def start_worker(e2e: E2E, name: str) -> CeleryProcess:

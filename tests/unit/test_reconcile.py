@@ -10,10 +10,10 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from worker.core.errors import ValidationError
+from worker.core.settings import get_settings
 from worker.engine.liveness import owner_is_dead, owner_of_this_process, parse_owner, start_mark
 from worker.jobs import PushRequest, create_job, retry_job
-from worker.reconcile import GRACE_ENV, grace_from_env, reconcile, take_over_dead_claims
+from worker.reconcile import reconcile, take_over_dead_claims
 from worker.registries import RegistrySpec, create_registry
 from worker.store import events
 from worker.store.db import session_scope
@@ -184,15 +184,17 @@ def test_a_concurrent_append_makes_the_reconcile_back_off(
     assert types_of(job_id) == ["job.enqueued"]  # the whole transaction was rolled back
 
 
-def test_the_grace_period_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(GRACE_ENV, raising=False)
-    assert grace_from_env() == 60.0
-    monkeypatch.setenv(GRACE_ENV, "2.5")
-    assert grace_from_env() == 2.5
-    for bad in ("soon", "-1", "nan"):
-        monkeypatch.setenv(GRACE_ENV, bad)
-        with pytest.raises(ValidationError, match=GRACE_ENV):
-            grace_from_env()
+def test_the_grace_period_comes_from_the_settings(
+    registry: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``grace``, reconcile waits PUSHWORKER_RECONCILE_GRACE (parsing and refusals of
+    the variable: tests/unit/test_settings.py)."""
+    monkeypatch.setenv("PUSHWORKER_RECONCILE_GRACE", "5")
+    get_settings.cache_clear()
+    broker = Broker()
+    job_id = committed_job()
+    assert reconcile(publish=broker, now=later(4)).republished == []
+    assert reconcile(publish=broker, now=later(6)).republished == [job_id]
 
 
 def _running_with_claim(owner: str, lease: timedelta) -> str:

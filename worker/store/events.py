@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from worker.core.errors import EventConflict, ValidationError
 from worker.core.logs import get_logger
+from worker.core.settings import get_settings
 from worker.store.models import Event, EventCheckpoint, PushJob, utcnow
 
 log = get_logger("pushworker.events")
@@ -96,7 +97,7 @@ def worker_actor() -> str:
 
 
 def operator_actor(name: str | None = None) -> str:
-    who = name or os.environ.get("PUSHWORKER_OPERATOR") or _login_name()
+    who = name or get_settings().operator or _login_name()
     return f"operator:{who}"
 
 
