@@ -122,16 +122,11 @@ class _LoginCounter:
         self.calls.append(f"{username}@{registry}")
 
 
-def _engine_with(api: _LoginCounter) -> DockerEngine:
-    engine = DockerEngine.__new__(DockerEngine)  # no daemon: the client is the counter
-    engine._api = api  # type: ignore[assignment]
-    engine._logins = {}
-    return engine
-
-
 def test_a_recent_login_is_reused_only_when_allowed() -> None:
+    """The engine asks the daemon again for a new credential, another registry, after a
+    refusal or when told not to reuse; otherwise a recent login stands."""
     api = _LoginCounter()
-    engine = _engine_with(api)
+    engine = DockerEngine(api=api)  # no daemon: the client is the counter
     alice = Credential("alice", Secret("pw-1"), "secret")
     assert engine.login("reg:5000", alice) is True
     assert engine.login("reg:5000", alice) is False  # reused: the daemon is not asked

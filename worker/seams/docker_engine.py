@@ -54,14 +54,12 @@ class PushResult:
 class DockerEngine:
     """A Docker Engine, reached through docker-py's low-level API client."""
 
-    def __init__(self, base_url: str | None = None, *, timeout: float = 300) -> None:
-        with _translated("connect to"):
-            if base_url:
-                self._api = docker.APIClient(
-                    base_url=base_url, version="auto", timeout=int(timeout)
-                )
-            else:
-                self._api = docker.from_env(version="auto", timeout=int(timeout)).api
+    def __init__(
+        self, base_url: str | None = None, *, timeout: float = 300, api: Any = None
+    ) -> None:
+        """Connect to ``base_url`` (else ``DOCKER_HOST`` and the rest of the environment), or use
+        ``api``, a docker-py ``APIClient`` (or a stand-in for it) made elsewhere."""
+        self._api = api if api is not None else _connect(base_url, timeout)
         self._forget_host_auth()
         self._logins: dict[tuple[str, str], float] = {}
 
@@ -148,6 +146,13 @@ class DockerEngine:
         except AuthenticationError:
             self.forget_logins(target.host)
             raise
+
+
+def _connect(base_url: str | None, timeout: float) -> Any:
+    with _translated("connect to"):
+        if base_url:
+            return docker.APIClient(base_url=base_url, version="auto", timeout=int(timeout))
+        return docker.from_env(version="auto", timeout=int(timeout)).api
 
 
 def _login_key(registry_host: str, credential: Credential) -> tuple[str, str]:
