@@ -19,7 +19,6 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,8 +38,10 @@ import redis
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
-from tests.support.stack import RegistryEndpoint as Endpoint
-from tests.support.stack import Stack, parse_exports
+from harness.images import add_file
+from harness.stack import RegistryEndpoint as Endpoint
+from harness.stack import Stack, StackError, free_port, stack_env
+from harness.worker import CeleryProcess, WorkerNotReady, process_children
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -57,27 +58,6 @@ MiB = 2**20
 # --- the stack ----------------------------------------------------------------------------------
 
 
-def stack_env() -> dict[str, str]:
-    """``scripts/stack env``, from the environment when it was eval'd, else by running it."""
-    if os.environ.get("DOCKER_HOST") and os.environ.get("PUSHWORKER_STACK_TLS_REGISTRY"):
-        return {k: v for k, v in os.environ.items() if k.startswith("PUSHWORKER_STACK_")} | {
-            "DOCKER_HOST": os.environ["DOCKER_HOST"]
-        }
-    out = subprocess.run(
-        [str(ROOT / "scripts" / "stack"), "env"], capture_output=True, text=True, check=True
-    ).stdout
-    env = parse_exports(out)
-    if "DOCKER_HOST" not in env:
-        raise SystemExit(
-            'the stack is not up: run `scripts/stack up` (or eval "$(scripts/stack env)")'
-        )
-    return env
-
-
-def registry_endpoint(stack: dict[str, str], which: str = "tls") -> Endpoint:
-    return Stack(stack).tls if which == "tls" else Stack(stack).plain
-
-
 class PrivateRegistry:
     """A registry of this benchmark's own: the stack's TLS registry configuration (its server
     certificate, CA and htpasswd user) on a free port, storing into the work directory.
@@ -90,14 +70,12 @@ class PrivateRegistry:
     """
 
     def __init__(self, stack: dict[str, str], workdir: Path) -> None:
-        self.tls = registry_endpoint(stack, "tls")
+        self.tls = Stack(stack).tls
         state = Path(stack["PUSHWORKER_STACK_TLS_CA"]).parent
         self.dir = workdir / "registry"
         self.dir.mkdir()
         shutil.copy(state / "htpasswd", self.dir / "htpasswd")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])
+        self.port = free_port()
         config = {
             "version": 0.1,
             "log": {"level": "warn"},
@@ -170,10 +148,10 @@ class Bench:
     database: str  # "sqlite" or "postgres"
     api: docker.APIClient
     run_id: str
+    registry: PrivateRegistry
     keep: bool = False
     code: str = ""
-    workers: list[Worker] = field(default_factory=list)
-    registry: PrivateRegistry | None = None
+    workers: list[CeleryProcess] = field(default_factory=list)
     _pg_database: str | None = None
 
     def sweep_images(self) -> None:
@@ -203,22 +181,26 @@ class Bench:
     def worker(
         self, app: str = "tasks.app", *, concurrency: int = 4, queue: str = "pushworker",
         extra_env: dict[str, str] | None = None, label: str = "pipeline",
-    ) -> Worker:  # fmt: skip
+    ) -> CeleryProcess:  # fmt: skip
         """Start a worker process on this benchmark's broker and database."""
         log = self.workdir / f"worker-{label}.log"
-        worker = Worker(
+        worker = CeleryProcess(
             {**self.env, **(extra_env or {})}, log, app=app, concurrency=concurrency,
-            queue=queue, name=f"bench-{label}-{self.run_id}@%h",
+            queues=queue, name=f"bench-{label}-{self.run_id}@%h",
         )  # fmt: skip
         self.workers.append(worker)
-        return worker.start()
+        try:
+            worker.start()
+        except WorkerNotReady as error:
+            raise SystemExit(str(error)) from None
+        time.sleep(0.5)  # the main process answers first: let every pool process finish starting
+        return worker
 
     def close(self) -> None:
         for worker in self.workers:
             worker.stop()
         self.sweep_images()
-        if self.registry is not None:
-            self.registry.stop()
+        self.registry.stop()
         redis.Redis.from_url(self.broker_url).flushdb()
         from worker.store.db import engine_for
 
@@ -236,7 +218,10 @@ def setup(name: str, args: argparse.Namespace) -> Bench:
     registry, id 1) whose credential is stored encrypted, as operators store Harbor's."""
     from cryptography.fernet import Fernet
 
-    stack = stack_env()
+    try:
+        stack = stack_env()
+    except StackError as error:
+        raise SystemExit(str(error)) from None
     # A terminated benchmark still stops its worker and registry and removes its images.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run_id = uuid.uuid4().hex[:8]
@@ -269,12 +254,8 @@ def setup(name: str, args: argparse.Namespace) -> Bench:
     from worker.store.migrate import upgrade
 
     upgrade(database_url)
-    private = None
-    if args.registry == "private":
-        private = PrivateRegistry(stack, workdir).start()
-        endpoint = private.endpoint
-    else:
-        endpoint = registry_endpoint(stack, args.registry)
+    private = PrivateRegistry(stack, workdir).start()
+    endpoint = private.endpoint
     _add_registry(endpoint)
     api = docker.APIClient(base_url=stack["DOCKER_HOST"], version="auto")
     return Bench(
@@ -334,13 +315,6 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the worker's database (default: a fresh SQLite file, the default "
                         "configuration)")  # fmt: skip
     parser.add_argument(
-        "--registry",
-        choices=["private", "tls", "plain"],
-        default="private",
-        help="where to push: a private instance of the stack's TLS registry, started for the "
-        "benchmark (default), or the stack's own tls or plain registry",
-    )
-    parser.add_argument(
         "--broker-db",
         type=int,
         default=BROKER_DB,
@@ -356,75 +330,6 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --- worker processes ---------------------------------------------------------------------------
-
-
-class Worker:
-    """``celery -A <app> worker`` as a child process, with its own environment and log."""
-
-    def __init__(
-        self, env: dict[str, str], log_path: Path, *, app: str, concurrency: int, queue: str,
-        name: str,
-    ) -> None:  # fmt: skip
-        self.env = {**os.environ, **env}
-        self.log_path = log_path
-        self.command = [
-            sys.executable, "-m", "celery", "-A", app, "worker", "-c", str(concurrency),
-            "-Q", queue, "-n", name, "--without-gossip", "--without-mingle", "-l", "INFO",
-        ]  # fmt: skip
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self, timeout: float = 90) -> Worker:
-        from celery import Celery
-
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        probe = Celery(broker=self.env["PUSHWORKER_BROKER_URL"])
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise SystemExit(f"the worker exited at start:\n{self.log_tail()}")
-                if probe.control.ping(timeout=1.0):
-                    time.sleep(0.5)  # let every pool process finish its start-up
-                    return self
-        finally:
-            probe.close()
-        self.stop()
-        raise SystemExit(f"the worker did not answer within {timeout} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        if not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def pids(self) -> list[int]:
-        """The worker's main process and its pool processes."""
-        return [self.pid, *process_children(self.pid)]
-
-
-def process_children(pid: int) -> list[int]:
-    try:
-        direct = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return direct + [grand for child in direct for grand in process_children(child)]
 
 
 def rss_bytes(pid: int) -> int:
@@ -467,15 +372,11 @@ class CpuMeter:
     lower bound of nothing, an upper bound of our share).
     """
 
-    def __init__(self, bench: Bench, worker: Worker | None = None) -> None:
+    def __init__(self, bench: Bench, worker: CeleryProcess | None = None) -> None:
         self.worker = worker
         self.dockerd = _stack_pid(bench.stack, "dockerd")
-        if bench.registry is not None and bench.registry.process is not None:
-            self.registry: int | None = bench.registry.process.pid
-        else:
-            self.registry = _stack_pid(
-                bench.stack, "tls-registry" if bench.endpoint.ca_file else "plain-registry"
-            )
+        process = bench.registry.process
+        self.registry = process.pid if process is not None else None
 
     def snapshot(self) -> dict[str, float]:
         times = os.times()
@@ -651,7 +552,7 @@ def repository_of(source: str) -> str:
 def make_images(api: docker.APIClient, prefix: str, count: int, size: int) -> list[str]:
     """``count`` distinct one-layer images of ``size`` random bytes, loaded in bulk.
 
-    The same images as ``worker.scratch_images.build_scratch_image`` makes (``FROM scratch``
+    The same images as ``harness.images.build_scratch_image`` makes (``FROM scratch``
     plus one file), but written as a ``docker save`` archive and loaded in one API call per
     batch: about 0.13 s an image instead of 0.3 s, which is what makes 200-job rounds affordable.
     """
@@ -672,7 +573,7 @@ def _save_archive(references: list[str], size: int) -> bytes:
         for reference in references:
             layer = io.BytesIO()
             with tarfile.open(fileobj=layer, mode="w") as layer_tar:
-                _add(layer_tar, "blob", os.urandom(size))
+                add_file(layer_tar, "blob", os.urandom(size))
             layer_bytes = layer.getvalue()
             diff_id = hashlib.sha256(layer_bytes).hexdigest()
             config = json.dumps({
@@ -681,20 +582,13 @@ def _save_archive(references: list[str], size: int) -> bytes:
                 "history": [{"created_by": "COPY blob /blob (pushworker bench)"}],
             }).encode()  # fmt: skip
             config_name = f"{hashlib.sha256(config).hexdigest()}.json"
-            _add(tar, f"{diff_id}/layer.tar", layer_bytes)
-            _add(tar, config_name, config)
+            add_file(tar, f"{diff_id}/layer.tar", layer_bytes)
+            add_file(tar, config_name, config)
             manifest.append(
                 {"Config": config_name, "RepoTags": [reference], "Layers": [f"{diff_id}/layer.tar"]}
             )
-        _add(tar, "manifest.json", json.dumps(manifest).encode())
+        add_file(tar, "manifest.json", json.dumps(manifest).encode())
     return out.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
 def remove_images(api: docker.APIClient, references: Iterable[str]) -> None:
@@ -893,9 +787,8 @@ def machine_lines(bench: Bench, load_before: str, load_after: str) -> list[str]:
         f"Python {info['python']}, Docker Engine {info['docker']} (storage driver of the stack's "
         "private dockerd: vfs)",
         f"- code: {bench.code}; database: {bench.database}; broker: Redis db "
-        f"{bench.broker_url.rsplit('/', 1)[-1]}; registry: {bench.endpoint.url} (htpasswd"
-        f"{', TLS' if bench.endpoint.ca_file else ''}"
-        f"{', a private instance of the stack TLS registry' if bench.registry else ''})",
+        f"{bench.broker_url.rsplit('/', 1)[-1]}; registry: {bench.endpoint.url} (htpasswd, "
+        "TLS, a private instance of the stack TLS registry)",
         f"- load before: {load_before}",
         f"- load after: {load_after}",
     ]
@@ -977,6 +870,3 @@ def paired_round_ratios(
 ) -> list[tuple[float, float]]:
     a, b = median_per_round(pipeline), median_per_round(baseline)
     return [(a[r], b[r]) for r in sorted(a) if r in b]
-
-
-Callback = Callable[[], None]

@@ -56,6 +56,10 @@ from worker.store.models import Event
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+#: The SQLite database, filled fresh on every run and removed after.
+SQLITE_PATH = Path("/tmp/pushworker-bench.db")
+#: How many times each question is asked (its median and p95 are reported).
+REPS = 50
 EVENTS_PER_JOB = 8
 REGISTRIES = 20
 REPOSITORIES = 5000
@@ -486,7 +490,7 @@ def machine() -> str:
 def prepare(args: argparse.Namespace, end: datetime) -> tuple[str, Callable[[], None]]:
     """A fresh database (URL), filled; and how to drop it."""
     if args.backend == "sqlite":
-        path = Path(args.sqlite_path)
+        path = SQLITE_PATH
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         url = f"sqlite:///{path}"
@@ -494,20 +498,17 @@ def prepare(args: argparse.Namespace, end: datetime) -> tuple[str, Callable[[], 
         args.fill_seconds = fill_sqlite(path, args.events, end)
 
         def remove() -> None:
-            if not args.keep:
-                engine_for(url).dispose()
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+            engine_for(url).dispose()
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
 
         return url, remove
-    server = args.postgres_url or os.environ.get("PUSHWORKER_STACK_POSTGRES_URL")
+    server = os.environ.get("PUSHWORKER_STACK_POSTGRES_URL")
     if not server:
-        raise SystemExit('no PostgreSQL: give --postgres-url or eval "$(scripts/stack env)"')
+        raise SystemExit('no PostgreSQL: eval "$(scripts/stack env)"')
     name = f"pushworker_bench_{args.events}"
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     url = server.rsplit("/", 1)[0] + f"/{name}"
-    if args.reuse:
-        return url, lambda: None
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -515,8 +516,6 @@ def prepare(args: argparse.Namespace, end: datetime) -> tuple[str, Callable[[], 
     args.fill_seconds = fill_postgres(engine_for(url), args.events, end, args.valid_chain)
 
     def drop() -> None:
-        if args.keep:
-            return
         engine_for(url).dispose()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -528,13 +527,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], required=True)
     parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--reps", type=int, default=50)
-    parser.add_argument("--sqlite-path", default="/tmp/pushworker-bench.db")
-    parser.add_argument("--postgres-url", help="default: $PUSHWORKER_STACK_POSTGRES_URL")
     parser.add_argument("--valid-chain", action="store_true", help="PostgreSQL: real hashes")
-    parser.add_argument("--reuse", action="store_true", help="PostgreSQL: the database is there")
-    parser.add_argument("--keep", action="store_true", help="do not drop the database after")
-    parser.add_argument("--no-export", action="store_true")
     parser.add_argument(
         "--export-days", type=float, help="export only the last DAYS (default: every event)"
     )
@@ -559,9 +552,9 @@ def main() -> None:
         end = end.replace(tzinfo=UTC) if end.tzinfo is None else end
         jobs = args.events // EVENTS_PER_JOB
         load_start = Path("/proc/loadavg").read_text().split()[:3]
-        timings = [ask(engine, q, end, jobs, args.reps) for q in QUESTIONS]
+        timings = [ask(engine, q, end, jobs, REPS) for q in QUESTIONS]
         since = end - timedelta(days=args.export_days) if args.export_days else None
-        export = None if args.no_export else measure_export(url, since)
+        export = measure_export(url, since)
         valid = args.backend == "sqlite" or args.valid_chain
         verify = measure_verify(url) if valid else None
     finally:
@@ -569,7 +562,7 @@ def main() -> None:
     result = {
         "backend": args.backend,
         "events": args.events,
-        "reps": args.reps,
+        "reps": REPS,
         "machine": machine(),
         "load": [load_start, Path("/proc/loadavg").read_text().split()[:3]],
         "fill_seconds": round(args.fill_seconds, 1) if args.fill_seconds else None,

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import docker
 
-from worker.scratch_images import build_scratch_image
+from harness.images import build_scratch_image
+from harness.worker import process_children
 from worker.store.db import session_scope
 from worker.store.events import select_events
 from worker.store.models import PushJob
@@ -72,21 +73,13 @@ class PeakRss:
 
 def _tree_rss(root: int) -> int:
     total = 0
-    for pid in [root, *_children(root)]:
+    for pid in [root, *process_children(root)]:
         try:
             fields = Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()
             total += int(fields[0]) * 1024
         except (OSError, IndexError):
             continue
     return total
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        direct = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return direct + [grand for child in direct for grand in _children(child)]
 
 
 def run_load(images: list[str], registry_id: int, worker_pid: int, concurrency: int) -> LoadReport:

@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         profile_dir = bench.workdir / "profile"
         profile_dir.mkdir()
-        spy_binary = py_spy() if args.py_spy else None
+        spy_binary = py_spy()
         count = args.warmup + args.jobs * (2 if spy_binary else 1)
         with phase("images"):
             sources = make_images(bench.api, f"{bench.run_id}-prof", count, MiB)
@@ -301,7 +301,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--jobs", type=int, default=20, help="profiled jobs per profiler")
     parser.add_argument("--warmup", type=int, default=8, help="jobs before profiling starts")
-    parser.add_argument("--no-py-spy", dest="py_spy", action="store_false")
     common_arguments(parser)
     args = parser.parse_args(argv)
     results = run(args)

@@ -143,10 +143,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     pipeline_batch(scenario, images[(scenario, "p", round_no)], round_no)
                     cli_batch(scenario, images[(scenario, "c", round_no)], round_no)
-                if args.repush:
-                    # The images this round pushed as new: the registry holds them now.
-                    pipeline_batch("repush", images[("new", "p", round_no)], round_no)
-                    cli_batch("repush", images[("new", "c", round_no)], round_no)
+                # The images this round pushed as new: the registry holds them now.
+                pipeline_batch("repush", images[("new", "p", round_no)], round_no)
+                cli_batch("repush", images[("new", "c", round_no)], round_no)
         digests_ok = _verify_digests(watcher, pipeline)
         watcher.close()
         worker_log_bytes = worker.log_path.stat().st_size
@@ -288,7 +287,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size-mib", type=int, default=1)
     parser.add_argument("--large-mib", type=int, default=50)
     parser.add_argument("--large-jobs", type=int, default=2, help="0: no large images")
-    parser.add_argument("--no-repush", dest="repush", action="store_false")
     parser.add_argument("--warmup", type=int, default=4, help="pipeline jobs before measuring")
     common_arguments(parser)
     args = parser.parse_args(argv)

@@ -29,7 +29,6 @@ from bench.common import (
     JobWatcher,
     MiB,
     Stats,
-    Worker,
     command_line,
     common_arguments,
     enqueue,
@@ -46,12 +45,13 @@ from bench.common import (
     target_references,
     write_section,
 )
+from harness.worker import CeleryProcess
 
 
 class RssSampler:
     """Peak RSS of each of the worker's processes (main and pool), sampled every 50 ms."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: CeleryProcess) -> None:
         self.worker = worker
         self.peaks: dict[int, int] = {}
         self.peak_sum = 0
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             (side, r)
             for r in range(args.rounds)
             for side in sides
-            if side != "cli_parallel" or r < args.cli_parallel_rounds
+            if side != "cli_parallel" or r == 0  # context, not a comparison: one round
         ]
         with phase(f"images ({len(plan)} x {args.jobs} x {args.size_mib} MiB)"):
             images = {
@@ -308,9 +308,6 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=4,
         help="also run the CLI loop this many at once (0: not)",
-    )
-    parser.add_argument(
-        "--cli-parallel-rounds", type=int, default=1, help="in how many rounds (the first ones)"
     )
     common_arguments(parser)
     args = parser.parse_args(argv)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import docker
 
+from harness.images import build_scratch_image
 from worker.core.logs import configure_logging
 from worker.core.settings import get_settings
 from worker.registries import RegistrySpec, create_registry, list_registries, update_registry
-from worker.scratch_images import build_scratch_image
 from worker.store.db import session_scope
 
 DEMO_REGISTRY = "demo-harbor"

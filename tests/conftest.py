@@ -15,7 +15,7 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 
-from tests.support.stack import Stack, start_stack
+from harness.stack import Stack, StackError, start_stack
 from worker.core.settings import get_settings
 from worker.store.migrate import upgrade
 
@@ -56,7 +56,10 @@ def sqlite_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(scope="session")
 def stack() -> Stack:
-    return start_stack()
+    try:
+        return start_stack()
+    except StackError as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 @pytest.fixture(scope="session")

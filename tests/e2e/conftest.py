@@ -16,9 +16,9 @@ import redis
 import requests
 from cryptography.fernet import Fernet
 
-from tests.support.images import new_image
-from tests.support.stack import RegistryEndpoint, Stack
-from tests.support.worker import WorkerProcess
+from harness.images import new_image
+from harness.stack import RegistryEndpoint, Stack
+from harness.worker import CeleryProcess
 from worker.core.settings import get_settings
 from worker.registries import RegistrySpec, create_registry, update_registry
 from worker.store.db import session_scope
@@ -37,7 +37,7 @@ class E2E:
     workdir: Path
     worker_log: Path
     api: docker.APIClient
-    worker: WorkerProcess
+    worker: CeleryProcess
 
     @property
     def broker_url(self) -> str:
@@ -103,9 +103,9 @@ def _spec(name: str, kind: str, endpoint: RegistryEndpoint, insecure: bool = Fal
     )
 
 
-def _start_worker(env: dict[str, str], log_path: Path) -> WorkerProcess:
+def _start_worker(env: dict[str, str], log_path: Path) -> CeleryProcess:
     # Concurrency 4: the load test measures the worker as operators would run it.
-    return WorkerProcess(env, log_path, concurrency=4, name=f"e2e-{os.getpid()}@%h").start()
+    return CeleryProcess(env, log_path, concurrency=4, name=f"e2e-{os.getpid()}@%h").start()
 
 
 # --- helpers for the tests ---------------------------------------------------------------------

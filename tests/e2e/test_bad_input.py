@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from harness.images import daemon_pushes
 from tests.e2e.conftest import E2E, HARBOR_ID, wait_for_job
-from tests.support.images import daemon_pushes
 from worker.core.errors import (
     CredentialError,
     InvalidReference,

@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from harness.images import new_image
+from harness.publish import publish_via
+from harness.worker import CeleryProcess
 from tests.e2e.conftest import E2E, HARBOR_ID, served_digest, wait_for_job
 from tests.e2e.test_faults import assert_each_step_completed_once
-from tests.support.images import new_image
-from tests.support.worker import WorkerProcess, publish_via
 from worker.jobs import PushRequest, create_job
 from worker.reconcile import reconcile
 from worker.store.db import session_scope
@@ -101,7 +102,7 @@ def test_broker_restart_loses_no_job(e2e: E2E, own_redis: RedisServer) -> None:
             )
             job_ids.append(job.id)
     env = {**e2e.env, "PUSHWORKER_BROKER_URL": own_redis.url}
-    with WorkerProcess(env, e2e.workdir / "restart-worker.log", concurrency=2):
+    with CeleryProcess(env, e2e.workdir / "restart-worker.log", concurrency=2):
         for job_id in job_ids:
             publish_via(own_redis.url, job_id, HARBOR_ID)
         _wait_until(lambda: JobStatus.RUNNING.value in statuses(job_ids))

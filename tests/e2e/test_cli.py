@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from harness.stack import RegistryEndpoint
 from tests.e2e.conftest import E2E, served_digest
-from tests.support.stack import RegistryEndpoint
 
 PUSHCTL = str(Path(sys.executable).with_name("pushctl"))  # .venv/bin/pushctl
 OPERATOR = "e2e-cli"

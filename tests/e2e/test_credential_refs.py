@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import daemon_pushes
 from tests.e2e.conftest import E2E, wait_for_job
-from tests.support.images import daemon_pushes
 from worker.core.errors import CredentialError
 from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry

@@ -19,10 +19,11 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import create_engine, text
 
+from harness.images import daemon_pushes, new_image
+from harness.publish import publish_via
+from harness.worker import CeleryProcess
 from tests.e2e.conftest import E2E, HARBOR_ID, served_digest, wait_for_job
-from tests.support.images import daemon_pushes, new_image
 from tests.support.tcpproxy import TcpProxy
-from tests.support.worker import WorkerProcess, publish_via
 from worker.engine.liveness import parse_owner
 from worker.jobs import PushRequest, create_job, retry_job
 from worker.producer import enqueue_push, publish
@@ -160,7 +161,7 @@ def test_a_step_that_keeps_killing_its_worker_fails_the_job(e2e: E2E) -> None:
 
 
 @pytest.fixture
-def side_worker(e2e: E2E) -> Iterator[tuple[dict[str, str], WorkerProcess | None]]:
+def side_worker(e2e: E2E) -> Iterator[tuple[dict[str, str], CeleryProcess | None]]:
     """Settings for a second worker on its own broker database (so the main one ignores it)."""
     env = {**e2e.env, "PUSHWORKER_BROKER_URL": f"{e2e.stack.redis_url}/12"}
     import redis
@@ -180,7 +181,7 @@ def test_docker_engine_down_is_retried_then_failed_cleanly(
         job, _ = create_job(session, PushRequest(image, HARBOR_ID, repo(), "v1", "faults"),
                             actor="test")  # fmt: skip
         job_id = job.id
-    with WorkerProcess(env, e2e.workdir / "no-docker-worker.log"):
+    with CeleryProcess(env, e2e.workdir / "no-docker-worker.log"):
         publish_via(env["PUSHWORKER_BROKER_URL"], job_id, HARBOR_ID)
         job = wait_for_job(job_id)
     assert (job.status, job.error_code, job.current_step) == (
@@ -216,7 +217,7 @@ def test_database_unreachable_when_a_step_starts_defers_the_step(
                                     actor="test")  # fmt: skip
                 job_id = job.id
             env = {**env, "PUSHWORKER_DATABASE_URL": url, "PUSHWORKER_MAX_ATTEMPTS": "50"}
-            with WorkerProcess(env, e2e.workdir / "db-outage-worker.log") as worker:
+            with CeleryProcess(env, e2e.workdir / "db-outage-worker.log") as worker:
                 proxy.cut()
                 publish_via(env["PUSHWORKER_BROKER_URL"], job_id, HARBOR_ID)
                 _wait_for_log(worker, "step.deferred")
@@ -250,13 +251,13 @@ def _database(url: str) -> Iterator[None]:
 
 
 def _copy_registries_to(url: str) -> None:
+    from harness.stack import start_stack
     from tests.e2e.conftest import _add_registries
-    from tests.support.stack import start_stack
 
     _add_registries(start_stack())
 
 
-def _wait_for_log(worker: WorkerProcess, needle: str, timeout: float = 60) -> None:
+def _wait_for_log(worker: CeleryProcess, needle: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while needle not in worker.log_text():
         assert time.monotonic() < deadline, f"{needle!r} never appeared in the worker's log"

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from harness.worker import CeleryProcess
 from tests.e2e.conftest import E2E, HARBOR_ID
-from tests.support.hosts import CeleryProcess, start_beat
 from worker.registries import RegistrySpec, create_registry, remove_registry, update_registry
 from worker.store.db import session_scope
 from worker.store.events import registry_stream, select_events
@@ -31,7 +31,7 @@ def beat(e2e: E2E) -> Iterator[CeleryProcess]:
     workdir = e2e.workdir / "beat"
     workdir.mkdir()
     env = {**e2e.env, "PUSHWORKER_HEALTH_EVERY": "1", "PUSHWORKER_RECONCILE_EVERY": "3600"}
-    process = start_beat(env, workdir)
+    process = CeleryProcess(env, workdir / "beat.log", beat=True).start()
     try:
         yield process
     finally:

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from harness.images import daemon_pushes
 from tests.e2e.conftest import (
     ALTERNATIVE_ID,
     E2E,
@@ -18,7 +19,6 @@ from tests.e2e.conftest import (
     served_digest,
     wait_for_job,
 )
-from tests.support.images import daemon_pushes
 from worker.core.errors import CredentialError
 from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry

@@ -17,9 +17,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.images import new_image
+from harness.stack import free_port
+from harness.worker import CeleryProcess
 from tests.e2e.conftest import ALTERNATIVE_ID, E2E, HARBOR_ID, password_of, wait_for_job
-from tests.support.hosts import CeleryProcess, free_port, start_host_worker
-from tests.support.images import new_image
 from worker.core.settings import get_settings
 from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry, remove_registry
@@ -73,9 +74,9 @@ def metrics_worker(e2e: E2E) -> Iterator[MetricsWorker]:
         "PROMETHEUS_MULTIPROC_DIR": str(directory),
     }  # fmt: skip
     # Prefork with two processes: the endpoint must sum what each of them counted.
-    worker = start_host_worker(
+    worker = CeleryProcess(
         env, e2e.workdir / "metrics-worker.log", host=HOST, pool="prefork", concurrency=2
-    )
+    ).start()
     with session_scope() as session:
         create_registry(session, RegistrySpec(
             name="nobody-listens", url=f"http://127.0.0.1:{free_port()}", insecure=True,

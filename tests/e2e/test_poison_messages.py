@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from kombu import Connection, Exchange, Producer
 from sqlalchemy import func, select
 
+from harness.images import new_image
 from tests.e2e.conftest import E2E, HARBOR_ID, wait_for_job
-from tests.support.images import new_image
 from worker.core.messages import MAX_BODY_BYTES, STEP_TASKS, SUBMIT_TASK, TASK_ARGUMENTS, Accepted
 from worker.core.messages import check_message as guard_verdict
 from worker.producer import enqueue_push

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from harness.images import new_image
+from harness.stack import ROOT, RegistryEndpoint
 from tests.e2e.conftest import E2E, served_digest, wait_for_job
-from tests.support.images import new_image
-from tests.support.stack import ROOT, RegistryEndpoint
 from worker.core.text import has_control
 from worker.registries import RegistrySpec, create_registry
 from worker.store import audit

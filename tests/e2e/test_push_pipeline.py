@@ -8,8 +8,8 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
+from harness.images import daemon_pushes, new_image
 from tests.e2e.conftest import E2E, HARBOR_ID, password_of, served_digest, wait_for_job
-from tests.support.images import daemon_pushes, new_image
 from worker.core.errors import InvalidReference, RegistryNotFound
 from worker.producer import enqueue_push, publish
 from worker.store.db import session_scope

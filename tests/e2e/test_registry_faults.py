@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from harness.images import daemon_pushes
 from tests.e2e.conftest import E2E, HARBOR_ID, served_digest, wait_for_job
 from tests.support.faultproxy import Fault, FaultProxy
-from tests.support.images import daemon_pushes
 from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry
 from worker.store.db import session_scope

@@ -17,6 +17,8 @@ import docker
 import pytest
 import redis
 
+from harness.images import daemon_pushes, new_image
+from harness.worker import CeleryProcess
 from tests.e2e.conftest import (
     ALTERNATIVE_ID,
     E2E,
@@ -25,8 +27,6 @@ from tests.e2e.conftest import (
     served_digest,
     wait_for_job,
 )
-from tests.support.hosts import CeleryProcess, start_host_worker, wait_ready
-from tests.support.images import daemon_pushes, new_image
 from worker.core.errors import ValidationError
 from worker.core.settings import get_settings
 from worker.producer import enqueue_push
@@ -50,17 +50,17 @@ def builders(e2e: E2E) -> Iterator[Builders]:
     e2e.stack.service("up", "dockerd-2")
     host2 = e2e.stack.env["PUSHWORKER_STACK_DOCKER_HOST_2"]
     common = {**e2e.env, "PUSHWORKER_DOCKER_HOSTS": HOSTS}
-    worker1 = start_host_worker(
+    worker1 = CeleryProcess(
         {**common, "DOCKER_HOST": e2e.stack.docker_host},
-        e2e.workdir / "builder-1.log", host="builder-1", wait=False,
-    )  # fmt: skip
-    worker2 = start_host_worker(
+        e2e.workdir / "builder-1.log", host="builder-1", pool="solo", concurrency=1,
+    ).spawn()  # fmt: skip
+    worker2 = CeleryProcess(
         {**common, "DOCKER_HOST": host2}, e2e.workdir / "builder-2.log", host="builder-2",
-        wait=False,
-    )  # fmt: skip
+        pool="solo", concurrency=1,
+    ).spawn()  # fmt: skip
     try:
-        wait_ready(worker1)
-        wait_ready(worker2)
+        worker1.wait_ready()
+        worker2.wait_ready()
         yield Builders(e2e.api, docker.APIClient(base_url=host2), worker1, worker2)
     finally:
         worker1.stop()
@@ -154,10 +154,10 @@ def test_a_job_for_an_unknown_host_is_refused(e2e: E2E, builders: Builders) -> N
 
 
 def test_a_worker_for_an_unconfigured_host_refuses_to_start(e2e: E2E) -> None:
-    worker = start_host_worker(
+    worker = CeleryProcess(
         {**e2e.env, "PUSHWORKER_DOCKER_HOSTS": HOSTS, "DOCKER_HOST": e2e.stack.docker_host},
-        e2e.workdir / "builder-9.log", host="builder-9", wait=False,
-    )  # fmt: skip
+        e2e.workdir / "builder-9.log", host="builder-9", pool="solo", concurrency=1,
+    ).spawn()  # fmt: skip
     try:
         code = worker.wait_exit(timeout=60)
     except subprocess.TimeoutExpired:

@@ -15,9 +15,9 @@ import uuid
 
 import pytest
 
+from harness.images import new_image
+from harness.worker import CeleryProcess
 from tests.e2e.conftest import E2E, HARBOR_ID, served_digest, wait_for_job
-from tests.support.hosts import CeleryProcess, start_host_worker
-from tests.support.images import new_image
 from worker.core.settings import get_settings
 from worker.engine.liveness import owner_is_dead, parse_owner
 from worker.producer import enqueue_push
@@ -35,10 +35,10 @@ def _known_host(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def start_worker(e2e: E2E, name: str) -> CeleryProcess:
-    return start_host_worker(
+    return CeleryProcess(
         {**e2e.env, "PUSHWORKER_DOCKER_HOSTS": HOST}, e2e.workdir / f"{name}.log", host=HOST,
         pool="prefork", concurrency=1, own_group=True,
-    )  # fmt: skip
+    ).start()  # fmt: skip
 
 
 def running_push_claim(job_id: str, timeout: float = 120) -> StepRun:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import daemon_pushes
+from harness.stack import RegistryEndpoint
 from tests.e2e.conftest import E2E, password_of, served_digest, wait_for_job
-from tests.support.images import daemon_pushes
-from tests.support.stack import RegistryEndpoint
 from worker.core.credentials import encrypt_secret
 from worker.core.errors import ValidationError
 from worker.jobs import PushRequest, create_job

@@ -1,7 +1,14 @@
-"""Test images and the daemon's own record of pushes."""
+"""Test images and the daemon's own record of pushes.
+
+Images are built from nothing (``FROM scratch`` + ``COPY``), without any pull: random bytes
+make every image, and so every layer, distinct, at any size.
+"""
 
 from __future__ import annotations
 
+import io
+import os
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,14 +17,40 @@ from dataclasses import dataclass, field
 
 import docker
 
-from worker.scratch_images import build_scratch_image
-
 
 def new_image(api: docker.APIClient, size: int = 64 * 1024) -> str:
     """A freshly built, distinct image; returns its local reference."""
     reference = f"pushworker-test/src-{uuid.uuid4().hex[:12]}:latest"
     build_scratch_image(api, reference, size)
     return reference
+
+
+def build_scratch_image(client: docker.APIClient, tag: str, size: int) -> str:
+    """Build ``tag`` holding one file of ``size`` random bytes; return the image id."""
+    payload = os.urandom(size)
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        add_file(tar, "Dockerfile", b"FROM scratch\nCOPY blob /blob\n")
+        add_file(tar, "blob", payload)
+    context.seek(0)
+    image_id = None
+    for chunk in client.build(fileobj=context, custom_context=True, tag=tag, rm=True, decode=True):
+        if "error" in chunk:
+            raise RuntimeError(f"building {tag} failed: {chunk['error']}")
+        aux = chunk.get("aux")
+        if isinstance(aux, dict) and "ID" in aux:
+            image_id = str(aux["ID"])
+    if image_id is None:
+        image_id = str(client.inspect_image(tag)["Id"])
+    return image_id
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a regular file holding ``data`` to an archive being written."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
 
 
 @dataclass

@@ -1,19 +1,23 @@
-"""The real stack for integration and end-to-end tests: started by ``scripts/stack up``.
+"""The real local stack, started by ``scripts/stack up``: where its services listen.
 
-A service that cannot be started fails the run with its name; nothing is skipped.
+A service that cannot be started raises ``StackError`` naming it; nothing is skipped.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 STACK = ROOT / "scripts" / "stack"
+
+
+class StackError(RuntimeError):
+    """The stack, or one of its services, could not be started or stopped."""
 
 
 @dataclass(frozen=True)
@@ -67,17 +71,33 @@ class Stack:
             [str(STACK), action, name], capture_output=True, text=True, timeout=180
         )
         if result.returncode != 0:
-            pytest.fail(f"scripts/stack {action} {name} failed:\n{result.stderr}")
+            raise StackError(f"scripts/stack {action} {name} failed:\n{result.stderr}")
 
 
 def start_stack() -> Stack:
+    """``scripts/stack up`` (idempotent: services already running are reused)."""
     result = subprocess.run([str(STACK), "up"], capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
-        pytest.fail(
-            f"the test stack could not be started (scripts/stack up):\n{result.stderr[-3000:]}",
-            pytrace=False,
+        raise StackError(
+            f"the stack could not be started (scripts/stack up):\n{result.stderr[-3000:]}"
         )
     return Stack(parse_exports(result.stdout))
+
+
+def stack_env() -> dict[str, str]:
+    """``scripts/stack env``: from the environment when it was eval'd, else by running it
+    (which does not start anything)."""
+    if os.environ.get("DOCKER_HOST") and os.environ.get("PUSHWORKER_STACK_TLS_REGISTRY"):
+        return {k: v for k, v in os.environ.items() if k.startswith("PUSHWORKER_STACK_")} | {
+            "DOCKER_HOST": os.environ["DOCKER_HOST"]
+        }
+    out = subprocess.run([str(STACK), "env"], capture_output=True, text=True, check=True).stdout
+    env = parse_exports(out)
+    if "DOCKER_HOST" not in env:
+        raise StackError(
+            'the stack is not up: run `scripts/stack up` (or eval "$(scripts/stack env)")'
+        )
+    return env
 
 
 def parse_exports(text: str) -> dict[str, str]:
@@ -89,3 +109,11 @@ def parse_exports(text: str) -> dict[str, str]:
             parsed = shlex.split(value)
             env[key] = parsed[0] if parsed else ""
     return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
