@@ -19,13 +19,39 @@ from harness.stack import Stack, StackError, start_stack
 from worker.core.settings import get_settings
 from worker.store.migrate import upgrade
 
+#: What a fixture needs running, as markers (pyproject.toml lists them; docs/stack.md).
+#: ``postgres_url`` and ``database_url``'s PostgreSQL half reach PostgreSQL through
+#: ``postgres_server``; ``stack`` itself is left out, as every service fixture uses it.
+FIXTURE_NEEDS: dict[str, tuple[str, ...]] = {
+    "postgres_server": ("postgres",),
+    "e2e": ("docker", "redis"),
+}
+#: Modules whose needs no fixture shows: test_compose runs the docker-compose binary itself.
+MODULE_NEEDS: dict[str, tuple[str, ...]] = {"test_compose.py": ("compose",)}
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The layer marker follows the folder, so a test cannot forget it.
     for item in items:
+        # The layer marker follows the folder, so a test cannot forget it.
         for layer in ("unit", "integration", "e2e"):
             if f"{os.sep}{layer}{os.sep}" in str(item.fspath):
                 item.add_marker(getattr(pytest.mark, layer))
+        # What a test needs follows the fixtures it uses, so a unit test that takes a PostgreSQL
+        # database says so, and `-m "unit and not postgres and not compose"` needs no service.
+        for need in sorted(_needs(item)):
+            item.add_marker(getattr(pytest.mark, need))
+
+
+def _needs(item: pytest.Item) -> set[str]:
+    needs = set(MODULE_NEEDS.get(item.path.name, ()))
+    fixtures: list[str] = getattr(item, "fixturenames", [])
+    for fixture in fixtures:
+        needs.update(FIXTURE_NEEDS.get(fixture, ()))
+    # database_url takes PostgreSQL at run time (getfixturevalue), only for its postgresql case.
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("database_url") == "postgresql":
+        needs.add("postgres")
+    return needs
 
 
 @pytest.fixture(autouse=True)
