@@ -109,9 +109,22 @@ def test_references_resolve_in_the_workers_environment_with_clear_errors(
     monkeypatch.delenv("PUSHWORKER_CREDENTIAL_ENV_PREFIX", raising=False)
     monkeypatch.delenv("REGISTRY_CREDENTIAL_NOT_SET_ANYWHERE", raising=False)
     get_settings.cache_clear()
+    missing_file = tmp_path / "nonexistent-password"
     add(1, secret=None, credential_ref="env:REGISTRY_CREDENTIAL_NOT_SET_ANYWHERE")
-    add(2, secret=None, credential_ref=f"file:{tmp_path / 'nonexistent-password'}")
+    add(2, secret=None, credential_ref=f"file:{missing_file}")
     with session_scope() as session:
+        # Saved as given: the kind and its target, not resolved (nothing to resolve yet).
+        by_env, by_file = get_registry(session, 1), get_registry(session, 2)
+        assert (by_env.credential_kind, by_env.credential_ref, by_env.credential_secret) == (
+            "env",
+            "REGISTRY_CREDENTIAL_NOT_SET_ANYWHERE",
+            None,
+        )
+        assert (by_file.credential_kind, by_file.credential_ref, by_file.credential_secret) == (
+            "file",
+            str(missing_file),
+            None,
+        )
         with pytest.raises(CredentialError, match="REGISTRY_CREDENTIAL_NOT_SET_ANYWHERE"):
             resolve_credential(get_registry(session, 1))
         with pytest.raises(CredentialError, match=r"nonexistent-password.*cannot be read"):
@@ -122,7 +135,13 @@ def test_references_resolve_in_the_workers_environment_with_clear_errors(
 
 def test_anonymous_registry_needs_saying_so(sqlite_url: str) -> None:
     """A registry without credentials is accepted only when marked anonymous explicitly."""
+    with pytest.raises(CredentialError, match=r"registry 1 .*has no username"):
+        add(1, username=None, secret=None)
     add(1, username=None, secret=None, auth_required=False)
+    with session_scope() as session:
+        registry = get_registry(session, 1)
+        assert registry.auth_required is False
+        assert resolve_credential(registry) is None
 
 
 def test_fallback_chains_are_checked_when_set(sqlite_url: str) -> None:
