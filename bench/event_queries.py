@@ -7,7 +7,7 @@
 A fresh database is migrated to head (``worker.store.migrate``, the real schema and indexes), filled
 with a synthetic year of push jobs, then each question is asked ``--reps`` times with a fresh
 parameter each time (another job, registry, repository) through
-``worker.store.events.select_events``,
+``worker.store.queries.select_events``,
 the call the CLI makes, in its own transaction, as ``pushctl events`` does; p50/p95/max in ms.
 
 The data: 8 events per job (job.enqueued, started/succeeded for resolve_credentials, login and
@@ -20,10 +20,9 @@ chain does not verify; ``--valid-chain`` computes the real chain in Python and l
 instead); SQLite by ``executemany`` in batches, always with the real chain. Secondary indexes
 are dropped for the load and created afterwards (then ANALYZE), as a bulk load would.
 
-Export streams every event as JSON lines to /dev/null (``worker.store.audit.export``) while a thread
-samples the process's RSS; verify runs ``worker.store.audit.verify`` over the whole log (valid
-chains
-only). Not part of the test suite.
+Export streams every event as JSON lines to /dev/null (``worker.store.export.export``) while
+a thread samples the process's RSS; verify runs ``worker.store.verify.verify`` over the whole
+log (valid chains only). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ from typing import Any, cast
 
 from sqlalchemy import Engine, Table, create_engine, event, text
 
-from worker.store import audit, events
+from worker.store import chain, export, queries, verify
 from worker.store.db import engine_for, session_scope
 from worker.store.migrate import upgrade
 from worker.store.models import Event
@@ -83,7 +82,7 @@ def synthetic_rows(count: int, end: datetime) -> Iterator[dict[str, Any]]:
     """The events 1..count with the real hash chain."""
     start = end - timedelta(days=SPAN_DAYS)
     step_seconds = SPAN_DAYS * 86400 / count
-    prev = events.GENESIS_HASH
+    prev = chain.GENESIS_HASH
     for i in range(1, count + 1):
         j, k = divmod(i - 1, EVENTS_PER_JOB)
         job_id = job_uuid(j)
@@ -107,9 +106,9 @@ def synthetic_rows(count: int, end: datetime) -> Iterator[dict[str, Any]]:
             "time": start + timedelta(seconds=(i - 1) * step_seconds), "type": type, "step": step,
             "registry_id": 1 + (j * 7919) % REGISTRIES, "attempt": 1, "actor": actor,
             "payload": payload, "repository": repository,
-            "outcome": events.derive_outcome(type, payload), "prev_hash": prev,
+            "outcome": chain.derive_outcome(type, payload), "prev_hash": prev,
         }  # fmt: skip
-        row["hash"] = prev = events.chain_hash(row)
+        row["hash"] = prev = chain.chain_hash(row)
         yield row
 
 
@@ -357,7 +356,7 @@ def ask(engine: Engine, question: Question, end: datetime, jobs: int, reps: int)
             for attempt in (1, 2):  # a first ask, then the same again (its pages now cached)
                 started, cpu_started = time.perf_counter(), time.process_time()
                 with session_scope(engine) as session:
-                    found = events.select_events(session, **filters)
+                    found = queries.select_events(session, **filters)
                 elapsed = (time.perf_counter() - started) * 1000
                 if rep < 3:
                     continue
@@ -438,7 +437,7 @@ def measure_export(url: str, since: datetime | None) -> dict[str, Any]:
     sampler.start()
     started = time.perf_counter()
     with open(os.devnull, "w") as out:
-        count = audit.export(out, "jsonl", events.EventQuery(since=since), url=url)
+        count = export.export(out, "jsonl", queries.EventQuery(since=since), url=url)
     elapsed = time.perf_counter() - started
     done.set()
     sampler.join()
@@ -455,7 +454,7 @@ def measure_export(url: str, since: datetime | None) -> dict[str, Any]:
 def measure_verify(url: str) -> dict[str, Any]:
     before = _rss_mib()
     started = time.perf_counter()
-    report = audit.verify(url)
+    report = verify.verify(url)
     elapsed = time.perf_counter() - started
     return {
         "ok": report.ok,

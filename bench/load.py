@@ -25,8 +25,8 @@ import docker
 from harness.images import build_scratch_image
 from harness.worker import process_children
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import PushJob
+from worker.store.queries import select_events
 
 EXPECTED = ["job.enqueued"] + ["step.started", "step.succeeded"] * 4 + ["job.succeeded"]
 

@@ -34,7 +34,7 @@ from worker.contract import record_rejection
 from worker.core.errors import InvalidMessage
 from worker.core.logs import get_logger
 from worker.core.messages import Refusal, check_message, message_id_of, shown
-from worker.store import events
+from worker.store import events, queries
 from worker.store.db import session_scope
 
 log = get_logger("pushworker.consumer")
@@ -68,7 +68,7 @@ def record_refusal(refusal: Refusal, queue: str | None) -> bool:
 def _append_rejected(session: Any, refusal: Refusal, queue: str | None) -> None:
     stream = message_stream(refusal.message_id)
     # A message redelivered after a crash between recording and acknowledging is recorded once.
-    if events.select_events(session, stream=stream, types=[REJECTED]):
+    if queries.select_events(session, stream=stream, types=[REJECTED]):
         return
     payload = refusal.to_payload()
     if queue is not None:

@@ -40,7 +40,7 @@ from worker.jobs import (
     MAX_SOURCE_IMAGE,
     MAX_TAG,
 )
-from worker.store import events
+from worker.store import events, queries
 from worker.store.db import session_scope
 from worker.store.models import Event
 
@@ -328,7 +328,7 @@ def record_rejection(
     not be kept (the minimal record).
     """
     stream = submission_stream(submission_id)
-    earlier = events.select_events(session, stream=stream, types=[REJECTED])
+    earlier = queries.select_events(session, stream=stream, types=[REJECTED])
     if earlier:
         return earlier[0]
     described = _descriptive_fields(request)

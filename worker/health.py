@@ -28,7 +28,7 @@ from worker.core.errors import AuthenticationError, CredentialError, EventConfli
 from worker.core.logs import get_logger
 from worker.probe import ConnectionReport, check_registry
 from worker.registries import list_registries
-from worker.store import events
+from worker.store import events, queries
 from worker.store.db import session_scope
 from worker.store.models import Registry
 
@@ -80,7 +80,7 @@ def status_of(report: ConnectionReport) -> str:
 def last_status(registry_id: int) -> str | None:
     """The status of the registry's last ``registry.health`` event (None: never recorded)."""
     with session_scope() as session:
-        rows = events.select_events(
+        rows = queries.select_events(
             session, stream=events.registry_stream(registry_id), types=[EVENT],
             newest_first=True, limit=1,
         )  # fmt: skip
@@ -141,7 +141,7 @@ def _append_if_changed(
     registry: Registry, report: ConnectionReport, status: str, actor: str
 ) -> tuple[str | None, bool]:
     with session_scope() as session:
-        rows = events.select_events(
+        rows = queries.select_events(
             session, stream=events.registry_stream(registry.id), types=[EVENT],
             newest_first=True, limit=1,
         )  # fmt: skip

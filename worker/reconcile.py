@@ -39,7 +39,7 @@ from worker.core.errors import EventConflict
 from worker.core.logs import get_logger
 from worker.core.settings import get_settings
 from worker.engine.liveness import claim_is_dead, owner_is_dead
-from worker.store import events
+from worker.store import events, queries
 from worker.store.db import session_scope
 from worker.store.models import Event, JobStatus, PushJob, StepRun, StepStatus, utcnow
 
@@ -217,7 +217,7 @@ def _due(session: Session, job_id: str, now: datetime, grace: float) -> Due | No
         return None
     stream = events.job_stream(job_id)
     last_seq = session.scalar(select(func.max(Event.seq)).where(Event.stream == stream)) or 0
-    rows = events.select_events(session, stream=stream, types=[*_MARKERS, *_STARTED, REPUBLISHED])
+    rows = queries.select_events(session, stream=stream, types=[*_MARKERS, *_STARTED, REPUBLISHED])
     start = max((i for i, row in enumerate(rows) if row.type in _MARKERS), default=None)
     since = rows[start + 1 :] if start is not None else rows
     if any(row.type in _STARTED for row in since):
@@ -244,7 +244,7 @@ def _stalled(session: Session, job: PushJob, now: datetime, grace: float) -> Due
     if any(not claim_is_dead(claim, now) for claim in claims):
         return None  # a worker is on it
     stream = events.job_stream(job.id)
-    rows = events.select_events(session, stream=stream)
+    rows = queries.select_events(session, stream=stream)
     if not rows:
         return None
     republished = 0

@@ -18,8 +18,8 @@ from tests.e2e.test_faults import assert_each_step_completed_once
 from worker.jobs import PushRequest, create_job
 from worker.reconcile import reconcile
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import JobStatus, PushJob
+from worker.store.queries import select_events
 
 MiB = 1024 * 1024
 

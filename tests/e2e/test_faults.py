@@ -28,9 +28,9 @@ from worker.engine.liveness import parse_owner
 from worker.jobs import PushRequest, create_job, retry_job
 from worker.producer import enqueue_push, publish
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.migrate import upgrade
 from worker.store.models import PushJob, StepRun
+from worker.store.queries import select_events
 
 MiB = 1024 * 1024
 

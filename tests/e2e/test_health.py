@@ -19,8 +19,9 @@ from harness.worker import CeleryProcess
 from tests.e2e.conftest import E2E, HARBOR_ID
 from worker.registries import RegistrySpec, create_registry, remove_registry, update_registry
 from worker.store.db import session_scope
-from worker.store.events import registry_stream, select_events
+from worker.store.events import registry_stream
 from worker.store.models import Event
+from worker.store.queries import select_events
 
 MISSING_ID = 62
 UNSET_VARIABLE = "PUSHWORKER_E2E_NEVER_SET_PASSWORD"

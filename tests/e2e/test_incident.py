@@ -23,7 +23,7 @@ from worker.core.errors import CredentialError
 from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry
 from worker.store.db import session_scope
-from worker.store.events import select_events
+from worker.store.queries import select_events
 
 
 def repo() -> str:

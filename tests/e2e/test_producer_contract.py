@@ -28,10 +28,10 @@ from harness.stack import ROOT, RegistryEndpoint
 from tests.e2e.conftest import E2E, served_digest, wait_for_job
 from worker.core.text import has_control
 from worker.registries import RegistrySpec, create_registry
-from worker.store import audit
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import Event, PushJob, Registry
+from worker.store.queries import select_events
+from worker.store.verify import verify
 
 CONTRACT_ID = 31  # a registry of this module's own (the harness's are 4 and 5)
 SECRET = f"never-in-a-message-{uuid.uuid4().hex[:8]}"
@@ -232,6 +232,6 @@ def test_hostile_messages_are_each_recorded_once_and_the_log_verifies(
         repositories = [sent["repository"] for sent, _ in hostile.values()]
         made = session.scalars(select(PushJob.id).where(PushJob.repository.in_(repositories)))
         assert made.all() == []
-    report = audit.verify()
+    report = verify()
     assert report.ok, [problem.message for problem in report.problems]
     assert "raised unexpected" not in e2e.worker_log.read_text(errors="replace")

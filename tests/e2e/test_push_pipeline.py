@@ -13,8 +13,8 @@ from tests.e2e.conftest import E2E, HARBOR_ID, password_of, served_digest, wait_
 from worker.core.errors import InvalidReference, RegistryNotFound
 from worker.producer import enqueue_push, publish
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import PushJob
+from worker.store.queries import select_events
 
 
 def repo() -> str:

@@ -12,7 +12,7 @@ from tests.e2e.test_producer_contract import ensure_registry
 from worker.jobs import PushRequest, create_job
 from worker.reconcile import reconcile
 from worker.store.db import session_scope
-from worker.store.events import select_events
+from worker.store.queries import select_events
 
 RECONCILE_ID = 51  # a registry of this module's own (the harness's are 4 and 5)
 GRACE = 1.0

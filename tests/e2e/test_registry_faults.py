@@ -23,8 +23,8 @@ from tests.support.faultproxy import Fault, FaultProxy
 from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import Event, PushJob
+from worker.store.queries import select_events
 
 TAG = "v1"
 _ids = itertools.count(900)  # the e2e database is new for each session

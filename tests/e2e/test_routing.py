@@ -31,8 +31,8 @@ from worker.core.errors import ValidationError
 from worker.core.settings import get_settings
 from worker.producer import enqueue_push
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import PushJob
+from worker.store.queries import select_events
 
 HOSTS = "builder-1,builder-2"
 

@@ -22,8 +22,8 @@ from worker.core.settings import get_settings
 from worker.engine.liveness import owner_is_dead, parse_owner
 from worker.producer import enqueue_push
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import JobStatus, PushJob, StepRun
+from worker.store.queries import select_events
 
 HOST = "takeover-1"
 

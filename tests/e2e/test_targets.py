@@ -31,8 +31,8 @@ from worker.jobs import PushRequest, create_job
 from worker.producer import enqueue_push, publish
 from worker.registries import RegistrySpec, create_registry, remove_registry, update_registry
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import JobStatus, PushJob, Registry
+from worker.store.queries import select_events
 
 TAG = "t1"
 

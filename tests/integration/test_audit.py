@@ -26,8 +26,8 @@ from sqlalchemy import Connection, delete, insert, select, text, update
 from worker.cli import cli
 from worker.core.errors import StorageError, ValidationError
 from worker.core.settings import get_settings
-from worker.store import audit, events
-from worker.store.db import engine_for, session_scope
+from worker.store import chain, events, export, queries, retention, verify
+from worker.store.db import engine_for, read_snapshot, session_scope
 from worker.store.models import Event, EventCheckpoint, utcnow
 
 EVENTS = Event.__table__
@@ -62,7 +62,7 @@ def _row(conn: Connection, event_id: int) -> dict[str, Any]:
     return dict(conn.execute(select(EVENTS).where(EVENTS.c.id == event_id)).one()._mapping)
 
 
-def _problem(report: audit.VerifyReport) -> audit.Problem:
+def _problem(report: verify.VerifyReport) -> verify.Problem:
     assert not report.ok, report.to_dict()
     first = report.first_problem
     assert first is not None
@@ -73,12 +73,12 @@ def _problem(report: audit.VerifyReport) -> audit.Problem:
 
 
 def test_an_untouched_log_verifies(database_url: str) -> None:
-    assert audit.verify().to_dict() == {
+    assert verify.verify().to_dict() == {
         "ok": True, "checked": 0, "first_id": None, "head_id": None, "head_hash": None,
         "checkpoint": None, "problem_count": 0, "problems": [],
     }  # fmt: skip
     ids = _append_many(20)
-    report = audit.verify()
+    report = verify.verify()
     assert report.ok and report.checked == 20
     assert (report.first_id, report.head_id) == (ids[0], ids[-1])
 
@@ -89,10 +89,10 @@ def test_an_altered_payload_is_named(database_url: str) -> None:
         conn.execute(
             update(EVENTS).where(EVENTS.c.id == ids[4]).values(payload={"reason": "nothing"})
         )
-    problem = _problem(audit.verify())
+    problem = _problem(verify.verify())
     assert (problem.event_id, problem.kind) == (ids[4], "altered")
     assert f"event {ids[4]} " in problem.message
-    assert audit.verify().problem_count == 1  # the next event still links: only one change
+    assert verify.verify().problem_count == 1  # the next event still links: only one change
 
 
 @pytest.mark.parametrize("column", ["time", "actor", "type", "registry_id", "outcome"])
@@ -104,7 +104,7 @@ def test_any_altered_column_is_named(database_url: str, column: str) -> None:
     }  # fmt: skip
     with attacker(database_url) as conn:
         conn.execute(update(EVENTS).where(EVENTS.c.id == ids[2]).values({column: values[column]}))
-    problem = _problem(audit.verify())
+    problem = _problem(verify.verify())
     assert (problem.event_id, problem.kind) == (ids[2], "altered")
 
 
@@ -112,7 +112,7 @@ def test_a_deleted_event_is_named(database_url: str) -> None:
     ids = _append_many(10)
     with attacker(database_url) as conn:
         conn.execute(delete(EVENTS).where(EVENTS.c.id == ids[6]))
-    problem = _problem(audit.verify())
+    problem = _problem(verify.verify())
     assert (problem.event_id, problem.kind) == (ids[7], "removed")
     assert f"after event {ids[5]}" in problem.message
 
@@ -121,7 +121,7 @@ def test_a_deleted_first_event_is_named(database_url: str) -> None:
     ids = _append_many(3)
     with attacker(database_url) as conn:
         conn.execute(delete(EVENTS).where(EVENTS.c.id == ids[0]))
-    problem = _problem(audit.verify())
+    problem = _problem(verify.verify())
     assert (problem.event_id, problem.kind) == (ids[1], "removed")
 
 
@@ -130,7 +130,7 @@ def test_a_whole_jobs_history_deleted_is_caught(database_url: str) -> None:
     ids = _append_many(9, streams=3)
     with attacker(database_url) as conn:
         conn.execute(delete(EVENTS).where(EVENTS.c.job_id == "1"))
-    problem = _problem(audit.verify())
+    problem = _problem(verify.verify())
     assert (problem.event_id, problem.kind) == (ids[2], "removed")
 
 
@@ -142,7 +142,7 @@ def test_two_swapped_events_are_named(database_url: str) -> None:
         conn.execute(update(EVENTS).where(EVENTS.c.id == a).values(id=-1))
         conn.execute(update(EVENTS).where(EVENTS.c.id == b).values(id=a))
         conn.execute(update(EVENTS).where(EVENTS.c.id == -1).values(id=b))
-    report = audit.verify()
+    report = verify.verify()
     problem = _problem(report)
     assert (problem.event_id, problem.kind) == (a, "reordered")
     assert {p.kind for p in report.problems} == {"reordered"}
@@ -156,9 +156,9 @@ def test_an_altered_and_rehashed_event_breaks_the_next_link(database_url: str) -
         conn.execute(
             update(EVENTS)
             .where(EVENTS.c.id == ids[2])
-            .values(payload={"reason": "forged"}, hash=events.chain_hash(record))
+            .values(payload={"reason": "forged"}, hash=chain.chain_hash(record))
         )
-    problem = _problem(audit.verify())
+    problem = _problem(verify.verify())
     assert (problem.event_id, problem.kind) == (ids[3], "removed")
     assert f"event {ids[2]} was altered and re-hashed" in problem.message
 
@@ -172,26 +172,26 @@ def test_an_inserted_event_is_named(database_url: str) -> None:
     with attacker(database_url) as conn:
         forged = {**kept[1], "id": ids[-1] + 10, "seq": 99, "actor": "operator:mallory"}
         forged["prev_hash"] = kept[1]["hash"]
-        forged["hash"] = events.chain_hash(forged)
+        forged["hash"] = chain.chain_hash(forged)
         conn.execute(insert(EVENTS).values(forged))
-    assert audit.verify().ok  # appended at the end with a right link: only an anchor tells
-    anchored = audit.verify(anchors={ids[-1]: "f" * 64})
+    assert verify.verify().ok  # appended at the end with a right link: only an anchor tells
+    anchored = verify.verify(anchors={ids[-1]: "f" * 64})
     assert _problem(anchored).kind == "anchor"
 
 
 def test_a_cut_off_tail_is_caught_by_an_anchor(database_url: str) -> None:
     ids = _append_many(5)
-    head = audit.verify()
+    head = verify.verify()
     assert head.head_id == ids[-1] and head.head_hash
     with attacker(database_url) as conn:
         conn.execute(delete(EVENTS).where(EVENTS.c.id >= ids[3]))
-    assert audit.verify().ok  # a truncated chain is still a chain
-    report = audit.verify(anchors={head.head_id: head.head_hash})
+    assert verify.verify().ok  # a truncated chain is still a chain
+    report = verify.verify(anchors={head.head_id: head.head_hash})
     problem = _problem(report)
     assert (problem.event_id, problem.kind) == (ids[-1], "anchor")
     with session_scope() as session:
         events.append(session, stream="job/0", type="t", actor="x")
-    assert audit.verify(anchors={ids[1]: _hash_of(ids[1])}).ok
+    assert verify.verify(anchors={ids[1]: _hash_of(ids[1])}).ok
 
 
 def _hash_of(event_id: int) -> str:
@@ -203,19 +203,19 @@ def _hash_of(event_id: int) -> str:
 
 def test_a_log_broken_everywhere_is_reported_in_bounded_memory() -> None:
     """Every link broken: every problem counted, the first MAX_PROBLEMS kept, in order."""
-    checker = audit.ChainChecker(events.GENESIS_HASH)
-    count = audit.MAX_PROBLEMS * 3
+    checker = verify.ChainChecker(chain.GENESIS_HASH)
+    count = verify.MAX_PROBLEMS * 3
     for n in range(1, count + 1):
         record = {
             "id": n, "stream": "s", "seq": n, "job_id": None, "time": "2026-01-01T00:00:00Z",
             "type": "t", "step": None, "registry_id": None, "attempt": None, "actor": "a",
             "payload": {}, "repository": None, "outcome": None, "prev_hash": f"{n:064x}",
         }  # fmt: skip
-        record["hash"] = events.chain_hash(record)
+        record["hash"] = chain.chain_hash(record)
         checker.feed(record)
     report = checker.finish()
     assert report.problem_count == count
-    assert [p.event_id for p in report.problems] == list(range(1, audit.MAX_PROBLEMS + 1))
+    assert [p.event_id for p in report.problems] == list(range(1, verify.MAX_PROBLEMS + 1))
     assert {p.kind for p in report.problems} == {"removed"}
 
 
@@ -250,11 +250,11 @@ def test_concurrent_writers_in_several_processes_keep_one_chain(database_url: st
     for process in processes:
         process.join(120)
         assert process.exitcode == 0
-    report = audit.verify()
+    report = verify.verify()
     assert report.ok, report.to_dict()
     assert report.checked == 4 * 10 * 2
     with session_scope() as session:
-        actors = [row.actor for row in events.select_events(session)]
+        actors = [row.actor for row in queries.select_events(session)]
     switches = sum(1 for a, b in itertools.pairwise(actors) if a != b)
     assert switches > 4, "the writers did not overlap"
 
@@ -265,15 +265,15 @@ def test_concurrent_writers_in_several_processes_keep_one_chain(database_url: st
 def test_export_jsonl_round_trips_and_verifies(database_url: str) -> None:
     _append_many(30)
     out = io.StringIO()
-    assert audit.export(out, "jsonl") == 30
+    assert export.export(out, "jsonl") == 30
     records = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert list(records[0]) == list(audit.EXPORT_FIELDS)
-    checker = audit.ChainChecker(events.GENESIS_HASH)
+    assert list(records[0]) == list(queries.RECORD_FIELDS)
+    checker = verify.ChainChecker(chain.GENESIS_HASH)
     for record in records:
         checker.feed(record)
     assert checker.finish().ok
     with session_scope() as session:
-        assert records == [events.event_fields(r) for r in events.select_events(session)]
+        assert records == [queries.event_fields(r) for r in queries.select_events(session)]
 
 
 def test_export_filters_like_queries(database_url: str) -> None:
@@ -282,12 +282,12 @@ def test_export_filters_like_queries(database_url: str) -> None:
         events.append(session, stream="registry/4", type="registry.tested", actor="operator:a",
                       registry_id=4, payload={"ok": False})  # fmt: skip
     out = io.StringIO()
-    query = events.EventQuery(job_id="1")
-    assert audit.export(out, "jsonl", query) == 3
+    query = queries.EventQuery(job_id="1")
+    assert export.export(out, "jsonl", query) == 3
     assert {json.loads(line)["job_id"] for line in out.getvalue().splitlines()} == {"1"}
     out = io.StringIO()
-    query = events.EventQuery(registry_id=4, outcomes=["failed"], actor="operator:a")
-    assert audit.export(out, "csv", query) == 1
+    query = queries.EventQuery(registry_id=4, outcomes=["failed"], actor="operator:a")
+    assert export.export(out, "csv", query) == 1
     (row,) = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert row["type"] == "registry.tested" and json.loads(row["payload"]) == {"ok": False}
     assert row["job_id"] == "" and row["outcome"] == "failed"
@@ -295,7 +295,7 @@ def test_export_filters_like_queries(database_url: str) -> None:
 
 def test_export_refuses_an_unknown_format(database_url: str) -> None:
     with pytest.raises(ValidationError, match="xml"):
-        audit.export(io.StringIO(), "xml")
+        export.export(io.StringIO(), "xml")
 
 
 def test_export_streams_in_one_snapshot_without_blocking_writers(
@@ -303,10 +303,10 @@ def test_export_streams_in_one_snapshot_without_blocking_writers(
 ) -> None:
     """A writer commits while an export is half-way: the export does not see it, and does not
     make it wait (on SQLite the writers' lock is not taken by readers)."""
-    monkeypatch.setattr(audit, "PAGE_SIZE", 50)
+    monkeypatch.setattr(queries, "PAGE_SIZE", 50)
     _append_many(50 * 2 + 5)
-    with audit.reading() as conn:
-        records = audit.iter_records(conn, events.EventQuery())
+    with read_snapshot() as conn:
+        records = queries.iter_records(conn, queries.EventQuery())
         first = next(records)
         with session_scope() as session:  # would wait 30 s, then fail, if the reader held it
             events.append(session, stream="job/x", type="t", actor="x")
@@ -324,12 +324,12 @@ def _age_all(url: str, days: int) -> None:
     # Re-write the log as it would have been written `days` ago, hashes and all.
     with attacker(url) as conn:
         conn.execute(delete(EVENTS))
-        prev = events.GENESIS_HASH
+        prev = chain.GENESIS_HASH
         for row in rows:
             record = dict(row._mapping)
             record["time"] = record["time"].replace(year=record["time"].year - 1)
             record["prev_hash"] = prev
-            record["hash"] = prev = events.chain_hash(record)
+            record["hash"] = prev = chain.chain_hash(record)
             conn.execute(insert(EVENTS).values(record))
 
 
@@ -340,12 +340,12 @@ def test_prune_archives_checkpoints_and_verify_still_passes(
     _age_all(database_url, 365)
     recent = _append_many(3)
     archive = tmp_path / "events.jsonl"
-    report = audit.prune(older_than_days=30, archive=archive, actor="operator:alice")
+    report = retention.prune(older_than_days=30, archive=archive, actor="operator:alice")
     assert (report.count, report.first_event_id, report.last_event_id) == (10, old[0], old[-1])
     lines = [json.loads(line) for line in archive.read_text().splitlines()]
     assert [line["id"] for line in lines] == old
     with session_scope() as session:
-        remaining = events.select_events(session)
+        remaining = queries.select_events(session)
         assert [r.id for r in remaining[:3]] == recent
         pruned = remaining[-1]
         assert (pruned.type, pruned.actor, pruned.stream) == (
@@ -357,24 +357,24 @@ def test_prune_archives_checkpoints_and_verify_still_passes(
         (checkpoint,) = session.scalars(select(EventCheckpoint))
         assert (checkpoint.last_event_id, checkpoint.last_hash) == (old[-1], lines[-1]["hash"])
         assert checkpoint.archive_sha256 == report.archive_sha256
-    after = audit.verify()
+    after = verify.verify()
     assert after.ok, after.to_dict()
     assert after.checkpoint is not None and after.checkpoint["last_event_id"] == old[-1]
-    assert audit.verify_archive(archive).ok
+    assert verify.verify_archive(archive).ok
     # Writing goes on, and a second prune chains onto the first checkpoint.
     _append_many(2)
-    second = audit.prune(older_than_days=0, archive=None, actor="operator:alice")
+    second = retention.prune(older_than_days=0, archive=None, actor="operator:alice")
     assert second.first_event_id == recent[0]
-    assert audit.verify().ok
-    assert audit.verify_archive(archive).ok
+    assert verify.verify().ok
+    assert verify.verify_archive(archive).ok
 
 
 def test_prune_with_nothing_old_enough_does_nothing(database_url: str) -> None:
     _append_many(3)
-    report = audit.prune(older_than_days=1, archive=None, actor="operator:a")
+    report = retention.prune(older_than_days=1, archive=None, actor="operator:a")
     assert report.count == 0
     with session_scope() as session:
-        assert len(events.select_events(session)) == 3
+        assert len(queries.select_events(session)) == 3
 
 
 def test_prune_refuses_to_destroy_evidence(database_url: str, tmp_path: Path) -> None:
@@ -384,10 +384,10 @@ def test_prune_refuses_to_destroy_evidence(database_url: str, tmp_path: Path) ->
         conn.execute(update(EVENTS).where(EVENTS.c.id == ids[1]).values(actor="x"))
     archive = tmp_path / "a.jsonl"
     with pytest.raises(StorageError, match=f"event {ids[1]}"):
-        audit.prune(older_than_days=0, archive=archive, actor="operator:a")
+        retention.prune(older_than_days=0, archive=archive, actor="operator:a")
     assert not archive.exists() and not list(tmp_path.glob("*.partial"))
     with session_scope() as session:
-        assert len(events.select_events(session)) == 5
+        assert len(queries.select_events(session)) == 5
 
 
 def test_prune_never_overwrites_an_archive(database_url: str, tmp_path: Path) -> None:
@@ -395,7 +395,7 @@ def test_prune_never_overwrites_an_archive(database_url: str, tmp_path: Path) ->
     archive = tmp_path / "a.jsonl"
     archive.write_text("keep me\n")
     with pytest.raises(ValidationError, match="exists already"):
-        audit.prune(older_than_days=0, archive=archive, actor="operator:a")
+        retention.prune(older_than_days=0, archive=archive, actor="operator:a")
     assert archive.read_text() == "keep me\n"
 
 
@@ -411,14 +411,14 @@ def test_a_forged_checkpoint_does_not_verify(database_url: str) -> None:
         ))  # fmt: skip
     with engine_for(database_url).begin() as conn:
         conn.execute(delete(EVENTS).where(EVENTS.c.id <= ids[2]))  # the trigger lets it through
-    problem = _problem(audit.verify())
+    problem = _problem(verify.verify())
     assert problem.kind == "checkpoint" and "not confirmed" in problem.message
 
 
 def test_an_event_restored_below_a_checkpoint_is_named(database_url: str) -> None:
     """Someone puts a pruned event back (from the archive, say): it should not be there."""
     ids = _append_many(4)
-    audit.prune(older_than_days=0, archive=None, actor="operator:a")
+    retention.prune(older_than_days=0, archive=None, actor="operator:a")
     with session_scope() as session:
         assert session.get(Event, ids[1]) is None
     with attacker(database_url) as conn:
@@ -428,20 +428,20 @@ def test_an_event_restored_below_a_checkpoint_is_named(database_url: str) -> Non
                 payload={}, prev_hash="0" * 64, hash="0" * 64,
             )
         )  # fmt: skip
-    problem = _problem(audit.verify())
+    problem = _problem(verify.verify())
     assert (problem.event_id, problem.kind) == (ids[1], "unexpected")
 
 
 def test_an_altered_archive_does_not_verify(database_url: str, tmp_path: Path) -> None:
     _append_many(4)
     archive = tmp_path / "a.jsonl"
-    audit.prune(older_than_days=0, archive=archive, actor="operator:a")
+    retention.prune(older_than_days=0, archive=archive, actor="operator:a")
     lines = archive.read_text().splitlines()
     record = json.loads(lines[1])
     record["actor"] = "operator:mallory"
     lines[1] = json.dumps(record)
     archive.write_text("\n".join(lines) + "\n")
-    problem = _problem(audit.verify_archive(archive))
+    problem = _problem(verify.verify_archive(archive))
     assert (problem.event_id, problem.kind) == (record["id"], "altered")
 
 

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import JSON, Connection, column, create_engine, insert, table, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from tests.conftest import use_database
 from worker.core.errors import EventConflict, ValidationError
-from worker.store import events
+from worker.store import chain, events, queries
 from worker.store.db import engine_for, session_scope
 from worker.store.models import UTCDateTime
 
@@ -26,9 +27,9 @@ def test_append_numbers_each_stream_from_one(database_url: str) -> None:
         for stream in ("job/a", "job/b", "job/a"):
             events.append(session, stream=stream, type="t", actor="test", job_id=stream[-1])
     with session_scope() as session:
-        rows = events.select_events(session, stream="job/a")
+        rows = queries.select_events(session, stream="job/a")
         assert [(r.stream, r.seq) for r in rows] == [("job/a", 1), ("job/a", 2)]
-        assert [r.seq for r in events.select_events(session, job_id="b")] == [1]
+        assert [r.seq for r in queries.select_events(session, job_id="b")] == [1]
 
 
 def test_select_filters_combine(database_url: str) -> None:
@@ -37,9 +38,9 @@ def test_select_filters_combine(database_url: str) -> None:
         events.append(session, stream="job/b", type="job.failed", actor="w", registry_id=4)
         events.append(session, stream="job/b", type="job.retried", actor="operator:x")
     with session_scope() as session:
-        failed_at_5 = events.select_events(session, registry_id=5, types=["job.failed"])
+        failed_at_5 = queries.select_events(session, registry_id=5, types=["job.failed"])
         assert [e.stream for e in failed_at_5] == ["job/a"]
-        assert [e.type for e in events.select_events(session, actor="operator:x")] == [
+        assert [e.type for e in queries.select_events(session, actor="operator:x")] == [
             "job.retried"
         ]
 
@@ -60,13 +61,35 @@ def test_duplicate_sequence_number_is_the_projects_own_error(
     with pytest.raises(EventConflict, match="job/a"), session_scope() as session:
         events.append(session, stream="job/a", type="t", actor="late")
     with session_scope() as session:
-        assert [e.actor for e in events.select_events(session, stream="job/a")] == ["test"]
+        assert [e.actor for e in queries.select_events(session, stream="job/a")] == ["test"]
 
 
 def test_payload_keys_pass_an_allow_list(database_url: str) -> None:
     """A payload key outside the allow-list (such as 'password') is refused."""
     with pytest.raises(ValidationError, match="password"), session_scope() as session:
         events.append(session, stream="job/a", type="t", actor="x", payload={"password": "p"})
+
+
+def test_only_the_projects_sessions_publish_committed_events(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append committed through ``session_scope`` reaches the subscribers; a rolled-back one
+    does not; and a Session the project did not make is not hooked at all (the hooks are on the
+    project's sessionmaker, not on every Session of the process), though its event is stored."""
+    seen: list[str] = []
+    monkeypatch.setattr(events, "_subscribers", [lambda fields: seen.append(fields["actor"])])
+    with session_scope() as session:
+        events.append(session, stream="job/a", type="t", actor="ours")
+    with pytest.raises(RuntimeError, match="abort"), session_scope() as session:
+        events.append(session, stream="job/a", type="t", actor="rolled-back")
+        raise RuntimeError("abort")
+    with Session(engine_for(database_url)) as foreign:
+        events.append(foreign, stream="job/a", type="t", actor="foreign")
+        foreign.commit()
+    assert seen == ["ours"]
+    with session_scope() as session:
+        stored = [e.actor for e in queries.select_events(session, stream="job/a")]
+    assert stored == ["ours", "foreign"]
 
 
 @pytest.mark.parametrize("statement", ["UPDATE events SET type = 'x'", "DELETE FROM events"])
@@ -77,7 +100,7 @@ def test_the_database_refuses_to_change_events(database_url: str, statement: str
     with pytest.raises(DBAPIError, match="append-only"), engine_for(database_url).begin() as conn:
         conn.execute(text(statement))
     with session_scope() as session:
-        assert [e.type for e in events.select_events(session)] == ["t"]
+        assert [e.type for e in queries.select_events(session)] == ["t"]
 
 
 # --- the hash chain and the derived columns ---------------------------------------------------
@@ -91,11 +114,11 @@ def test_every_event_links_to_the_one_before_it(database_url: str) -> None:
     with session_scope() as session:
         events.append(session, stream="job/a", type="step.started", actor="x", job_id="a")
     with session_scope() as session:
-        rows = events.select_events(session)
-    assert rows[0].prev_hash == events.GENESIS_HASH
+        rows = queries.select_events(session)
+    assert rows[0].prev_hash == chain.GENESIS_HASH
     assert [r.prev_hash for r in rows[1:]] == [r.hash for r in rows[:-1]]
     for row in rows:
-        assert row.hash == events.chain_hash(events.event_fields(row))
+        assert row.hash == chain.chain_hash(queries.event_fields(row))
     assert len({r.hash for r in rows}) == len(rows)
 
 
@@ -105,7 +128,7 @@ def test_the_hash_covers_every_stored_field(database_url: str) -> None:
             session, stream="job/a", type="step.failed", actor="w", job_id="a", step="push",
             registry_id=5, attempt=2, payload={"error_code": "x", "retry_in": 1.5},
         )  # fmt: skip
-        fields = events.event_fields(row)
+        fields = queries.event_fields(row)
     for name, other in [
         ("stream", "job/b"), ("seq", 2), ("job_id", "b"), ("type", "step.succeeded"),
         ("step", "tag"), ("registry_id", 4), ("attempt", 3), ("actor", "v"),
@@ -113,9 +136,9 @@ def test_the_hash_covers_every_stored_field(database_url: str) -> None:
         ("outcome", "succeeded"), ("prev_hash", "1" * 64),
         ("time", "2020-01-01T00:00:00+00:00"),
     ]:  # fmt: skip
-        assert events.chain_hash({**fields, name: other}) != fields["hash"], name
+        assert chain.chain_hash({**fields, name: other}) != fields["hash"], name
     # The id is not hashed: order is held by prev_hash (docs/event-log.md).
-    assert events.chain_hash({**fields, "id": 999}) == fields["hash"]
+    assert chain.chain_hash({**fields, "id": 999}) == fields["hash"]
 
 
 def test_payload_is_hashed_as_the_database_gives_it_back(database_url: str) -> None:
@@ -126,9 +149,9 @@ def test_payload_is_hashed_as_the_database_gives_it_back(database_url: str) -> N
             payload={"fallback_chain": (4, 7), "retry_in": 0.1, "checks": [{"ok": True}]},
         )  # fmt: skip
     with session_scope() as session:
-        (row,) = events.select_events(session)
+        (row,) = queries.select_events(session)
         assert row.payload["fallback_chain"] == [4, 7]
-        assert row.hash == events.chain_hash(events.event_fields(row))
+        assert row.hash == chain.chain_hash(queries.event_fields(row))
 
 
 def test_payload_that_is_not_plain_json_is_refused(database_url: str) -> None:
@@ -162,7 +185,7 @@ def test_repository_and_outcome_are_derived_and_queryable(database_url: str) -> 
                       registry_id=5, payload={"ok": False})  # fmt: skip
         events.append(session, stream="job/j1", type="fallback.applied", actor="x", job_id="j1")
     with session_scope() as session:
-        rows = events.select_events(session)
+        rows = queries.select_events(session)
         assert [(r.repository, r.outcome) for r in rows] == [
             ("team/app", None),
             ("team/app", "failed"),
@@ -170,9 +193,9 @@ def test_repository_and_outcome_are_derived_and_queryable(database_url: str) -> 
             (None, "failed"),
             ("team/app", "fallback"),
         ]
-        failures = events.select_events(session, registry_id=5, outcomes=["failed"])
+        failures = queries.select_events(session, registry_id=5, outcomes=["failed"])
         assert [r.type for r in failures] == ["step.failed", "registry.tested"]
-        pushes = events.select_events(
+        pushes = queries.select_events(
             session, repository="team/app", types=["job.succeeded", "job.failed"]
         )
         assert [r.type for r in pushes] == ["job.succeeded"]
@@ -183,13 +206,13 @@ def test_time_range_and_newest_first(database_url: str) -> None:
         for _ in range(3):
             events.append(session, stream="job/a", type="t", actor="x")
     with session_scope() as session:
-        rows = events.select_events(session)
+        rows = queries.select_events(session)
         middle = rows[1].time
-        assert [r.seq for r in events.select_events(session, since=middle)] == [2, 3]
-        assert [r.seq for r in events.select_events(session, until=middle)] == [1]
-        newest = events.select_events(session, newest_first=True, limit=2)
+        assert [r.seq for r in queries.select_events(session, since=middle)] == [2, 3]
+        assert [r.seq for r in queries.select_events(session, until=middle)] == [1]
+        newest = queries.select_events(session, newest_first=True, limit=2)
         assert [r.seq for r in newest] == [3, 2]
-        assert [r.seq for r in events.select_events(session, after_id=rows[0].id)] == [2, 3]
+        assert [r.seq for r in queries.select_events(session, after_id=rows[0].id)] == [2, 3]
 
 
 # --- what the database itself refuses ---------------------------------------------------------
@@ -219,7 +242,7 @@ def test_delete_is_allowed_only_below_a_checkpoint(database_url: str) -> None:
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM events WHERE id <= 2"))
     with session_scope() as session:
-        assert [e.seq for e in events.select_events(session)] == [3]
+        assert [e.seq for e in queries.select_events(session)] == [3]
 
 
 @pytest.mark.parametrize(
@@ -269,7 +292,7 @@ def database_at_0002(
 
 def test_migration_chains_the_events_that_exist_already(database_at_0002: str) -> None:
     """Events written before 0003 are chained by it, in id order, and then verify."""
-    from worker.store import audit
+    from worker.store import verify
     from worker.store.migrate import upgrade
     from worker.store.models import PushJob, Registry, utcnow
 
@@ -298,15 +321,15 @@ def test_migration_chains_the_events_that_exist_already(database_at_0002: str) -
     old.dispose()
     engine_for.cache_clear()
     upgrade(url)
-    report = audit.verify(url)
+    report = verify.verify(url)
     assert report.ok and report.checked == 3, report.to_dict()
     with session_scope() as session:
-        rows = events.select_events(session)
+        rows = queries.select_events(session)
         assert [(r.repository, r.outcome) for r in rows] == [
             ("team/app", None), ("team/app", "failed"), ("team/app", "failed"),
         ]  # fmt: skip
         events.append(session, stream="job/j1", type="job.retried", actor="x", job_id="j1")
-    assert audit.verify(url).ok
+    assert verify.verify(url).ok
     with pytest.raises(DBAPIError, match="append-only"), engine_for(url).begin() as conn:
         conn.execute(text("UPDATE events SET type = 'x'"))
     with pytest.raises(DBAPIError, match="append-only"), engine_for(url).begin() as conn:
@@ -329,6 +352,6 @@ def test_migration_downgrades_and_upgrades_again(database_url: str) -> None:
         c.execute(text("UPDATE events SET type = 'x'"))
     engine_for(database_url).dispose()
     command.upgrade(alembic_config(database_url), "head")
-    from worker.store import audit
+    from worker.store import verify
 
-    assert audit.verify(database_url).ok
+    assert verify.verify(database_url).ok

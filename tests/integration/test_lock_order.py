@@ -20,10 +20,10 @@ from worker.core.settings import Settings
 from worker.engine.steps import ACTIONS, STEPS, StepContext, StepResult
 from worker.jobs import PushRequest, create_job
 from worker.registries import RegistrySpec, create_registry
-from worker.store.audit import verify
 from worker.store.db import session_scope
 from worker.store.events import CHAIN_LOCK_KEY
 from worker.store.models import PushJob
+from worker.store.verify import verify
 
 SOURCE = "app:build"
 

@@ -138,7 +138,8 @@ def _set_chain(registry_id: int, chain: list[int]) -> bool:
 
 def test_removing_a_registry_takes_it_out_of_every_chain(postgres_url: str) -> None:
     """``registry remove`` drops the registry from every other chain, each a registry.updated."""
-    from worker.store.events import registry_stream, select_events
+    from worker.store.events import registry_stream
+    from worker.store.queries import select_events
 
     for rid in (1, 2, 3):
         _add(f"r{rid}", registry_id=rid)

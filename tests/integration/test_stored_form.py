@@ -4,7 +4,7 @@ Two entry points are driven with generated, hostile input (wrong JSON types, boo
 ids beyond 32 bits, NUL, ESC and other control characters, lone surrogates, over-long text):
 
 - ``events.append`` itself: every call either raises a ``ValidationError`` and stores nothing,
-  or stores an event; and the whole log always verifies (``worker.store.audit.verify``).
+  or stores an event; and the whole log always verifies (``worker.store.verify.verify``).
 - ``contract.handle_submission`` (the ``pushworker.submit`` task's body): every request is
   either accepted (a job) or has exactly one ``submission.rejected`` event, which holds no raw
   control character; and the log verifies.
@@ -26,7 +26,7 @@ from worker.core.errors import ValidationError
 from worker.core.text import has_control
 from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry
-from worker.store import audit, events
+from worker.store import events, queries, verify
 from worker.store.db import session_scope
 from worker.store.models import Event, PushJob
 
@@ -99,7 +99,7 @@ def event_count() -> int:
 
 
 def assert_log_verifies(url: str) -> None:
-    report = audit.verify(url)
+    report = verify.verify(url)
     assert report.ok, [problem.message for problem in report.problems]
 
 
@@ -118,7 +118,7 @@ def test_any_append_is_refused_clearly_or_stored_as_hashed(
     try:
         with session_scope() as session:
             row = events.append(session, **arguments)
-            written = events.event_fields(row)
+            written = queries.event_fields(row)
     except ValidationError:
         event("refused")
         assert event_count() == before
@@ -128,7 +128,7 @@ def test_any_append_is_refused_clearly_or_stored_as_hashed(
         with session_scope() as session:
             stored = session.get(Event, written["id"])
             assert stored is not None
-            assert events.event_fields(stored) == {**written, "time": stored.time.isoformat()}
+            assert queries.event_fields(stored) == {**written, "time": stored.time.isoformat()}
     assert_log_verifies(database_url)
 
 
@@ -207,7 +207,7 @@ def test_every_hostile_submission_is_accepted_or_recorded_once(
         request["idempotency_key"] = f"k-{key}"  # a fresh job unless the key itself is hostile
     result = contract.handle_submission([request], {}, submission_id=str(uuid.uuid4()))
     with session_scope() as session:
-        rejected = events.select_events(session, stream=result.stream)
+        rejected = queries.select_events(session, stream=result.stream)
         event("accepted" if result.accepted else f"rejected: {result.error_code}")
         if result.accepted:
             assert session.get(PushJob, result.job_id) is not None

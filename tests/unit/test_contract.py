@@ -19,8 +19,8 @@ from worker.contract import handle_submission, request_from_call
 from worker.core.errors import DatabaseUnavailable, InvalidMessage, PushWorkerError
 from worker.registries import RegistrySpec, create_registry
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import PushJob, Registry
+from worker.store.queries import select_events
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-do-not-record"

@@ -22,8 +22,8 @@ from worker.core.settings import Settings
 from worker.jobs import PushRequest, create_job
 from worker.registries import RegistrySpec, create_registry, remove_registry
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import PushJob, Registry, utcnow
+from worker.store.queries import select_events
 
 SOURCE = "app:build"
 HOSTS = {5: "reg.example.com:10443", 4: "gitlab.example.com", 6: "alt.example.com"}

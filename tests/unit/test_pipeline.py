@@ -19,8 +19,8 @@ from worker.jobs import PushRequest, cancel_job, create_job
 from worker.registries import RegistrySpec, create_registry
 from worker.store.claims import insert_first_claim
 from worker.store.db import session_scope
-from worker.store.events import select_events
 from worker.store.models import PushJob, StepRun, utcnow
+from worker.store.queries import select_events
 
 HARBOR = "reg.example.com:10443"
 GITLAB = "gitlab.example.com"

@@ -19,6 +19,7 @@ from worker.store import events
 from worker.store.db import session_scope
 from worker.store.events import worker_actor
 from worker.store.models import JobStatus, PushJob, StepRun, utcnow
+from worker.store.queries import select_events
 
 GRACE = 60.0
 
@@ -57,7 +58,7 @@ def later(seconds: float) -> datetime:
 
 def types_of(job_id: str) -> list[str]:
     with session_scope() as session:
-        return [e.type for e in events.select_events(session, job_id=job_id)]
+        return [e.type for e in select_events(session, job_id=job_id)]
 
 
 def test_a_young_job_is_left_alone(registry: int) -> None:
@@ -75,7 +76,7 @@ def test_an_unpublished_job_is_republished_once_then_waits(registry: int) -> Non
     first = reconcile(grace=GRACE, publish=broker, now=later(GRACE + 1), actor="worker:test")
     assert first.republished == [job_id] and broker.sent == [(job_id, 5)]
     with session_scope() as session:
-        (event,) = events.select_events(session, job_id=job_id, types=["job.republished"])
+        (event,) = select_events(session, job_id=job_id, types=["job.republished"])
         assert (event.actor, event.registry_id, event.attempt) == ("worker:test", 5, 1)
         assert event.payload["job_attempt"] == 1
         assert (
@@ -139,7 +140,7 @@ def test_a_retried_job_counts_from_its_retry(registry: int) -> None:
     report = reconcile(grace=GRACE, publish=broker, now=later(GRACE + 1))
     assert report.republished == [job_id]
     with session_scope() as session:
-        (event,) = events.select_events(session, job_id=job_id, types=["job.republished"])
+        (event,) = select_events(session, job_id=job_id, types=["job.republished"])
         assert "job.retried" in event.payload["reason"] and event.payload["job_attempt"] == 2
 
 
@@ -229,7 +230,7 @@ def test_a_stalled_running_job_is_republished_once_per_wait(registry: int) -> No
     assert reconcile(grace=GRACE, publish=broker, now=later(GRACE + 1)).republished == [job_id]
     assert reconcile(grace=GRACE, publish=broker, now=later(GRACE + 2)).republished == []
     with session_scope() as session:
-        types = [e.type for e in events.select_events(session, job_id=job_id)]
+        types = [e.type for e in select_events(session, job_id=job_id)]
     assert types[-1] == "job.republished"
 
 
@@ -254,7 +255,7 @@ def test_a_worker_start_takes_over_the_claims_of_dead_processes_of_its_host(
     report = take_over_dead_claims(publish=broker)
     assert report.republished == [job_id] and broker.sent == [(job_id, 5)]
     with session_scope() as session:
-        last = events.select_events(session, job_id=job_id)[-1]
+        last = select_events(session, job_id=job_id)[-1]
     assert last.type == "job.republished"
     assert (
         "taken over at worker start" in last.payload["reason"] and owner in last.payload["reason"]

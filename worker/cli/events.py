@@ -28,7 +28,7 @@ from worker.cli.common import (
 )
 from worker.core.errors import StorageError
 from worker.core.text import printable
-from worker.store import audit, events
+from worker.store import events, export, queries, retention, verify
 from worker.store.db import read_scope
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -77,8 +77,8 @@ def _query(
     actor: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-) -> events.EventQuery:
-    return events.EventQuery(
+) -> queries.EventQuery:
+    return queries.EventQuery(
         job_id=job_id, registry_id=registry_id, repository=repository, types=list(types) or None,
         outcomes=list(outcomes) or None, actor=actor, since=since, until=until,
     )  # fmt: skip
@@ -117,10 +117,10 @@ def events_command(
     with read_scope() as session:
         rows = list(session.scalars(query.select(limit=limit)))
     if as_json:
-        _echo_json([events.event_fields(row) for row in rows])
+        _echo_json([queries.event_fields(row) for row in rows])
     elif jsonl:
         for row in rows:
-            click.echo(json.dumps(events.event_fields(row), default=str))
+            click.echo(json.dumps(queries.event_fields(row), default=str))
     else:
         _out().print(_events_table(rows))
 
@@ -163,9 +163,9 @@ def verify_command(anchors: tuple[str, ...], archive: Path | None, as_json: bool
       pushctl events verify --anchor "$(cat /secure/last-head)"   # ID:HASH
     """
     if archive is not None:
-        report = audit.verify_archive(archive)
+        report = verify.verify_archive(archive)
     else:
-        report = audit.verify(anchors=dict(_anchor(text) for text in anchors))
+        report = verify.verify(anchors=dict(_anchor(text) for text in anchors))
     if as_json:
         _echo_json(report.to_dict())
     else:
@@ -174,7 +174,7 @@ def verify_command(anchors: tuple[str, ...], archive: Path | None, as_json: bool
         raise click.exceptions.Exit(VERIFY_FAILED_EXIT)
 
 
-def _print_report(report: audit.VerifyReport, archive: Path | None) -> None:
+def _print_report(report: verify.VerifyReport, archive: Path | None) -> None:
     what = printable(archive) if archive is not None else "event log"
     start = "the genesis"
     if report.checkpoint is not None and archive is None:
@@ -203,7 +203,7 @@ def _print_report(report: audit.VerifyReport, archive: Path | None) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(list(audit.EXPORT_FORMATS)),
+    type=click.Choice(list(export.EXPORT_FORMATS)),
     default="jsonl",
     show_default=True,
     help="JSON lines (one event per line), or CSV with the payload as JSON in one column.",
@@ -223,11 +223,11 @@ def export_command(fmt: str, output: Path | None, **filters: Any) -> None:
     """
     query = _query(**filters)
     if output is None:
-        count = audit.export(sys.stdout, fmt, query)
+        count = export.export(sys.stdout, fmt, query)
         sys.stdout.flush()
     else:
         with output.open("w", encoding="utf-8", newline="") as out:
-            count = audit.export(out, fmt, query)
+            count = export.export(out, fmt, query)
     click.echo(f"exported {count} events", err=True)
 
 
@@ -263,7 +263,7 @@ def prune_command(
     """
     if (archive is None) == (not discard):
         raise click.UsageError("give --archive FILE, or --discard to remove without an archive")
-    report = audit.prune(
+    report = retention.prune(
         older_than_days=older_than, archive=archive, actor=events.operator_actor(actor)
     )
     if as_json:

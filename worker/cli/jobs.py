@@ -25,7 +25,7 @@ from worker.cli.common import (
 from worker.core.errors import PushWorkerError
 from worker.core.text import printable
 from worker.jobs import cancel_job, get_job, list_jobs, retry_job
-from worker.store import events
+from worker.store import events, queries
 from worker.store.db import read_scope, session_scope
 from worker.store.models import JobStatus
 
@@ -103,8 +103,8 @@ def jobs_show(job_id: str, as_json: bool) -> None:
     """
     with read_scope() as session:
         job = job_fields(get_job(session, job_id))
-        rows = events.select_events(session, job_id=job_id)
-        timeline = [events.event_fields(row) for row in rows]
+        rows = queries.select_events(session, job_id=job_id)
+        timeline = [queries.event_fields(row) for row in rows]
     if as_json:
         _echo_json({"job": job, "events": timeline})
         return

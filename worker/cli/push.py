@@ -27,7 +27,7 @@ from worker.cli.common import (
 )
 from worker.core.text import printable
 from worker.jobs import get_job
-from worker.store import events
+from worker.store import events, queries
 from worker.store.db import read_scope
 from worker.store.models import Event, JobStatus
 
@@ -46,7 +46,7 @@ class _Follow:
 
     def poll(self) -> list[Event]:
         with read_scope() as session:
-            rows = events.select_events(session, job_id=self.job_id, after_id=self.last_id)
+            rows = queries.select_events(session, job_id=self.job_id, after_id=self.last_id)
             self.job = job_fields(get_job(session, self.job_id))
         if rows:
             self.last_id = rows[-1].id
@@ -88,7 +88,7 @@ def _wait_for(job_id: str, timeout: float | None, as_json: bool) -> None:
     try:
         if as_json:
             finished = _follow(
-                follow, timeout, lambda r: seen.append(events.event_fields(r)), lambda _s: None
+                follow, timeout, lambda r: seen.append(queries.event_fields(r)), lambda _s: None
             )
         elif console.is_terminal:
             with console.status(follow.state()) as status:

@@ -41,7 +41,7 @@ from worker.registries import (
     remove_registry,
     update_registry,
 )
-from worker.store import events
+from worker.store import events, queries
 from worker.store.db import read_scope, session_scope
 from worker.store.models import Registry, RegistryKind
 
@@ -399,8 +399,8 @@ def registry_show(registry_id: int, as_json: bool) -> None:
     with read_scope() as session:
         shown = registry_fields(get_registry(session, registry_id, include_removed=True))
         stream = events.registry_stream(registry_id)
-        tests = events.select_events(session, stream=stream, types=["registry.tested"])
-        last = events.event_fields(tests[-1]) if tests else None
+        tests = queries.select_events(session, stream=stream, types=["registry.tested"])
+        last = queries.event_fields(tests[-1]) if tests else None
     if as_json:
         _echo_json({**shown, "last_test": last})
         return

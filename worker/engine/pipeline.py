@@ -42,7 +42,7 @@ from worker.engine.retry import retry_delay, should_retry
 from worker.engine.steps import ACTIONS, STEPS, HttpFactory, StepContext, StepResult, default_http
 from worker.engine.targets import target_refusal, unusable_reason
 from worker.seams.docker_engine import DockerEngine
-from worker.store import claims, events
+from worker.store import claims, events, queries
 from worker.store.db import session_scope
 from worker.store.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 
@@ -304,7 +304,7 @@ class _Recorder:
 
 def _refusals(session: Session, job: PushJob) -> list[tuple[int, str]]:
     """The authentication refusals of the job's current run (since it was enqueued or retried)."""
-    rows = events.select_events(session, job_id=job.id)
+    rows = queries.select_events(session, job_id=job.id)
     start = max((r.seq for r in rows if r.type in ("job.enqueued", "job.retried")), default=0)
     return [
         (r.registry_id or 0, str(r.payload.get("error_message", "")))

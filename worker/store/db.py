@@ -1,4 +1,9 @@
-"""Engines and sessions; database failures become ``DatabaseUnavailable`` here."""
+"""Engines and sessions; database failures become ``DatabaseUnavailable`` here.
+
+The project's sessions (``session_scope``) publish the events they appended once they commit
+(``worker.store.events.publish_committed``): the hooks are on the project's sessionmaker, so a
+Session made elsewhere in the process (a library's, a test's) is not hooked.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.core.errors import DatabaseUnavailable, EventConflict, PushWorkerError
 from worker.core.settings import get_settings
+from worker.store import events
 
 #: deadlock_detected, serialization_failure
 _RETRYABLE_SQLSTATES = ("40P01", "40001")
@@ -144,7 +150,11 @@ def default_engine() -> Engine:
 
 @lru_cache(maxsize=4)
 def _sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    # Listening on a sessionmaker hooks the sessions it makes, and only those.
+    event.listen(factory, "after_commit", events.publish_committed)
+    event.listen(factory, "after_rollback", events.forget_rolled_back)
+    return factory
 
 
 @contextmanager
@@ -184,6 +194,24 @@ def read_connection() -> Iterator[Connection]:
         if translated is None:
             raise
         raise translated from None
+
+
+@contextmanager
+def read_snapshot(url: str | None = None) -> Iterator[Connection]:
+    """A read-only connection in one consistent snapshot of the database: a plain read
+    transaction on SQLite (WAL: writers are not blocked), REPEATABLE READ on PostgreSQL. For
+    readers of the whole log (verify, export, retention), which stream through it."""
+    url = url or get_settings().database_url
+    if url.startswith("sqlite"):
+        with reader_for(url).connect() as connection, connection.begin():
+            yield connection
+        return
+    with engine_for(url).connect() as connection:
+        connection = connection.execution_options(
+            isolation_level="REPEATABLE READ", postgresql_readonly=True
+        )
+        with connection.begin():
+            yield connection
 
 
 @contextmanager

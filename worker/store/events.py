@@ -1,39 +1,39 @@
-"""The append-only event log: ``append`` and ``select``, nothing else (verify, export and
-retention are in ``worker.store.audit``).
+"""The append-only event log's recorder: ``append`` (reading is ``worker.store.queries``; verify,
+export and retention are ``worker.store.verify``, ``export`` and ``retention``).
 
 Every event is a link of one global hash chain, in ``id`` order: its ``hash`` is the SHA-256 of
-its canonical JSON (every stored field but ``id`` and ``hash``, with ``prev_hash``, the hash of
-the event before it). Writers are serialised so that the chain stays a line: SQLite takes its
-write lock at the start of every transaction (``worker.store.db``), PostgreSQL takes a
-transaction-level
-advisory lock here, in ``append``, held until the transaction ends. See docs/event-log.md.
+its canonical JSON (``worker.store.chain``). Writers are serialised so that the chain stays a
+line: SQLite takes its write lock at the start of every transaction (``worker.store.db``),
+PostgreSQL takes a transaction-level advisory lock here, in ``append``, held until the
+transaction ends. See docs/event-log.md.
 
 Every appended event is also one structlog line with the same fields, written after the
-transaction that stored it commits (a rolled-back event is not logged as if it happened).
+transaction that stored it commits (a rolled-back event is not logged as if it happened), and
+handed to the subscribers (``subscribe``). Only the project's own sessions do this: the hooks
+are registered on its sessionmaker (``worker.store.db``), not on every Session of the process.
 Payloads pass an allow-list of keys, so a credential cannot be recorded by accident.
 """
 
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, String, bindparam, func, insert, select, text
-from sqlalchemy import event as sa_event
+from sqlalchemy import Select, String, bindparam, func, insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from worker.core.errors import EventConflict, ValidationError
 from worker.core.logs import get_logger
 from worker.core.settings import get_settings
+from worker.store.chain import GENESIS_HASH, chain_hash, derive_outcome
 from worker.store.models import Event, EventCheckpoint, PushJob, utcnow
+from worker.store.queries import event_fields
 
 log = get_logger("pushworker.events")
 
@@ -59,29 +59,10 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
     }
 )  # fmt: skip
 
-#: ``prev_hash`` of the very first event of a log.
-GENESIS_HASH = "0" * 64
-#: Version of the canonical form, part of what is hashed.
-CHAIN_VERSION = 1
-#: The fields an event's hash covers, besides the version (``id`` and ``hash`` are not hashed:
-#: the order is held by ``prev_hash``, see docs/event-log.md).
-HASHED_FIELDS = (
-    "stream", "seq", "job_id", "time", "type", "step", "registry_id", "attempt", "actor",
-    "payload", "repository", "outcome", "prev_hash",
-)  # fmt: skip
 #: The key of the PostgreSQL advisory lock that serialises appends ("pushevnt").
 CHAIN_LOCK_KEY = int.from_bytes(b"pushevnt", "big")
 #: The stream of the log's own housekeeping (retention).
 AUDIT_STREAM = "audit"
-
-#: Event type suffixes (and a few whole types) -> the indexed ``outcome`` column.
-_OUTCOME_OF_SUFFIX = {
-    "succeeded": "succeeded",
-    "failed": "failed",
-    "skipped": "skipped",
-    "cancelled": "cancelled",
-}
-_OUTCOME_OF_TYPE = {"fallback.applied": "fallback"}
 
 
 def job_stream(job_id: str) -> str:
@@ -106,43 +87,6 @@ def _login_name() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
-
-
-# --- the chain ------------------------------------------------------------------------------------
-
-
-def canonical_time(moment: datetime | str) -> str:
-    """``2026-11-27T22:30:38.623908Z``: UTC, always with microseconds."""
-    if isinstance(moment, str):
-        moment = datetime.fromisoformat(moment.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def canonical_json(record: Mapping[str, Any]) -> bytes:
-    """The bytes an event's hash is taken over: its hashed fields as JSON with sorted keys, no
-    whitespace, ASCII only, the time as ISO UTC with microseconds."""
-    body = {name: record[name] for name in HASHED_FIELDS}
-    body["time"] = canonical_time(record["time"])
-    body["v"] = CHAIN_VERSION
-    return json.dumps(
-        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
-
-
-def chain_hash(record: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of ``canonical_json(record)``; ``record`` must hold ``prev_hash``."""
-    return hashlib.sha256(canonical_json(record)).hexdigest()
-
-
-def derive_outcome(type: str, payload: Mapping[str, Any]) -> str | None:
-    """The ``outcome`` column of an event of this type and payload."""
-    if type == "registry.tested":
-        return "succeeded" if payload.get("ok") else "failed"
-    if type in _OUTCOME_OF_TYPE:
-        return _OUTCOME_OF_TYPE[type]
-    return _OUTCOME_OF_SUFFIX.get(type.rsplit(".", 1)[-1])
 
 
 def lock_chain(session: Session) -> None:
@@ -368,122 +312,22 @@ def append(
     return row
 
 
-# --- reading --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EventQuery:
-    """The filters every reader of the log shares (select, export, the CLI); each is optional
-    and they combine with AND."""
-
-    job_id: str | None = None
-    stream: str | None = None
-    registry_id: int | None = None
-    repository: str | None = None
-    types: Sequence[str] | None = None
-    outcomes: Sequence[str] | None = None
-    actor: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    after_id: int | None = None
-
-    def clauses(self) -> list[ColumnElement[bool]]:
-        where: list[ColumnElement[bool]] = []
-        if self.job_id is not None:
-            where.append(Event.job_id == self.job_id)
-        if self.stream is not None:
-            where.append(Event.stream == self.stream)
-        if self.registry_id is not None:
-            where.append(Event.registry_id == self.registry_id)
-        if self.repository is not None:
-            where.append(Event.repository == self.repository)
-        if self.types:
-            where.append(_equal_or_in(Event.type, self.types))
-        if self.outcomes:
-            where.append(_equal_or_in(Event.outcome, self.outcomes))
-        if self.actor is not None:
-            where.append(Event.actor == self.actor)
-        if self.since is not None:
-            where.append(Event.time >= self.since)
-        if self.until is not None:
-            where.append(Event.time < self.until)
-        if self.after_id is not None:
-            where.append(Event.id > self.after_id)
-        return where
-
-    def select(self, *, newest_first: bool = False, limit: int | None = None) -> Select[Any]:
-        """Oldest first (or newest first): in id order, which is the chain's; in time order
-        when the query has a time bound and no ``after_id``.
-
-        The two orders agree (an event's time is taken under the chain's lock) unless the hosts'
-        clocks disagree; ordering a time range by time lets the database read it straight from
-        a time index and stop at ``limit``, where id order would make SQLite scan the table.
-        """
-        query = select(Event).where(*self.clauses())
-        by_time = (self.since is not None or self.until is not None) and self.after_id is None
-        order = [Event.time, Event.id] if by_time else [Event.id]
-        query = query.order_by(*(column.desc() for column in order) if newest_first else order)
-        return query.limit(limit) if limit is not None else query
-
-
-def _equal_or_in(column: Any, values: Sequence[str]) -> ColumnElement[bool]:
-    # One value as "=": the planner then uses the index's next column for the time range.
-    values = list(values)
-    return column == values[0] if len(values) == 1 else column.in_(values)  # type: ignore[no-any-return]
-
-
-def select_events(
-    session: Session,
-    *,
-    job_id: str | None = None,
-    stream: str | None = None,
-    registry_id: int | None = None,
-    repository: str | None = None,
-    types: Sequence[str] | None = None,
-    outcomes: Sequence[str] | None = None,
-    actor: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    after_id: int | None = None,
-    limit: int | None = None,
-    newest_first: bool = False,
-) -> list[Event]:
-    """Events matching every given filter, oldest first (or newest first; see
-    ``EventQuery.select`` for the order)."""
-    query = EventQuery(
-        job_id=job_id, stream=stream, registry_id=registry_id, repository=repository,
-        types=types, outcomes=outcomes, actor=actor, since=since, until=until, after_id=after_id,
-    )  # fmt: skip
-    return list(session.scalars(query.select(newest_first=newest_first, limit=limit)))
-
-
-def event_fields(row: Event) -> dict[str, Any]:
-    """An event as plain data (for logs, ``--json`` output and exports).
-
-    The hashes are part of it: a log line or an export line carries its link of the chain, so
-    logs shipped elsewhere are a copy of the chain to compare with (docs/event-log.md).
-    """
-    return {
-        "id": row.id, "stream": row.stream, "seq": row.seq, "job_id": row.job_id,
-        "time": row.time.isoformat(), "type": row.type, "step": row.step,
-        "registry_id": row.registry_id, "attempt": row.attempt, "actor": row.actor,
-        "payload": row.payload, "repository": row.repository, "outcome": row.outcome,
-        "prev_hash": row.prev_hash, "hash": row.hash,
-    }  # fmt: skip
-
-
 #: Called with each event's fields once its transaction committed (metrics, for example).
 Subscriber = Callable[[dict[str, Any]], None]
 _subscribers: list[Subscriber] = []
 
 
 def subscribe(callback: Subscriber) -> None:
-    """Have ``callback`` called with every committed event of this process."""
+    """Have ``callback`` called with every event of this process, once the project's session
+    that appended it committed."""
     _subscribers.append(callback)
 
 
-@sa_event.listens_for(Session, "after_commit")
-def _log_committed(session: Session) -> None:
+def publish_committed(session: Session) -> None:
+    """After a commit: log each event the session appended and hand it to the subscribers.
+
+    An ``after_commit`` hook of the project's sessionmaker (``worker.store.db``).
+    """
     for row in session.info.pop("pending_event_logs", []):
         fields = event_fields(row)
         for callback in _subscribers:
@@ -494,6 +338,9 @@ def _log_committed(session: Session) -> None:
         log.info(fields.pop("type"), **fields)
 
 
-@sa_event.listens_for(Session, "after_rollback")
-def _forget_rolled_back(session: Session) -> None:
+def forget_rolled_back(session: Session) -> None:
+    """After a rollback: the events the session appended never happened; nothing is logged.
+
+    An ``after_rollback`` hook of the project's sessionmaker (``worker.store.db``).
+    """
     session.info.pop("pending_event_logs", None)

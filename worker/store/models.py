@@ -170,7 +170,7 @@ class Event(Base):
 
     Every event is a link of one global hash chain in ``id`` order: ``hash`` is the SHA-256 of the
     event's canonical JSON, which includes ``prev_hash``, the hash of the event before it (see
-    ``worker.store.events.chain_hash`` and docs/event-log.md). ``repository`` and ``outcome`` are
+    ``worker.store.chain.chain_hash`` and docs/event-log.md). ``repository`` and ``outcome`` are
     derived
     from the payload and the type when the event is appended, so that they can be indexed.
     """

@@ -1,23 +1,25 @@
 """The event log becomes a hash chain; indexed repository and outcome; retention checkpoints.
 
-- ``events`` gains ``prev_hash`` and ``hash`` (the chain, see worker.store.events), and
-``repository``
-  and ``outcome`` (derived at append, indexed); existing events are chained here, in id order.
+- ``events`` gains ``prev_hash`` and ``hash`` (the chain, see worker.store.chain), and
+  ``repository`` and ``outcome`` (derived at append, indexed); existing events are chained here,
+  in id order, with this migration's own frozen copy of version 1 of the canonical form.
 - ``event_checkpoints``: where retention cut the chain. Append-only, like the events.
 - The DELETE trigger on ``events`` now lets through exactly the events covered by a checkpoint
-  (retention, ``worker.store.audit.prune``); every other DELETE is still refused. On PostgreSQL,
-  TRUNCATE (which skips row triggers) is refused on both tables too.
+  (retention, ``worker.store.retention.prune``); every other DELETE is still refused. On
+  PostgreSQL, TRUNCATE (which skips row triggers) is refused on both tables too.
 
 Revision ID: 0003
 Revises: 0002
 """
 
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
-
-from worker.store.events import GENESIS_HASH, chain_hash, derive_outcome
 
 revision = "0003"
 down_revision = "0002"
@@ -31,6 +33,64 @@ _NEW_INDEXES = {
     "ix_events_repository_type_time": ["repository", "type", "time"],
     "ix_events_actor_time": ["actor", "time"],
 }
+
+
+# --- version 1 of the chain, frozen as it was when this migration was written ----------------
+# A migration must mean the same thing forever, so it does not import the live hashing code
+# (worker.store.chain): a later chain version must not change what this backfill wrote.
+# tests/unit/test_migrations_frozen.py checks that this copy still hashes like the live one;
+# when it stops, the live code has a new CHAIN_VERSION and this copy stays as it is.
+
+GENESIS_HASH = "0" * 64
+CHAIN_VERSION = 1
+HASHED_FIELDS = (
+    "stream", "seq", "job_id", "time", "type", "step", "registry_id", "attempt", "actor",
+    "payload", "repository", "outcome", "prev_hash",
+)  # fmt: skip
+_OUTCOME_OF_SUFFIX = {
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "skipped": "skipped",
+    "cancelled": "cancelled",
+}
+_OUTCOME_OF_TYPE = {"fallback.applied": "fallback"}
+
+
+def canonical_time(moment: datetime | str) -> str:
+    """``2026-11-27T22:30:38.623908Z``: UTC, always with microseconds."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_json(record: Mapping[str, Any]) -> bytes:
+    """Version 1 of the canonical form: the hashed fields as JSON with sorted keys, no
+    whitespace, ASCII only, the time as ISO UTC with microseconds."""
+    body = {name: record[name] for name in HASHED_FIELDS}
+    body["time"] = canonical_time(record["time"])
+    body["v"] = CHAIN_VERSION
+    return json.dumps(
+        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def chain_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of ``canonical_json(record)``; ``record`` must hold ``prev_hash``."""
+    return hashlib.sha256(canonical_json(record)).hexdigest()
+
+
+def derive_outcome(type: str, payload: Mapping[str, Any]) -> str | None:
+    """The ``outcome`` column of an event of this type and payload (version 1)."""
+    if type == "registry.tested":
+        return "succeeded" if payload.get("ok") else "failed"
+    if type in _OUTCOME_OF_TYPE:
+        return _OUTCOME_OF_TYPE[type]
+    return _OUTCOME_OF_SUFFIX.get(type.rsplit(".", 1)[-1])
+
+
+# --- the migration ------------------------------------------------------------------------------
 
 
 def _postgres() -> bool:
