@@ -33,7 +33,8 @@ from vine import promise
 from worker.contract import record_rejection
 from worker.core.errors import InvalidMessage
 from worker.core.logs import get_logger
-from worker.core.messages import Refusal, check_message, message_id_of, shown
+from worker.core.messages import Refusal, check_message, message_id_of, shown, task_arguments
+from worker.engine.steps import STEP_NAMES
 from worker.store import events, queries
 from worker.store.db import session_scope
 
@@ -41,6 +42,9 @@ log = get_logger("pushworker.consumer")
 
 REJECTED = "message.rejected"
 _HINT = "send JSON Celery protocol 2 messages of this worker's tasks; see docs/producers.md"
+#: The tasks this worker accepts from the broker, with what each takes: one per step of
+#: ``worker.engine.steps.STEPS``, the submission and the periodic tasks.
+TASK_ARGUMENTS = task_arguments(STEP_NAMES)
 
 
 def message_stream(message_id: str) -> str:
@@ -107,7 +111,7 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]  # Celery is untyped
 
         def on_task_received(message: Message) -> None:
             verdict = check_message(
-                headers=message.headers, properties=message.properties,
+                tasks=TASK_ARGUMENTS, headers=message.headers, properties=message.properties,
                 content_type=message.content_type, content_encoding=message.content_encoding,
                 body=message.body,
             )  # fmt: skip

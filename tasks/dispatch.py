@@ -15,7 +15,7 @@ from celery import chain
 
 from tasks.app import app
 from worker.core.queues import queue_for, step_task
-from worker.engine.steps import STEPS
+from worker.engine.steps import STEP_NAMES
 from worker.jobs import docker_host_of
 
 
@@ -27,7 +27,7 @@ class CeleryDispatcher:
         # Each step carries the queue: a chain's later steps are published by the worker that
         # ran the step before, from the signature's own options.
         signatures = [
-            app.signature(step_task(step), args=(job_id, registry_id), immutable=True, queue=queue)
-            for step in STEPS
+            app.signature(step_task(name), args=(job_id, registry_id), immutable=True, queue=queue)
+            for name in STEP_NAMES
         ]
         chain(*signatures).apply_async(queue=queue)

@@ -1,4 +1,6 @@
-"""The four step tasks of a push job. Each takes (job_id, registry_id) and nothing secret."""
+"""The step tasks of a push job, one per step of ``worker.engine.steps.STEPS``, made from that
+list. Each takes (job_id, registry_id) and nothing secret; its name is
+``worker.core.queues.step_task`` of the step's (producers and queued messages use it)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from celery import Task
 from celery.exceptions import Ignore
 
 from tasks.app import app
+from worker.core.queues import step_task
 from worker.engine.dispatch import get_dispatcher
 from worker.engine.pipeline import StepRunner, default_runner
+from worker.engine.steps import STEP_NAMES
 
 
 @lru_cache(maxsize=1)
@@ -36,21 +40,16 @@ def _run_step(task: Task, step: str, job_id: str, registry_id: int) -> dict[str,
     return {"job_id": job_id, "step": step, "registry_id": registry_id}
 
 
-@app.task(bind=True, name="pushworker.step.resolve_credentials")
-def resolve_credentials(self: Task, job_id: str, registry_id: int) -> dict[str, Any]:
-    return _run(self, "resolve_credentials", job_id, registry_id)
+def _step_task(step: str) -> Task:
+    """Register the Celery task that runs ``step``."""
+
+    def run(self: Task, job_id: str, registry_id: int) -> dict[str, Any]:
+        return _run(self, step, job_id, registry_id)
+
+    run.__name__ = run.__qualname__ = step
+    run.__doc__ = f"The {step} step of a push job."
+    return app.task(bind=True, name=step_task(step))(run)
 
 
-@app.task(bind=True, name="pushworker.step.login")
-def login(self: Task, job_id: str, registry_id: int) -> dict[str, Any]:
-    return _run(self, "login", job_id, registry_id)
-
-
-@app.task(bind=True, name="pushworker.step.tag")
-def tag(self: Task, job_id: str, registry_id: int) -> dict[str, Any]:
-    return _run(self, "tag", job_id, registry_id)
-
-
-@app.task(bind=True, name="pushworker.step.push")
-def push(self: Task, job_id: str, registry_id: int) -> dict[str, Any]:
-    return _run(self, "push", job_id, registry_id)
+#: The registered task of each step, by step name.
+TASKS: dict[str, Task] = {name: _step_task(name) for name in STEP_NAMES}

@@ -24,9 +24,12 @@ from kombu import Connection, Exchange, Producer
 from sqlalchemy import func, select
 
 from harness.images import new_image
+from tasks.consumer import TASK_ARGUMENTS
 from tests.e2e.conftest import E2E, HARBOR_ID, wait_for_job
-from worker.core.messages import MAX_BODY_BYTES, STEP_TASKS, SUBMIT_TASK, TASK_ARGUMENTS, Accepted
+from worker.core.messages import MAX_BODY_BYTES, SUBMIT_TASK, Accepted
 from worker.core.messages import check_message as guard_verdict
+from worker.core.queues import step_task
+from worker.engine.steps import STEP_NAMES
 from worker.producer import enqueue_push
 from worker.store.db import session_scope
 from worker.store.models import Event
@@ -174,7 +177,7 @@ def any_json_body(draw: st.DrawFn) -> Raw:
 @st.composite
 def wrong_args(draw: st.DrawFn) -> Raw:
     """Known task names with argument shapes they do not take (a secret among the values)."""
-    task = draw(st.sampled_from([*STEP_TASKS, "pushworker.maintenance.reconcile"]))
+    task = draw(st.sampled_from([*map(step_task, STEP_NAMES), "pushworker.maintenance.reconcile"]))
     args = draw(st.lists(JSON | st.just(SECRET) | st.just(True) | st.just("5"), max_size=3))
     kwargs = draw(
         st.dictionaries(st.sampled_from(["password", "job_id"]), st.just(SECRET), max_size=1)
@@ -254,6 +257,7 @@ def _recordable(raw: Raw) -> bool:
     try:
         item = json.loads(raw.item)
         verdict = guard_verdict(
+            tasks=TASK_ARGUMENTS,
             headers=item["headers"],
             properties=item["properties"],
             content_type=item["content-type"],

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.support.fakes import FakeWorld, fake_runner
+from tests.support.fakes import FakeWorld, fake_runner, wrap_action
 from worker.core.errors import EventConflict
 from worker.core.settings import Settings
-from worker.engine.steps import ACTIONS, STEPS, StepContext, StepResult
+from worker.engine.steps import STEP_NAMES, Action, StepContext, StepResult
 from worker.jobs import PushRequest, create_job
 from worker.registries import RegistrySpec, create_registry
 from worker.store.db import session_scope
@@ -51,29 +51,30 @@ def _lock_waiters(url: str, timeout: float) -> list[int]:
         watcher.dispose()
 
 
-@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("step", STEP_NAMES)
 def test_a_record_transaction_waiting_for_the_job_row_holds_no_chain_lock(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch, step: str
+    postgres_url: str, step: str
 ) -> None:
     with session_scope() as session:
         spec = RegistrySpec(name="r", url="https://reg.example.com", username="u", secret="pw")
         create_registry(session, spec, registry_id=5)
         job, _ = create_job(session, PushRequest(SOURCE, 5, "team/app", "v1", "t"), actor="t")
         job_id = job.id
+    acting, locked = threading.Event(), threading.Event()
+
+    def act_then_wait(action: Action) -> Action:
+        def act(ctx: StepContext) -> StepResult:
+            acting.set()
+            assert locked.wait(10)
+            return action(ctx)
+
+        return act
+
     world = FakeWorld(images={SOURCE: "sha256:image1"})
-    runner, _ = fake_runner(world, Settings.from_env())
-    for earlier in STEPS[: STEPS.index(step)]:
+    runner, _ = fake_runner(world, Settings.from_env(), wrap_action(step, act_then_wait))
+    for earlier in STEP_NAMES[: STEP_NAMES.index(step)]:
         assert runner.run(earlier, job_id, 5).action == "continue"
 
-    acting, locked = threading.Event(), threading.Event()
-    action = ACTIONS[step]
-
-    def act_then_wait(ctx: StepContext) -> StepResult:
-        acting.set()
-        assert locked.wait(10)
-        return action(ctx)
-
-    monkeypatch.setitem(ACTIONS, step, act_then_wait)
     outcome: list[Any] = []
     worker = threading.Thread(target=lambda: outcome.append(runner.run(step, job_id, 5)))
     worker.start()
@@ -89,7 +90,7 @@ def test_a_record_transaction_waiting_for_the_job_row_holds_no_chain_lock(
             locked.set()
             # Only the last step's record transaction changes the job row and so waits here;
             # while it waits, it must not be holding the chain.
-            waiting = _lock_waiters(postgres_url, 10 if step == STEPS[-1] else 1)
+            waiting = _lock_waiters(postgres_url, 10 if step == STEP_NAMES[-1] else 1)
             chain_free = other.execute(
                 text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY}
             ).scalar()
@@ -100,8 +101,8 @@ def test_a_record_transaction_waiting_for_the_job_row_holds_no_chain_lock(
         worker.join(20)
         holder.dispose()
     assert chain_free is True, f"the chain lock was held while waiting (waiters: {waiting})"
-    assert outcome and outcome[0].action == ("stop" if step == STEPS[-1] else "continue")
-    if step == STEPS[-1]:
+    assert outcome and outcome[0].action == ("stop" if step == STEP_NAMES[-1] else "continue")
+    if step == STEP_NAMES[-1]:
         assert waiting, "the last step's record transaction changes the job row"
         with session_scope() as session:
             finished = session.get(PushJob, job_id)

@@ -1,11 +1,14 @@
-"""Fakes of the two seams (Docker Engine, registry HTTP) and an inline dispatcher.
+"""Fakes of the two seams (Docker Engine, registry HTTP; they implement the Protocols of
+``worker.seams.protocols``), an inline dispatcher and a recording one.
 
 For fast unit tests of the pipeline's logic only; end-to-end tests use the real stack.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from worker.core.credentials import Credential
@@ -13,9 +16,9 @@ from worker.core.errors import AuthenticationError, PushWorkerError, SourceImage
 from worker.core.reference import TargetReference
 from worker.core.settings import Settings
 from worker.engine.pipeline import Outcome, StepRunner
-from worker.engine.steps import STEPS
+from worker.engine.steps import STEPS, Action, Step
 from worker.seams.docker_engine import LocalImage, ProgressCallback, PushResult
-from worker.store.models import Registry
+from worker.seams.registry_http import Challenge, RegistryEndpoint
 
 
 @dataclass
@@ -66,6 +69,9 @@ class FakeEngine:
             raise error
         return True
 
+    def forget_logins(self, registry_host: str) -> None:
+        return None  # this engine remembers no login: each one is asked of the world
+
     def _note_refusal(self, host: str, error: PushWorkerError) -> None:
         if isinstance(error, AuthenticationError):
             self.world.refused_by_engine.add(host)
@@ -90,20 +96,28 @@ class FakeEngine:
         return PushResult(digest=digest, size=100)
 
 
+#: What ``GET /v2/`` answers on every fake registry: no authentication asked.
+OPEN = Challenge(200, "", {})
+
+
 class FakeHttp:
-    def __init__(self, world: FakeWorld, registry: Registry) -> None:
+    def __init__(self, world: FakeWorld, registry: RegistryEndpoint) -> None:
         self.world, self.host = world, registry.host
+
+    def ping(self) -> Challenge:
+        return OPEN
 
     def manifest_digest(self, repository: str, tag: str) -> str | None:
         return self.world.served.get(f"{self.host}/{repository}:{tag}")
 
-    def check_credentials(self) -> None:
+    def check_credentials(self) -> Challenge:
         if self.host in self.world.check_errors:
             error = self.world.check_errors[self.host]
             if error is not None:
                 raise error
         elif self.host in self.world.refused_by_engine:
             raise AuthenticationError(f"registry {self.host} rejected the credentials: HTTP 401")
+        return OPEN
 
     def close(self) -> None:
         return None
@@ -119,25 +133,59 @@ class InlineDispatcher:
     def start_chain(self, job_id: str, registry_id: int) -> None:
         assert self.runner is not None
         self.chains.append((job_id, registry_id))
-        for step in STEPS:
-            outcome = self.runner.run(step, job_id, registry_id)
+        for step in self.runner.steps:
+            outcome = self.runner.run(step.name, job_id, registry_id)
             while outcome.action == "retry":
-                outcome = self.runner.run(step, job_id, registry_id)
+                outcome = self.runner.run(step.name, job_id, registry_id)
             if outcome.action == "stop":
                 return
 
 
-def fake_runner(world: FakeWorld, settings: Settings) -> tuple[StepRunner, InlineDispatcher]:
+@dataclass
+class RecordingDispatcher:
+    """Records each chain it is asked to start instead of publishing it: no broker, no worker.
+    ``then``, when set, runs in the worker's place (to finish the job at once, say)."""
+
+    chains: list[tuple[str, int]] = field(default_factory=list)
+    then: Callable[[str, int], object] | None = None
+
+    def start_chain(self, job_id: str, registry_id: int) -> None:
+        self.chains.append((job_id, registry_id))
+        if self.then is not None:
+            self.then(job_id, registry_id)
+
+
+def wrap_action(
+    name: str, wrap: Callable[[Action], Action], steps: tuple[Step, ...] = STEPS
+) -> tuple[Step, ...]:
+    """``steps`` with the action of the step called ``name`` replaced by ``wrap`` of it."""
+    return tuple(
+        dataclasses.replace(step, action=wrap(step.action)) if step.name == name else step
+        for step in steps
+    )
+
+
+def fake_runner(
+    world: FakeWorld, settings: Settings, steps: tuple[Step, ...] = STEPS
+) -> tuple[StepRunner, InlineDispatcher]:
     dispatcher = InlineDispatcher()
     engine = FakeEngine(world)
     runner = StepRunner(
         dispatcher=dispatcher,
-        engine_factory=lambda: engine,  # type: ignore[arg-type, return-value]
+        engine_factory=lambda: engine,
         settings=settings,
-        http_factory=lambda registry, _cred, _timeout: FakeHttp(world, registry),  # type: ignore[arg-type, return-value]
+        http_factory=lambda registry, _credential, _timeout: FakeHttp(world, registry),
+        steps=steps,
     )
     dispatcher.runner = runner
     return runner, dispatcher
 
 
-__all__ = ["FakeWorld", "InlineDispatcher", "Outcome", "fake_runner"]
+__all__ = [
+    "FakeWorld",
+    "InlineDispatcher",
+    "Outcome",
+    "RecordingDispatcher",
+    "fake_runner",
+    "wrap_action",
+]

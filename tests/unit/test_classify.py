@@ -6,14 +6,13 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.fakes import FakeEngine, FakeWorld
 from worker.core.credentials import Credential, Secret
 from worker.core.errors import (
     AuthenticationError,
@@ -24,14 +23,15 @@ from worker.core.errors import (
     RegistryUnavailable,
 )
 from worker.engine.retry import retry_delay
-from worker.engine.steps import _confirmed
+from worker.engine.steps import StepContext, _confirmed
 from worker.seams.classify import (
     DAEMON_RULES,
     classify_http,
     classify_registry_message,
     parse_retry_after,
 )
-from worker.seams.registry_http import RegistryHTTP
+from worker.seams.registry_http import Challenge, RegistryEndpoint, RegistryHTTP
+from worker.store.models import PushJob, Registry
 
 P = "127.0.0.1:45725"
 
@@ -145,9 +145,7 @@ def _response(status: int, body: bytes, headers: dict[str, str]) -> requests.Res
 
 
 def _http() -> RegistryHTTP:
-    registry = SimpleNamespace(id=9, host="reg:5000", url="http://reg:5000", insecure=True,
-                               ca_cert=None)  # fmt: skip
-    return RegistryHTTP(registry, None)  # type: ignore[arg-type]  # only these fields are read
+    return RegistryHTTP(RegistryEndpoint(9, "http://reg:5000", "reg:5000", insecure=True), None)
 
 
 @pytest.mark.parametrize(
@@ -217,17 +215,35 @@ def test_retry_delay_honours_retry_after_within_the_cap(
 
 
 class _Check:
+    """A registry HTTP client whose credential check answers ``answer`` (None: accepted)."""
+
     def __init__(self, answer: RegistryError | None) -> None:
         self.answer, self.calls = answer, 0
 
-    def check_credentials(self) -> None:
+    def ping(self) -> Challenge:
+        return Challenge(401, "basic", {})
+
+    def check_credentials(self) -> Challenge:
         self.calls += 1
         if self.answer is not None:
             raise self.answer
+        return self.ping()
+
+    def manifest_digest(self, repository: str, tag: str) -> str | None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
-def _ctx(check: _Check) -> Any:
-    return SimpleNamespace(registry=SimpleNamespace(host="reg:5000"), http=lambda _c: check)
+def _ctx(check: _Check) -> StepContext:
+    registry = Registry(id=9, name="r", url="http://reg:5000", host="reg:5000", insecure=True)
+    return StepContext(
+        job=PushJob(),
+        registry=registry,
+        engine=lambda: FakeEngine(FakeWorld()),
+        http_factory=lambda _endpoint, _credential, _timeout: check,
+    )
 
 
 CLAIM = "registry reg:5000 rejected the credentials: unauthorized: authentication required"

@@ -19,6 +19,8 @@ from worker.core.errors import (
     ValidationError,
 )
 from worker.core.settings import Settings
+from worker.engine.fallback import plan_fallback
+from worker.engine.steps import STEP_NAMES, STEPS, Step
 from worker.jobs import PushRequest, create_job
 from worker.registries import RegistrySpec, create_registry, remove_registry
 from worker.store.db import session_scope
@@ -229,3 +231,12 @@ def test_removed_registries_never_receive_anything(
         assert job.status == "failed"
     else:
         assert (job.status, job.effective_registry_id) == ("succeeded", target)
+
+
+@pytest.mark.parametrize("step", STEPS, ids=STEP_NAMES)
+def test_only_the_steps_that_say_so_move_a_job(step: Step) -> None:
+    """An authentication failure moves a job along its chain at the steps whose entry in the
+    list of steps allows it (login and push), and at no other."""
+    job = PushJob(requested_registry_id=5, effective_registry_id=5, fallback_chain=[4])
+    plan = plan_fallback(job, step, AuthenticationError("refused"), lambda _rid: None)
+    assert plan.to == (4 if step.name in ("login", "push") else None)

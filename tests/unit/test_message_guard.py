@@ -12,20 +12,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasks.consumer import TASK_ARGUMENTS
 from worker.core.messages import (
     CONTENT_TYPE,
     MAX_BODY_BYTES,
     MAX_DEPTH,
-    STEP_TASKS,
     SUBMIT_TASK,
-    TASK_ARGUMENTS,
     Accepted,
     Refusal,
     check_message,
     nesting_depth,
     text_depth,
 )
+from worker.core.queues import step_task
+from worker.engine.steps import STEP_NAMES
 
+STEP_TASKS = tuple(step_task(name) for name in STEP_NAMES)
 JOB = str(uuid.uuid4())
 REQUEST = {
     "source_image": "app:build", "registry_id": 5, "repository": "team/app", "tag": "1",
@@ -49,6 +51,7 @@ def verdict(
 ) -> Accepted | Refusal:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return check_message(
+        tasks=TASK_ARGUMENTS,
         headers=headers() if head is None else head,
         properties={"delivery_info": {"routing_key": "pushworker"}}
         if properties is None
@@ -255,6 +258,17 @@ def test_the_guard_knows_exactly_the_apps_tasks() -> None:
     assert ours == set(TASK_ARGUMENTS)
 
 
+def test_the_step_tasks_keep_their_names() -> None:
+    """One task per step of the list, under the name producers and queued messages use."""
+    assert STEP_TASKS == (
+        "pushworker.step.resolve_credentials",
+        "pushworker.step.login",
+        "pushworker.step.tag",
+        "pushworker.step.push",
+    )
+    assert set(STEP_TASKS) < set(TASK_ARGUMENTS)
+
+
 @pytest.mark.parametrize("depth", [0, 1, 5, MAX_DEPTH, 900, 10_000])
 def test_depth_is_measured_without_recursion(depth: int) -> None:
     """Nesting far past Python's recursion limit is measured (text and objects alike)."""
@@ -298,7 +312,7 @@ def test_any_message_gets_a_verdict_never_an_exception(message: dict[str, Any]) 
     """Property: for any headers, properties, content type and body, the guard answers, and an
     accepted message is a well-formed call: a known task, args a list, kwargs a dict, bounded
     nesting, and arguments its task takes."""
-    result = check_message(**message)
+    result = check_message(tasks=TASK_ARGUMENTS, **message)
     if isinstance(result, Accepted):
         assert result.task_name in TASK_ARGUMENTS
         assert isinstance(result.args, list) and isinstance(result.kwargs, dict)

@@ -4,17 +4,18 @@ both supported databases (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.fakes import FakeWorld, fake_runner
+from tests.support.fakes import FakeWorld, fake_runner, wrap_action
 from worker.core.errors import AuthenticationError, RegistryUnavailable
 from worker.core.settings import Settings
-from worker.engine.steps import ACTIONS, STEPS, StepContext, StepResult
+from worker.engine.steps import STEP_NAMES, STEPS, Action, Step, StepContext, StepResult
 from worker.jobs import PushRequest, cancel_job, create_job
 from worker.registries import RegistrySpec, create_registry
 from worker.store.claims import insert_first_claim
@@ -272,7 +273,61 @@ def test_pushes_only_ever_go_to_chain_hosts_in_chain_order(
 
 def test_step_order_is_resolve_login_tag_push() -> None:
     """The chain's order is part of the contract with producers and operators."""
-    assert STEPS == ("resolve_credentials", "login", "tag", "push")
+    assert STEP_NAMES == ("resolve_credentials", "login", "tag", "push")
+
+
+def test_each_claim_is_leased_for_its_steps_time(registries: None, world: FakeWorld) -> None:
+    """A claim stands for the lease its step names: the push for the push timeout, the others
+    for five minutes; another worker takes a step over only after that."""
+    test_settings = dataclasses.replace(Settings.from_env(), push_timeout=5000)
+    leases: dict[str, float] = {}
+
+    def measured(name: str, action: Action) -> Action:
+        def act(ctx: StepContext) -> StepResult:
+            with session_scope() as session:
+                claim = session.get(StepRun, (ctx.job.id, name, 5))
+                assert claim is not None and claim.lease_expires_at is not None
+                left = _naive_utc(claim.lease_expires_at) - _naive_utc(utcnow())
+                leases[name] = left.total_seconds()
+            return action(ctx)
+
+        return act
+
+    steps = STEPS
+    for name in STEP_NAMES:
+        steps = wrap_action(name, functools.partial(measured, name), steps)
+    _, dispatcher = fake_runner(world, test_settings, steps)
+    dispatcher.start_chain(_queued_job(), 5)
+    assert set(leases) == set(STEP_NAMES)
+    for name, left in leases.items():
+        assert abs(left - (5000 if name == "push" else 300)) < 30, name
+
+
+def _naive_utc(moment: datetime) -> datetime:
+    # SQLite gives back naive UTC times, PostgreSQL aware ones.
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def test_a_step_added_to_the_list_runs_in_its_place(registries: None, world: FakeWorld) -> None:
+    """The runner and the chain follow the list of steps: a step added before the push runs
+    there, is claimed and recorded like the others."""
+    ran: list[str] = []
+
+    def verify(ctx: StepContext) -> StepResult:
+        ran.append(ctx.job.id)
+        return StepResult()
+
+    steps = (*STEPS[:-1], Step("verify", verify), STEPS[-1])
+    _, dispatcher = fake_runner(world, Settings.from_env(), steps)
+    job_id = _queued_job()
+    dispatcher.start_chain(job_id, 5)
+    job, _ = job_and_types(job_id)
+    assert job.status == "succeeded" and ran == [job_id]
+    with session_scope() as session:
+        started = [
+            e.step for e in select_events(session, job_id=job_id) if e.type == "step.started"
+        ]
+    assert started == ["resolve_credentials", "login", "tag", "verify", "push"]
 
 
 def test_a_tag_already_in_place_is_recorded_as_skipped(registries: None, world: FakeWorld) -> None:
@@ -306,23 +361,23 @@ def test_a_target_tag_repointed_before_the_push_is_tagged_again(
 
 
 @pytest.mark.parametrize("step", ["tag", "push"])
-def test_a_cancel_while_a_step_runs_stands(
-    registries: None, world: FakeWorld, monkeypatch: pytest.MonkeyPatch, step: str
-) -> None:
+def test_a_cancel_while_a_step_runs_stands(registries: None, world: FakeWorld, step: str) -> None:
     """The operator cancels while the step acts: the step's own outcome is recorded, the job
     stays cancelled (it never turns succeeded) and the chain stops there."""
     job_id = _queued_job()
-    action = ACTIONS[step]
 
-    def cancelled_meanwhile(ctx: StepContext) -> StepResult:
-        with session_scope() as session:
-            cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
-        return action(ctx)
+    def cancelled_meanwhile(action: Action) -> Action:
+        def act(ctx: StepContext) -> StepResult:
+            with session_scope() as session:
+                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
+            return action(ctx)
 
-    monkeypatch.setitem(ACTIONS, step, cancelled_meanwhile)
-    runner, _ = fake_runner(world, Settings.from_env())
-    outcomes = [runner.run(name, job_id, 5) for name in STEPS[: STEPS.index(step) + 1]]
-    assert [o.action for o in outcomes] == ["continue"] * STEPS.index(step) + ["stop"]
+        return act
+
+    runner, _ = fake_runner(world, Settings.from_env(), wrap_action(step, cancelled_meanwhile))
+    position = STEP_NAMES.index(step)
+    outcomes = [runner.run(name, job_id, 5) for name in STEP_NAMES[: position + 1]]
+    assert [o.action for o in outcomes] == ["continue"] * position + ["stop"]
     job, types = job_and_types(job_id)
     assert (job.status, job.digest) == ("cancelled", None)
     assert types[-3:] == ["step.started", "job.cancelled", "step.succeeded"]

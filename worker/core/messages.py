@@ -11,7 +11,8 @@ message went back to the queue each time. So every message is checked here first
 - Celery protocol 2: a ``task`` header naming one of this worker's tasks, an ``id``, and a body
   ``[args, kwargs, embed]`` of types ``[list, dict, dict]``;
 - nested at most ``MAX_DEPTH`` levels, body, headers and properties alike;
-- shaped as its task takes arguments (``TASK_ARGUMENTS``).
+- shaped as its task takes arguments (``task_arguments``: this layer does not know which steps
+  there are, so the worker hands in the step names of ``worker.engine.steps.STEPS``).
 
 The verdict is a ``Refusal`` naming the reason (never a value of the message) or an ``Accepted``
 with the decoded call. Nothing here raises on any input.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -97,17 +98,20 @@ def _submit_arguments(args: list[Any], kwargs: dict[str, Any]) -> str | None:
 
 
 SUBMIT_TASK: Final = queues.SUBMIT_TASK
-STEP_TASKS: Final = tuple(
-    queues.step_task(step) for step in ("resolve_credentials", "login", "tag", "push")
-)
-#: Every task this worker runs, and what its arguments must be. A name not here is refused: a
-#: new task must be added (tests/unit/test_message_guard.py compares it with the app).
-TASK_ARGUMENTS: Final[Mapping[str, ArgumentCheck]] = {
-    SUBMIT_TASK: _submit_arguments,
-    **{name: _step_arguments for name in STEP_TASKS},
-    queues.RECONCILE_TASK: _no_arguments,
-    queues.HEALTH_TASK: _no_arguments,
-}
+#: Every task this worker runs, by name, and what its arguments must be.
+TaskArguments = Mapping[str, ArgumentCheck]
+
+
+def task_arguments(step_names: Iterable[str]) -> TaskArguments:
+    """The tasks of a worker whose steps are ``step_names``: each step's task, the submission and
+    the periodic tasks. A name not here is refused, so a new task must be added
+    (tests/unit/test_message_guard.py compares the table with the app)."""
+    return {
+        SUBMIT_TASK: _submit_arguments,
+        **{queues.step_task(name): _step_arguments for name in step_names},
+        queues.RECONCILE_TASK: _no_arguments,
+        queues.HEALTH_TASK: _no_arguments,
+    }
 
 
 # --- verdicts -------------------------------------------------------------------------------------
@@ -176,13 +180,15 @@ def message_id_of(headers: Any) -> str:
 
 def check_message(
     *,
+    tasks: TaskArguments,
     headers: Any,
     properties: Any,
     content_type: Any,
     content_encoding: Any,
     body: Any,
 ) -> Verdict:
-    """The guard's verdict on one message, as the transport delivered it. Never raises."""
+    """The guard's verdict on one message, as the transport delivered it, for a worker that runs
+    ``tasks`` (``task_arguments``). Never raises."""
     name = headers.get("task") if isinstance(headers, dict) else None
     refuse = _Refuser(
         task_name=shown(name) if name is not None else None,
@@ -211,7 +217,7 @@ def check_message(
         return refuse("shape", "the body is not Celery protocol 2 [args, kwargs, embed]")
     args, kwargs, _embed = decoded
     task_name: str = headers["task"]
-    check = TASK_ARGUMENTS.get(task_name)
+    check = tasks.get(task_name)
     if check is None:
         return refuse("unknown_task", "no such task on this worker")
     problem = check(args, kwargs)

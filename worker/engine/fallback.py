@@ -15,10 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from worker.core.errors import AuthenticationError, FallbackExhausted, PushWorkerError
+from worker.engine.steps import Step
 from worker.store.models import PushJob
-
-#: Steps whose authentication failures may move a job to the next registry.
-FALLBACK_STEPS = frozenset({"login", "push"})
 
 
 def route(job: PushJob) -> list[int]:
@@ -45,11 +43,12 @@ Unusable = Callable[[int], str | None]
 
 
 def plan_fallback(
-    job: PushJob, step: str, error: PushWorkerError, unusable: Unusable
+    job: PushJob, step: Step, error: PushWorkerError, unusable: Unusable
 ) -> FallbackPlan:
     """The next usable registry of the job's chain after the one that refused, checked now:
-    a registry removed (or made unusable) since the job copied its chain is never a target."""
-    if step not in FALLBACK_STEPS or not isinstance(error, AuthenticationError):
+    a registry removed (or made unusable) since the job copied its chain is never a target.
+    Only a step that says so (``Step.may_fall_back``) moves a job."""
+    if not step.may_fall_back or not isinstance(error, AuthenticationError):
         return FallbackPlan(None)
     order = route(job)
     if job.effective_registry_id not in order:
@@ -61,13 +60,6 @@ def plan_fallback(
             return FallbackPlan(candidate, tuple(skipped))
         skipped.append((candidate, why))
     return FallbackPlan(None, tuple(skipped))
-
-
-def next_registry(
-    job: PushJob, step: str, error: PushWorkerError, unusable: Unusable | None = None
-) -> int | None:
-    """The registry to fall back to, or None when the job must fail."""
-    return plan_fallback(job, step, error, unusable or (lambda _rid: None)).to
 
 
 def final_auth_error(

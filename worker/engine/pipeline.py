@@ -7,8 +7,9 @@ A step goes through three phases:
 2. act (no transaction): the step's action from ``worker.engine.steps``, talking to Docker and the
    registry.
 3. record (one transaction): the outcome, with retry and fallback decided by
-``worker.engine.retry`` and
-   ``worker.engine.fallback``.
+   ``worker.engine.retry`` and ``worker.engine.fallback``.
+
+Which steps there are, their order and their leases come from ``worker.engine.steps.STEPS``.
 
 Celery delivers at least once; the claim turns duplicates into ``step.skipped`` events, and a
 step that already succeeded for this job and registry is skipped on any later delivery.
@@ -39,9 +40,11 @@ from worker.engine.dispatch import Dispatcher
 from worker.engine.fallback import final_auth_error, plan_fallback
 from worker.engine.liveness import claim_is_dead, owner_of_this_process
 from worker.engine.retry import retry_delay, should_retry
-from worker.engine.steps import ACTIONS, STEPS, HttpFactory, StepContext, StepResult, default_http
+from worker.engine.steps import STEPS, HttpFactory, Step, StepContext, StepResult
 from worker.engine.targets import target_refusal, unusable_reason
 from worker.seams.docker_engine import DockerEngine
+from worker.seams.protocols import ContainerEngine
+from worker.seams.registry_http import shared_client
 from worker.store import claims, events, queries
 from worker.store.db import session_scope
 from worker.store.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
@@ -69,9 +72,18 @@ class _Claimed:
 @dataclass
 class StepRunner:
     dispatcher: Dispatcher
-    engine_factory: Callable[[], DockerEngine]
+    engine_factory: Callable[[], ContainerEngine]
     settings: Settings
-    http_factory: HttpFactory = default_http
+    http_factory: HttpFactory = shared_client
+    #: The steps this runner knows, in chain order (tests hand in steps with other actions).
+    steps: tuple[Step, ...] = STEPS
+
+    def step(self, name: str) -> Step:
+        """The step called ``name``; KeyError for a name not in ``steps``."""
+        return {step.name: step for step in self.steps}[name]
+
+    def _is_last(self, name: str) -> bool:
+        return name == self.steps[-1].name
 
     def run(
         self, step: str, job_id: str, registry_id: int, *, delivery_retries: int = 0
@@ -99,7 +111,7 @@ class StepRunner:
             attempt=claimed.tries,
         )
         try:
-            result = ACTIONS[step](context)
+            result = self.step(step).action(context)
         except PushWorkerError as exc:
             failure = exc
             return _with_conflict_retry(
@@ -130,7 +142,7 @@ class StepRunner:
                     run.attempts,
                     reason="already succeeded for this job and registry",
                 )
-                return Outcome("continue" if step != STEPS[-1] else "stop", reason="memo")
+                return Outcome("stop" if self._is_last(step) else "continue", reason="memo")
             if JobStatus(job.status).is_final:
                 note("step.skipped", None, reason=f"the job is {job.status}")
                 return Outcome("stop", reason=f"job {job.status}")
@@ -174,7 +186,7 @@ class StepRunner:
     ) -> int | str:
         """The try number of a claim we now hold, or why another worker holds it."""
         now = utcnow()
-        lease = now + timedelta(seconds=_lease_seconds(step, self.settings))
+        lease = now + timedelta(seconds=self.step(step).lease(self.settings))
         if run is None:
             owner = owner_of_this_process(actor)
             if not claims.insert_first_claim(session, job_id, step, registry_id, owner, lease):
@@ -212,7 +224,7 @@ class StepRunner:
             status = claims.job_status(session, job_id)
             if status is None or tries is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
-            last, cancelled = step == STEPS[-1], status == JobStatus.CANCELLED
+            last, cancelled = self._is_last(step), status == JobStatus.CANCELLED
             digest, reference = result.payload.get("digest"), result.payload.get("reference")
             succeeded = (
                 last
@@ -243,7 +255,9 @@ class StepRunner:
             note = _Recorder(session, job_id, step, registry_id, actor)
             # Each member is checked now, not when the job copied the chain: a removed one is
             # skipped (and named), never a target.
-            plan = plan_fallback(job, step, error, lambda rid: unusable_reason(session, rid))
+            plan = plan_fallback(
+                job, self.step(step), error, lambda rid: unusable_reason(session, rid)
+            )
             skipped = {"skipped": plan.skipped_payload()} if plan.skipped else {}
             fallback = plan.to
             if fallback is not None:
@@ -315,10 +329,6 @@ def _refusals(session: Session, job: PushJob) -> list[tuple[int, str]]:
     ]
 
 
-def _lease_seconds(step: str, settings: Settings) -> float:
-    return settings.push_timeout if step == "push" else 300.0
-
-
 def _progress_recorder(
     job_id: str, step: str, registry_id: int, tries: int, actor: str
 ) -> Callable[[int, int, int, int], None]:
@@ -365,11 +375,11 @@ def default_runner(dispatcher: Dispatcher) -> StepRunner:
     )
 
 
-def _cached_engine(settings: Settings) -> Callable[[], DockerEngine]:
+def _cached_engine(settings: Settings) -> Callable[[], ContainerEngine]:
     """One Docker client per process, made on first use (not at import, not per step)."""
-    holder: list[DockerEngine] = []
+    holder: list[ContainerEngine] = []
 
-    def get() -> DockerEngine:
+    def get() -> ContainerEngine:
         if not holder:
             holder.append(DockerEngine(settings.docker_host))
         return holder[0]

@@ -1,7 +1,12 @@
-"""What each step does, as plain functions of a ``StepContext``. No Celery, no transactions.
+"""The steps of a push job: what each does, as a plain function of a ``StepContext`` (no Celery,
+no transactions), and ``STEPS``, the one list of them in order.
 
 Each returns a ``StepResult``; a step that finds its effect already in place says so in
 ``noop`` (recorded as ``step.skipped``), which is what makes re-running a chain harmless.
+
+``STEPS`` drives everything that depends on which steps exist: the Celery tasks
+(``tasks/push.py``, one per step), the chain the dispatcher sends, the message guard's task
+names, the claim leases and the fallback policy. Adding a step means adding it there.
 """
 
 from __future__ import annotations
@@ -19,31 +24,28 @@ from worker.core.errors import (
     SourceImageNotFound,
 )
 from worker.core.reference import TargetReference, assert_resolves_to, build_target
+from worker.core.settings import Settings
 from worker.engine.targets import endpoint_of
-from worker.seams.docker_engine import DockerEngine, LocalImage, ProgressCallback
-from worker.seams.registry_http import RegistryHTTP, shared_client
+from worker.seams.docker_engine import LocalImage, ProgressCallback
+from worker.seams.protocols import ContainerEngine, RegistryClient
+from worker.seams.registry_http import RegistryEndpoint, shared_client
 from worker.store.models import PushJob, Registry
 
-STEPS = ("resolve_credentials", "login", "tag", "push")
 T = TypeVar("T")
 
 
-#: Makes the registry HTTP client a step uses (a fake in fast tests).
-HttpFactory = Callable[[Registry, Credential | None, float], RegistryHTTP]
-
-
-def default_http(registry: Registry, credential: Credential | None, timeout: float) -> RegistryHTTP:
-    """The process's client for this registry and credential (``worker.seams.registry_http``
-    keeps them for their keep-alive connections)."""
-    return shared_client(endpoint_of(registry), credential, timeout)
+#: Makes the registry HTTP client a step uses: by default the process's shared one
+#: (``worker.seams.registry_http`` keeps them for their keep-alive connections), a fake in fast
+#: tests.
+HttpFactory = Callable[[RegistryEndpoint, Credential | None, float], RegistryClient]
 
 
 @dataclass
 class StepContext:
     job: PushJob
     registry: Registry
-    engine: Callable[[], DockerEngine]
-    http_factory: HttpFactory = default_http
+    engine: Callable[[], ContainerEngine]
+    http_factory: HttpFactory = shared_client
     http_timeout: float = 10
     on_progress: ProgressCallback | None = None
     #: Which try of the step this is (1 for the first).
@@ -56,8 +58,8 @@ class StepContext:
         # Resolved in the step's own process, every time: secrets never travel between steps.
         return resolve_credential(self.registry)
 
-    def http(self, credential: Credential | None) -> RegistryHTTP:
-        return self.http_factory(self.registry, credential, self.http_timeout)
+    def http(self, credential: Credential | None) -> RegistryClient:
+        return self.http_factory(endpoint_of(self.registry), credential, self.http_timeout)
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def _brief(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _source_image(ctx: StepContext, engine: DockerEngine) -> LocalImage:
+def _source_image(ctx: StepContext, engine: ContainerEngine) -> LocalImage:
     """The job's source image, with the tags and digests it has on the engine.
 
     The target counts as tagged only when the engine lists it among the source's own tags:
@@ -199,7 +201,7 @@ def _source_image(ctx: StepContext, engine: DockerEngine) -> LocalImage:
 
 
 def _digest_if_served(
-    source: LocalImage, http: RegistryHTTP, target: TargetReference
+    source: LocalImage, http: RegistryClient, target: TargetReference
 ) -> str | None:
     """The digest, when the registry already serves the tag at a digest this image has there."""
     local = {
@@ -211,9 +213,38 @@ def _digest_if_served(
     return remote if remote in local else None
 
 
-ACTIONS: dict[str, Callable[[StepContext], StepResult]] = {
-    "resolve_credentials": resolve_credentials,
-    "login": login,
-    "tag": tag,
-    "push": push,
-}
+Action = Callable[[StepContext], StepResult]
+
+
+def standard_lease(_settings: Settings) -> float:
+    """Five minutes: a step that talks to the engine or the registry for longer has died."""
+    return 300.0
+
+
+def push_lease(settings: Settings) -> float:
+    """A push may run as long as its timeout allows."""
+    return settings.push_timeout
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a push job: its name (its Celery task is ``worker.core.queues.step_task`` of
+    it), what it does, and the policies that depend on which step it is."""
+
+    name: str
+    action: Action
+    #: How long a claim on this step stands before another worker may take the step over.
+    lease: Callable[[Settings], float] = standard_lease
+    #: Whether an authentication failure here moves the job to the next registry of its chain.
+    may_fall_back: bool = False
+
+
+#: The steps of every push job, in the order the chain runs them (part of the contract with
+#: producers and operators).
+STEPS: tuple[Step, ...] = (
+    Step("resolve_credentials", resolve_credentials),
+    Step("login", login, may_fall_back=True),
+    Step("tag", tag),
+    Step("push", push, lease=push_lease, may_fall_back=True),
+)
+STEP_NAMES: tuple[str, ...] = tuple(step.name for step in STEPS)
