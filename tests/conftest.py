@@ -16,7 +16,9 @@ from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 
 from harness.stack import Stack, StackError, start_stack
+from tests.support.fakes import RecordingDispatcher
 from worker.core.settings import get_settings
+from worker.engine.dispatch import set_dispatcher
 from worker.store.migrate import upgrade
 
 #: What a fixture needs running, as markers (pyproject.toml lists them; docs/stack.md).
@@ -120,3 +122,13 @@ def database_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_url"))
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def dispatched() -> Iterator[RecordingDispatcher]:
+    """The process's dispatcher for one test: it records each chain instead of publishing it
+    (no broker); the installed one is back afterwards."""
+    recorder = RecordingDispatcher()
+    set_dispatcher(recorder)
+    yield recorder
+    set_dispatcher(None)

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from worker import contract, producer
+from tests.support.fakes import RecordingDispatcher
+from worker import contract
 from worker.core.errors import ValidationError
 from worker.core.text import has_control
 from worker.producer import enqueue_push
@@ -156,7 +157,7 @@ def test_append_refuses_what_the_database_would_store_differently(
 
 
 @pytest.fixture
-def registries(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def registries(database_url: str, dispatched: RecordingDispatcher) -> Iterator[str]:
     """Registries 4 and 5 with credentials, and a broker that accepts everything."""
     with session_scope() as session:
         for rid in (4, 5):
@@ -164,7 +165,6 @@ def registries(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
                 name=f"r{rid}", url=f"https://r{rid}.example.com", username="u", secret="pw"
             )
             create_registry(session, spec, registry_id=rid)
-    monkeypatch.setattr(producer, "publish", lambda job_id, registry_id: True)
     yield database_url
 
 

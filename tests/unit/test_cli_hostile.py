@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
+from tests.support.fakes import RecordingDispatcher
 from worker import producer
 from worker.cli import cli
 from worker.cli import jobs as cli_jobs
@@ -90,12 +91,11 @@ COMMANDS = [
 
 
 @pytest.fixture
-def runner(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+def runner(database_url: str, dispatched: RecordingDispatcher) -> Iterator[CliRunner]:
     """A migrated database with registry 5 and one queued job; a broker that is a no-op."""
     with session_scope() as session:
         spec = RegistrySpec(name="r5", url="https://r5.example.com", username="u", secret="pw")
         create_registry(session, spec, registry_id=5)
-    monkeypatch.setattr(producer, "publish", lambda job_id, registry_id: True)
     yield CliRunner()
 
 

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 from cryptography.fernet import Fernet
 
-from worker import producer
+from tests.support.fakes import RecordingDispatcher
 from worker.cli import cli
 from worker.cli.common import (
     error_exit_codes,
@@ -306,7 +306,7 @@ def test_a_failed_connection_test_keeps_the_registry_and_is_recorded(
 
 
 def _finish_jobs_as(
-    monkeypatch: pytest.MonkeyPatch, status: str, error: errors.PushWorkerError | None = None
+    dispatched: RecordingDispatcher, status: str, error: errors.PushWorkerError | None = None
 ) -> None:
     def publish(job_id: str, registry_id: int) -> bool:
         with session_scope() as session:
@@ -321,7 +321,7 @@ def _finish_jobs_as(
                           payload=payload)  # fmt: skip
         return True
 
-    monkeypatch.setattr(producer, "publish", publish)
+    dispatched.then = publish
 
 
 @pytest.mark.parametrize(
@@ -334,13 +334,13 @@ def _finish_jobs_as(
 )
 def test_push_wait_exits_with_the_jobs_outcome(
     runner: CliRunner,
-    monkeypatch: pytest.MonkeyPatch,
+    dispatched: RecordingDispatcher,
     status: str,
     error: errors.PushWorkerError | None,
     code: int,
 ) -> None:
     add_harbor(runner, "--password-stdin", input=f"{PASSWORD}\n")
-    _finish_jobs_as(monkeypatch, status, error)
+    _finish_jobs_as(dispatched, status, error)
     push = ("push", "app:1", "--registry", "1", "--repository", "team/app", "--tag", "1")
     result = run(runner, *push, "--wait", "--timeout", "10", "--json", code=code)
     shown = json.loads(result.stdout)
@@ -353,10 +353,9 @@ def test_push_wait_exits_with_the_jobs_outcome(
 
 
 def test_wait_times_out_and_a_queued_job_cannot_be_retried(
-    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+    runner: CliRunner, dispatched: RecordingDispatcher
 ) -> None:
-    add_harbor(runner, "--password-stdin", input=f"{PASSWORD}\n")
-    monkeypatch.setattr(producer, "publish", lambda _job, _registry: True)  # nobody runs it
+    add_harbor(runner, "--password-stdin", input=f"{PASSWORD}\n")  # nobody runs the job
     push = ("push", "app:1", "--registry", "1", "--repository", "team/app", "--tag", "1")
     result = run(runner, *push, "--wait", "--timeout", "0.5", code=124)
     assert "still queued" in result.stderr

@@ -14,6 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from tests.support.fakes import RecordingDispatcher
 from worker import contract, producer
 from worker.contract import handle_submission, request_from_call
 from worker.core.errors import DatabaseUnavailable, InvalidMessage, PushWorkerError
@@ -173,7 +174,7 @@ def test_exactly_one_positional_argument(args: list[Any], kwargs: dict[str, Any]
 
 
 @pytest.fixture
-def published(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+def published(sqlite_url: str, dispatched: RecordingDispatcher) -> list[tuple[str, int]]:
     """Registries 4 and 5 (credentials stored) and a broker that is a list."""
     with session_scope() as session:
         for rid in (4, 5):
@@ -181,14 +182,7 @@ def published(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> list[tuple[st
                 name=f"r{rid}", url=f"https://r{rid}.example.com", username="u", secret="pw"
             )
             create_registry(session, spec, registry_id=rid)
-    sent: list[tuple[str, int]] = []
-
-    def publish(job_id: str, registry_id: int) -> bool:
-        sent.append((job_id, registry_id))
-        return True
-
-    monkeypatch.setattr(producer, "publish", publish)
-    return sent
+    return dispatched.chains
 
 
 def submit(args: list[Any], kwargs: dict[str, Any] | None = None) -> contract.Submission:
