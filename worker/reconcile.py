@@ -94,25 +94,8 @@ def reconcile(
     (``worker.producer.publish`` by default). ``now`` is for tests.
     """
     grace = get_settings().reconcile_grace if grace is None else grace
-    send = publish or producer.publish
-    who = actor or events.worker_actor()
-    report = ReconcileReport()
-    for job_id in _candidates(now or utcnow(), grace, limit):
-        try:
-            due = _record(job_id, now or utcnow(), grace, who)
-        except EventConflict:
-            # Another reconcile, or a worker starting the job, got there first: nothing to do.
-            report.waiting += 1
-            continue
-        if due is None:
-            report.waiting += 1
-            continue
-        # After the commit, as enqueue_push does: the worker finds the event before the message.
-        if not send(job_id, due.registry_id):
-            report.deferred.append(job_id)
-            log.warning("reconcile.deferred", job_id=job_id, reason="the broker is away")
-            break  # it is away for every job: the next run tries again
-        report.republished.append(job_id)
+    candidates = [(job_id, None) for job_id in _candidates(now or utcnow(), grace, limit)]
+    report = _republish(candidates, grace, now, publish, actor)
     if report.republished or report.deferred:
         log.info("reconcile.done", **report.to_dict())
     return report
@@ -132,25 +115,44 @@ def take_over_dead_claims(
     back later finds the step done and records a skip.
     """
     host = host or socket.gethostname()
+    candidates = [
+        (job_id, f"taken over at worker start: {owner} died holding step {step}")
+        for job_id, owner, step in _dead_claims_of(host)
+    ]
+    report = _republish(candidates, 0.0, None, publish, actor)
+    if report.republished or report.deferred:
+        log.info("reconcile.took_over", host=host, **report.to_dict())
+    return report
+
+
+def _republish(
+    candidates: list[tuple[str, str | None]],
+    grace: float,
+    now: datetime | None,
+    publish: Publisher | None,
+    actor: str | None,
+) -> ReconcileReport:
+    """For each ``(job id, reason)``: record ``job.republished`` if the job is due (the reason
+    given, or the one its state explains), then publish its chain."""
     send = publish or producer.publish
     who = actor or events.worker_actor()
     report = ReconcileReport()
-    for job_id, owner, step in _dead_claims_of(host):
-        reason = f"taken over at worker start: {owner} died holding step {step}"
+    for job_id, reason in candidates:
         try:
-            due = _record(job_id, utcnow(), 0.0, who, reason=reason)
+            due = _record(job_id, now or utcnow(), grace, who, reason=reason)
         except EventConflict:
-            report.waiting += 1  # another worker starting on this host took it over first
+            # Another reconcile, or a worker starting the job, got there first: nothing to do.
+            report.waiting += 1
             continue
         if due is None:
             report.waiting += 1
             continue
+        # After the commit, as enqueue_push does: the worker finds the event before the message.
         if not send(job_id, due.registry_id):
             report.deferred.append(job_id)
-            break
+            log.warning("reconcile.deferred", job_id=job_id, reason="the broker is away")
+            break  # it is away for every job: the next run tries again
         report.republished.append(job_id)
-    if report.republished or report.deferred:
-        log.info("reconcile.took_over", host=host, **report.to_dict())
     return report
 
 
