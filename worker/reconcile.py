@@ -26,7 +26,7 @@ for every job), and a later run tries again once the job's wait has passed.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -126,7 +126,7 @@ def take_over_dead_claims(
 
 
 def _republish(
-    candidates: list[tuple[str, str | None]],
+    candidates: Sequence[tuple[str, str | None]],
     grace: float,
     now: datetime | None,
     publish: Publisher | None,
