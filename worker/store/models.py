@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -103,6 +104,10 @@ class Registry(Base):
     ca_cert: Mapped[str | None] = mapped_column(Text)
     insecure: Mapped[bool] = mapped_column(Boolean, default=False)
     fallback_chain: Mapped[list[int]] = mapped_column(JSON, default=list)
+    #: At most this many pushes to the registry at once, across every worker (None: no cap).
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    #: At most this many registry requests a second, across every worker (None: no limit).
+    rate_per_second: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     #: Removed registries keep their row, so the history that names them stays readable.
@@ -140,6 +145,8 @@ class PushJob(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    #: Waiting for a throttled registry never fails a job before this moment (flow control).
+    deadline_at: Mapped[datetime | None] = mapped_column()
 
 
 class StepRun(Base):
@@ -233,3 +240,68 @@ class EventCheckpoint(Base):
     archive_sha256: Mapped[str | None] = mapped_column(String(64))
     time: Mapped[datetime] = mapped_column(default=utcnow)
     actor: Mapped[str] = mapped_column(String(200))
+
+
+class ApiToken(Base):
+    """A credential of the HTTP API: a name, a role, optionally the registries it may push to.
+
+    Only a hash of the token is stored; the token itself is shown once, when it is created.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    #: The registries a producer token may push to (None: any).
+    registry_ids: Mapped[list[int] | None] = mapped_column(JSON)
+    token_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    last_used_at: Mapped[datetime | None] = mapped_column()
+
+
+class WebhookSubscription(Base):
+    """Where to deliver which committed events; ``cursor`` is the last event id looked at."""
+
+    __tablename__ = "webhook_subscriptions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    event_types: Mapped[list[str]] = mapped_column(JSON)
+    registry_id: Mapped[int | None] = mapped_column(Integer)
+    only_failures: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Deliveries to loopback, private or link-local addresses only when an operator said so.
+    allow_private: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The signing secret, encrypted like registry secrets.
+    secret: Mapped[str] = mapped_column(Text)
+    cursor: Mapped[int] = mapped_column(EventId, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200))
+    removed_at: Mapped[datetime | None] = mapped_column()
+
+
+class WebhookDelivery(Base):
+    """One event for one subscription, and how its delivery went (every attempt counted)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("subscription_id", "event_id", name="uq_webhook_delivery_event"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subscription_id: Mapped[int] = mapped_column(ForeignKey("webhook_subscriptions.id"))
+    event_id: Mapped[int] = mapped_column(EventId)
+    #: The ``webhook-id`` header: the same for every attempt of this delivery.
+    message_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_latency_ms: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column()
