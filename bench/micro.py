@@ -7,14 +7,17 @@ A. Daemon calls through ``worker.seams.docker_engine.DockerEngine`` (warm client
 B. The push step's digest check (``RegistryHTTP.manifest_digest``): with a new
    ``RegistryHTTP`` (a new TLS connection, then 401 and a retry with Basic credentials), with the
    object reused (keep-alive), and reused with the credentials sent at once (what the step does:
-   ``worker.engine.steps.default_http`` keeps one client per registry and credential).
+   ``worker.seams.registry_http.shared_client`` keeps one client per registry endpoint and
+   credential in the process).
 C. The pipeline without Celery and without I/O: ``create_job`` and the four steps run inline by
    ``worker.engine.pipeline.StepRunner`` against fakes of the two seams
    (``tests/support/fakes.py``),
    on this benchmark's database: what the database and the Python around it cost per job.
    Variant: SQLite with ``PRAGMA synchronous=NORMAL`` (set on checkout, in this process only).
-D. The producer's publish of a job's four-task chain (``tasks.dispatch``), with and without the
-   database read it makes first (``docker_host_of``).
+D. The producer's publish of a job's four-task chain through the dispatcher seam
+   (``worker.engine.dispatch.get_dispatcher()``: the Celery one, ``tasks.dispatch``), with and
+   without the database read it makes first (``docker_host_of``, replaced in ``tasks.dispatch``,
+   where it is looked up).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+from unittest.mock import patch
 
 from bench.common import (
     BENCH_REGISTRY_ID,
@@ -80,6 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from worker.core.credentials import resolve_credential
         from worker.core.reference import build_target
         from worker.core.settings import get_settings
+        from worker.engine.dispatch import get_dispatcher
+        from worker.engine.targets import endpoint_of
         from worker.jobs import PushRequest, create_job
         from worker.registries import get_registry
         from worker.seams.docker_engine import DockerEngine
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             session.expunge(registry)
         credential = resolve_credential(registry)
         assert credential is not None
+        endpoint = endpoint_of(registry)
         target = build_target(registry.host, "bench/micro", "v1")
         engine.tag(source, target)
         engine.push(target, credential)  # so that the manifest check finds it
@@ -124,9 +131,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 job_id = job.id
             dispatcher.start_chain(job_id, BENCH_REGISTRY_ID)
 
-        import tasks.dispatch as dispatch
         from tasks.dispatch import CeleryDispatcher
 
+        celery_dispatcher = get_dispatcher()  # what worker.producer.publish sends through
+        assert isinstance(celery_dispatcher, CeleryDispatcher), celery_dispatcher
         with session_scope() as session:
             job, _ = create_job(
                 session,
@@ -135,16 +143,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 actor="producer:bench",
             )  # fmt: skip
             publish_job = job.id
-        real_lookup = dispatch.docker_host_of
+
+        def no_host(job_id: str) -> str | None:
+            return None
 
         def publish(with_lookup: bool) -> Callable[[], None]:
             def go() -> None:
-                if not with_lookup:
-                    dispatch.docker_host_of = lambda _job_id: None
-                try:
-                    CeleryDispatcher().start_chain(publish_job, BENCH_REGISTRY_ID)
-                finally:
-                    dispatch.docker_host_of = real_lookup
+                if with_lookup:
+                    celery_dispatcher.start_chain(publish_job, BENCH_REGISTRY_ID)
+                    return
+                with patch("tasks.dispatch.docker_host_of", new=no_host):
+                    celery_dispatcher.start_chain(publish_job, BENCH_REGISTRY_ID)
 
             return go
 
@@ -162,14 +171,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 # B
                 def fresh() -> None:
-                    http = RegistryHTTP(registry, credential, timeout=10)
+                    http = RegistryHTTP(endpoint, credential, timeout=10)
                     try:
                         http.manifest_digest(target.repository, target.tag)
                     finally:
                         http.close()
 
                 add("manifest_fresh", timed(fresh, 10))
-                kept = RegistryHTTP(registry, credential, timeout=10)
+                kept = RegistryHTTP(endpoint, credential, timeout=10)
 
                 def reused(http: RegistryHTTP = kept) -> None:
                     http.manifest_digest(target.repository, target.tag)
@@ -189,11 +198,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 mode["synchronous"] = "FULL"
 
                 # D
-                if real_lookup is not None:
-                    add("publish_with_read", timed(publish(True), 20))
-                    add("publish_without_read", timed(publish(False), 20))
-                else:
-                    add("publish_with_read", timed(publish(True), 20))
+                add("publish_with_read", timed(publish(True), 20))
+                add("publish_without_read", timed(publish(False), 20))
         return {
             "args": vars(args),
             "samples": samples,
