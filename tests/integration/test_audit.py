@@ -17,11 +17,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import Connection, delete, insert, select, text, update
+from sqlalchemy import Connection, Table, delete, insert, select, text, update
 
 from worker.cli import cli
 from worker.core.errors import StorageError, ValidationError
@@ -30,7 +30,7 @@ from worker.store import chain, events, export, queries, retention, verify
 from worker.store.db import engine_for, read_snapshot, session_scope
 from worker.store.models import Event, EventCheckpoint, utcnow
 
-EVENTS = Event.__table__
+EVENTS = cast(Table, Event.__table__)
 
 
 def _append_many(count: int, *, streams: int = 3) -> list[int]:

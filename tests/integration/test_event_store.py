@@ -7,10 +7,10 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from sqlalchemy import JSON, Connection, column, create_engine, insert, table, text
+from sqlalchemy import JSON, Connection, Table, column, create_engine, insert, table, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -222,7 +222,7 @@ def _add_checkpoint(conn: Connection, last_event_id: int) -> None:
     from worker.store.models import EventCheckpoint, utcnow
 
     conn.execute(
-        insert(EventCheckpoint.__table__).values(
+        insert(cast(Table, EventCheckpoint.__table__)).values(
             first_event_id=1, last_event_id=last_event_id, last_hash="0" * 64, count=1,
             cutoff=utcnow(), time=utcnow(), actor="test",
         )
@@ -304,11 +304,11 @@ def test_migration_chains_the_events_that_exist_already(database_at_0002: str) -
     old = engine_for(url)
     with old.begin() as conn:
         now = utcnow()
-        conn.execute(insert(Registry.__table__).values(
+        conn.execute(insert(cast(Table, Registry.__table__)).values(
             id=5, name="h", url="https://h", host="h", kind="generic", auth_required=True,
             insecure=False, fallback_chain=[], created_at=now, updated_at=now,
         ))  # fmt: skip
-        conn.execute(insert(PushJob.__table__).values(
+        conn.execute(insert(cast(Table, PushJob.__table__)).values(
             id="j1", source_image="a:1", repository="team/app", tag="1",
             requested_registry_id=5, effective_registry_id=5, fallback_chain=[],
             status="failed", attempt=1, requested_by="t", created_at=now, updated_at=now,
