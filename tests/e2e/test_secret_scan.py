@@ -17,6 +17,7 @@ import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol, cast
 from urllib.parse import quote
 
 import redis
@@ -80,9 +81,28 @@ def database_rows(url: str) -> Iterator[str]:
         engine.dispose()
 
 
+class BrokerReader(Protocol):
+    """The reads made of the broker's database, as a synchronous client without
+    ``decode_responses`` answers them (redis-py types every command as sync or async)."""
+
+    def scan_iter(self, *, count: int) -> Iterator[bytes]: ...
+    def type(self, name: bytes) -> bytes: ...
+    def get(self, name: bytes) -> bytes | None: ...
+    def lrange(self, name: bytes, start: int, end: int) -> list[bytes]: ...
+    def hgetall(self, name: bytes) -> dict[bytes, bytes]: ...
+    def smembers(self, name: bytes) -> set[bytes]: ...
+    def zrange(
+        self, name: bytes, start: int, end: int, *, withscores: bool
+    ) -> list[tuple[bytes, float]]: ...
+
+
+def broker_reader(url: str) -> BrokerReader:
+    return cast(BrokerReader, redis.Redis.from_url(url, decode_responses=False))
+
+
 def redis_values(url: str) -> Iterator[str]:
     """Every key and value of the broker's database, by type; message bodies decoded."""
-    client = redis.Redis.from_url(url)
+    client = broker_reader(url)
     for raw_key in client.scan_iter(count=1000):
         key = raw_key.decode(errors="replace")
         kind = client.type(raw_key).decode()
