@@ -200,8 +200,13 @@ def odd_envelope(draw: st.DrawFn) -> Raw:
     if kind == "no_headers":
         return envelope(secret_call, draw(st.none() | st.just({}) | JSON))
     if kind == "proto1":
-        body = {"task": draw(TASK_NAMES), "id": str(uuid.uuid4()), "args": [SECRET], "kwargs": {}}
-        return envelope(json_body(body), {})
+        message = {
+            "task": draw(TASK_NAMES),
+            "id": str(uuid.uuid4()),
+            "args": [SECRET],
+            "kwargs": {},
+        }
+        return envelope(json_body(message), {})
     if kind == "big":
         size = draw(st.integers(MAX_BODY_BYTES + 1, 2 * MAX_BODY_BYTES))
         return envelope(json_body([["x" * size], {}, {}]), headers(SUBMIT_TASK))

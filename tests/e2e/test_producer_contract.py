@@ -167,7 +167,7 @@ def test_invalid_messages_are_rejected_on_record_and_the_next_job_still_runs(
     }  # fmt: skip
     kwargs_style = request(image)
     valid = request(new_image(e2e.api))
-    messages = [{"args": [sent]} for sent, _, _ in invalid.values()]
+    messages: list[dict[str, Any]] = [{"args": [sent]} for sent, _, _ in invalid.values()]
     messages += [{"kwargs": kwargs_style}, {"args": [valid]}]
     ids = producer.send_task(messages)
 

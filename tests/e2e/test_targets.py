@@ -86,7 +86,9 @@ def _probe_capture(server: CaptureServer) -> None:
 def _insert_old_record(url: str, host: str) -> int:
     """A registry row as a record saved before the address rules: written directly."""
     with session_scope() as session:
-        registry_id = int(session.query(Registry.id).order_by(Registry.id.desc()).first()[0]) + 1
+        newest = session.query(Registry.id).order_by(Registry.id.desc()).first()
+        assert newest is not None, "the e2e stack registers its registries first"
+        registry_id = int(newest[0]) + 1
         session.add(
             Registry(
                 id=registry_id, name=f"old-{uuid.uuid4().hex[:8]}", url=url, host=host,

@@ -81,12 +81,12 @@ TYPES = st.sampled_from(
     ["job.succeeded", "step.failed", "step.skipped", "job.cancelled", "fallback.applied",
      "registry.tested", "job.enqueued", "events.pruned", "failed", ""]
 ) | TEXT  # fmt: skip
+EARLIEST, LATEST = datetime(1970, 1, 2), datetime(9998, 12, 30)
 ZONES = st.sampled_from(
-    [None, UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
+    [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
 )
-MOMENTS = st.datetimes(
-    min_value=datetime(1970, 1, 2), max_value=datetime(9998, 12, 30), timezones=ZONES
-)
+# Naive or aware: hypothesis' overloads take a zone strategy with None in it only without bounds.
+MOMENTS = st.datetimes(EARLIEST, LATEST) | st.datetimes(EARLIEST, LATEST, timezones=ZONES)
 HASHES = st.text("0123456789abcdef", min_size=64, max_size=64)
 OPTIONAL_INT = st.none() | st.integers(-(2**31), 2**31 - 1)
 
