@@ -44,7 +44,7 @@ def _writer(url: str, variant: str, jobs: int, out: Any) -> None:
     from worker.store import db
 
     if variant == "busy-handler":
-        db._sqlite_begin_immediate = _busy_handler_begin  # type: ignore[assignment]
+        db._sqlite_begin_immediate = _busy_handler_begin
     # The event log lines are not what is measured here.
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
     from tests.support.fakes import FakeWorld, fake_runner

@@ -205,7 +205,7 @@ def _copy_rows(engine: Engine, count: int, end: datetime) -> None:
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()
-        with cursor.copy(f"COPY events ({', '.join(COLUMNS)}) FROM STDIN") as copy:  # type: ignore[attr-defined]
+        with cursor.copy(f"COPY events ({', '.join(COLUMNS)}) FROM STDIN") as copy:
             for row in synthetic_rows(count, end):
                 values = [row[c] for c in COLUMNS]
                 values[COLUMNS.index("payload")] = json.dumps(row["payload"])

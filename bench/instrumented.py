@@ -98,7 +98,7 @@ def _patch() -> None:
             _spans.append(("db.tx", started, time.time()))
 
     pipeline.session_scope = session_scope  # type: ignore[attr-defined]
-    app.send_task = _timed("celery.publish", app.send_task)  # type: ignore[method-assign]
+    app.send_task = _timed("celery.publish", app.send_task)
 
     @sa_event.listens_for(Engine, "before_cursor_execute")
     def _before(conn: Any, *_args: Any) -> None:
@@ -116,7 +116,7 @@ if TRACE_DIR:
     _patch()
 
 
-@worker_process_init.connect  # type: ignore[untyped-decorator,misc]
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _child_started(**_kwargs: object) -> None:
     if PROFILE_DIR:
         from pyinstrument import Profiler
@@ -124,7 +124,7 @@ def _child_started(**_kwargs: object) -> None:
         _profiler.append(Profiler(interval=0.0005))
 
 
-@task_prerun.connect  # type: ignore[untyped-decorator,misc]
+@task_prerun.connect  # type: ignore[untyped-decorator]
 def _prerun(task_id: str = "", task: Any = None, args: Any = (), **_kwargs: object) -> None:
     _spans.clear()
     _sql.update(n=0, seconds=0.0)
@@ -138,7 +138,7 @@ def _prerun(task_id: str = "", task: Any = None, args: Any = (), **_kwargs: obje
         _profiler[0].start()
 
 
-@task_postrun.connect  # type: ignore[untyped-decorator,misc]
+@task_postrun.connect  # type: ignore[untyped-decorator]
 def _postrun(state: str | None = None, **_kwargs: object) -> None:
     ended = time.time()
     if _profiler and _profiler[0].is_running:
@@ -153,7 +153,7 @@ def _postrun(state: str | None = None, **_kwargs: object) -> None:
         trace.write(json.dumps(record) + "\n")
 
 
-@worker_process_shutdown.connect  # type: ignore[untyped-decorator,misc]
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
 def _write_profile(**_kwargs: object) -> None:
     if not _profiler:
         return

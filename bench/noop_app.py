@@ -46,7 +46,7 @@ def done_key(token: str) -> str:
     return f"bench:noop:done:{token}"
 
 
-@app.task(name=TASK)  # type: ignore[untyped-decorator,misc]
+@app.task(name=TASK)  # type: ignore[untyped-decorator]
 def step(token: str, index: int) -> None:
     if index == LENGTH - 1:
         finished = time.time()
