@@ -58,6 +58,9 @@ SETTINGS_ENV_NAMES = (
     "PUSHWORKER_METRICS_ADDR",
     METRICS_DIR_ENV,
     "PUSHWORKER_OPERATOR",
+    # flow control (names)
+    # HTTP API (names)
+    # webhooks (names)
 )
 
 #: A Docker host name: it becomes part of a queue name (``pushworker.<name>``).
@@ -123,6 +126,9 @@ class Settings:
     metrics_dir: str | None = None
     #: Who operator commands are recorded as; None: the login name (``PUSHWORKER_OPERATOR``).
     operator: str | None = None
+    # flow control (fields)
+    # HTTP API (fields)
+    # webhooks (fields)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -150,6 +156,9 @@ class Settings:
             metrics_addr=_text(env, "PUSHWORKER_METRICS_ADDR") or DEFAULT_METRICS_ADDR,
             metrics_dir=_text(env, METRICS_DIR_ENV),
             operator=env.get("PUSHWORKER_OPERATOR") or None,
+            # flow control (values)
+            # HTTP API (values)
+            # webhooks (values)
         )
 
     def masked(self) -> dict[str, str]:
