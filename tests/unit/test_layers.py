@@ -24,6 +24,7 @@ LAYERS: dict[str, tuple[str, int]] = {
     "worker.engine": ("engine", 2),
     "worker": ("services", 3),
     "worker.cli": ("cli", 4),
+    "worker.api": ("api", 4),
     "tasks": ("tasks", 5),
     "celeryconfig": ("tasks", 5),
 }
