@@ -26,12 +26,16 @@ def enqueue_push(
     fallback: list[int] | None = None,
     idempotency_key: str | None = None,
     docker_host: str | None = None,
+    actor: str | None = None,
 ) -> str:
     """Validate, record and queue a push; return the job id.
 
     Raises a ``worker.core.errors.ValidationError``, ``RegistryNotFound`` or ``CredentialError``
     (nothing recorded, nothing queued) when the request cannot succeed as given. The same
     ``idempotency_key`` returns the first job's id and queues nothing more.
+
+    ``actor``: who the ``job.enqueued`` event names (default ``producer:<requested_by>``); the
+    HTTP API passes ``token:<name>``, so the token that asked is on record.
 
     ``docker_host`` names the Docker Engine that holds ``source_image`` (one of
     ``PUSHWORKER_DOCKER_HOSTS``); the job then runs only on that host's worker. An unknown name
@@ -44,7 +48,7 @@ def enqueue_push(
         docker_host=docker_host,
     )  # fmt: skip
     with session_scope() as session:
-        job, created = create_job(session, request, actor=f"producer:{requested_by}")
+        job, created = create_job(session, request, actor=actor or f"producer:{requested_by}")
         job_id, registry = job.id, job.effective_registry_id
     if created:
         publish(job_id, registry)

@@ -60,6 +60,9 @@ SETTINGS_ENV_NAMES = (
     "PUSHWORKER_OPERATOR",
     # flow control (names)
     # HTTP API (names)
+    "PUSHWORKER_API_HOST",
+    "PUSHWORKER_API_PORT",
+    "PUSHWORKER_API_MAX_BODY",
     # webhooks (names)
 )
 
@@ -128,6 +131,12 @@ class Settings:
     operator: str | None = None
     # flow control (fields)
     # HTTP API (fields)
+    #: Address ``pushctl api serve`` listens on (``PUSHWORKER_API_HOST``).
+    api_host: str = "127.0.0.1"
+    #: Its port (``PUSHWORKER_API_PORT``).
+    api_port: int = 8080
+    #: The largest request body the API reads, in bytes (``PUSHWORKER_API_MAX_BODY``).
+    api_max_body: int = 65536
     # webhooks (fields)
 
     @classmethod
@@ -158,6 +167,9 @@ class Settings:
             operator=env.get("PUSHWORKER_OPERATOR") or None,
             # flow control (values)
             # HTTP API (values)
+            api_host=_text(env, "PUSHWORKER_API_HOST") or "127.0.0.1",
+            api_port=_integer(env, "PUSHWORKER_API_PORT", 8080, low=1, high=65535),
+            api_max_body=_integer(env, "PUSHWORKER_API_MAX_BODY", 65536, low=1024, high=2**26),
             # webhooks (values)
         )
 

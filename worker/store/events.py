@@ -56,6 +56,8 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
         # retention (events.pruned)
         "first_event_id", "last_event_id", "last_hash", "count", "cutoff", "archived_to",
         "archive_sha256",
+        # API tokens (token.created, token.revoked): name, role, scope; never the token or hash
+        "token_name", "role", "registry_ids", "expires_at",
     }
 )  # fmt: skip
 
