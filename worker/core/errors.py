@@ -232,3 +232,19 @@ class WorkerLost(PushWorkerError):
     """A step's worker process died too many times while running it."""
 
     code = "worker_lost"
+
+
+class FlowStateUnavailable(StorageError):
+    """The flow-control state (the broker's Redis) does not answer. The step is deferred, never
+    run without its registry's limits."""
+
+    code = "flow_state_unavailable"
+    retryable = True
+
+
+class ThrottledPastDeadline(RegistryThrottled):
+    """The job was still waiting for its throttled (or capped) registry when its deadline
+    passed. Waiting is not failing before the deadline; after it, the job fails with this."""
+
+    code = "throttled_past_deadline"
+    retryable = False

@@ -59,6 +59,10 @@ SETTINGS_ENV_NAMES = (
     METRICS_DIR_ENV,
     "PUSHWORKER_OPERATOR",
     # flow control (names)
+    "PUSHWORKER_FLOW_DEADLINE",
+    "PUSHWORKER_FLOW_LEASE",
+    "PUSHWORKER_FLOW_POLL",
+    "PUSHWORKER_FLOW_UNCAPPED_CEILING",
     # HTTP API (names)
     "PUSHWORKER_API_HOST",
     "PUSHWORKER_API_PORT",
@@ -130,6 +134,18 @@ class Settings:
     #: Who operator commands are recorded as; None: the login name (``PUSHWORKER_OPERATOR``).
     operator: str | None = None
     # flow control (fields)
+    #: Seconds a job may wait for a capped or throttling registry before it fails with
+    #: ``throttled_past_deadline``, when the job names no deadline (``PUSHWORKER_FLOW_DEADLINE``).
+    flow_deadline: float = 3600.0
+    #: Seconds a registry slot is leased for; the holder renews it every third of that while it
+    #: pushes, so a dead worker's slot frees within this time (``PUSHWORKER_FLOW_LEASE``).
+    flow_lease: float = 30.0
+    #: Seconds a step that found no free slot waits before it asks again, re-queued, not
+    #: sleeping in the pool (``PUSHWORKER_FLOW_POLL``).
+    flow_poll: float = 1.0
+    #: Concurrency a throttled registry with no configured cap climbs back to before it is
+    #: uncapped again (``PUSHWORKER_FLOW_UNCAPPED_CEILING``).
+    flow_uncapped_ceiling: int = 32
     # HTTP API (fields)
     #: Address ``pushctl api serve`` listens on (``PUSHWORKER_API_HOST``).
     api_host: str = "127.0.0.1"
@@ -166,6 +182,12 @@ class Settings:
             metrics_dir=_text(env, METRICS_DIR_ENV),
             operator=env.get("PUSHWORKER_OPERATOR") or None,
             # flow control (values)
+            flow_deadline=_seconds(env, "PUSHWORKER_FLOW_DEADLINE", 3600, positive=True),
+            flow_lease=_seconds(env, "PUSHWORKER_FLOW_LEASE", 30, positive=True),
+            flow_poll=_seconds(env, "PUSHWORKER_FLOW_POLL", 1, positive=True),
+            flow_uncapped_ceiling=_integer(
+                env, "PUSHWORKER_FLOW_UNCAPPED_CEILING", 32, low=1, high=100000
+            ),
             # HTTP API (values)
             api_host=_text(env, "PUSHWORKER_API_HOST") or "127.0.0.1",
             api_port=_integer(env, "PUSHWORKER_API_PORT", 8080, low=1, high=65535),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, TypeVar
@@ -30,19 +31,24 @@ from worker.core.errors import (
     AuthenticationError,
     DatabaseUnavailable,
     EventConflict,
+    FlowStateUnavailable,
     JobNotFound,
     PushWorkerError,
+    RegistryThrottled,
+    ThrottledPastDeadline,
     WorkerLost,
 )
 from worker.core.logs import get_logger
 from worker.core.settings import Settings, get_settings
 from worker.engine.dispatch import Dispatcher
 from worker.engine.fallback import final_auth_error, plan_fallback
+from worker.engine.flow import SLOT_STEPS, Admission, CapChange, FlowControl, deadline_of
 from worker.engine.liveness import claim_is_dead, owner_of_this_process
 from worker.engine.retry import retry_delay, should_retry
 from worker.engine.steps import STEPS, HttpFactory, Step, StepContext, StepResult
 from worker.engine.targets import target_refusal, unusable_reason
 from worker.seams.docker_engine import DockerEngine
+from worker.seams.limiter import RedisFlowState
 from worker.seams.protocols import ContainerEngine
 from worker.seams.registry_http import shared_client
 from worker.store import claims, events, queries
@@ -67,6 +73,8 @@ class _Claimed:
     job: PushJob
     registry: Registry
     tries: int
+    #: The registry slot this step holds while it acts (flow control), if any.
+    holder: str | None = None
 
 
 @dataclass
@@ -77,6 +85,8 @@ class StepRunner:
     http_factory: HttpFactory = shared_client
     #: The steps this runner knows, in chain order (tests hand in steps with other actions).
     steps: tuple[Step, ...] = STEPS
+    #: Per-registry flow control (slots, rate, AIMD); None: no limits (no Redis broker).
+    flow: FlowControl | None = None
 
     def step(self, name: str) -> Step:
         """The step called ``name``; KeyError for a name not in ``steps``."""
@@ -110,8 +120,19 @@ class StepRunner:
             on_progress=_progress_recorder(job_id, step, registry_id, claimed.tries, actor),
             attempt=claimed.tries,
         )
+        holding = self.flow.holding(registry_id, claimed.holder) if self.flow else nullcontext()
         try:
-            result = self.step(step).action(context)
+            with holding:
+                try:
+                    result = self.step(step).action(context)
+                except RegistryThrottled as throttled:
+                    # Counted while this step still holds its slot: the concurrency it met.
+                    if self.flow is not None and type(throttled) is RegistryThrottled:
+                        change = self._flow_call(
+                            self.flow.on_throttled, claimed.registry, throttled.message
+                        )
+                        self._record_cap_change(change, actor)
+                    raise
         except PushWorkerError as exc:
             failure = exc
             return _with_conflict_retry(
@@ -123,6 +144,8 @@ class StepRunner:
             return _with_conflict_retry(
                 lambda: self._record_failure(step, job_id, registry_id, crash, actor)
             )
+        if self.flow is not None and step in SLOT_STEPS:
+            self._record_cap_change(self._flow_call(self.flow.on_success, claimed.registry), actor)
         return _with_conflict_retry(
             lambda: self._record_success(step, job_id, registry_id, result, actor)
         )
@@ -157,23 +180,108 @@ class StepRunner:
                 _mark_failed(job, refusal)
                 note("job.failed", None, **refusal.to_payload())
                 return Outcome("stop", reason=refusal.code)
-            tries = self._take_claim(session, run, job_id, step, registry_id, actor)
-            if isinstance(tries, str):
-                note("step.skipped", None, reason=tries)
-                return Outcome("stop", reason="claimed elsewhere")
-            if tries > self.settings.max_attempts:
-                error = WorkerLost(
-                    f"step {step} was started {tries - 1} times and its worker died each time",
-                    hint="see the worker's logs for what kills it; then retry the job",
-                )
-                claims.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
-                self._fail_job(note, job, error, tries)
-                return Outcome("stop", reason="worker lost")
-            claims.mark_running(session, job, step)
-            note("step.started", tries)
             registry = view.registry
             assert registry is not None, "a job's registry row is never deleted"
-            return _Claimed(job=job, registry=registry, tries=tries)
+            admission = self._admit(note, job, registry, step)
+            if isinstance(admission, Outcome):
+                return admission
+            holder = admission.holder if admission else None
+            try:
+                claimed = self._claim_step(session, note, run, job, registry, step, actor)
+            except BaseException:
+                self._release(registry_id, holder)
+                raise
+            if isinstance(claimed, Outcome):
+                self._release(registry_id, holder)
+                return claimed
+            return _Claimed(job=job, registry=registry, tries=claimed, holder=holder)
+
+    def _claim_step(
+        self,
+        session: Session,
+        note: _Recorder,
+        run: StepRun | None,
+        job: PushJob,
+        registry: Registry,
+        step: str,
+        actor: str,
+    ) -> int | Outcome:
+        """Take the claim: the try number, or why this delivery stops."""
+        job_id, registry_id = job.id, registry.id
+        # A run whose worker died is still RUNNING; one that recorded a failure is not (a
+        # throttled step is retried up to its deadline, not bounded by max_attempts).
+        died = run is not None and run.status == StepStatus.RUNNING
+        tries = self._take_claim(session, run, job_id, step, registry_id, actor)
+        if isinstance(tries, str):
+            note("step.skipped", None, reason=tries)
+            return Outcome("stop", reason="claimed elsewhere")
+        if died and tries > self.settings.max_attempts:
+            error = WorkerLost(
+                f"step {step} was started {tries - 1} times and its worker died each time",
+                hint="see the worker's logs for what kills it; then retry the job",
+            )
+            claims.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
+            self._fail_job(note, job, error, tries)
+            return Outcome("stop", reason="worker lost")
+        claims.mark_running(session, job, step)
+        note("step.started", tries)
+        return tries
+
+    def _admit(
+        self, note: _Recorder, job: PushJob, registry: Registry, step: str
+    ) -> Admission | Outcome | None:
+        """Flow control before the claim: a slot and a request of the rate, or a wait (re-queued
+        with a countdown, recorded once per wait, not a try), or the deadline passed."""
+        if self.flow is None or not self.flow.applies(step):
+            return None
+        try:
+            admission = self.flow.admit(registry, job.id, step)
+        except FlowStateUnavailable as unavailable:
+            log.warning("step.deferred", job_id=job.id, step=step, reason=unavailable.message)
+            return Outcome("retry", self._delay(1), unavailable.code)
+        if admission.granted:
+            return admission
+        if utcnow() >= deadline_of(job, self.settings):
+            error = ThrottledPastDeadline(
+                f"job waited for registry {registry.id} until its deadline: {admission.reason}",
+                hint="raise the registry's limits or the job's --deadline, then retry the job",
+            )
+            self._flow_call(self.flow.forget, registry.id, job.id, step)
+            _mark_failed(job, error)
+            note("job.failed", None, **error.to_payload())
+            return Outcome("stop", reason=error.code)
+        if admission.first:
+            note("step.waiting", None, reason=admission.reason, ahead=admission.ahead,
+                 holders=admission.holders, limit=admission.limit)  # fmt: skip
+        return Outcome("retry", admission.countdown, "waiting: " + admission.reason)
+
+    def _release(self, registry_id: int, holder: str | None) -> None:
+        if self.flow is not None and holder is not None:
+            self.flow.release(registry_id, holder)
+
+    def _flow_call(self, function: Callable[..., T], *args: object) -> T | None:
+        """A flow-control bookkeeping call whose failure must not fail the step."""
+        try:
+            return function(*args)
+        except FlowStateUnavailable as exc:
+            log.warning("flow.unavailable", error=exc.message)
+            return None
+
+    def _record_cap_change(self, change: CapChange | None, actor: str) -> None:
+        """A change of a registry's effective limit, on the registry's stream."""
+        if change is None:
+            return
+        log.info(change.type, registry_id=change.registry_id, limit=change.limit,
+                 previous_limit=change.previous_limit)  # fmt: skip
+        try:
+            with session_scope() as session:
+                events.append(
+                    session, stream=events.registry_stream(change.registry_id),
+                    type=change.type, actor=actor, registry_id=change.registry_id,
+                    payload=change.payload(),
+                )  # fmt: skip
+        except (DatabaseUnavailable, EventConflict):
+            log.warning("flow.event_lost", type=change.type, registry_id=change.registry_id)
 
     def _take_claim(
         self,
@@ -247,6 +355,7 @@ class StepRunner:
         self, step: str, job_id: str, registry_id: int, error: PushWorkerError, actor: str
     ) -> Outcome:
         dispatch_to: int | None = None
+        throttled = self._throttled_delay(error, step)
         with session_scope() as session:
             tries = claims.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
             job = claims.load_job(session, job_id)
@@ -267,6 +376,25 @@ class StepRunner:
                      to_registry_id=fallback, reason=error.message, **skipped)  # fmt: skip
                 dispatch_to = fallback
                 outcome = Outcome("stop", reason="fallback")
+            elif throttled is not None:
+                if utcnow() >= deadline_of(job, self.settings):
+                    final_error = ThrottledPastDeadline(
+                        f"registry {registry_id} was still throttling when the job's deadline "
+                        f"passed: {error.message}",
+                        hint="raise the job's --deadline or lower the registry's limits, "
+                        "then retry the job",
+                    )
+                    _mark_failed(job, final_error)
+                    note("step.failed", tries, will_retry=False, **error.to_payload())
+                    note("job.failed", tries, **final_error.to_payload())
+                    outcome = Outcome("stop", reason=final_error.code)
+                else:
+                    # Waiting is not failing: retried up to the deadline, not max_attempts,
+                    # after exactly the registry's Retry-After when it gave one.
+                    delay = throttled
+                    note("step.failed", tries, will_retry=True, retry_in=round(delay, 2),
+                         **error.to_payload())  # fmt: skip
+                    outcome = Outcome("retry", delay, error.code)
             elif should_retry(error, tries, self.settings.max_attempts):
                 delay = self._delay(tries, error)
                 note("step.failed", tries, will_retry=True, retry_in=round(delay, 2),
@@ -284,6 +412,15 @@ class StepRunner:
         if dispatch_to is not None:
             self.dispatcher.start_chain(job_id, dispatch_to)
         return outcome
+
+    def _throttled_delay(self, error: PushWorkerError, step: str) -> float | None:
+        """With flow control on, the wait before retrying a throttled step (None: not one)."""
+        if self.flow is None or type(error) is not RegistryThrottled:
+            return None
+        if error.retry_after is not None:
+            # Honoured exactly, bounded only to stay under the broker's visibility timeout.
+            return min(error.retry_after, self.settings.retry_max)
+        return self.settings.flow_poll * self.flow.rng.uniform(1.0, 2.0)
 
     def _fail_job(self, note: _Recorder, job: PushJob, error: PushWorkerError, tries: int) -> None:
         _mark_failed(job, error)
@@ -372,7 +509,16 @@ def default_runner(dispatcher: Dispatcher) -> StepRunner:
         dispatcher=dispatcher,
         engine_factory=_cached_engine(settings),
         settings=settings,
+        flow=_flow_control(settings),
     )
+
+
+def _flow_control(settings: Settings) -> FlowControl | None:
+    """Flow control through the broker's Redis; none with another broker."""
+    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        log.warning("flow.off", reason="the broker is not Redis: registry limits not enforced")
+        return None
+    return FlowControl(RedisFlowState(settings.broker_url, timeout=settings.http_timeout), settings)
 
 
 def _cached_engine(settings: Settings) -> Callable[[], ContainerEngine]:

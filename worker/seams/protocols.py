@@ -9,6 +9,7 @@ from typing import Protocol
 from worker.core.credentials import Credential
 from worker.core.reference import TargetReference
 from worker.seams.docker_engine import LocalImage, ProgressCallback, PushResult
+from worker.seams.limiter import AdaptiveCap, SlotGrant
 from worker.seams.registry_http import Challenge
 
 
@@ -43,3 +44,36 @@ class RegistryClient(Protocol):
     def manifest_digest(self, repository: str, tag: str) -> str | None: ...
 
     def close(self) -> None: ...
+
+
+class FlowState(Protocol):
+    """Per-registry flow-control state shared by every worker (``worker.seams.limiter``): leased
+    slots, the waiters' order, the adaptive cap and the request rate."""
+
+    def acquire(
+        self,
+        registry_id: int,
+        holder: str,
+        waiter: str,
+        cap: int,
+        *,
+        lease: float,
+        waiter_ttl: float,
+        now: float | None = None,
+    ) -> SlotGrant: ...
+
+    def renew(
+        self, registry_id: int, holder: str, *, lease: float, now: float | None = None
+    ) -> bool: ...
+
+    def release(self, registry_id: int, holder: str) -> None: ...
+
+    def forget_waiter(self, registry_id: int, waiter: str) -> None: ...
+
+    def holders(self, registry_id: int, *, now: float | None = None) -> int: ...
+
+    def adaptive_cap(self, registry_id: int) -> AdaptiveCap | None: ...
+
+    def swap_cap(self, registry_id: int, expected: float | None, new: float | None) -> bool: ...
+
+    def take_request(self, registry_id: int, per_second: float) -> float: ...

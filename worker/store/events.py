@@ -56,6 +56,9 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
         # retention (events.pruned)
         "first_event_id", "last_event_id", "last_hash", "count", "cutoff", "archived_to",
         "archive_sha256",
+        # flow control (step.waiting, registry.throttled / registry.unthrottled, limits)
+        "ahead", "holders", "limit", "effective_limit", "previous_limit", "max_concurrent",
+        "rate_per_second", "deadline_at",
         # API tokens (token.created, token.revoked): name, role, scope; never the token or hash
         "token_name", "role", "registry_ids", "expires_at",
     }

@@ -1,0 +1,270 @@
+"""Flow control: the Redis slot limiter (its Lua scripts run by a real Redis, database 42:
+fakeredis cannot run Lua without ``lupa``, which is not installed) and the engine's policy
+(waiting, deadline, AIMD) through the real pipeline with fake Docker and registry seams."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.support.fakes import FakeWorld, InlineDispatcher, fake_runner
+from worker.core.errors import RegistryThrottled
+from worker.core.settings import Settings
+from worker.engine.flow import FlowControl
+from worker.engine.pipeline import StepRunner
+from worker.jobs import PushRequest, create_job
+from worker.registries import RegistrySpec, create_registry
+from worker.seams.limiter import RedisFlowState, rate_item
+from worker.store.db import session_scope
+from worker.store.models import PushJob, Registry, utcnow
+from worker.store.queries import select_events
+
+pytestmark = pytest.mark.redis
+
+REDIS_URL = "redis://127.0.0.1:6379/42"
+HOST = "reg.example.com:10443"
+SOURCE = "app:build"
+
+
+@pytest.fixture
+def state() -> Iterator[RedisFlowState]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield RedisFlowState(REDIS_URL)
+    client.flushdb()
+
+
+# --- the limiter -------------------------------------------------------------------------------
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(0, 7)),
+        st.tuples(st.just("release"), st.integers(0, 7)),
+        st.tuples(st.just("renew"), st.integers(0, 7)),
+        st.tuples(st.just("advance"), st.floats(0.0, 15.0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cap=st.integers(1, 4), ops=OPS)
+def test_never_more_than_the_cap_under_any_interleaving_and_lease_expiry(
+    state: RedisFlowState, cap: int, ops: list[tuple[str, float]]
+) -> None:
+    """A model of leases decides every answer: granted exactly when a slot is free (or the
+    holder already holds one), renewed only while alive, and never more than ``cap`` alive."""
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    lease, now = 10.0, 1_000_000.0
+    alive: dict[str, float] = {}  # holder -> lease expiry
+    for op, arg in ops:
+        holder = f"h{int(arg)}" if op != "advance" else ""
+        alive = {h: until for h, until in alive.items() if until > now}
+        if op == "acquire":
+            grant = state.acquire(7, holder, holder, cap, lease=lease, waiter_ttl=30, now=now)
+            expected = holder in alive or len(alive) < cap
+            assert grant.granted == expected
+            if grant.granted:
+                alive[holder] = now + lease
+            assert grant.holders == len(alive)
+        elif op == "release":
+            state.release(7, holder)
+            alive.pop(holder, None)
+        elif op == "renew":
+            renewed = state.renew(7, holder, lease=lease, now=now)
+            assert renewed == (holder in alive)
+            if renewed:
+                alive[holder] = now + lease
+        else:
+            now += arg
+        assert len(alive) <= cap
+        assert state.holders(7, now=now) == len({h for h, u in alive.items() if u > now})
+
+
+def test_a_dead_holders_slot_frees_by_lease(state: RedisFlowState) -> None:
+    t = 5_000.0
+    assert state.acquire(1, "dead", "w-dead", 1, lease=30, waiter_ttl=30, now=t).granted
+    assert not state.acquire(1, "next", "w-next", 1, lease=30, waiter_ttl=30, now=t + 29).granted
+    assert state.acquire(1, "next", "w-next", 1, lease=30, waiter_ttl=30, now=t + 30.5).granted
+
+
+def test_waiters_are_counted_in_order_and_a_wait_is_first_once(state: RedisFlowState) -> None:
+    t = 9_000.0
+    assert state.acquire(2, "a", "job-a", 1, lease=30, waiter_ttl=30, now=t).granted
+    b1 = state.acquire(2, "b", "job-b", 1, lease=30, waiter_ttl=30, now=t + 1)
+    c1 = state.acquire(2, "c", "job-c", 1, lease=30, waiter_ttl=30, now=t + 2)
+    b2 = state.acquire(2, "b2", "job-b", 1, lease=30, waiter_ttl=30, now=t + 3)
+    assert (b1.granted, b1.ahead, b1.first_refusal) == (False, 0, True)
+    assert (c1.ahead, c1.first_refusal) == (1, True)
+    assert (b2.ahead, b2.first_refusal) == (0, False)
+    # b stops asking: after the waiters' ttl it no longer counts ahead of c
+    c2 = state.acquire(2, "c", "job-c", 1, lease=60, waiter_ttl=20, now=t + 29)
+    assert (c2.granted, c2.ahead) == (False, 0)
+
+
+def test_rate_items() -> None:
+    assert (rate_item(10).amount, rate_item(10).multiples) == (10, 1)
+    assert (rate_item(0.5).amount, rate_item(0.5).multiples) == (1, 2)
+    assert (rate_item(2.7).amount, rate_item(2.7).multiples) == (2, 1)
+
+
+def test_the_rate_refuses_the_request_over_it_and_says_how_long(state: RedisFlowState) -> None:
+    assert state.take_request(3, 2) == 0.0
+    assert state.take_request(3, 2) == 0.0
+    wait = state.take_request(3, 2)
+    assert 0 < wait <= 1.0
+
+
+# --- AIMD --------------------------------------------------------------------------------------
+
+
+def _registry(max_concurrent: int | None) -> Registry:
+    return Registry(
+        id=11, name="r", url=f"https://{HOST}", host=HOST, max_concurrent=max_concurrent
+    )
+
+
+def test_a_429_halves_the_limit_and_successes_raise_it_back(state: RedisFlowState) -> None:
+    clock = [100.0]
+    flow = FlowControl(state, Settings.from_env(), clock=lambda: clock[0])
+    registry = _registry(8)
+    assert flow.limit(registry) == 8
+    down = flow.on_throttled(registry, "429")
+    assert down is not None and (down.previous_limit, down.limit) == (8, 4)
+    # a second 429 right after (in flight at the old limit) does not lower it again
+    assert flow.on_throttled(registry, "429") is None
+    assert flow.limit(registry) == 4
+    changes = []
+    for _ in range(40):
+        change = flow.on_success(registry)
+        if change is not None:
+            changes.append((change.type, change.previous_limit, change.limit))
+    assert changes == [
+        ("registry.unthrottled", 4, 5),
+        ("registry.unthrottled", 5, 6),
+        ("registry.unthrottled", 6, 7),
+        ("registry.unthrottled", 7, 8),
+    ]
+    assert state.adaptive_cap(registry.id) is None  # back at its configured cap: no state left
+
+
+def test_an_uncapped_registry_is_capped_at_half_the_concurrency_it_refused(
+    state: RedisFlowState,
+) -> None:
+    flow = FlowControl(state, Settings.from_env())
+    registry = _registry(None)
+    for holder in "abcdef":
+        assert state.acquire(11, holder, holder, 1_000_000, lease=30, waiter_ttl=30).granted
+    down = flow.on_throttled(registry, "429")
+    assert down is not None and (down.previous_limit, down.limit) == (None, 3)
+
+
+# --- through the pipeline ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry_5(sqlite_url: str) -> None:
+    with session_scope() as session:
+        spec = RegistrySpec(name="r5", url=f"https://{HOST}", username="u", secret="pw")
+        create_registry(session, spec, registry_id=5)
+        row = session.get(Registry, 5)
+        assert row is not None
+        row.max_concurrent = 1
+
+
+def _runner(
+    world: FakeWorld, state: RedisFlowState, flow_poll: float = 1.0
+) -> tuple[StepRunner, InlineDispatcher]:
+    test_settings = dataclasses.replace(
+        Settings.from_env(), max_attempts=2, retry_base=0.0, retry_max=0.0, flow_poll=flow_poll
+    )
+    runner, dispatcher = fake_runner(world, test_settings)
+    runner.flow = FlowControl(state, test_settings)
+    return runner, dispatcher
+
+
+def _job() -> str:
+    with session_scope() as session:
+        job, _ = create_job(session, PushRequest(SOURCE, 5, "team/app", "v1", "t"), actor="t")
+        return job.id
+
+
+def _types(job_id: str) -> list[str]:
+    with session_scope() as session:
+        return [e.type for e in select_events(session, job_id=job_id)]
+
+
+def test_a_push_without_a_slot_waits_without_a_try_then_runs(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, _ = _runner(world, state)
+    job_id = _job()
+    for step in ("resolve_credentials", "login", "tag"):
+        assert runner.run(step, job_id, 5).action == "continue"
+    assert state.acquire(5, "other", "other-job", 1, lease=30, waiter_ttl=30).granted
+    first = runner.run("push", job_id, 5)
+    second = runner.run("push", job_id, 5)
+    assert first.action == second.action == "retry"
+    assert first.reason == "waiting: registry 5 at its limit of 1, 0 ahead"
+    assert _types(job_id).count("step.waiting") == 1  # once per wait
+    assert world.pushes == []
+    state.release(5, "other")
+    assert runner.run("push", job_id, 5).action == "stop"
+    types = _types(job_id)
+    assert types[-3:] == ["step.started", "step.succeeded", "job.succeeded"]
+    assert types.count("step.started") == 4  # the waits were not tries
+    assert state.holders(5) == 0  # the slot was released
+
+
+def test_waiting_past_the_deadline_fails_the_job_with_its_own_code(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, _ = _runner(world, state)
+    job_id = _job()
+    with session_scope() as session:
+        job = session.get(PushJob, job_id)
+        assert job is not None
+        job.deadline_at = utcnow() - timedelta(seconds=1)
+    assert state.acquire(5, "other", "other-job", 1, lease=30, waiter_ttl=30).granted
+    assert runner.run("push", job_id, 5).action == "stop"
+    with session_scope() as session:
+        job = session.get(PushJob, job_id)
+        assert job is not None and job.error_code == "throttled_past_deadline"
+    assert world.pushes == []
+
+
+def test_a_throttled_push_is_retried_past_max_attempts_and_lowers_the_limit(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    world.push_errors[HOST] = [RegistryThrottled("429 too many requests", retry_after=0.0)] * 5
+    _, dispatcher = _runner(world, state, flow_poll=0.0)
+    with session_scope() as session:
+        row = session.get(Registry, 5)
+        assert row is not None
+        row.max_concurrent = 4
+    job_id = _job()
+    dispatcher.start_chain(job_id, 5)
+    types = _types(job_id)
+    assert types[-1] == "job.succeeded"
+    assert types.count("step.failed") == 5  # max_attempts is 2: throttling is not failing
+    with session_scope() as session:
+        changes = select_events(
+            session, stream="registry/5", types=["registry.throttled", "registry.unthrottled"]
+        )
+        seen = [
+            (e.type, e.payload["previous_limit"], e.payload["effective_limit"]) for e in changes
+        ]
+    # the 429 met one push in flight: limit 1 (one decrease, the next 429s within the cooldown
+    # change nothing); the success raises it by one
+    assert seen == [("registry.throttled", 4, 1), ("registry.unthrottled", 1, 2)]

@@ -1,0 +1,253 @@
+"""Per-registry flow control: when a step may talk to its registry, and how the limit adapts.
+
+The policy (this module) decides; where the counters live is a seam
+(``worker.seams.protocols.FlowState``, Redis in ``worker.seams.limiter``), so every worker on every
+host sees the same slots.
+
+- **Slots**: the push step holds one of its registry's slots while it runs (a lease renewed every
+  third of ``PUSHWORKER_FLOW_LEASE``; a dead worker's slot frees when its lease runs out). The
+  limit is the registry's ``max_concurrent``, lowered by the adaptive cap below. A registry with
+  no cap still takes a slot (with no limit), so the concurrency a 429 arrived at is known.
+- **Rate**: login and push each count one request against ``rate_per_second`` (a moving window
+  of the ``limits`` library). It paces step starts, not every HTTP request the engine makes.
+- **Waiting**: a step refused a slot or a request is not run and not counted as a try: the task
+  is re-queued with a countdown (``PUSHWORKER_FLOW_POLL``, jittered), so the worker's pool slot
+  serves other registries meanwhile. Up to the job's deadline; then ``throttled_past_deadline``.
+- **AIMD**: a 429 halves the registry's effective limit (from the concurrency it arrived at, at
+  most once per ``DECREASE_COOLDOWN`` seconds, floor 1); each success adds 1/limit, so the limit
+  grows by one per "limit" successes, up to the configured cap (or, for a registry with none,
+  up to ``PUSHWORKER_FLOW_UNCAPPED_CEILING``, where the adaptive cap is dropped). Each change of
+  the whole-number limit is reported (``CapChange``) for a ``registry.throttled`` /
+  ``registry.unthrottled`` event.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from worker.core.errors import FlowStateUnavailable
+from worker.core.logs import get_logger
+from worker.core.settings import Settings
+from worker.seams.protocols import FlowState
+from worker.store.models import PushJob, Registry
+
+log = get_logger("pushworker.flow")
+
+#: The steps that hold a registry slot while they act (the upload), and those that count against
+#: the registry's request rate. Login is one /v2/ round trip: paced by the rate, not by a slot.
+SLOT_STEPS = frozenset({"push"})
+RATE_STEPS = frozenset({"login", "push"})
+#: Seconds after a decrease during which further 429s do not lower the limit again (the 429s of
+#: requests already in flight answer the old limit).
+DECREASE_COOLDOWN = 5.0
+#: The "cap" of a registry without one: a slot is still taken, to know the concurrency.
+UNLIMITED = 1_000_000
+
+
+@dataclass(frozen=True)
+class Admission:
+    granted: bool
+    #: The slot's holder id, to renew and release (None: the step takes no slot).
+    holder: str | None = None
+    countdown: float = 0.0
+    reason: str = ""
+    ahead: int = 0
+    holders: int = 0
+    limit: int | None = None
+    #: True on the first refusal of a wait: record ``step.waiting`` once per wait.
+    first: bool = False
+
+
+@dataclass(frozen=True)
+class CapChange:
+    type: Literal["registry.throttled", "registry.unthrottled"]
+    registry_id: int
+    previous_limit: int | None
+    limit: int | None
+    max_concurrent: int | None
+    reason: str
+
+    def payload(self) -> dict[str, object]:
+        return {
+            "previous_limit": self.previous_limit,
+            "effective_limit": self.limit,
+            "max_concurrent": self.max_concurrent,
+            "reason": self.reason,
+        }
+
+
+def deadline_of(job: PushJob, settings: Settings) -> datetime:
+    """The job's own deadline, or its creation plus ``PUSHWORKER_FLOW_DEADLINE``."""
+    if job.deadline_at is not None:
+        return job.deadline_at
+    return job.created_at + timedelta(seconds=settings.flow_deadline)
+
+
+class FlowControl:
+    def __init__(
+        self,
+        state: FlowState,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.state, self.settings, self.clock = state, settings, clock
+        self.rng = rng or random.Random()
+
+    @staticmethod
+    def applies(step: str) -> bool:
+        return step in SLOT_STEPS or step in RATE_STEPS
+
+    # --- the limit -------------------------------------------------------------------------------
+
+    def limit(self, registry: Registry) -> int | None:
+        """The registry's effective limit now: its cap, lowered by the adaptive cap."""
+        adaptive = self.state.adaptive_cap(registry.id)
+        configured = registry.max_concurrent
+        if adaptive is None:
+            return configured
+        lowered = max(1, math.floor(adaptive.cap))
+        return lowered if configured is None else min(configured, lowered)
+
+    # --- admission -------------------------------------------------------------------------------
+
+    def admit(self, registry: Registry, job_id: str, step: str) -> Admission:
+        """Take a slot (push) and a request of the rate (login, push), or say how long to wait."""
+        holder: str | None = None
+        limit = self.limit(registry)
+        if step in SLOT_STEPS:
+            holder = f"{job_id}:{step}:{uuid.uuid4().hex[:12]}"
+            grant = self.state.acquire(
+                registry.id, holder, f"{job_id}:{step}",
+                UNLIMITED if limit is None else limit,
+                lease=self.settings.flow_lease, waiter_ttl=self._waiter_ttl(),
+            )  # fmt: skip
+            if not grant.granted:
+                return Admission(
+                    False,
+                    countdown=self._poll(),
+                    reason=f"registry {registry.id} at its limit of {limit}, {grant.ahead} ahead",
+                    ahead=grant.ahead,
+                    holders=grant.holders,
+                    limit=limit,
+                    first=grant.first_refusal,
+                )
+        if step in RATE_STEPS and registry.rate_per_second:
+            wait = self.state.take_request(registry.id, registry.rate_per_second)
+            if wait > 0:
+                if holder is not None:
+                    self.release(registry.id, holder)
+                return Admission(
+                    False,
+                    countdown=wait + self.rng.uniform(0, 0.1),
+                    reason=f"registry {registry.id} at its rate of {registry.rate_per_second:g}/s",
+                    limit=limit,
+                    first=False,
+                )
+        return Admission(True, holder=holder, limit=limit)
+
+    def forget(self, registry_id: int, job_id: str, step: str) -> None:
+        """The job stops waiting (it failed or moved): its place in the queue goes."""
+        self.state.forget_waiter(registry_id, f"{job_id}:{step}")
+
+    def release(self, registry_id: int, holder: str) -> None:
+        try:
+            self.state.release(registry_id, holder)
+        except FlowStateUnavailable as exc:
+            # The lease frees it; nothing is leaked.
+            log.warning("flow.release_failed", registry_id=registry_id, error=exc.message)
+
+    @contextmanager
+    def holding(self, registry_id: int, holder: str | None) -> Iterator[None]:
+        """Keep the slot's lease alive while the body runs, then release it."""
+        if holder is None:
+            yield
+            return
+        stop = threading.Event()
+        lease = self.settings.flow_lease
+
+        def renew() -> None:
+            while not stop.wait(lease / 3):
+                try:
+                    if not self.state.renew(registry_id, holder, lease=lease):
+                        log.warning("flow.lease_lost", registry_id=registry_id, holder=holder)
+                except FlowStateUnavailable as exc:
+                    log.warning("flow.renew_failed", registry_id=registry_id, error=exc.message)
+
+        renewer = threading.Thread(target=renew, name="flow-lease", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join(timeout=5)
+            self.release(registry_id, holder)
+
+    # --- AIMD ------------------------------------------------------------------------------------
+
+    def on_throttled(self, registry: Registry, reason: str) -> CapChange | None:
+        """A confirmed 429: halve the effective limit (from the concurrency it arrived at)."""
+        current = self.state.adaptive_cap(registry.id)
+        previous = self.limit(registry)
+        if current is not None and self._now() - current.changed_at < DECREASE_COOLDOWN:
+            return None
+        if current is not None:
+            base = current.cap
+        else:
+            # The concurrency the registry refused: its holders (this step's slot included).
+            holders = self.state.holders(registry.id)
+            base = float(min(filter(None, (registry.max_concurrent, holders)), default=1))
+        new = max(1.0, math.floor(base / 2))
+        if registry.max_concurrent is not None:
+            new = min(new, float(registry.max_concurrent))
+        if current is not None and new >= current.cap:
+            return None
+        if not self.state.swap_cap(registry.id, None if current is None else current.cap, new):
+            return None  # another worker reacted to the same 429 first
+        limit = self.limit(registry)
+        if limit == previous:
+            return None
+        return CapChange(
+            "registry.throttled", registry.id, previous, limit, registry.max_concurrent, reason
+        )
+
+    def on_success(self, registry: Registry) -> CapChange | None:
+        """A push went through: additive increase, one per ``limit`` successes."""
+        current = self.state.adaptive_cap(registry.id)
+        if current is None:
+            return None
+        previous = self.limit(registry)
+        ceiling = registry.max_concurrent or self.settings.flow_uncapped_ceiling
+        raised = current.cap + 1.0 / max(current.cap, 1.0)
+        new: float | None = None if raised >= ceiling else raised
+        if not self.state.swap_cap(registry.id, current.cap, new):
+            return None
+        limit = self.limit(registry)
+        if limit == previous:
+            return None
+        reason = "back at its configured limit" if new is None else "pushes succeed again"
+        return CapChange(
+            "registry.unthrottled", registry.id, previous, limit, registry.max_concurrent, reason
+        )
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _poll(self) -> float:
+        return self.settings.flow_poll * self.rng.uniform(0.8, 1.2)
+
+    def _waiter_ttl(self) -> float:
+        # A waiter asks again every poll; one that missed a few polls stopped waiting.
+        return max(10.0, self.settings.flow_poll * 5)
+
+    def _now(self) -> float:
+        return self.clock()

@@ -1,0 +1,230 @@
+"""Per-registry flow-control state in Redis (the broker's), shared by every worker on every host.
+
+Three things per registry, all under ``pushworker:flow:<registry_id>:``:
+
+- ``slots``: a ZSET of holder -> lease expiry (Redis' own clock). ``acquire`` is one Lua script:
+  drop expired leases, then grant if fewer than ``cap`` remain, so check-and-add is atomic
+  across processes. A holder renews its lease while its push runs; a worker that dies stops
+  renewing and its slot frees when the lease runs out: never leaked.
+- ``waiters``: a ZSET of waiter -> first time it was refused, and ``seen``: waiter -> last time it
+  asked. A refusal says how many live waiters came before (the "3 ahead" an operator sees) and
+  whether this is the waiter's first refusal of this wait; a waiter that stops asking is dropped.
+- ``aimd``: the adaptive cap (a float) and when it last changed, replaced only by
+  compare-and-set so two workers reacting to the same 429 lower it once.
+
+The request rate is the ``limits`` library's moving window on the same Redis.
+Redis errors become ``worker.core.errors.BrokerUnavailable``-style ``FlowStateUnavailable``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+from limits import RateLimitItemPerSecond
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from worker.core.errors import FlowStateUnavailable
+
+PREFIX = "pushworker:flow"
+
+# KEYS: slots, waiters, seen. ARGV: holder, waiter, cap, lease, waiter_ttl, now (-1: Redis TIME).
+# Returns {granted (0/1), holders, ahead, first_refusal (0/1)}.
+_ACQUIRE = """
+local now = tonumber(ARGV[6])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local cap = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[5]))
+for _, w in ipairs(stale) do
+  redis.call('ZREM', KEYS[2], w)
+  redis.call('ZREM', KEYS[3], w)
+end
+local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local holders = redis.call('ZCARD', KEYS[1])
+if mine or holders < cap then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) * 1000) + 1000)
+  return {1, redis.call('ZCARD', KEYS[1]), 0, 0}
+end
+local first = redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
+redis.call('ZADD', KEYS[3], now, ARGV[2])
+local ttl = math.ceil(tonumber(ARGV[5]) * 1000) + 1000
+redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('PEXPIRE', KEYS[3], ttl)
+return {0, holders, redis.call('ZRANK', KEYS[2], ARGV[2]), first}
+"""
+
+# KEYS: slots. ARGV: holder, lease, now (-1: Redis TIME). Returns 1 if the lease was renewed.
+_RENEW = """
+local now = tonumber(ARGV[3])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry or tonumber(expiry) <= now then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
+return 1
+"""
+
+# KEYS: aimd. ARGV: expected cap ('' for none), new cap ('' to clear). Returns 1 if replaced.
+_SWAP_CAP = """
+local current = redis.call('HGET', KEYS[1], 'cap')
+if (current or '') ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'cap', ARGV[2], 'changed_at', t[1] .. '.' .. t[2])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class SlotGrant:
+    """The answer to one ``acquire``."""
+
+    granted: bool
+    #: Holders of a slot after the call (the new one included when granted).
+    holders: int
+    #: Waiters that asked before this one and still wait (0 when granted).
+    ahead: int = 0
+    #: True on the first refusal of a wait (so the wait is recorded once).
+    first_refusal: bool = False
+
+
+@dataclass(frozen=True)
+class AdaptiveCap:
+    cap: float
+    #: Redis' clock, seconds since the epoch.
+    changed_at: float
+
+
+def _keys(registry_id: int) -> tuple[str, str, str]:
+    base = f"{PREFIX}:{registry_id}"
+    return f"{base}:slots", f"{base}:waiters", f"{base}:seen"
+
+
+def _aimd_key(registry_id: int) -> str:
+    return f"{PREFIX}:{registry_id}:aimd"
+
+
+class RedisFlowState:
+    """The Redis implementation of ``worker.seams.protocols.FlowState``."""
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        self.url = url
+        self._client: redis.Redis = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._acquire = self._client.register_script(_ACQUIRE)
+        self._renew = self._client.register_script(_RENEW)
+        self._swap = self._client.register_script(_SWAP_CAP)
+        self._limiter: MovingWindowRateLimiter | None = None
+
+    def acquire(
+        self,
+        registry_id: int,
+        holder: str,
+        waiter: str,
+        cap: int,
+        *,
+        lease: float,
+        waiter_ttl: float,
+        now: float | None = None,
+    ) -> SlotGrant:
+        args = [holder, waiter, cap, lease, waiter_ttl, -1 if now is None else now]
+        answer = cast(list[int], self._call(self._acquire, list(_keys(registry_id)), args))
+        granted, holders, ahead, first = (int(value) for value in answer)
+        return SlotGrant(bool(granted), holders, ahead, bool(first))
+
+    def renew(
+        self, registry_id: int, holder: str, *, lease: float, now: float | None = None
+    ) -> bool:
+        slots = _keys(registry_id)[0]
+        answer = self._call(self._renew, [slots], [holder, lease, -1 if now is None else now])
+        return bool(answer)
+
+    def release(self, registry_id: int, holder: str) -> None:
+        self._call(lambda: self._client.zrem(_keys(registry_id)[0], holder))
+
+    def forget_waiter(self, registry_id: int, waiter: str) -> None:
+        _slots, waiters, seen = _keys(registry_id)
+        self._call(lambda: self._client.zrem(waiters, waiter))
+        self._call(lambda: self._client.zrem(seen, waiter))
+
+    def holders(self, registry_id: int, *, now: float | None = None) -> int:
+        """Holders whose lease has not run out."""
+        slots = _keys(registry_id)[0]
+        if now is None:
+            seconds, micros = cast(tuple[int, int], self._call(self._client.time))
+            now = seconds + micros / 1e6
+        low = f"({now}"
+        return int(cast(int, self._call(lambda: self._client.zcount(slots, low, "+inf"))))
+
+    def adaptive_cap(self, registry_id: int) -> AdaptiveCap | None:
+        raw = cast(
+            dict[bytes, bytes], self._call(lambda: self._client.hgetall(_aimd_key(registry_id)))
+        )
+        if b"cap" not in raw:
+            return None
+        return AdaptiveCap(float(raw[b"cap"]), float(raw.get(b"changed_at", b"0")))
+
+    def swap_cap(self, registry_id: int, expected: float | None, new: float | None) -> bool:
+        args = [
+            "" if expected is None else repr(float(expected)),
+            "" if new is None else repr(float(new)),
+        ]
+        return bool(self._call(self._swap, [_aimd_key(registry_id)], args))
+
+    def take_request(self, registry_id: int, per_second: float) -> float:
+        """Count one request against the registry's rate; 0 if allowed, else seconds to wait."""
+        item = rate_item(per_second)
+        limiter = self._rate_limiter()
+        key = f"registry-{registry_id}"
+        if self._call(lambda: limiter.hit(item, key)):
+            return 0.0
+        stats = self._call(lambda: limiter.get_window_stats(item, key))
+        reset = float(stats.reset_time)
+        seconds, micros = cast(tuple[int, int], self._call(self._client.time))
+        return max(0.05, reset - (seconds + micros / 1e6))
+
+    def _rate_limiter(self) -> MovingWindowRateLimiter:
+        if self._limiter is None:
+            storage = RedisStorage(self.url, key_prefix=f"{PREFIX}:rate")
+            self._limiter = MovingWindowRateLimiter(storage)
+        return self._limiter
+
+    def _call(
+        self, function: Any, keys: list[str] | None = None, args: list[Any] | None = None
+    ) -> Any:
+        try:
+            if keys is None and args is None:
+                return function()
+            return function(keys=keys, args=args)
+        except redis.RedisError as exc:
+            raise FlowStateUnavailable(
+                f"the flow-control state in Redis is unreachable: {type(exc).__name__}"
+            ) from None
+
+
+def rate_item(per_second: float) -> RateLimitItemPerSecond:
+    """``limits``' whole-number window for a rate: 10/s -> 10 per 1 s, 0.5/s -> 1 per 2 s."""
+    if per_second >= 1:
+        return RateLimitItemPerSecond(max(1, math.floor(per_second)), 1)
+    return RateLimitItemPerSecond(1, max(1, round(1 / per_second)))
