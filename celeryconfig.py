@@ -6,7 +6,7 @@ has one default and one validation wherever it is read.
 
 import math
 
-from worker.core.queues import DEFAULT_QUEUE
+from worker.core.queues import DEFAULT_QUEUE, WEBHOOK_QUEUE, WEBHOOK_TASK
 from worker.core.settings import get_settings as _get_settings
 
 # Underscored, as _push_timeout below: helpers of this file, not Celery settings.
@@ -40,7 +40,12 @@ broker_transport_options = {"visibility_timeout": _push_timeout + 600}
 # worker started with PUSHWORKER_WORKER_HOST=<host> consumes `pushworker.<host>` on top of its
 # -Q queues (tasks.app). Explicit queues win over these routes.
 task_default_queue = DEFAULT_QUEUE
-task_routes = {"pushworker.*": {"queue": DEFAULT_QUEUE}}
+task_routes = {
+    # Webhook deliveries run on their own queue (and worker): a receiver that hangs or answers
+    # slowly never holds a pool slot a push needs. An exact name wins over the glob below.
+    WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+    "pushworker.*": {"queue": DEFAULT_QUEUE},
+}
 task_time_limit = _push_timeout + 60
 task_soft_time_limit = _push_timeout
 
@@ -55,6 +60,13 @@ beat_schedule = {
     "registry-health": {
         "task": "pushworker.health.check_registries",
         "schedule": _settings.health_every,
+    },
+    # Plan webhook deliveries from the event log (each subscription's cursor) and send the due
+    # ones (worker.webhooks), on the webhook queue.
+    "webhook-deliveries": {
+        "task": WEBHOOK_TASK,
+        "schedule": _settings.webhook_every,
+        "options": {"queue": WEBHOOK_QUEUE},
     },
 }
 

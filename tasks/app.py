@@ -32,7 +32,9 @@ from worker.jobs import check_docker_host
 app = Celery("pushworker")
 app.config_from_object("celeryconfig")
 # Every task module, imported when the worker starts (and when a producer publishes).
-app.conf.include = ["tasks.push", "tasks.submit", "tasks.maintenance", "tasks.health"]
+app.conf.include = [
+    "tasks.push", "tasks.submit", "tasks.maintenance", "tasks.health", "tasks.webhooks",
+]  # fmt: skip
 
 log = get_logger("pushworker.worker")
 

@@ -101,6 +101,17 @@ def encrypt_secret(secret: str, key: str | None = None) -> str:
     return _fernet(key).encrypt(secret.encode()).decode()
 
 
+def decrypt_secret(token: str, what: str, key: str | None = None) -> Secret:
+    """A secret stored by ``encrypt_secret``; ``what`` names its owner in the error."""
+    try:
+        return Secret(_fernet(key).decrypt(token.encode()).decode())
+    except InvalidToken:
+        raise CredentialError(
+            f"the stored secret of {what} cannot be decrypted with PUSHWORKER_SECRET_KEY",
+            hint="the key changed since it was stored",
+        ) from None
+
+
 def parse_reference(reference: str, settings: Settings | None = None) -> tuple[CredentialKind, str]:
     """``env:NAME`` or ``file:PATH`` -> (kind, target), refused unless of that form and inside
     the credential namespace of ``settings`` (this process's by default)."""

@@ -228,6 +228,21 @@ class FallbackExhausted(AuthenticationError):
     code = "fallback_exhausted"
 
 
+class WebhookURLRefused(ValidationError):
+    """A webhook URL that may not be delivered to: not http(s), user info, or an address that is
+    loopback, private, link-local or otherwise not public, without ``--allow-private`` (SSRF)."""
+
+    code = "webhook_url_refused"
+
+
+class WebhookUnreachable(PushWorkerError):
+    """A webhook receiver that could not be reached, timed out or did not answer 2xx."""
+
+    code = "webhook_unreachable"
+    retryable = True
+    exit_code = 8
+
+
 class WorkerLost(PushWorkerError):
     """A step's worker process died too many times while running it."""
 

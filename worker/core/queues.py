@@ -13,6 +13,9 @@ SUBMIT_TASK = "pushworker.submit"
 #: Celery beat's periodic tasks.
 RECONCILE_TASK = "pushworker.maintenance.reconcile"
 HEALTH_TASK = "pushworker.health.check_registries"
+#: Webhook deliveries: a queue of their own, so a slow receiver never delays a push.
+WEBHOOK_QUEUE = "pushworker.webhooks"
+WEBHOOK_TASK = "pushworker.webhooks.deliver"
 #: Every step task is this prefix plus the step's name (``worker.engine.steps.STEPS``).
 STEP_TASK_PREFIX = "pushworker.step."
 

@@ -68,6 +68,11 @@ SETTINGS_ENV_NAMES = (
     "PUSHWORKER_API_PORT",
     "PUSHWORKER_API_MAX_BODY",
     # webhooks (names)
+    "PUSHWORKER_WEBHOOK_TIMEOUT",
+    "PUSHWORKER_WEBHOOK_EVERY",
+    "PUSHWORKER_WEBHOOK_RETRY_BASE",
+    "PUSHWORKER_WEBHOOK_RETRY_MAX",
+    "PUSHWORKER_WEBHOOK_RETRY_FOR",
 )
 
 #: A Docker host name: it becomes part of a queue name (``pushworker.<name>``).
@@ -154,6 +159,18 @@ class Settings:
     #: The largest request body the API reads, in bytes (``PUSHWORKER_API_MAX_BODY``).
     api_max_body: int = 65536
     # webhooks (fields)
+    #: Seconds one webhook delivery attempt may take, whole (``PUSHWORKER_WEBHOOK_TIMEOUT``).
+    webhook_timeout: float = 10.0
+    #: Seconds between Celery beat's webhook runs (``PUSHWORKER_WEBHOOK_EVERY``).
+    webhook_every: float = 2.0
+    #: First delay before a failed delivery is tried again; doubles each attempt
+    #: (``PUSHWORKER_WEBHOOK_RETRY_BASE``).
+    webhook_retry_base: float = 10.0
+    #: Longest delay between two attempts of a delivery (``PUSHWORKER_WEBHOOK_RETRY_MAX``).
+    webhook_retry_max: float = 3600.0
+    #: Seconds a delivery is retried for, from its first attempt, before it is marked dead
+    #: (``PUSHWORKER_WEBHOOK_RETRY_FOR``).
+    webhook_retry_for: float = 86400.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -193,6 +210,11 @@ class Settings:
             api_port=_integer(env, "PUSHWORKER_API_PORT", 8080, low=1, high=65535),
             api_max_body=_integer(env, "PUSHWORKER_API_MAX_BODY", 65536, low=1024, high=2**26),
             # webhooks (values)
+            webhook_timeout=_seconds(env, "PUSHWORKER_WEBHOOK_TIMEOUT", 10, positive=True),
+            webhook_every=_seconds(env, "PUSHWORKER_WEBHOOK_EVERY", 2, positive=True),
+            webhook_retry_base=_seconds(env, "PUSHWORKER_WEBHOOK_RETRY_BASE", 10, positive=True),
+            webhook_retry_max=_seconds(env, "PUSHWORKER_WEBHOOK_RETRY_MAX", 3600, positive=True),
+            webhook_retry_for=_seconds(env, "PUSHWORKER_WEBHOOK_RETRY_FOR", 86400),
         )
 
     def masked(self) -> dict[str, str]:

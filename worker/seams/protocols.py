@@ -11,6 +11,7 @@ from worker.core.reference import TargetReference
 from worker.seams.docker_engine import LocalImage, ProgressCallback, PushResult
 from worker.seams.limiter import AdaptiveCap, SlotGrant
 from worker.seams.registry_http import Challenge
+from worker.seams.webhook_http import WebhookRequest, WebhookResult
 
 
 class ContainerEngine(Protocol):
@@ -77,3 +78,10 @@ class FlowState(Protocol):
     def swap_cap(self, registry_id: int, expected: float | None, new: float | None) -> bool: ...
 
     def take_request(self, registry_id: int, per_second: float) -> float: ...
+
+
+class WebhookSender(Protocol):
+    """A webhook receiver (``worker.seams.webhook_http``): one signed POST per call, its outcome
+    as a plain value."""
+
+    def send(self, request: WebhookRequest) -> WebhookResult: ...

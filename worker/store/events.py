@@ -59,6 +59,9 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
         # flow control (step.waiting, registry.throttled / registry.unthrottled, limits)
         "ahead", "holders", "limit", "effective_limit", "previous_limit", "max_concurrent",
         "rate_per_second", "deadline_at",
+        # webhooks (webhook.added, webhook.removed, webhook.redelivered): never the URL's path or
+        # query (it may hold a token) and never the signing secret
+        "webhook_id", "url_host", "event_types", "only_failures", "allow_private", "delivery_id",
         # API tokens (token.created, token.revoked): name, role, scope; never the token or hash
         "token_name", "role", "registry_ids", "expires_at",
     }

@@ -290,18 +290,42 @@ class WebhookDelivery(Base):
     __table_args__ = (
         UniqueConstraint("subscription_id", "event_id", name="uq_webhook_delivery_event"),
         Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_job", "subscription_id", "job_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     subscription_id: Mapped[int] = mapped_column(ForeignKey("webhook_subscriptions.id"))
     event_id: Mapped[int] = mapped_column(EventId)
+    #: The event's job: a job's deliveries to one subscription go out in event order.
+    job_id: Mapped[str | None] = mapped_column(String(36))
     #: The ``webhook-id`` header: the same for every attempt of this delivery.
     message_id: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(20))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column()
+    #: Failed attempts are retried until this moment plus ``PUSHWORKER_WEBHOOK_RETRY_FOR``
+    #: (when it was planned, or redelivered by an operator).
+    retry_since: Mapped[datetime] = mapped_column(default=utcnow)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_latency_ms: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column()
+
+
+class WebhookAttempt(Base):
+    """One attempt of one delivery: inserted when a worker takes it (so an attempt whose worker
+    died shows, unfinished), completed with the receiver's answer."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (UniqueConstraint("delivery_id", "attempt", name="uq_webhook_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("webhook_deliveries.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str] = mapped_column(String(200))

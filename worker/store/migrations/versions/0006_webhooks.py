@@ -1,4 +1,5 @@
-"""Webhook subscriptions, each with its cursor in the event log, and every delivery attempt.
+"""Webhook subscriptions, each with its cursor in the event log, their deliveries and every
+attempt of each.
 
 Revision ID: 0006
 Revises: 0005
@@ -40,10 +41,12 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("event_id", _EVENT_ID, nullable=False),
+        sa.Column("job_id", sa.String(length=36), nullable=True),
         sa.Column("message_id", sa.String(length=64), nullable=False),
         sa.Column("status", sa.String(length=20), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("retry_since", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_status_code", sa.Integer(), nullable=True),
         sa.Column("last_latency_ms", sa.Float(), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
@@ -54,9 +57,29 @@ def upgrade() -> None:
     op.create_index(
         "ix_webhook_deliveries_due", "webhook_deliveries", ["status", "next_attempt_at"]
     )
+    op.create_index(
+        "ix_webhook_deliveries_job", "webhook_deliveries", ["subscription_id", "job_id", "id"]
+    )
+    op.create_table(
+        "webhook_attempts",
+        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+        sa.Column(
+            "delivery_id", sa.Integer(), sa.ForeignKey("webhook_deliveries.id"), nullable=False
+        ),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("status_code", sa.Integer(), nullable=True),
+        sa.Column("latency_ms", sa.Float(), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("worker", sa.String(length=200), nullable=False),
+        sa.UniqueConstraint("delivery_id", "attempt", name="uq_webhook_attempt"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("webhook_attempts")
+    op.drop_index("ix_webhook_deliveries_job", table_name="webhook_deliveries")
     op.drop_index("ix_webhook_deliveries_due", table_name="webhook_deliveries")
     op.drop_table("webhook_deliveries")
     op.drop_table("webhook_subscriptions")
