@@ -100,6 +100,20 @@ class Metrics:
             "pushworker_registry_check_duration_seconds", "How long a registry health check took.",
             ["registry"], buckets=CHECK_BUCKETS, registry=reg,
         )  # fmt: skip
+        # flow control: the adaptive limit (-1: no limit) and the waits it causes
+        self.registry_limit = Gauge(
+            "pushworker_registry_effective_limit",
+            "Pushes a registry may take at once now: its cap, lowered after 429s (-1: none).",
+            ["registry"], multiprocess_mode="mostrecent", registry=reg,
+        )  # fmt: skip
+        self.throttle_changes = Counter(
+            "pushworker_registry_limit_changes", "Changes of a registry's effective limit.",
+            ["registry", "direction"], registry=reg,
+        )  # fmt: skip
+        self.waits = Counter(
+            "pushworker_step_waits", "Steps that waited for their registry's limit (one per wait).",
+            ["step", "registry"], registry=reg,
+        )  # fmt: skip
         self._open: OrderedDict[tuple[str, str, int], datetime] = OrderedDict()
         #: Where the processes' numbers are kept (multiprocess mode); None: in this process only.
         self.directory: str | None = None
@@ -131,6 +145,12 @@ class Metrics:
             ).inc()
         elif kind in _JOB_ENDS:
             self.jobs.labels(_JOB_ENDS[kind], registry).inc()
+        elif kind in ("registry.throttled", "registry.unthrottled"):
+            limit = payload.get("effective_limit")
+            self.registry_limit.labels(registry).set(-1 if limit is None else float(limit))
+            self.throttle_changes.labels(registry, kind.removeprefix("registry.")).inc()
+        elif kind == "step.waiting":
+            self.waits.labels(str(fields.get("step")), registry).inc()
 
     def _started(self, fields: dict[str, Any]) -> None:
         self._open[_step_key(fields)] = _time(fields)

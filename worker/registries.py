@@ -9,6 +9,7 @@ translated here, at its boundary, into the same ``InvalidRegistry`` a check woul
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,6 +69,10 @@ class RegistrySpec:
     insecure: bool | None = None
     auth_required: bool | None = None
     fallback_chain: list[int] | None = None
+    #: Flow control: at most this many pushes at once, across every worker; 0 clears the cap.
+    max_concurrent: int | None = None
+    #: Flow control: at most this many registry steps (login, push) per second; 0 clears it.
+    rate_per_second: float | None = None
 
 
 def get_registry(session: Session, registry_id: int, *, include_removed: bool = False) -> Registry:
@@ -116,7 +121,8 @@ def update_registry(
     _apply(session, registry, spec)
     with _stored(registry):
         session.flush()
-    _audit(session, registry, "registry.updated", actor)
+    limits = spec.max_concurrent is not None or spec.rate_per_second is not None
+    _audit(session, registry, "registry.updated", actor, limits=limits)
     return registry
 
 
@@ -222,7 +228,13 @@ def _stored(registry: Registry) -> Iterator[None]:
 
 
 def _audit(
-    session: Session, registry: Registry, type: str, actor: str | None, reason: str | None = None
+    session: Session,
+    registry: Registry,
+    type: str,
+    actor: str | None,
+    reason: str | None = None,
+    *,
+    limits: bool = False,
 ) -> None:
     """Operator changes to a registry are events too: who changed what, never the secret."""
     payload: dict[str, object] = {
@@ -231,6 +243,10 @@ def _audit(
         "fallback_chain": list(registry.fallback_chain),
         "credential_source": _credential_description(registry),
     }
+    if limits or registry.max_concurrent is not None or registry.rate_per_second is not None:
+        # Flow control: the limits in force after the change (None: no limit).
+        payload["max_concurrent"] = registry.max_concurrent
+        payload["rate_per_second"] = registry.rate_per_second
     if reason is not None:
         payload["reason"] = reason
     events.append(
@@ -302,8 +318,31 @@ def _apply(session: Session, registry: Registry, spec: RegistrySpec) -> None:
     _apply_credential(registry, spec)
     if spec.fallback_chain is not None:
         registry.fallback_chain = validate_chain(session, registry.id, spec.fallback_chain)
+    _apply_limits(registry, spec)
     # Refuse a record that cannot authenticate now, not when a push needs it (the incident).
     check_credential_configured(registry)
+
+
+def _apply_limits(registry: Registry, spec: RegistrySpec) -> None:
+    """Flow-control limits: a whole number of pushes >= 1 and a rate > 0; 0 clears either."""
+    cap = spec.max_concurrent
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= 10_000:
+            raise InvalidRegistry(
+                f"max concurrent pushes must be a whole number from 1 to 10000 (0 clears it), "
+                f"not {cap!r}"
+            )
+        registry.max_concurrent = cap or None
+    rate = spec.rate_per_second
+    if rate is not None:
+        if isinstance(rate, bool) or not isinstance(rate, int | float):
+            raise InvalidRegistry(f"the request rate must be a number per second, not {rate!r}")
+        if not math.isfinite(rate) or not 0 <= rate <= 100_000:
+            raise InvalidRegistry(
+                f"the request rate must be > 0 and at most 100000 per second (0 clears it), "
+                f"not {rate!r}"
+            )
+        registry.rate_per_second = float(rate) or None
 
 
 def _apply_credential(registry: Registry, spec: RegistrySpec) -> None:

@@ -268,3 +268,56 @@ def test_a_throttled_push_is_retried_past_max_attempts_and_lowers_the_limit(
     # the 429 met one push in flight: limit 1 (one decrease, the next 429s within the cooldown
     # change nothing); the success raises it by one
     assert seen == [("registry.throttled", 4, 1), ("registry.unthrottled", 1, 2)]
+
+
+# --- metrics and the command line --------------------------------------------------------------
+
+
+def test_limit_changes_and_waits_become_metrics() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from worker.metrics import Metrics
+
+    collected = CollectorRegistry()
+    metrics = Metrics(collected)
+    for kind, limit in (("registry.throttled", 2), ("registry.unthrottled", None)):
+        metrics.on_event({"type": kind, "registry_id": 5, "payload": {"effective_limit": limit}})
+        gauge = collected.get_sample_value("pushworker_registry_effective_limit", {"registry": "5"})
+        assert gauge == (-1 if limit is None else limit)
+    metrics.on_event({"type": "step.waiting", "registry_id": 5, "step": "push", "payload": {}})
+    waits = collected.get_sample_value(
+        "pushworker_step_waits_total", {"step": "push", "registry": "5"}
+    )
+    assert waits == 1
+
+
+def test_limits_are_set_shown_audited_and_cleared_from_the_command_line(sqlite_url: str) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from worker.cli import cli
+    from worker.store.migrate import upgrade
+
+    upgrade()
+    runner = CliRunner()
+    add = ["registry", "add", "h", "https://reg.example.com", "--username", "u"]
+    added = runner.invoke(
+        cli, [*add, "--password-stdin", "--no-test", "--max-concurrent", "2", "--rate", "600/m"],
+        input="pw\n",
+    )  # fmt: skip
+    assert added.exit_code == 0, added.output
+    shown = json.loads(runner.invoke(cli, ["registry", "show", "1", "--json"]).output)
+    assert (shown["max_concurrent"], shown["rate_per_second"]) == (2, 10.0)
+    for bad in (["--max-concurrent", "-1"], ["--max-concurrent", "2.5"], ["--rate", "0x"]):
+        refused = runner.invoke(cli, ["registry", "update", "1", "--no-test", *bad])
+        assert refused.exit_code == 2, refused.output
+    cleared = runner.invoke(
+        cli, ["registry", "update", "1", "--no-test", "--max-concurrent", "none", "--rate", "none"]
+    )
+    assert cleared.exit_code == 0, cleared.output
+    with session_scope() as session:
+        updates = select_events(session, stream="registry/1", types=["registry.updated"])
+        assert [(e.payload["max_concurrent"], e.payload["rate_per_second"]) for e in updates] == [
+            (None, None)
+        ]

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import click
+from rich.text import Text
 
 from worker import producer
 from worker.cli.common import (
@@ -105,12 +106,26 @@ def jobs_show(job_id: str, as_json: bool) -> None:
         job = job_fields(get_job(session, job_id))
         rows = queries.select_events(session, job_id=job_id)
         timeline = [queries.event_fields(row) for row in rows]
+    waiting = _waiting(job, timeline)
     if as_json:
-        _echo_json({"job": job, "events": timeline})
+        _echo_json({"job": job, "events": timeline, "waiting": waiting})
         return
     console = _out()
     console.print(_key_values(job))
+    if waiting is not None:
+        reason = printable(str(waiting["reason"]))
+        console.print(Text(f"waiting: {reason} (since {waiting['since']})"), soft_wrap=True)
     console.print(_events_table(rows, with_job=False))
+
+
+def _waiting(job: dict[str, Any], timeline: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Why an unfinished job waits (flow control): its last event is a ``step.waiting``."""
+    if job["status"] in ("succeeded", "failed", "cancelled") or not timeline:
+        return None
+    last = timeline[-1]
+    if last["type"] != "step.waiting":
+        return None
+    return {"reason": last["payload"].get("reason"), "since": last["time"], "step": last["step"]}
 
 
 def _retry_one(job_id: str, reason: str, actor: str) -> str:

@@ -5,6 +5,8 @@ Secrets are read from stdin or a hidden prompt only, and never printed.
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -73,10 +75,15 @@ class RegistryOptions:
     no_test: bool = False
     as_json: bool = False
     timeout: float | None = None
+    #: Flow control; 0 clears (``--max-concurrent none``, ``--rate none``).
+    max_concurrent: int | None = None
+    rate: float | None = None
 
     def spec(self, secret: str | None, **fields: Any) -> RegistrySpec:
         anonymous = self.anonymous
         return RegistrySpec(
+            max_concurrent=self.max_concurrent,
+            rate_per_second=self.rate,
             kind=self.kind,
             username=self.username,
             secret=secret,
@@ -98,6 +105,48 @@ _CREDENTIAL_REF = click.option(
     metavar="env:NAME|file:PATH",
     help="Read the password from the worker's environment or a file, when used.",
 )
+
+
+class MaxConcurrentType(click.ParamType[int]):
+    """``--max-concurrent N``: pushes at once to the registry, across every worker; ``none`` or
+    0 clears the cap."""
+
+    name = "N|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        text = str(value).strip().lower()
+        if text == "none":
+            return 0
+        if not re.fullmatch(r"[0-9]{1,5}", text) or int(text) > 10_000:
+            self.fail("give a whole number of pushes from 1 to 10000, or none", param, ctx)
+        return int(text)
+
+
+#: Seconds per unit of a ``--rate``.
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class RateType(click.ParamType[float]):
+    """``--rate 10/s`` (also ``/m``, ``/h``; a bare number is per second), in requests per
+    second; ``none`` or 0 clears it."""
+
+    name = "N/s|N/m|N/h|none"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        text = str(value).strip().lower()
+        if text == "none":
+            return 0.0
+        match = re.fullmatch(r"([0-9]{1,6}(?:\.[0-9]{1,6})?)(?:/([smh]))?", text)
+        if match is None:
+            self.fail("give a rate like 10/s, 600/m or 2/h, or none", param, ctx)
+        rate = float(match.group(1)) / _RATE_UNITS[match.group(2) or "s"]
+        if not (math.isfinite(rate) and rate <= 100_000):
+            self.fail("the rate must be at most 100000/s", param, ctx)
+        return rate
+
+
 _NO_TEST = click.option("--no-test", is_flag=True, help="Do not run the connection test.")
 _TEST_TIMEOUT = click.option(
     "--timeout", type=float, help="Seconds per connection-test request [PUSHWORKER_HTTP_TIMEOUT]."
@@ -126,6 +175,16 @@ def _registry_options(func: F) -> F:
             help="The registry takes pushes without credentials.",
         ),
         click.option("--fallback", type=FALLBACK, help="Registry ids to fall back to, in order."),
+        click.option(
+            "--max-concurrent",
+            type=MaxConcurrentType(),
+            help="At most N pushes to it at once, across every worker ('none' clears).",
+        ),
+        click.option(
+            "--rate",
+            type=RateType(),
+            help="At most this many logins and pushes per second, e.g. 10/s ('none' clears).",
+        ),
         _NO_TEST,
         _JSON,
         _TEST_TIMEOUT,
@@ -204,6 +263,8 @@ def registry_fields(registry: Registry) -> dict[str, Any]:
         "ca_cert": "set" if registry.ca_cert else None,
         "insecure": registry.insecure,
         "fallback_chain": list(registry.fallback_chain or []),
+        "max_concurrent": registry.max_concurrent,
+        "rate_per_second": registry.rate_per_second,
         "created_at": _iso(registry.created_at),
         "updated_at": _iso(registry.updated_at),
         "removed_at": _iso(registry.removed_at),
