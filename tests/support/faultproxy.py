@@ -25,7 +25,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 #: Headers that describe one hop's connection, not the message: never forwarded as they are.
@@ -86,6 +86,10 @@ class FaultProxy:
         self._faults: list[Fault] = []
         self.seen: list[Seen] = []
         self._closed = False
+        #: Asked first for each request: a Fault to answer it with, or None (then the rules).
+        self.gate: Callable[[str, str], Fault | None] | None = None
+        #: Told each forwarded request's method, path and the registry's status.
+        self.on_answer: Callable[[str, str, int], None] | None = None
 
     @property
     def host(self) -> str:
@@ -174,7 +178,7 @@ class FaultProxy:
                 if request is None:
                     return
                 method, path, headers, body = request
-                fault = self._take(method, path)
+                fault = (self.gate(method, path) if self.gate else None) or self._take(method, path)
                 if fault is not None and fault.delay:
                     time.sleep(fault.delay)
                 if fault is not None and fault.reset:
@@ -188,6 +192,8 @@ class FaultProxy:
                 upstream = upstream or http.client.HTTPConnection(*self.target, timeout=60)
                 answer, upstream = _forward(upstream, self.target, method, path, headers, body)
                 self._record(method, path, f"forwarded:{answer[0]}")
+                if self.on_answer is not None:
+                    self.on_answer(method, path, answer[0])
                 client.sendall(_encode_answer(method, *answer))
         except OSError:
             return

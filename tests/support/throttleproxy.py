@@ -1,0 +1,75 @@
+"""A registry that throttles like a busy Harbor: a ``FaultProxy`` that counts concurrent pushes
+and, when given a limit, answers 429 to the push that would go above it.
+
+A push is counted per repository (each test job pushes its own): it opens at the first blob
+upload (``POST /v2/<repo>/blobs/uploads/``) and closes when the registry answers its manifest
+``PUT``. Requests of an open push always go through. The first upload of a push that would make
+more than ``limit`` open pushes is answered ``429 TOOMANYREQUESTS`` (with ``Retry-After`` if
+given), which the engine does not retry itself: the push fails, as a busy registry makes it fail.
+A push that stops without its manifest (a failed push) is closed after ``idle`` seconds.
+
+``max_open`` is the most pushes the registry saw at once; ``throttled`` the 429s it answered.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from tests.support.faultproxy import Fault, FaultProxy
+
+_PUSH_PATH = re.compile(r"^/v2/(.+?)/(blobs|manifests)/")
+
+
+class ThrottleProxy(FaultProxy):
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        limit: int | None = None,
+        retry_after: str | None = None,
+        idle: float = 10.0,
+    ) -> None:
+        super().__init__(target_host, target_port)
+        self.limit, self.retry_after, self.idle = limit, retry_after, idle
+        self._pushes: dict[str, float] = {}  # repository -> last request of its push
+        self._count_lock = threading.Lock()
+        self.max_open = 0
+        self.throttled = 0
+        self.opened = 0
+        self.gate = self._gate
+        self.on_answer = self._answered
+
+    def _gate(self, method: str, path: str) -> Fault | None:
+        match = _PUSH_PATH.match(path)
+        if match is None:
+            return None
+        repository, now = match.group(1), time.monotonic()
+        with self._count_lock:
+            for stale in [r for r, seen in self._pushes.items() if now - seen > self.idle]:
+                del self._pushes[stale]
+            if repository in self._pushes:
+                self._pushes[repository] = now
+                return None
+            if not (method == "POST" and "/blobs/uploads/" in path):
+                return None
+            if self.limit is not None and len(self._pushes) >= self.limit:
+                self.throttled += 1
+                return Fault(status=429, retry_after=self.retry_after, error_code="TOOMANYREQUESTS")
+            self._pushes[repository] = now
+            self.opened += 1
+            self.max_open = max(self.max_open, len(self._pushes))
+            return None
+
+    def _answered(self, method: str, path: str, status: int) -> None:
+        match = _PUSH_PATH.match(path)
+        if match is None or method != "PUT" or match.group(2) != "manifests":
+            return
+        with self._count_lock:
+            self._pushes.pop(match.group(1), None)
+
+    def open_pushes(self) -> int:
+        with self._count_lock:
+            return len(self._pushes)
