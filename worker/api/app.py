@@ -108,6 +108,12 @@ def create_app() -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
+        if exc.status_code == 400:
+            # A body that is not JSON (not even text): malformed like any other request.
+            return JSONResponse(
+                body("invalid_input", "the request body is not JSON", "send a JSON object"),
+                status_code=422,
+            )
         return JSONResponse(
             body(codes.get(exc.status_code, "http_error"), str(exc.detail)),
             status_code=exc.status_code,

@@ -6,8 +6,9 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import redis
@@ -64,9 +65,36 @@ def _plain(field: str, value: str | None, limit: int = 200) -> str | None:
     return check_text(field, value, limit)
 
 
-def _utc(moment: datetime | None) -> datetime | None:
-    if moment is None:
+_DURATION = re.compile(r"(?:[0-9]{1,9}[smhdw])+")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: A moment of a filter: a duration ago (``2h``, ``1d12h``) or an ISO 8601 time (UTC if no zone).
+Moment = Annotated[
+    str | None,
+    Query(
+        min_length=1, max_length=40,
+        description="That long ago (30m, 2h, 1d, 1h30m) or an ISO 8601 time (UTC if no zone)",
+        examples=["2h", "2026-01-31T12:00:00Z"],
+    ),
+]  # fmt: skip
+
+
+def _moment(field: str, value: str | None) -> datetime | None:
+    """``since``/``until`` as `pushctl` reads them: a duration ago, or an ISO 8601 time."""
+    if value is None:
         return None
+    text = value.strip().lower()
+    if _DURATION.fullmatch(text):
+        seconds = sum(int(n) * _SECONDS[unit] for n, unit in re.findall(r"([0-9]+)([smhdw])", text))
+        try:
+            return datetime.now(UTC) - timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValidationError(f"{field} is too long ago") from None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValidationError(
+            f"{field} is neither a duration (30m, 2h, 1d, 1h30m) nor an ISO 8601 time"
+        ) from None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
@@ -182,7 +210,7 @@ def list_jobs(
     who: Annotated[Principal, Depends(require("read_jobs"))],
     status: Annotated[JobStatus | None, Query()] = None,
     registry: Id | None = None,
-    since: datetime | None = None,
+    since: Moment = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=400)] = None,
 ) -> JobPage:
@@ -193,7 +221,7 @@ def list_jobs(
     if registry is not None:
         query = query.where(PushJob.requested_registry_id == registry)
     if since is not None:
-        query = query.where(PushJob.created_at >= _utc(since))
+        query = query.where(PushJob.created_at >= _moment("since", since))
     if who.role == "producer":
         query = query.where(PushJob.id.in_(_own_jobs(who)))
     if cursor is not None:
@@ -320,8 +348,8 @@ def list_events(
     type: Annotated[list[str] | None, Query(max_length=40)] = None,
     outcome: Annotated[list[str] | None, Query(max_length=20)] = None,
     actor: Annotated[str | None, Query(max_length=200)] = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: Moment = None,
+    until: Moment = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=20, pattern="^[0-9]+$")] = None,
 ) -> Any:
@@ -331,8 +359,8 @@ def list_events(
     query = queries.EventQuery(
         job_id=_plain("job", job), registry_id=registry,
         repository=_plain("repository", repository, 255), types=type or None,
-        outcomes=outcome or None, actor=_plain("actor", actor), since=_utc(since),
-        until=_utc(until), after_id=int(cursor) if cursor else 0,
+        outcomes=outcome or None, actor=_plain("actor", actor), since=_moment("since", since),
+        until=_moment("until", until), after_id=int(cursor) if cursor else 0,
     )  # fmt: skip
     if query.after_id is not None and query.after_id > 2**63 - 1:
         raise ValidationError("cursor is not a cursor of this listing")
