@@ -291,11 +291,29 @@ def due_delivery_ids(session: Session, now: datetime, limit: int = DUE_BATCH) ->
             delivery.next_attempt_at <= now,
             WebhookSubscription.removed_at.is_(None),
             ~waits,
+            ~_in_flight(delivery.subscription_id, now),
         )
         .order_by(delivery.id)
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+def _in_flight(subscription_id: Any, now: datetime) -> Any:
+    """Whether an attempt to the subscription is under way: taken, not finished, its lease not
+    run out. One at a time per subscription: a receiver that hangs holds one slot of the webhook
+    worker, never all of them, and the others go on delivering (and planning)."""
+    other = aliased(WebhookDelivery)
+    return exists().where(
+        and_(
+            other.subscription_id == subscription_id,
+            other.status == DeliveryStatus.PENDING.value,
+            other.next_attempt_at > now,
+            WebhookAttempt.delivery_id == other.id,
+            WebhookAttempt.attempt == other.attempts,
+            WebhookAttempt.finished_at.is_(None),
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -330,6 +348,9 @@ def take(session: Session, delivery_id: int, settings: Settings) -> Taken | None
     event = session.get(Event, delivery.event_id)
     if subscription is None or subscription.removed_at is not None:
         return None
+    busy = select(_in_flight(subscription.id, now))
+    if session.execute(busy).scalar():
+        return None  # another worker took one of this subscription's deliveries meanwhile
     if event is None:  # pruned by retention before it could be delivered
         delivery.status = DeliveryStatus.DEAD.value
         delivery.last_error = "the event was pruned from the log before it was delivered"

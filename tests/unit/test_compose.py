@@ -20,7 +20,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-PUSHWORKER_SERVICES = ("migrate", "worker", "beat")
+PUSHWORKER_SERVICES = ("migrate", "worker", "webhooks", "beat")
 #: Read by something other than pushworker's code: Compose itself, docker-py, prometheus_client.
 EXTERNAL_SETTINGS = {"COMPOSE_PROFILES", "DOCKER_HOST", "PROMETHEUS_MULTIPROC_DIR"}
 
@@ -70,8 +70,20 @@ def config() -> dict[str, Any]:
 
 def test_the_services(config: dict[str, Any]) -> None:
     assert set(config["services"]) == {
-        "redis", "postgres", "migrate", "worker", "beat", "registry-htpasswd", "registry",
+        "redis", "postgres", "migrate", "worker", "webhooks", "beat", "registry-htpasswd",
+        "registry",
     }  # fmt: skip
+
+
+def test_webhooks_are_delivered_by_their_own_worker(config: dict[str, Any]) -> None:
+    """Only the webhooks service consumes the webhook queue, and it does nothing else: a
+    receiver that hangs never holds a slot a push needs."""
+    services = config["services"]
+    command = services["webhooks"]["command"]
+    assert command[:4] == ["celery", "-A", "tasks.app", "worker"]
+    assert command[command.index("-Q") + 1] == "pushworker.webhooks"
+    assert "pushworker.webhooks" not in services["worker"]["command"]
+    assert "docker.sock" not in str(services["webhooks"].get("volumes", ""))
 
 
 def test_redis_persists_and_postgres_keeps_its_data(config: dict[str, Any]) -> None:

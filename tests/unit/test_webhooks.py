@@ -373,3 +373,26 @@ def test_the_seam_refuses_loopback_unless_allowed_and_reports_no_listener(
         checked_addresses(f"http://127.0.0.1:{port}/", allow_private=False)
     closed = HttpxSender().send(_request("http://127.0.0.1:1/", "whsec_MfKQ9r8G"))
     assert isinstance(closed.error, WebhookUnreachable) and closed.status_code is None
+
+
+def test_one_attempt_at_a_time_per_subscription(sqlite_url: str) -> None:
+    """A receiver that hangs holds one slot: while an attempt to it is under way, its other
+    deliveries wait, and another subscription's go on."""
+    subscribe(("job.succeeded",))
+    append("job.succeeded")
+    append("job.succeeded")
+    with session_scope() as session:
+        other, _ = webhooks.add_subscription(
+            session, "https://93.184.216.35/h", ["job.failed"], actor=OPERATOR
+        )
+    append("job.failed")
+    webhooks.plan()
+    with session_scope() as session:
+        first, second, third = webhooks.due_delivery_ids(session, utcnow())
+        taken = webhooks.take(session, first, get_settings())
+    assert taken is not None
+    with session_scope() as session:
+        assert webhooks.due_delivery_ids(session, utcnow()) == [third]
+        assert webhooks.take(session, second, get_settings()) is None
+    [sent] = webhooks.deliver_due(receiver(200), budget=5).statuses
+    assert sent == "delivered" and deliveries()[2].subscription_id == other.id
