@@ -181,7 +181,7 @@ def create_token(
             raise ValidationError(f"a token named {name!r} exists already") from None
         token = f"{PREFIX}{row.id}_{secret}"
         row.token_hash = _HASHER.hash(token)
-        payload: dict[str, object] = {"token_name": name, "role": role}
+        payload: dict[str, object] = {"name": name, "role": role}
         if registry_ids is not None:
             payload["registry_ids"] = registry_ids
         if expires_at is not None:
@@ -208,7 +208,7 @@ def revoke_token(name: str, *, actor: str, reason: str | None = None) -> TokenIn
             raise TokenNotFound(f"no token named {name!r}", hint="see `pushctl tokens list`")
         if row.revoked_at is None:
             row.revoked_at = utcnow()
-            payload: dict[str, object] = {"token_name": name, "role": row.role}
+            payload: dict[str, object] = {"name": name, "role": row.role}
             if reason:
                 payload["reason"] = refuse_control("the reason", reason)
             events.append(

@@ -107,6 +107,12 @@ def test_a_push_through_the_api_is_pushed_and_followed_to_its_end(
             "/v1/pushes", json=_push_body(image, repository), headers={"Idempotency-Key": key}
         )
         assert (again.status_code, again.json()["id"]) == (200, job_id)
+        reused = client.post(
+            "/v1/pushes", json={**_push_body(image, repository), "tag": "v2"},
+            headers={"Idempotency-Key": key},
+        )  # fmt: skip
+        assert (reused.status_code, reused.json()["code"]) == (409, "idempotency_key_reused")
+        assert job_id not in reused.text
         streamed: list[tuple[str, dict[str, object]]] = []
         with client.stream("GET", f"/v1/jobs/{job_id}/events/stream") as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")

@@ -32,7 +32,7 @@ def test_a_token_is_shown_once_and_only_its_hash_is_kept(sqlite_url: str) -> Non
     assert stored.startswith("$argon2id$") and token not in stored
     assert logged == [
         ("token.created", "operator:alice",
-         {"token_name": "ci", "role": "producer", "registry_ids": [5, 7]}),
+         {"name": "ci", "role": "producer", "registry_ids": [5, 7]}),
     ]  # fmt: skip
     assert token not in json.dumps([info.to_dict() for info in list_tokens()])
     who = verify_token(token)
@@ -76,7 +76,7 @@ def test_revoked_and_expired_tokens_are_refused(sqlite_url: str) -> None:
     assert verify_token(later) is None
     assert {i.name: i.state for i in list_tokens()} == {"old": "revoked", "later": "expired"}
     assert (revoked.actor, revoked.payload) == (
-        "operator:bob", {"token_name": "old", "role": "operator", "reason": "left the team"},
+        "operator:bob", {"name": "old", "role": "operator", "reason": "left the team"},
     )  # fmt: skip
 
 

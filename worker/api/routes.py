@@ -183,11 +183,28 @@ def create_push(
     with read_scope() as session:
         existing = session.scalar(select(PushJob).where(PushJob.idempotency_key == idempotency_key))
         if existing is not None:
+            _same_request(session, existing, checked, who)
             response.status_code = 200
             return Job.of(existing)
     job_id = producer.enqueue_push(**checked, actor=who.actor)
     with read_scope() as session:
         return Job.of(get_job(session, job_id))
+
+
+def _same_request(session: Any, job: PushJob, request: dict[str, Any], who: Principal) -> None:
+    """A repeated Idempotency-Key must come with the same push (and, for a producer, from the
+    same token): otherwise 409, naming neither the other request nor its job."""
+    asked = (request["source_image"], request["registry_id"], request["repository"], request["tag"])
+    made = (job.source_image, job.requested_registry_id, job.repository, job.tag)
+    own = who.role != "producer" or (
+        session.scalar(_own_jobs(who).where(Event.job_id == job.id).limit(1)) is not None
+    )
+    if asked != made or not own:
+        raise ApiError(
+            409, "idempotency_key_reused",
+            "this Idempotency-Key was used for another push request",
+            hint="use a new key for each intended push; repeat a key only to repeat a request",
+        )  # fmt: skip
 
 
 # --- jobs ------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
         # query (it may hold a token) and never the signing secret
         "webhook_id", "url_host", "event_types", "only_failures", "allow_private", "delivery_id",
         # API tokens (token.created, token.revoked): name, role, scope; never the token or hash
-        "token_name", "role", "registry_ids", "expires_at",
+        # ("name", not "token_name": log lines mask keys that say "token")
+        "name", "role", "registry_ids", "expires_at",
     }
 )  # fmt: skip
 
