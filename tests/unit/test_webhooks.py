@@ -1,6 +1,8 @@
-"""Webhooks over SQLite with a fake receiver seam (and, for the seam itself, a real HTTP server
-on loopback): subscriptions and the SSRF rule, the cursor, planning once, retries, dead
-deliveries, one ``webhook-id`` per delivery, a job's order, a dead worker's attempt sent again."""
+"""Webhooks with a fake receiver seam, over SQLite and, where locking matters, PostgreSQL (and,
+for the seam itself, a real HTTP server on loopback): subscriptions and the SSRF rule, the
+cursor, planning once (also with planners at once), retries, dead deliveries, one
+``webhook-id`` per delivery, a job's order, one attempt at a time per subscription, a dead
+worker's attempt sent again."""
 
 from __future__ import annotations
 
@@ -176,7 +178,7 @@ def test_refusal_reasons_of_addresses() -> None:
 
 
 def test_each_matching_event_is_planned_once_and_the_cursor_moves_past_every_event(
-    sqlite_url: str,
+    database_url: str,
 ) -> None:
     before = append("job.succeeded")  # before the subscription: not delivered
     subscription_id = subscribe()
@@ -220,7 +222,7 @@ def test_a_removed_subscription_plans_and_sends_nothing(sqlite_url: str) -> None
 # --- delivering, retries, dead --------------------------------------------------------------------
 
 
-def test_a_delivery_keeps_its_webhook_id_and_records_every_attempt(sqlite_url: str) -> None:
+def test_a_delivery_keeps_its_webhook_id_and_records_every_attempt(database_url: str) -> None:
     subscribe()
     event_id = append("job.succeeded")
     fake = receiver(500, 200)
@@ -245,7 +247,7 @@ def test_a_delivery_keeps_its_webhook_id_and_records_every_attempt(sqlite_url: s
 
 
 def test_a_delivery_failing_past_its_retry_window_is_dead_and_can_be_redelivered(
-    sqlite_url: str,
+    database_url: str,
 ) -> None:
     subscribe()
     append("job.failed")
@@ -270,7 +272,7 @@ def test_backoff_doubles_up_to_its_cap() -> None:
     assert webhooks.backoff(10_000, chosen) == 60
 
 
-def test_a_jobs_deliveries_go_out_in_event_order(sqlite_url: str) -> None:
+def test_a_jobs_deliveries_go_out_in_event_order(database_url: str) -> None:
     subscribe(("job.enqueued", "job.succeeded"))
     job, other = str(uuid.uuid4()), str(uuid.uuid4())
     append("job.enqueued", job)
@@ -289,7 +291,7 @@ def test_a_jobs_deliveries_go_out_in_event_order(sqlite_url: str) -> None:
     assert sent_types[2:] == [(job, "job.enqueued"), (job, "job.succeeded")]
 
 
-def test_an_attempt_whose_worker_died_is_sent_again_with_the_same_id(sqlite_url: str) -> None:
+def test_an_attempt_whose_worker_died_is_sent_again_with_the_same_id(database_url: str) -> None:
     subscribe()
     append("job.succeeded")
     webhooks.plan()
@@ -375,7 +377,7 @@ def test_the_seam_refuses_loopback_unless_allowed_and_reports_no_listener(
     assert isinstance(closed.error, WebhookUnreachable) and closed.status_code is None
 
 
-def test_one_attempt_at_a_time_per_subscription(sqlite_url: str) -> None:
+def test_one_attempt_at_a_time_per_subscription(database_url: str) -> None:
     """A receiver that hangs holds one slot: while an attempt to it is under way, its other
     deliveries wait, and another subscription's go on."""
     subscribe(("job.succeeded",))
@@ -396,3 +398,29 @@ def test_one_attempt_at_a_time_per_subscription(sqlite_url: str) -> None:
         assert webhooks.take(session, second, get_settings()) is None
     [sent] = webhooks.deliver_due(receiver(200), budget=5).statuses
     assert sent == "delivered" and deliveries()[2].subscription_id == other.id
+
+
+def test_planners_running_at_once_plan_each_event_exactly_once(database_url: str) -> None:
+    """Several planners (beat's runs overlap when the webhook worker is busy) over the same
+    subscriptions: every event planned once, none skipped."""
+    subscribe()
+    subscribe(("job.failed",))
+    expected = [append("job.failed") for _ in range(40)]
+    errors: list[BaseException] = []
+
+    def planner() -> None:
+        try:
+            webhooks.plan()
+        except BaseException as exc:  # collected: a thread's failure must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=planner) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    rows = deliveries()
+    assert sorted((r.subscription_id, r.event_id) for r in rows) == sorted(
+        (subscription_id, event_id) for subscription_id in (1, 2) for event_id in expected
+    )
