@@ -20,7 +20,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-PUSHWORKER_SERVICES = ("migrate", "worker", "webhooks", "beat")
+PUSHWORKER_SERVICES = ("migrate", "worker", "webhooks", "beat", "api")
 #: Read by something other than pushworker's code: Compose itself, docker-py, prometheus_client.
 EXTERNAL_SETTINGS = {"COMPOSE_PROFILES", "DOCKER_HOST", "PROMETHEUS_MULTIPROC_DIR"}
 
@@ -70,9 +70,21 @@ def config() -> dict[str, Any]:
 
 def test_the_services(config: dict[str, Any]) -> None:
     assert set(config["services"]) == {
-        "redis", "postgres", "migrate", "worker", "webhooks", "beat", "registry-htpasswd",
+        "redis", "postgres", "migrate", "worker", "webhooks", "beat", "api", "registry-htpasswd",
         "registry",
     }  # fmt: skip
+
+
+def test_the_api_serves_without_the_docker_socket(config: dict[str, Any]) -> None:
+    """The HTTP API: `pushctl api serve` on loopback by default, after the migrations, checked
+    by its /readyz; it never gets the Docker socket."""
+    api = config["services"]["api"]
+    assert api["command"][:3] == ["pushctl", "api", "serve"]
+    assert api["environment"]["PUSHWORKER_API_HOST"] == "127.0.0.1"
+    assert api["environment"]["PUSHWORKER_API_PORT"] == "8080"
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert "docker.sock" not in str(api.get("volumes", ""))
+    assert api["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
 
 
 def test_webhooks_are_delivered_by_their_own_worker(config: dict[str, Any]) -> None:
