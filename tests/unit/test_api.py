@@ -1,0 +1,94 @@
+"""The HTTP API's own rules, in process (the routes themselves run through a real uvicorn
+process in tests/e2e/test_api.py): every error of the tree has one status, the push body is the
+message contract's, chunked bodies are limited too, cursors are checked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import MutableMapping
+from typing import Any
+
+import pytest
+
+from worker.api.app import BodyLimit
+from worker.api.errors import STATUS_BY_EXIT_CODE, status_for
+from worker.api.models import api_push_schema
+from worker.api.routes import _decode_cursor, _encode_cursor, _moment
+from worker.contract import push_request_schema
+from worker.core.errors import PushWorkerError, ValidationError
+
+
+def _tree() -> list[type[PushWorkerError]]:
+    found, pending = [], [PushWorkerError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+@pytest.mark.parametrize("cls", _tree(), ids=lambda cls: cls.code)
+def test_every_error_has_one_status_by_its_family(cls: type[PushWorkerError]) -> None:
+    assert cls.exit_code in STATUS_BY_EXIT_CODE, f"{cls.code}: exit code {cls.exit_code} unmapped"
+    status = status_for(cls.__new__(cls))
+    # What the caller must change (input, a missing thing, a credential, a job's state) is 4xx;
+    # what is wrong on this side or beyond it (a bug, a registry, the engine, the database) 5xx.
+    caller_must_change = cls.exit_code in (2, 3, 4, 5)
+    assert (400 <= status < 500) == caller_must_change, (cls.code, status)
+
+
+def test_the_push_body_is_the_contracts_without_the_key() -> None:
+    contract, api = push_request_schema(), api_push_schema()
+    assert set(api["properties"]) == set(contract["properties"]) - {"idempotency_key"}
+    for name, schema in api["properties"].items():
+        assert schema == contract["properties"][name], name
+    assert set(api["required"]) == set(contract["required"]) - {"idempotency_key", "requested_by"}
+    assert api["additionalProperties"] is False
+
+
+def test_cursors_round_trip_and_anything_else_is_refused() -> None:
+    cursor = _encode_cursor("2026-01-01T00:00:00+00:00", "abc")
+    assert _decode_cursor(cursor, 2) == ["2026-01-01T00:00:00+00:00", "abc"]
+    for bad in ("garbage", "", "!!!!", _encode_cursor("one"), "e30"):
+        with pytest.raises(ValidationError, match="cursor"):
+            _decode_cursor(bad, 2)
+
+
+def test_moments_are_durations_or_iso_times() -> None:
+    assert _moment("since", None) is None
+    moment = _moment("since", "2026-01-31T12:00:00")
+    assert moment is not None and moment.tzinfo is not None
+    assert _moment("since", "1h30m") is not None
+    for bad in ("0.5", "yesterday", "1y"):
+        with pytest.raises(ValidationError, match="duration"):
+            _moment("since", bad)
+    with pytest.raises(ValidationError, match="too long ago"):
+        _moment("since", "999999999w")
+
+
+def test_a_chunked_body_over_the_limit_is_refused_before_the_app_reads_it_all() -> None:
+    seen: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            seen.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    chunks = [{"type": "http.request", "body": b"x" * 600, "more_body": True}] * 5
+    chunks.append({"type": "http.request", "body": b"", "more_body": False})
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return chunks.pop(0)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "headers": [(b"transfer-encoding", b"chunked")]}
+    asyncio.run(BodyLimit(app, limit=1024)(scope, receive, send))
+    assert sent[0]["status"] == 413 and b"request_too_large" in sent[1]["body"]
+    assert sum(seen) <= 1024 + 600
