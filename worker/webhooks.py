@@ -58,7 +58,7 @@ from worker.seams.webhook_http import (
     parse_url,
 )
 from worker.store import events
-from worker.store.db import session_scope
+from worker.store.db import read_connection, session_scope
 from worker.store.models import (
     Event,
     WebhookAttempt,
@@ -571,3 +571,27 @@ def pending_count(session: Session) -> int:
             .where(WebhookDelivery.status == DeliveryStatus.PENDING.value)
         ).scalar_one()
     )
+
+
+# --- kicking a run as soon as a wanted event commits ----------------------------------------------
+
+#: Seconds the set of subscribed event types is kept before it is read again.
+WANTED_TTL = 5.0
+_wanted: tuple[float, frozenset[str]] = (-WANTED_TTL, frozenset())
+
+
+def wanted_types(now: float | None = None) -> frozenset[str]:
+    """The event types some subscription wants, read at most every ``WANTED_TTL`` seconds (a
+    subscription added meanwhile is served by beat's next run)."""
+    global _wanted
+    moment = time.monotonic() if now is None else now
+    read_at, types = _wanted
+    if 0 <= moment - read_at < WANTED_TTL:
+        return types
+    with read_connection() as connection:
+        rows = connection.execute(
+            select(WebhookSubscription.event_types).where(WebhookSubscription.removed_at.is_(None))
+        ).all()
+    types = frozenset(name for (names,) in rows for name in names)
+    _wanted = (moment, types)
+    return types

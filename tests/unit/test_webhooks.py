@@ -424,3 +424,16 @@ def test_planners_running_at_once_plan_each_event_exactly_once(database_url: str
     assert sorted((r.subscription_id, r.event_id) for r in rows) == sorted(
         (subscription_id, event_id) for subscription_id in (1, 2) for event_id in expected
     )
+
+
+def test_the_wanted_event_types_are_those_of_live_subscriptions(sqlite_url: str) -> None:
+    """What a worker kicks a run for (tasks.webhooks), read again after ``WANTED_TTL``."""
+    first = subscribe(("job.succeeded", "job.failed"))
+    subscribe(("registry.health",))
+    start = 1e9  # far from any earlier read of this process
+    assert webhooks.wanted_types(now=start) == {"job.succeeded", "job.failed", "registry.health"}
+    with session_scope() as session:
+        webhooks.remove_subscription(session, first, actor=OPERATOR)
+    assert "job.failed" in webhooks.wanted_types(now=start + 1), "kept until the TTL passes"
+    later = start + webhooks.WANTED_TTL + 1
+    assert webhooks.wanted_types(now=later) == {"registry.health"}
