@@ -3,7 +3,8 @@
     eval "$(scripts/stack env)"; .venv/bin/python -m bench.webhook_latency [--jobs 40]
 
 A push worker, a webhook worker (queue ``pushworker.webhooks``, concurrency 2) and Celery beat
-(``PUSHWORKER_WEBHOOK_EVERY``, 2 s by default, as deployed), on this benchmark's own database
+(``PUSHWORKER_WEBHOOK_EVERY``, 2 s by default, as deployed; the push worker also kicks a run
+when a wanted event commits), on this benchmark's own database
 and broker database; one subscription to ``job.succeeded`` whose receiver is the tests' receiver
 process on loopback (``tests/support/webhook_receiver.py``: it verifies every signature with
 ``standardwebhooks`` and records when each request arrived). Jobs are enqueued one every
@@ -89,9 +90,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"| {stats.n} | {stats.ms()} | {stats.ms('p90')} | {stats.ms('p99')} | "
             f"{stats.range_ms()} |",
             "",
-            "The latency is mostly the wait for beat's next run (deliveries are planned from the "
-            "event log by polling, at most one interval after the event, plus the run's start); "
-            "the attempt itself is a loopback POST.",
+            "The push worker kicks a delivery run when the event commits (tasks.webhooks), so "
+            "the latency is the kick's trip through the broker, the webhook worker's planning "
+            "and one loopback POST; beat's run every interval is the fallback.",
             "",
             *machine_lines(bench, load_before, load_after),
         ]
