@@ -53,10 +53,6 @@ _HASHER = argon2.PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 _DUMMY_HASH = _HASHER.hash(PREFIX + "0_" + "A" * 43)
 
 
-class TokenNotFound(NotFound):
-    code = "token_not_found"
-
-
 @dataclass(frozen=True)
 class Principal:
     """Who a verified token speaks for."""
@@ -205,7 +201,7 @@ def revoke_token(name: str, *, actor: str, reason: str | None = None) -> TokenIn
     with session_scope() as session:
         row = session.scalar(select(ApiToken).where(ApiToken.name == name))
         if row is None:
-            raise TokenNotFound(f"no token named {name!r}", hint="see `pushctl tokens list`")
+            raise NotFound(f"no token named {name!r}", hint="see `pushctl tokens list`")
         if row.revoked_at is None:
             row.revoked_at = utcnow()
             payload: dict[str, object] = {"name": name, "role": row.role}

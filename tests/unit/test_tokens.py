@@ -9,12 +9,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from worker.core.errors import ValidationError
+from worker.core.errors import NotFound, ValidationError
 from worker.store.db import session_scope
 from worker.store.models import ApiToken, Event, utcnow
 from worker.tokens import (
     PREFIX,
-    TokenNotFound,
     create_token,
     list_tokens,
     revoke_token,
@@ -102,5 +101,5 @@ def test_names_are_unique_and_revoking_an_unknown_one_says_so(sqlite_url: str) -
     create_token("ci", "producer", actor="operator:alice")
     with pytest.raises(ValidationError, match="exists already"):
         create_token("ci", "admin", actor="operator:alice")
-    with pytest.raises(TokenNotFound):
+    with pytest.raises(NotFound, match="no token named"):
         revoke_token("nope", actor="operator:alice")
