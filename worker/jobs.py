@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Select, and_, bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,7 +23,7 @@ from worker.core.text import refuse_control
 from worker.registries import get_registry, job_chain
 from worker.store import events
 from worker.store.db import read_connection
-from worker.store.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
+from worker.store.models import Event, JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 
 MAX_SOURCE_IMAGE = 300
 # The recorded actor is "producer:" + requested_by, in a 200-character column.
@@ -205,7 +205,12 @@ def list_jobs(
     registry_id: int | None = None,
     since: datetime | None = None,
     limit: int = 100,
+    before: tuple[datetime, str] | None = None,
+    enqueued_by: str | None = None,
 ) -> list[PushJob]:
+    """Jobs, newest first (then by id, so that equal times have an order). ``before``: only
+    jobs after this ``(created_at, id)`` in that order (a page's cursor); ``enqueued_by``: only
+    jobs whose ``job.enqueued`` event names this actor (the HTTP API's producer tokens)."""
     query = select(PushJob)
     if status:
         query = query.where(PushJob.status == status)
@@ -213,7 +218,33 @@ def list_jobs(
         query = query.where(PushJob.requested_registry_id == registry_id)
     if since is not None:
         query = query.where(PushJob.created_at >= since)
-    return list(session.scalars(query.order_by(PushJob.created_at.desc()).limit(limit)))
+    if before is not None:
+        created, job_id = before
+        query = query.where(
+            or_(
+                PushJob.created_at < created,
+                and_(PushJob.created_at == created, PushJob.id < job_id),
+            )
+        )
+    if enqueued_by is not None:
+        query = query.where(PushJob.id.in_(_enqueued_by(enqueued_by)))
+    query = query.order_by(PushJob.created_at.desc(), PushJob.id.desc())
+    return list(session.scalars(query.limit(limit)))
+
+
+def _enqueued_by(actor: str) -> Select[tuple[str | None]]:
+    return select(Event.job_id).where(Event.type == "job.enqueued", Event.actor == actor)
+
+
+def job_enqueued_by(session: Session, job_id: str, actor: str) -> bool:
+    """Whether the ``job.enqueued`` event of ``job_id`` names ``actor``."""
+    found = session.scalar(_enqueued_by(actor).where(Event.job_id == job_id).limit(1))
+    return found is not None
+
+
+def job_for_key(session: Session, idempotency_key: str) -> PushJob | None:
+    """The job made for ``idempotency_key``, if any."""
+    return session.scalar(select(PushJob).where(PushJob.idempotency_key == idempotency_key))
 
 
 def retry_job(session: Session, job_id: str, *, actor: str, reason: str | None) -> PushJob:

@@ -15,11 +15,11 @@ import redis
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import and_, or_, select, text
+from sqlalchemy import text
 from sse_starlette import EventSourceResponse
 
 from worker import health as registry_health
-from worker import producer
+from worker import jobs, producer
 from worker.api.auth import require
 from worker.api.errors import ERROR_RESPONSES, ApiError
 from worker.api.models import (
@@ -40,12 +40,21 @@ from worker.contract import request_from_call
 from worker.core.credentials import CredentialKind
 from worker.core.errors import JobNotFound, PushWorkerError, ValidationError
 from worker.core.settings import get_settings
-from worker.jobs import MAX_ID, MAX_IDEMPOTENCY_KEY, cancel_job, check_text, get_job, retry_job
+from worker.jobs import (
+    MAX_ID,
+    MAX_IDEMPOTENCY_KEY,
+    cancel_job,
+    check_text,
+    get_job,
+    job_enqueued_by,
+    job_for_key,
+    retry_job,
+)
 from worker.probe import check_registry, record_test
 from worker.registries import get_registry, list_registries
 from worker.store import events, queries
 from worker.store.db import read_connection, read_scope, read_snapshot, session_scope
-from worker.store.models import Event, JobStatus, PushJob, Registry
+from worker.store.models import JobStatus, PushJob, Registry
 from worker.tokens import Principal
 
 router = APIRouter()
@@ -98,20 +107,13 @@ def _moment(field: str, value: str | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _own_jobs(who: Principal) -> Any:
-    """The ids of the jobs ``who`` created (its ``job.enqueued`` events)."""
-    return select(Event.job_id).where(Event.type == "job.enqueued", Event.actor == who.actor)
-
-
 def _readable_job(session: Any, job_id: str, who: Principal) -> PushJob:
     """The job, if ``who`` may read it: a producer reads only the jobs it created (another's is
     answered like a job that does not exist)."""
     check_text("job id", job_id, 36)
     job = get_job(session, job_id)
-    if who.role == "producer":
-        own = session.scalar(_own_jobs(who).where(Event.job_id == job_id).limit(1))
-        if own is None:
-            raise JobNotFound(f"job {job_id} does not exist", hint="see GET /v1/jobs")
+    if who.role == "producer" and not job_enqueued_by(session, job_id, who.actor):
+        raise JobNotFound(f"job {job_id} does not exist", hint="see GET /v1/jobs")
     return job
 
 
@@ -181,7 +183,7 @@ def create_push(
             hint=f"this token may push to registries {list(who.registry_ids or [])}",
         )  # fmt: skip
     with read_scope() as session:
-        existing = session.scalar(select(PushJob).where(PushJob.idempotency_key == idempotency_key))
+        existing = job_for_key(session, idempotency_key)
         if existing is not None:
             _same_request(session, existing, checked, who)
             response.status_code = 200
@@ -196,9 +198,7 @@ def _same_request(session: Any, job: PushJob, request: dict[str, Any], who: Prin
     same token): otherwise 409, naming neither the other request nor its job."""
     asked = (request["source_image"], request["registry_id"], request["repository"], request["tag"])
     made = (job.source_image, job.requested_registry_id, job.repository, job.tag)
-    own = who.role != "producer" or (
-        session.scalar(_own_jobs(who).where(Event.job_id == job.id).limit(1)) is not None
-    )
+    own = who.role != "producer" or job_enqueued_by(session, job.id, who.actor)
     if asked != made or not own:
         raise ApiError(
             409, "idempotency_key_reused",
@@ -232,30 +232,19 @@ def list_jobs(
     cursor: Annotated[str | None, Query(max_length=400)] = None,
 ) -> JobPage:
     """Jobs, newest first, as `pushctl jobs list` filters them; a producer sees its own."""
-    query = select(PushJob)
-    if status is not None:
-        query = query.where(PushJob.status == status.value)
-    if registry is not None:
-        query = query.where(PushJob.requested_registry_id == registry)
-    if since is not None:
-        query = query.where(PushJob.created_at >= _moment("since", since))
-    if who.role == "producer":
-        query = query.where(PushJob.id.in_(_own_jobs(who)))
+    before = None
     if cursor is not None:
         created_text, last_id = _decode_cursor(cursor, 2)
         try:
-            created = datetime.fromisoformat(created_text)
+            before = (datetime.fromisoformat(created_text), last_id)
         except ValueError:
             raise ValidationError("cursor is not a cursor of this listing") from None
-        query = query.where(
-            or_(
-                PushJob.created_at < created,
-                and_(PushJob.created_at == created, PushJob.id < last_id),
-            )
-        )
-    query = query.order_by(PushJob.created_at.desc(), PushJob.id.desc()).limit(limit + 1)
     with read_scope() as session:
-        rows = list(session.scalars(query))
+        rows = jobs.list_jobs(
+            session, status=status.value if status else None, registry_id=registry,
+            since=_moment("since", since), limit=limit + 1, before=before,
+            enqueued_by=who.actor if who.role == "producer" else None,
+        )  # fmt: skip
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = _encode_cursor(rows[-1].created_at.isoformat(), rows[-1].id) if more else None
