@@ -103,3 +103,32 @@ def test_names_are_unique_and_revoking_an_unknown_one_says_so(sqlite_url: str) -
         create_token("ci", "admin", actor="operator:alice")
     with pytest.raises(NotFound, match="no token named"):
         revoke_token("nope", actor="operator:alice")
+
+
+def test_pushctl_tokens_prints_the_token_once(sqlite_url: str) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import cli
+
+    runner = CliRunner()
+    made = runner.invoke(
+        cli,
+        ["tokens", "create", "ci", "--role", "producer", "--registry", "5,7", "--expires", "90d"],
+    )
+    assert made.exit_code == 0, made.output
+    token = made.stdout.splitlines()[0]
+    assert token.startswith(PREFIX) and verify_token(token) is not None
+    listed = runner.invoke(cli, ["tokens", "list", "--json"])
+    assert listed.exit_code == 0 and token not in listed.output
+    shown = json.loads(listed.stdout)
+    assert [(t["name"], t["role"], t["registry_ids"], t["state"]) for t in shown] == [
+        ("ci", "producer", [5, 7], "active")
+    ]
+    assert token not in runner.invoke(cli, ["tokens", "list"]).output
+    assert runner.invoke(cli, ["tokens", "revoke", "ci", "--reason", "rotated"]).exit_code == 0
+    assert verify_token(token) is None
+    assert runner.invoke(cli, ["tokens", "revoke", "nope"]).exit_code == 3
+    for bad in (["--expires", "2027-01-01"], ["--expires", "0"], ["--role", "root"]):
+        options = {"--role": "admin", **dict(zip(bad[::2], bad[1::2], strict=True))}
+        args = ["tokens", "create", "x", *[i for pair in options.items() for i in pair]]
+        assert runner.invoke(cli, args).exit_code == 2, bad
