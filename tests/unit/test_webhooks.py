@@ -437,3 +437,37 @@ def test_the_wanted_event_types_are_those_of_live_subscriptions(sqlite_url: str)
     assert "job.failed" in webhooks.wanted_types(now=start + 1), "kept until the TTL passes"
     later = start + webhooks.WANTED_TTL + 1
     assert webhooks.wanted_types(now=later) == {"registry.health"}
+
+
+# --- pushctl webhooks -----------------------------------------------------------------------------
+
+
+def test_pushctl_webhooks_shows_the_secret_once_and_every_attempt(sqlite_url: str) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import cli
+
+    def run(*args: str, code: int = 0) -> str:
+        result = CliRunner().invoke(cli, ["webhooks", *args])
+        assert result.exit_code == code, result.output
+        return result.output
+
+    added = run("add", PUBLIC_URL, "--events", "job.succeeded")
+    [secret] = [line.split(": ", 1)[1] for line in added.splitlines() if line.startswith("secret:")]
+    assert secret.startswith("whsec_")
+    assert secret not in run("list") and secret not in run("list", "--json")
+    refused = run("add", "http://127.0.0.1:9/h", "--events", "job.succeeded", code=2)
+    assert "loopback" in refused
+    append("job.succeeded")
+    webhooks.run(receiver(500), budget=5)
+    make_due()
+    webhooks.deliver_due(receiver(200), budget=5)
+    shown = run("deliveries", "--attempts")
+    assert "delivered" in shown and "500" in shown and "200" in shown
+    assert "delivered" in run("deliveries", "--status", "delivered")
+    assert run("deliveries", "--status", "dead").count("delivered") == 0
+    [delivery] = deliveries()
+    assert delivery.message_id in run("redeliver", str(delivery.id))
+    assert "does not exist" in run("redeliver", "999", code=3)
+    run("remove", "1")
+    assert secret not in run("deliveries", "--json")
