@@ -58,6 +58,9 @@ def test_a_wrong_token_is_refused(sqlite_url: str, mangle: object) -> None:
     assert callable(mangle)
     assert verify_token(mangle(token)) is None
     assert verify_token(token) is not None
+    # Once the right token was verified (and remembered by its SHA-256), a wrong one still fails.
+    assert verify_token(mangle(token)) is None
+    assert verify_token(token) is not None
 
 
 def test_revoked_and_expired_tokens_are_refused(sqlite_url: str) -> None:
