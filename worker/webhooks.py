@@ -344,7 +344,9 @@ def take(session: Session, delivery_id: int, settings: Settings) -> Taken | None
         or delivery.next_attempt_at > now
     ):
         return None
-    subscription = session.get(WebhookSubscription, delivery.subscription_id)
+    # The subscription's row too: takers of one subscription's deliveries go one at a time, so
+    # the in-flight check below is exact on PostgreSQL as well (SQLite serialises writers anyway).
+    subscription = session.get(WebhookSubscription, delivery.subscription_id, with_for_update=True)
     event = session.get(Event, delivery.event_id)
     if subscription is None or subscription.removed_at is not None:
         return None

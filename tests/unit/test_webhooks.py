@@ -471,3 +471,34 @@ def test_pushctl_webhooks_shows_the_secret_once_and_every_attempt(sqlite_url: st
     assert "does not exist" in run("redeliver", "999", code=3)
     run("remove", "1")
     assert secret not in run("deliveries", "--json")
+
+
+def test_two_workers_taking_one_subscriptions_deliveries_at_once_take_one(
+    database_url: str,
+) -> None:
+    """The second taker waits for the first one's transaction (the subscription's row lock on
+    PostgreSQL, the write lock on SQLite), then sees its attempt under way and takes nothing."""
+    subscribe(("job.succeeded",))
+    append("job.succeeded")
+    append("job.succeeded")
+    webhooks.plan()
+    with session_scope() as session:
+        first, second = webhooks.due_delivery_ids(session, utcnow())
+    holding, release = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def taker_a() -> None:
+        with session_scope() as session:
+            results["a"] = webhooks.take(session, first, get_settings())
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=taker_a)
+    thread.start()
+    holding.wait(10)
+    timer = threading.Timer(0.3, release.set)  # lets the second taker reach the lock first
+    timer.start()
+    with session_scope() as session:
+        results["b"] = webhooks.take(session, second, get_settings())
+    thread.join()
+    assert results["a"] is not None and results["b"] is None
