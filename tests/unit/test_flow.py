@@ -142,6 +142,10 @@ def test_a_429_halves_the_limit_and_successes_raise_it_back(state: RedisFlowStat
     # a second 429 right after (in flight at the old limit) does not lower it again
     assert flow.on_throttled(registry, "429") is None
     assert flow.limit(registry) == 4
+    assert flow.on_success(registry) is None  # no push in flight: the limit was not met
+    assert flow.limit(registry) == 4
+    for holder in "abcdefgh":  # demand enough to fill any limit up to the cap
+        assert state.acquire(11, holder, holder, 8, lease=60, waiter_ttl=30).granted
     changes = []
     for _ in range(40):
         change = flow.on_success(registry)

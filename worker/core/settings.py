@@ -63,6 +63,7 @@ SETTINGS_ENV_NAMES = (
     "PUSHWORKER_FLOW_LEASE",
     "PUSHWORKER_FLOW_POLL",
     "PUSHWORKER_FLOW_UNCAPPED_CEILING",
+    "PUSHWORKER_FLOW_CONTROL",
     # HTTP API (names)
     "PUSHWORKER_API_HOST",
     "PUSHWORKER_API_PORT",
@@ -151,6 +152,9 @@ class Settings:
     #: Concurrency a throttled registry with no configured cap climbs back to before it is
     #: uncapped again (``PUSHWORKER_FLOW_UNCAPPED_CEILING``).
     flow_uncapped_ceiling: int = 32
+    #: 1 (default): registry limits are enforced through the broker's Redis; 0: no slots, rate
+    #: or adaptive limit, a 429 is retried like any outage (``PUSHWORKER_FLOW_CONTROL``).
+    flow_control: bool = True
     # HTTP API (fields)
     #: Address ``pushctl api serve`` listens on (``PUSHWORKER_API_HOST``).
     api_host: str = "127.0.0.1"
@@ -205,6 +209,7 @@ class Settings:
             flow_uncapped_ceiling=_integer(
                 env, "PUSHWORKER_FLOW_UNCAPPED_CEILING", 32, low=1, high=100000
             ),
+            flow_control=_integer(env, "PUSHWORKER_FLOW_CONTROL", 1, low=0, high=1) == 1,
             # HTTP API (values)
             api_host=_text(env, "PUSHWORKER_API_HOST") or "127.0.0.1",
             api_port=_integer(env, "PUSHWORKER_API_PORT", 8080, low=1, high=65535),

@@ -14,11 +14,11 @@ host sees the same slots.
   is re-queued with a countdown (``PUSHWORKER_FLOW_POLL``, jittered), so the worker's pool slot
   serves other registries meanwhile. Up to the job's deadline; then ``throttled_past_deadline``.
 - **AIMD**: a 429 halves the registry's effective limit (from the concurrency it arrived at, at
-  most once per ``DECREASE_COOLDOWN`` seconds, floor 1); each success adds 1/limit, so the limit
-  grows by one per "limit" successes, up to the configured cap (or, for a registry with none,
-  up to ``PUSHWORKER_FLOW_UNCAPPED_CEILING``, where the adaptive cap is dropped). Each change of
-  the whole-number limit is reported (``CapChange``) for a ``registry.throttled`` /
-  ``registry.unthrottled`` event.
+  most once per ``DECREASE_COOLDOWN`` seconds, floor 1); each success met while the limit was
+  full adds 1/limit, so the limit grows by one per "limit" such successes, up to the configured
+  cap (or, for a registry with none, up to ``PUSHWORKER_FLOW_UNCAPPED_CEILING``, where the
+  adaptive cap is dropped). Each change of the whole-number limit is reported (``CapChange``)
+  for a ``registry.throttled`` / ``registry.unthrottled`` event.
 """
 
 from __future__ import annotations
@@ -227,6 +227,10 @@ class FlowControl:
         if current is None:
             return None
         previous = self.limit(registry)
+        if previous is not None and self.state.holders(registry.id) < previous:
+            # Fewer pushes than the limit: no evidence the registry takes more (RFC 7661's
+            # reasoning for an idle congestion window), so the limit does not grow meanwhile.
+            return None
         ceiling = registry.max_concurrent or self.settings.flow_uncapped_ceiling
         raised = current.cap + 1.0 / max(current.cap, 1.0)
         new: float | None = None if raised >= ceiling else raised

@@ -133,6 +133,10 @@ class StepRunner:
                         )
                         self._record_cap_change(change, actor)
                     raise
+                if self.flow is not None and step in SLOT_STEPS:
+                    # Also while the slot is held: an increase needs the limit to have been met.
+                    change = self._flow_call(self.flow.on_success, claimed.registry)
+                    self._record_cap_change(change, actor)
         except PushWorkerError as exc:
             failure = exc
             return _with_conflict_retry(
@@ -144,8 +148,6 @@ class StepRunner:
             return _with_conflict_retry(
                 lambda: self._record_failure(step, job_id, registry_id, crash, actor)
             )
-        if self.flow is not None and step in SLOT_STEPS:
-            self._record_cap_change(self._flow_call(self.flow.on_success, claimed.registry), actor)
         return _with_conflict_retry(
             lambda: self._record_success(step, job_id, registry_id, result, actor)
         )
@@ -514,7 +516,9 @@ def default_runner(dispatcher: Dispatcher) -> StepRunner:
 
 
 def _flow_control(settings: Settings) -> FlowControl | None:
-    """Flow control through the broker's Redis; none with another broker."""
+    """Flow control through the broker's Redis; none with another broker, or when turned off."""
+    if not settings.flow_control:
+        return None
     if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
         log.warning("flow.off", reason="the broker is not Redis: registry limits not enforced")
         return None
