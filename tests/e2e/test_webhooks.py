@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,7 +27,10 @@ from harness.worker import CeleryProcess
 from tests.e2e.conftest import E2E, HARBOR_ID, wait_for_job
 from tests.support.webhook_receiver import Receiver, free_port
 from worker.cli import cli
+from worker.core.credentials import Secret
+from worker.core.errors import WebhookUnreachable
 from worker.producer import enqueue_push
+from worker.seams.webhook_http import HttpxSender, WebhookRequest, new_secret
 from worker.store.db import session_scope
 from worker.store.models import Event, JobStatus, WebhookAttempt, WebhookDelivery
 from worker.webhooks import attempts_of
@@ -308,3 +312,25 @@ def test_the_delivering_worker_killed_mid_delivery_delivers_after_with_the_same_
     first, *later = tries(delivery["id"])
     assert first.finished_at is None and first.status_code is None, "cut short by the kill"
     assert later[-1].status_code == 200
+
+
+def test_https_to_a_host_name_is_checked_against_that_name_on_the_checked_address(
+    e2e: E2E,
+) -> None:
+    """The seam connects to the address it checked, yet TLS verifies the URL's host name: the
+    stack's TLS registry (certificate for 127.0.0.1 and localhost, from the stack's own CA)
+    answers over ``https://localhost``; with the system's CAs the same request is refused."""
+    endpoint = e2e.stack.tls
+    assert endpoint.ca_file is not None
+    port = endpoint.host.rsplit(":", 1)[1]
+    request = WebhookRequest(
+        url=f"https://localhost:{port}/v2/", message_id="msg_tls", body="{}",
+        secret=Secret(new_secret()), allow_private=True, timeout=10,
+    )  # fmt: skip
+    trusted = HttpxSender(verify=ssl.create_default_context(cafile=endpoint.ca_file))
+    answered = trusted.send(request)
+    assert answered.status_code is not None and answered.status_code >= 400, answered
+    assert isinstance(answered.error, WebhookUnreachable)  # not 2xx: a failed attempt
+    untrusted = HttpxSender().send(request)
+    assert untrusted.status_code is None and isinstance(untrusted.error, WebhookUnreachable)
+    assert "SSL" in untrusted.error.message or "CERTIFICATE" in untrusted.error.message.upper()

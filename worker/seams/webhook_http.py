@@ -20,6 +20,7 @@ import base64
 import ipaddress
 import secrets
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -175,7 +176,8 @@ class HttpxSender:
     """The real receiver seam: httpx, one short-lived client per attempt (no pooled connection
     outlives the address check it was made for)."""
 
-    def __init__(self, *, verify: bool | str = True) -> None:
+    def __init__(self, *, verify: bool | ssl.SSLContext = True) -> None:
+        #: True: the system's CAs; an ``ssl.SSLContext`` for a private CA (the tests').
         self.verify = verify
 
     def send(self, request: WebhookRequest) -> WebhookResult:
@@ -195,11 +197,6 @@ class HttpxSender:
         deadline = started + request.timeout
         addresses = checked_addresses(request.url, allow_private=request.allow_private)
         parts = urlsplit(request.url)
-        host = parts.hostname or ""
-        address = addresses[0]
-        literal = f"[{address}]" if address.version == 6 else str(address)
-        netloc = f"{literal}:{parts.port}" if parts.port else literal
-        pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
         now = datetime.now(UTC)
         headers = {
             "content-type": "application/json",
@@ -209,36 +206,64 @@ class HttpxSender:
             "webhook-timestamp": str(int(now.timestamp())),
             "webhook-signature": sign(request.secret, request.message_id, now, request.body),
         }
+        refused: httpx.ConnectError | None = None
+        # Each checked address in turn while none accepts a connection (``localhost`` may
+        # resolve to ::1 first and listen on 127.0.0.1 only); any other failure ends the attempt.
+        for address in addresses:
+            if time.monotonic() >= deadline:
+                break
+            try:
+                return self._post(request, parts, address, headers, deadline)
+            except httpx.ConnectError as exc:
+                refused = exc
+            except httpx.TimeoutException:
+                raise WebhookUnreachable(
+                    f"the receiver did not answer within {request.timeout:g} s"
+                ) from None
+            except httpx.HTTPError as exc:
+                raise WebhookUnreachable(_unreachable(exc)) from None
+        if refused is not None:
+            raise WebhookUnreachable(_unreachable(refused)) from None
+        raise WebhookUnreachable(f"the receiver did not answer within {request.timeout:g} s")
+
+    def _post(
+        self,
+        request: WebhookRequest,
+        parts: SplitResult,
+        address: Address,
+        headers: dict[str, str],
+        deadline: float,
+    ) -> int:
+        """One POST to ``address`` itself, with the URL's host in ``Host``, SNI and the
+        certificate check."""
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        netloc = f"{literal}:{parts.port}" if parts.port else literal
+        pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
         remaining = max(deadline - time.monotonic(), 0.001)
-        try:
-            with (
-                httpx.Client(
-                    timeout=httpx.Timeout(remaining), verify=self.verify, follow_redirects=False,
-                    trust_env=False,
-                ) as client,
-                client.stream(
-                    "POST", pinned, content=request.body.encode(), headers=headers,
-                    extensions={"sni_hostname": host},
-                ) as response,
-            ):  # fmt: skip
-                read = 0
-                for chunk in response.iter_raw():
-                    read += len(chunk)
-                    if read >= MAX_ANSWER_BYTES or time.monotonic() > deadline:
-                        break  # the status is known; a long or trickled answer is not waited on
-                if time.monotonic() > deadline and read < MAX_ANSWER_BYTES:
-                    raise WebhookUnreachable(
-                        f"the receiver took more than {request.timeout:g} s to answer"
-                    )
-                return response.status_code
-        except httpx.TimeoutException:
-            raise WebhookUnreachable(
-                f"the receiver did not answer within {request.timeout:g} s"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise WebhookUnreachable(
-                f"the receiver could not be reached: {type(exc).__name__}: {_short(exc)}"
-            ) from None
+        with (
+            httpx.Client(
+                timeout=httpx.Timeout(remaining), verify=self.verify, follow_redirects=False,
+                trust_env=False,
+            ) as client,
+            client.stream(
+                "POST", pinned, content=request.body.encode(), headers=headers,
+                extensions={"sni_hostname": parts.hostname or ""},
+            ) as response,
+        ):  # fmt: skip
+            read = 0
+            for chunk in response.iter_raw():
+                read += len(chunk)
+                if read >= MAX_ANSWER_BYTES or time.monotonic() > deadline:
+                    break  # the status is known; a long or trickled answer is not waited on
+            if time.monotonic() > deadline and read < MAX_ANSWER_BYTES:
+                raise WebhookUnreachable(
+                    f"the receiver took more than {request.timeout:g} s to answer"
+                )
+            return response.status_code
+
+
+def _unreachable(exc: Exception) -> str:
+    return f"the receiver could not be reached: {type(exc).__name__}: {_short(exc)}"
 
 
 def _since(started: float) -> float:
