@@ -502,3 +502,21 @@ def test_two_workers_taking_one_subscriptions_deliveries_at_once_take_one(
         results["b"] = webhooks.take(session, second, get_settings())
     thread.join()
     assert results["a"] is not None and results["b"] is None
+
+
+def test_the_seam_tries_each_checked_address_while_none_accepts(
+    http_server: tuple[str, list[dict[str, Any]], list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name resolving to ::1 first, where nothing listens, and then to 127.0.0.1: delivered,
+    with the name in ``Host``."""
+    import ipaddress
+
+    from worker.seams import webhook_http
+
+    url, got, _ = http_server
+    port = int(url.split(":")[2].split("/")[0])
+    answers = [ipaddress.ip_address("::1"), ipaddress.ip_address("127.0.0.1")]
+    monkeypatch.setattr(webhook_http, "resolve", lambda host, port: answers)
+    result = HttpxSender().send(_request(f"http://receiver.test:{port}/in", "whsec_MfKQ9r8G"))
+    assert result.ok, result
+    assert got[0]["headers"]["host"] == f"receiver.test:{port}"
