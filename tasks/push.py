@@ -48,7 +48,9 @@ def _step_task(step: str) -> Task:
 
     run.__name__ = run.__qualname__ = step
     run.__doc__ = f"The {step} step of a push job."
-    return app.task(bind=True, name=step_task(step))(run)
+    # max_retries=None on the task: ``task.retry(max_retries=None)`` alone falls back to the
+    # task's default of 3, and a step waiting for its registry's limit is re-queued many times.
+    return app.task(bind=True, name=step_task(step), max_retries=None)(run)
 
 
 #: The registered task of each step, by step name.

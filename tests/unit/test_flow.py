@@ -325,3 +325,11 @@ def test_limits_are_set_shown_audited_and_cleared_from_the_command_line(sqlite_u
         assert [(e.payload["max_concurrent"], e.payload["rate_per_second"]) for e in updates] == [
             (None, None)
         ]
+
+
+def test_a_step_task_may_be_requeued_any_number_of_times() -> None:
+    """A wait re-queues the task (``task.retry``) again and again: Celery's default of 3
+    retries would end it (MaxRetriesExceededError) and leave the job running with no message."""
+    from tasks.push import TASKS
+
+    assert {name: task.max_retries for name, task in TASKS.items()} == dict.fromkeys(TASKS)
