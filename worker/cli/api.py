@@ -43,6 +43,9 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         host=host or settings.api_host,
         port=port or settings.api_port,
         workers=workers,
+        # The project's logging (pushctl configured it: JSON lines, secrets masked) for
+        # uvicorn's own lines too; no access log: request lines would carry query strings.
+        log_config=None,
         log_level="info",
         access_log=False,
         proxy_headers=False,
