@@ -327,3 +327,19 @@ def test_the_event_stream_resumes_after_last_event_id(
     # The job may have been retried by an earlier test and still run: later events may follow.
     expected = [event_id for event_id in every if event_id > every[1]]
     assert expected and ids[: len(expected)] == expected and ids == sorted(set(ids))
+
+
+def test_readyz_names_what_is_away(e2e: E2E) -> None:
+    """An API whose broker does not answer is alive (/healthz) and not ready (/readyz 503)."""
+    env = {**e2e.env, "PUSHWORKER_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    url, process = start_api(env, e2e.workdir / f"api-nobroker-{uuid.uuid4().hex[:6]}.log")
+    try:
+        assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+        ready = httpx.get(f"{url}/readyz", timeout=30)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert ready.status_code == 503
+    body = ready.json()
+    assert (body["status"], body["database"]) == ("unavailable", "ok")
+    assert body["broker"].startswith("unavailable")
