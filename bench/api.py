@@ -11,6 +11,10 @@ same kind of request. No worker consumes the queue (benchmark 5's setting).
 
 Then throughput: ``--clients`` threads each sending ``--burst`` requests at once, against the
 same number of threads calling ``enqueue_push()``.
+
+``--with-worker``: a Celery worker (``--concurrency``) consumes every job meanwhile, writing to
+the same database; the jobs name an image that does not exist, so each runs resolve_credentials
+and login against the registry and fails at tag: a busy worker, without building images.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         token, _ = create_token(f"bench-{bench.run_id}", "producer", actor="operator:bench")
         url, process = _serve(bench.env, str(bench.workdir / "api.log"))
+        if args.with_worker:
+            bench.worker(concurrency=args.concurrency)
         http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         run_id = uuid.uuid4().hex[:8]
 
@@ -177,8 +183,12 @@ def report(results: dict[str, Any]) -> list[str]:
         f"- {args['rounds']} interleaved rounds of {args['calls']} `POST /v1/pushes` (one "
         f"keep-alive client, a producer token, `pushctl api serve` with one uvicorn process) and "
         f"{args['calls']} `enqueue_push()` calls in the benchmark's process; {args['warmup']} "
-        "warm-up calls of each not counted; distinct repositories and idempotency keys; no "
-        "worker running",
+        "warm-up calls of each not counted; distinct repositories and idempotency keys; "
+        + (
+            f"a worker (concurrency {args['concurrency']}) consuming every job meanwhile"
+            if args.get("with_worker")
+            else "no worker running"
+        ),
         f"- throughput: {args['clients']} threads x {args['burst']} requests each, at once",
         "",
         "| what | n | p50 ms | p90 ms | p99 ms | max ms |",
@@ -206,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--clients", type=int, default=8, help="threads of the throughput part")
     parser.add_argument("--burst", type=int, default=25, help="requests per thread")
+    parser.add_argument(
+        "--with-worker", action="store_true", help="a worker consumes the jobs meanwhile"
+    )
     common_arguments(parser)
     args = parser.parse_args(argv)
     results = run(args)
