@@ -11,8 +11,9 @@ host sees the same slots.
 - **Rate**: login and push each count one request against ``rate_per_second`` (a moving window
   of the ``limits`` library). It paces step starts, not every HTTP request the engine makes.
 - **Waiting**: a step refused a slot or a request is not run and not counted as a try: the task
-  is re-queued with a countdown (``PUSHWORKER_FLOW_POLL``, jittered), so the worker's pool slot
-  serves other registries meanwhile. Up to the job's deadline; then ``throttled_past_deadline``.
+  is re-queued with a countdown (``PUSHWORKER_FLOW_POLL`` per round of pushes ahead of it), so
+  the worker's pool slot serves other registries meanwhile. Up to the job's deadline; then
+  ``throttled_past_deadline``.
 - **AIMD**: a 429 halves the registry's effective limit (from the concurrency it arrived at, at
   most once per ``DECREASE_COOLDOWN`` seconds, floor 1); each success met while the limit was
   full adds 1/limit, so the limit grows by one per "limit" such successes, up to the configured
@@ -135,7 +136,7 @@ class FlowControl:
             if not grant.granted:
                 return Admission(
                     False,
-                    countdown=self._poll(),
+                    countdown=self._poll(grant.ahead, limit),
                     reason=f"registry {registry.id} at its limit of {limit}, {grant.ahead} ahead",
                     ahead=grant.ahead,
                     holders=grant.holders,
@@ -246,8 +247,13 @@ class FlowControl:
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _poll(self) -> float:
-        return self.settings.flow_poll * self.rng.uniform(0.8, 1.2)
+    def _poll(self, ahead: int, limit: int | None) -> float:
+        """About when a slot may be free for this waiter: ``PUSHWORKER_FLOW_POLL`` per round of
+        ``limit`` pushes ahead of it (the first waiters ask again soon, so a freed slot does not
+        stay idle; the last ones ask rarely, so waiting costs the broker little), jittered."""
+        rounds = (ahead + 1) / max(limit or 1, 1)
+        base = self.settings.flow_poll * min(max(rounds, 0.2), 10.0)
+        return base * self.rng.uniform(0.8, 1.2)
 
     def _waiter_ttl(self) -> float:
         # A waiter asks again every poll; one that missed a few polls stopped waiting.
