@@ -277,15 +277,10 @@ def test_a_hanging_receiver_does_not_delay_a_push(
 
     rows = wait_until(planned, "the job's deliveries planned (by the worker's other slot)")
     assert all(r["status"] == "pending" for r in rows), "nothing was answered"
-    # Attempts to the hanging receiver were in flight while the job was pushed.
-    overlapping = [
-        t
-        for r in rows
-        for t in tries(r["id"])
-        if t.started_at <= job.finished_at
-        and (t.finished_at is None or t.finished_at >= job.started_at)
-    ]
-    assert overlapping, "a delivery was hanging during the push"
+    # The receiver was being tried (and hanging) since before the push was asked for, and it
+    # never answered anything: the push did not wait for it.
+    first_try = min(t.started_at for r in rows for t in tries(r["id"]))
+    assert first_try < job.started_at
     assert receiver.answered() == []
 
 
