@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Select, and_, bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -73,6 +74,9 @@ class PushRequest:
     idempotency_key: str | None = None
     #: The named Docker Engine that holds ``source_image`` (None: the default queue's engine).
     docker_host: str | None = None
+    #: Seconds the job may wait for its registry's limits (flow control) before it fails with
+    #: ``throttled_past_deadline``; None: ``PUSHWORKER_FLOW_DEADLINE``.
+    deadline: float | None = None
 
 
 def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[PushJob, bool]:
@@ -92,7 +96,7 @@ def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[P
         repository=request.repository, tag=request.tag, requested_registry_id=registry.id,
         effective_registry_id=registry.id, fallback_chain=chain,
         status=JobStatus.QUEUED.value, attempt=1, requested_by=request.requested_by,
-        docker_host=request.docker_host,
+        docker_host=request.docker_host, deadline_at=_deadline_at(request.deadline),
     )  # fmt: skip
     try:
         with session.begin_nested():
@@ -113,9 +117,30 @@ def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[P
             "reference": str(build_target(registry.host, job.repository, job.tag)),
             "fallback_chain": chain, "requested_by": job.requested_by,
             "idempotency_key": job.idempotency_key,
+            **({"deadline_at": job.deadline_at.isoformat()} if job.deadline_at else {}),
         },
     )  # fmt: skip
     return job, True
+
+
+#: The longest deadline a job may ask for: a week.
+MAX_DEADLINE = 7 * 86400.0
+
+
+def _deadline_at(seconds: float | None) -> datetime | None:
+    if seconds is None:
+        return None
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or not 0 < seconds <= MAX_DEADLINE
+    ):
+        raise ValidationError(
+            f"deadline must be a number of seconds > 0 and at most {MAX_DEADLINE:.0f}, "
+            f"not {seconds!r}"
+        )
+    return utcnow() + timedelta(seconds=seconds)
 
 
 def check_id(field: str, value: object) -> int:

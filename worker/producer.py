@@ -27,6 +27,7 @@ def enqueue_push(
     idempotency_key: str | None = None,
     docker_host: str | None = None,
     actor: str | None = None,
+    deadline: float | None = None,
 ) -> str:
     """Validate, record and queue a push; return the job id.
 
@@ -41,11 +42,14 @@ def enqueue_push(
     ``PUSHWORKER_DOCKER_HOSTS``); the job then runs only on that host's worker. An unknown name
     raises a ``ValidationError`` with the code ``unknown_docker_host``. None: the default
     queue's worker and engine.
+
+    ``deadline``: seconds the job may wait for its registry's limits (flow control) before it
+    fails with ``throttled_past_deadline``; None: ``PUSHWORKER_FLOW_DEADLINE``.
     """
     request = PushRequest(
         source_image=source_image, registry_id=registry_id, repository=repository, tag=tag,
         requested_by=requested_by, fallback=fallback, idempotency_key=idempotency_key,
-        docker_host=docker_host,
+        docker_host=docker_host, deadline=deadline,
     )  # fmt: skip
     with session_scope() as session:
         job, created = create_job(session, request, actor=actor or f"producer:{requested_by}")

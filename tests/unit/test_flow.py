@@ -333,3 +333,20 @@ def test_a_step_task_may_be_requeued_any_number_of_times() -> None:
     from tasks.push import TASKS
 
     assert {name: task.max_retries for name, task in TASKS.items()} == dict.fromkeys(TASKS)
+
+
+def test_a_job_may_name_its_own_deadline(registry_5: None) -> None:
+    from worker.core.errors import ValidationError
+
+    with session_scope() as session:
+        request = PushRequest(SOURCE, 5, "team/app", "v1", "t", deadline=600)
+        job, _ = create_job(session, request, actor="t")
+        assert job.deadline_at is not None
+        assert 590 < (job.deadline_at - utcnow()).total_seconds() <= 600
+        enqueued = select_events(session, job_id=job.id, types=["job.enqueued"])
+        assert enqueued[0].payload["deadline_at"] == job.deadline_at.isoformat()
+    for bad in (0, -1, float("nan"), 8 * 86400, True):
+        with pytest.raises(ValidationError), session_scope() as session:
+            create_job(
+                session, PushRequest(SOURCE, 5, "team/app", "v2", "t", deadline=bad), actor="t"
+            )

@@ -150,6 +150,12 @@ def _finish_wait(follow: _Follow, finished: bool, timeout: float | None) -> None
 @click.option("--docker-host", type=TEXT, help="The named Docker host whose engine holds SOURCE.")
 @click.option("--wait", is_flag=True, help="Follow the job's events until it ends.")
 @click.option(
+    "--deadline",
+    type=SECONDS,
+    help="Seconds the job may wait for the registry's limits before it fails "
+    "[PUSHWORKER_FLOW_DEADLINE].",
+)
+@click.option(
     "--timeout",
     type=SECONDS,
     help="With --wait: give up after SECONDS (exit 124).",
@@ -165,6 +171,7 @@ def push(
     requested_by: str | None,
     docker_host: str | None,
     wait: bool,
+    deadline: float | None,
     timeout: float | None,
     as_json: bool,
 ) -> None:
@@ -185,6 +192,7 @@ def push(
         fallback=fallback,
         idempotency_key=idempotency_key,
         docker_host=docker_host,
+        deadline=deadline,
     )
     if not wait:
         if as_json:
