@@ -37,9 +37,11 @@ from worker.webhooks import attempts_of
 
 T = TypeVar("T")
 
-#: Short on purpose: a hanging receiver is given up on after 2 s, and retried soon after.
+#: Short on purpose: a hanging receiver is given up on after 5 s (time enough for the kill test
+#: to kill the worker mid-attempt on a loaded machine; its lease is 2 x 5 + 5 s), and retried
+#: soon after.
 WEBHOOK_ENV = {
-    "PUSHWORKER_WEBHOOK_TIMEOUT": "2",
+    "PUSHWORKER_WEBHOOK_TIMEOUT": "5",
     "PUSHWORKER_WEBHOOK_EVERY": "1",
     "PUSHWORKER_WEBHOOK_RETRY_BASE": "0.5",
     "PUSHWORKER_WEBHOOK_RETRY_MAX": "1",
