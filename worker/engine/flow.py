@@ -16,7 +16,8 @@ host sees the same slots.
   ``throttled_past_deadline``.
 - **AIMD**: a 429 halves the registry's effective limit (from the concurrency it arrived at, at
   most once per ``DECREASE_COOLDOWN`` seconds, floor 1); each success met while the limit was
-  full adds 1/limit, so the limit grows by one per "limit" such successes, up to the configured
+  full adds 1/limit, so the limit grows by one per "limit" such successes (8 times more slowly
+  once it is one below the concurrency the registry last refused), up to the configured
   cap (or, for a registry with none, up to ``PUSHWORKER_FLOW_UNCAPPED_CEILING``, where the
   adaptive cap is dropped). Each change of the whole-number limit is reported (``CapChange``)
   for a ``registry.throttled`` / ``registry.unthrottled`` event.
@@ -52,6 +53,8 @@ RATE_STEPS = frozenset({"login", "push"})
 DECREASE_COOLDOWN = 5.0
 #: The "cap" of a registry without one: a slot is still taken, to know the concurrency.
 UNLIMITED = 1_000_000
+#: How much more slowly the limit grows once it is one below the concurrency last refused.
+PROBE_SLOWDOWN = 8.0
 
 
 @dataclass(frozen=True)
@@ -202,18 +205,19 @@ class FlowControl:
         previous = self.limit(registry)
         if current is not None and self._now() - current.changed_at < DECREASE_COOLDOWN:
             return None
+        # The concurrency the registry refused: its holders (this step's slot included).
+        holders = self.state.holders(registry.id)
         if current is not None:
             base = current.cap
         else:
-            # The concurrency the registry refused: its holders (this step's slot included).
-            holders = self.state.holders(registry.id)
             base = float(min(filter(None, (registry.max_concurrent, holders)), default=1))
         new = max(1.0, math.floor(base / 2))
         if registry.max_concurrent is not None:
             new = min(new, float(registry.max_concurrent))
         if current is not None and new >= current.cap:
             return None
-        if not self.state.swap_cap(registry.id, None if current is None else current.cap, new):
+        expected = None if current is None else current.cap
+        if not self.state.swap_cap(registry.id, expected, new, refused_at=max(holders, 1)):
             return None  # another worker reacted to the same 429 first
         limit = self.limit(registry)
         if limit == previous:
@@ -233,7 +237,12 @@ class FlowControl:
             # reasoning for an idle congestion window), so the limit does not grow meanwhile.
             return None
         ceiling = registry.max_concurrent or self.settings.flow_uncapped_ceiling
-        raised = current.cap + 1.0 / max(current.cap, 1.0)
+        step = 1.0 / max(current.cap, 1.0)
+        if current.refused_at is not None and current.cap + 1 >= current.refused_at:
+            # Near the concurrency the registry last refused: probe it PROBE_SLOWDOWN times more
+            # slowly, so a registry with a fixed limit is not pushed over it every few pushes.
+            step /= PROBE_SLOWDOWN
+        raised = current.cap + step
         new: float | None = None if raised >= ceiling else raised
         if not self.state.swap_cap(registry.id, current.cap, new):
             return None

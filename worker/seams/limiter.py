@@ -79,7 +79,8 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
 return 1
 """
 
-# KEYS: aimd. ARGV: expected cap ('' for none), new cap ('' to clear). Returns 1 if replaced.
+# KEYS: aimd. ARGV: expected cap ('' for none), new cap ('' to clear), the concurrency a 429
+# refused ('' to keep the stored one). Returns 1 if replaced.
 _SWAP_CAP = """
 local current = redis.call('HGET', KEYS[1], 'cap')
 if (current or '') ~= ARGV[1] then
@@ -90,6 +91,9 @@ if ARGV[2] == '' then
 else
   local t = redis.call('TIME')
   redis.call('HSET', KEYS[1], 'cap', ARGV[2], 'changed_at', t[1] .. '.' .. t[2])
+  if ARGV[3] ~= '' then
+    redis.call('HSET', KEYS[1], 'refused_at', ARGV[3])
+  end
 end
 return 1
 """
@@ -113,6 +117,8 @@ class AdaptiveCap:
     cap: float
     #: Redis' clock, seconds since the epoch.
     changed_at: float
+    #: How many pushes were running when the registry last answered 429.
+    refused_at: int | None = None
 
 
 def _keys(registry_id: int) -> tuple[str, str, str]:
@@ -183,12 +189,25 @@ class RedisFlowState:
         )
         if b"cap" not in raw:
             return None
-        return AdaptiveCap(float(raw[b"cap"]), float(raw.get(b"changed_at", b"0")))
+        refused = raw.get(b"refused_at")
+        return AdaptiveCap(
+            float(raw[b"cap"]),
+            float(raw.get(b"changed_at", b"0")),
+            None if refused is None else int(refused),
+        )
 
-    def swap_cap(self, registry_id: int, expected: float | None, new: float | None) -> bool:
+    def swap_cap(
+        self,
+        registry_id: int,
+        expected: float | None,
+        new: float | None,
+        *,
+        refused_at: int | None = None,
+    ) -> bool:
         args = [
             "" if expected is None else repr(float(expected)),
             "" if new is None else repr(float(new)),
+            "" if refused_at is None else str(int(refused_at)),
         ]
         return bool(self._call(self._swap, [_aimd_key(registry_id)], args))
 

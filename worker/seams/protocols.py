@@ -75,7 +75,14 @@ class FlowState(Protocol):
 
     def adaptive_cap(self, registry_id: int) -> AdaptiveCap | None: ...
 
-    def swap_cap(self, registry_id: int, expected: float | None, new: float | None) -> bool: ...
+    def swap_cap(
+        self,
+        registry_id: int,
+        expected: float | None,
+        new: float | None,
+        *,
+        refused_at: int | None = None,
+    ) -> bool: ...
 
     def take_request(self, registry_id: int, per_second: float) -> float: ...
 
