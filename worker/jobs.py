@@ -283,13 +283,21 @@ def retry_job(session: Session, job_id: str, *, actor: str, reason: str | None) 
             f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried"
         )
     previous = job.status
+    now = utcnow()
+    # The flow-control deadline starts again with the retry, as long as the job first had.
+    window = (
+        job.deadline_at - job.created_at
+        if job.deadline_at is not None
+        else timedelta(seconds=get_settings().flow_deadline)
+    )
     changed = session.execute(
         update(PushJob)
         .where(PushJob.id == job_id, PushJob.status == previous, PushJob.attempt == job.attempt)
         .values(
             status=JobStatus.QUEUED.value, attempt=job.attempt + 1,
             effective_registry_id=job.requested_registry_id, current_step=None,
-            error_code=None, error_message=None, finished_at=None, updated_at=utcnow(),
+            error_code=None, error_message=None, finished_at=None, updated_at=now,
+            deadline_at=now + window,
         )
         .execution_options(synchronize_session=False)
     )  # fmt: skip

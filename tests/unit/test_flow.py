@@ -358,3 +358,18 @@ def test_a_job_may_name_its_own_deadline(registry_5: None) -> None:
             create_job(
                 session, PushRequest(SOURCE, 5, "team/app", "v2", "t", deadline=bad), actor="t"
             )
+
+
+def test_a_retried_job_gets_its_deadline_window_again(registry_5: None) -> None:
+    from worker.jobs import retry_job
+
+    with session_scope() as session:
+        job, _ = create_job(session, PushRequest(SOURCE, 5, "team/app", "v1", "t"), actor="t")
+        job.created_at = utcnow() - timedelta(hours=3)  # failed long ago
+        job.status, job.error_code = "failed", "throttled_past_deadline"
+        job_id = job.id
+    with session_scope() as session:
+        retried = retry_job(session, job_id, actor="operator:t", reason="limits raised")
+        assert retried.deadline_at is not None
+        window = (retried.deadline_at - utcnow()).total_seconds()
+        assert 3590 < window <= 3600  # PUSHWORKER_FLOW_DEADLINE from the retry, not the creation
