@@ -131,6 +131,14 @@ def push_request_schema() -> dict[str, Any]:
                 "Unique per intended push: a message delivered twice, or sent again, returns "
                 "the first job instead of making a second one.",
             ),
+            "deadline": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": 604800,
+                "description": "Seconds the job may wait for its registry's limits (flow "
+                "control) before it fails with throttled_past_deadline. Absent: the worker's "
+                "PUSHWORKER_FLOW_DEADLINE.",
+            },
         },
     }
 

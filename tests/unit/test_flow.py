@@ -373,3 +373,17 @@ def test_a_retried_job_gets_its_deadline_window_again(registry_5: None) -> None:
         assert retried.deadline_at is not None
         window = (retried.deadline_at - utcnow()).total_seconds()
         assert 3590 < window <= 3600  # PUSHWORKER_FLOW_DEADLINE from the retry, not the creation
+
+
+def test_the_message_contract_takes_a_deadline() -> None:
+    from worker.contract import request_from_call
+    from worker.core.errors import InvalidMessage
+
+    base = {
+        "source_image": "app:build", "registry_id": 5, "repository": "team/app", "tag": "v1",
+        "requested_by": "t", "idempotency_key": "k-1",
+    }  # fmt: skip
+    assert request_from_call([{**base, "deadline": 90}], {})["deadline"] == 90
+    for bad in (0, -5, 604801, "60", True):
+        with pytest.raises(InvalidMessage):
+            request_from_call([{**base, "deadline": bad}], {})
