@@ -232,6 +232,8 @@ def list_jobs(
     limit: int = 100,
     before: tuple[datetime, str] | None = None,
     enqueued_by: str | None = None,
+    repository: str | None = None,
+    requested_by: str | None = None,
 ) -> list[PushJob]:
     """Jobs, newest first (then by id, so that equal times have an order). ``before``: only
     jobs after this ``(created_at, id)`` in that order (a page's cursor); ``enqueued_by``: only
@@ -243,6 +245,10 @@ def list_jobs(
         query = query.where(PushJob.requested_registry_id == registry_id)
     if since is not None:
         query = query.where(PushJob.created_at >= since)
+    if repository is not None:
+        query = query.where(PushJob.repository == repository)
+    if requested_by is not None:
+        query = query.where(PushJob.requested_by == requested_by)
     if before is not None:
         created, job_id = before
         query = query.where(

@@ -11,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker.api import console
 from worker.api.errors import ApiError, body, status_for
 from worker.api.routes import router
 from worker.core.errors import PushWorkerError, StorageError
@@ -85,6 +86,7 @@ def create_app() -> FastAPI:
         "See docs/api.md.",
     )
     app.include_router(router)
+    app.include_router(console.router)
 
     @app.exception_handler(PushWorkerError)
     async def _service_error(request: Request, exc: PushWorkerError) -> JSONResponse:
@@ -138,4 +140,5 @@ def create_app() -> FastAPI:
         )
 
     app.add_middleware(BodyLimit, limit=settings.api_max_body)
+    app.add_middleware(console.SecurityHeaders)
     return app
