@@ -31,3 +31,16 @@ class CeleryDispatcher:
             for name in STEP_NAMES
         ]
         chain(*signatures).apply_async(queue=queue)
+
+    def wake_step(self, job_id: str, step: str, registry_id: int, message_id: str) -> None:
+        """Publish ``step`` (and the steps after it) of a job waiting for its registry now, under
+        ``message_id``: flow control's hand-over of a released slot. The waiter's own message still
+        waits with its countdown; whichever comes second finds the step done or claimed."""
+        queue = queue_for(docker_host_of(job_id))
+        names = STEP_NAMES[STEP_NAMES.index(step) :]
+        signatures = [
+            app.signature(step_task(name), args=(job_id, registry_id), immutable=True, queue=queue)
+            for name in names
+        ]
+        signatures[0].set(task_id=message_id)
+        chain(*signatures).apply_async(queue=queue)

@@ -30,7 +30,13 @@ def _run(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]
 
 
 def _run_step(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]:
-    outcome = _runner().run(step, job_id, registry_id, delivery_retries=task.request.retries)
+    outcome = _runner().run(
+        step,
+        job_id,
+        registry_id,
+        delivery_retries=task.request.retries,
+        message_id=task.request.id,
+    )
     if outcome.action == "retry":
         # The step counts its own tries in the database, so Celery's counter is not the bound.
         raise task.retry(countdown=outcome.countdown, max_retries=None)

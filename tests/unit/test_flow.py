@@ -48,6 +48,7 @@ OPS = st.lists(
         st.tuples(st.just("release"), st.integers(0, 7)),
         st.tuples(st.just("renew"), st.integers(0, 7)),
         st.tuples(st.just("advance"), st.floats(0.0, 15.0)),
+        st.tuples(st.just("wake"), st.just(0)),
     ),
     max_size=60,
 )
@@ -61,19 +62,38 @@ def test_never_more_than_the_cap_under_any_interleaving_and_lease_expiry(
     state: RedisFlowState, cap: int, ops: list[tuple[str, float]]
 ) -> None:
     """A model of leases decides every answer: granted exactly when a slot is free (or the
-    holder already holds one), renewed only while alive, and never more than ``cap`` alive."""
+    holder already holds one), renewed only while alive, and never more than ``cap`` alive; a
+    woken waiter (the hand-over of a released slot) asks like any other and gets no more."""
     redis.Redis.from_url(REDIS_URL).flushdb()
     lease, now = 10.0, 1_000_000.0
     alive: dict[str, float] = {}  # holder -> lease expiry
+    refused: set[str] = set()  # waiters refused and not granted since
     for op, arg in ops:
-        holder = f"h{int(arg)}" if op != "advance" else ""
+        holder = f"h{int(arg)}" if op not in ("advance", "wake") else ""
         alive = {h: until for h, until in alive.items() if until > now}
-        if op == "acquire":
-            grant = state.acquire(7, holder, holder, cap, lease=lease, waiter_ttl=30, now=now)
+        if op == "wake":
+            # wake_next reads Redis' clock, the model another: only what holds for any clock.
+            woken = state.wake_next(7, f"m{len(alive)}", window=0.0, waiter_ttl=1e12)
+            if woken is not None:
+                assert woken in refused
+                holder = woken
+                grant = state.acquire(7, holder, holder, cap, lease=lease, waiter_ttl=1e12,
+                                      now=now, message_id=f"m{len(alive)}")  # fmt: skip
+                assert grant.granted == (holder in alive or len(alive) < cap)
+                assert grant.woken == (not grant.granted)
+                if grant.granted:
+                    alive[holder] = now + lease
+                    refused.discard(holder)
+        elif op == "acquire":
+            grant = state.acquire(7, holder, holder, cap, lease=lease, waiter_ttl=1e12, now=now)
             expected = holder in alive or len(alive) < cap
             assert grant.granted == expected
+            assert not grant.woken
             if grant.granted:
                 alive[holder] = now + lease
+                refused.discard(holder)
+            else:
+                refused.add(holder)
             assert grant.holders == len(alive)
         elif op == "release":
             state.release(7, holder)
@@ -108,6 +128,32 @@ def test_waiters_are_counted_in_order_and_a_wait_is_first_once(state: RedisFlowS
     # b stops asking: after the waiters' ttl it no longer counts ahead of c
     c2 = state.acquire(2, "c", "job-c", 1, lease=60, waiter_ttl=20, now=t + 29)
     assert (c2.granted, c2.ahead) == (False, 0)
+
+
+def test_a_released_slot_wakes_the_first_waiter_once(state: RedisFlowState) -> None:
+    """wake_next names the first live waiter, once per window; a refused wake message is told
+    apart from the waiter's own message; a grant clears the mark."""
+    assert state.acquire(4, "a", "job-a:push", 1, lease=30, waiter_ttl=30).granted
+    assert not state.acquire(4, "b", "job-b:push", 1, lease=30, waiter_ttl=30).granted
+    assert not state.acquire(4, "c", "job-c:push", 1, lease=30, waiter_ttl=30).granted
+    assert state.wake_next(4, "m1", window=60, waiter_ttl=30) == "job-b:push"
+    assert state.wake_next(4, "m2", window=60, waiter_ttl=30) == "job-c:push"  # b: once
+    assert state.wake_next(4, "m3", window=60, waiter_ttl=30) is None
+    # The slot is still held: the wake message is refused and knows it; b's own message is not.
+    woken = state.acquire(4, "b2", "job-b:push", 1, lease=30, waiter_ttl=30, message_id="m1")
+    own = state.acquire(4, "b3", "job-b:push", 1, lease=30, waiter_ttl=30, message_id="other")
+    assert (woken.granted, woken.woken, own.woken) == (False, True, False)
+    state.release(4, "a")
+    assert state.acquire(4, "b4", "job-b:push", 1, lease=30, waiter_ttl=30, message_id="m1").granted
+    assert state.holders(4) == 1
+    state.forget_waiter(4, "job-c:push")
+    assert state.wake_next(4, "m4", window=0, waiter_ttl=30) is None
+
+
+def test_a_rate_wait_is_first_once(state: RedisFlowState) -> None:
+    assert state.first_rate_wait(6, "job-a:push", ttl=10)
+    assert not state.first_rate_wait(6, "job-a:push", ttl=10)
+    assert state.first_rate_wait(6, "job-b:push", ttl=10)
 
 
 def test_rate_items() -> None:
@@ -235,6 +281,74 @@ def test_a_push_without_a_slot_waits_without_a_try_then_runs(
     assert types[-3:] == ["step.started", "step.succeeded", "job.succeeded"]
     assert types.count("step.started") == 4  # the waits were not tries
     assert state.holders(5) == 0  # the slot was released
+
+
+def test_a_released_slot_wakes_the_first_waiter_at_once(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    """A push that ends hands its slot over: the first waiter's step is published at once (here:
+    recorded) with a message id; that message gets the slot and runs. A wake message beaten to
+    the slot stops quietly (the waiter's own message polls on); the waiter's own is not."""
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, _ = _runner(world, state)
+    woken: list[tuple[str, str, int, str]] = []
+    assert runner.flow is not None
+    runner.flow.wake = lambda *args: woken.append(args)
+    first, second = _job(), _job()
+    for job_id in (first, second):
+        for step in ("resolve_credentials", "login", "tag"):
+            assert runner.run(step, job_id, 5).action == "continue"
+    assert state.acquire(5, "other", "other-job", 1, lease=30, waiter_ttl=30).granted
+    assert runner.run("push", second, 5).action == "retry"  # waits: the first waiter
+    # A wake message that finds the slot still taken stops, with no event and no try.
+    before = _types(second)
+    runner.flow.release(5, "other")
+    assert [(j, s, r) for j, s, r, _ in woken] == [(second, "push", 5)]
+    assert state.acquire(5, "again", "other-job", 1, lease=30, waiter_ttl=30).granted
+    stopped = runner.run("push", second, 5, message_id=woken[0][3])
+    assert stopped.action == "stop" and stopped.reason.startswith("woken, no slot free")
+    assert _types(second) == before
+    # The first job pushes once "again" is gone; its release wakes the second at once.
+    state.release(5, "again")
+    assert runner.run("push", first, 5).action == "stop"
+    assert world.pushes and len(woken) == 2 and woken[1][:3] == (second, "push", 5)
+    assert runner.run("push", second, 5, message_id=woken[1][3]).action == "stop"
+    assert _types(second)[-1] == "job.succeeded"
+    assert state.holders(5) == 0
+    # A retried delivery (delivery_retries > 0) is the waiter's own: it waits, never stops.
+    assert state.acquire(5, "x", "other-job", 1, lease=30, waiter_ttl=30).granted
+    third = _job()
+    for step in ("resolve_credentials", "login", "tag"):
+        assert runner.run(step, third, 5).action == "continue"
+    assert runner.run("push", third, 5).action == "retry"
+    runner.flow.release(5, "y-not-held")  # any release wakes the first waiter
+    message_id = woken[-1][3]
+    assert runner.run("push", third, 5, delivery_retries=1, message_id=message_id).action == (
+        "retry"
+    )
+
+
+def test_a_rate_wait_is_recorded_once_as_step_waiting(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, _ = _runner(world, state)
+    with session_scope() as session:
+        row = session.get(Registry, 5)
+        assert row is not None
+        row.rate_per_second = 0.5  # one request per 2 s
+    first, second = _job(), _job()
+    for job_id in (first, second):
+        assert runner.run("resolve_credentials", job_id, 5).action == "continue"
+    assert runner.run("login", first, 5).action == "continue"
+    waits = [runner.run("login", second, 5) for _ in range(2)]
+    assert [w.action for w in waits] == ["retry", "retry"]
+    assert waits[0].reason == "waiting: registry 5 at its rate of 0.5/s"
+    with session_scope() as session:
+        recorded = select_events(session, job_id=second, types=["step.waiting"])
+        assert [(e.step, e.payload["reason"], e.payload["rate_per_second"]) for e in recorded] == [
+            ("login", "registry 5 at its rate of 0.5/s", 0.5)
+        ]
 
 
 def test_waiting_past_the_deadline_fails_the_job_with_its_own_code(

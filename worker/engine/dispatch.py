@@ -10,7 +10,7 @@ Celery without this package importing it. Tests set their own with ``set_dispatc
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from worker.core.errors import PushWorkerError
 
@@ -22,6 +22,14 @@ class Dispatcher(Protocol):
     """Starts a job's chain of step tasks against one registry."""
 
     def start_chain(self, job_id: str, registry_id: int) -> None: ...
+
+
+@runtime_checkable
+class StepWaker(Protocol):
+    """A dispatcher that can also publish one waiting step at once (flow control's hand-over of
+    a released slot), from that step to the end of the chain, under ``message_id``."""
+
+    def wake_step(self, job_id: str, step: str, registry_id: int, message_id: str) -> None: ...
 
 
 _current: Dispatcher | None = None

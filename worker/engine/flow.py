@@ -14,6 +14,12 @@ host sees the same slots.
   is re-queued with a countdown (``PUSHWORKER_FLOW_POLL`` per round of pushes ahead of it), so
   the worker's pool slot serves other registries meanwhile. Up to the job's deadline; then
   ``throttled_past_deadline``.
+- **Hand-over**: a released slot (success or failure) wakes the registry's first waiter at once
+  (``wake``, the dispatcher publishing that waiter's step now under a fresh message id), instead
+  of leaving the slot idle until the waiter's countdown ends. The woken message asks for a slot
+  like any other (so the cap holds); refused (another step took the slot first), it stops
+  quietly, as the waiter's own message still polls. A waiter is woken at most once per
+  ``PUSHWORKER_FLOW_POLL``; a duplicate that finds the step done or claimed is skipped.
 - **AIMD**: a 429 halves the registry's effective limit (from the concurrency it arrived at, at
   most once per ``DECREASE_COOLDOWN`` seconds, floor 1); each success met while the limit was
   full adds 1/limit, so the limit grows by one per "limit" such successes (8 times more slowly
@@ -57,6 +63,10 @@ UNLIMITED = 1_000_000
 PROBE_SLOWDOWN = 8.0
 
 
+#: Publishes a woken waiter's step at once: (job_id, step, registry_id, message_id).
+Waker = Callable[[str, str, int, str], None]
+
+
 @dataclass(frozen=True)
 class Admission:
     granted: bool
@@ -69,6 +79,10 @@ class Admission:
     limit: int | None = None
     #: True on the first refusal of a wait: record ``step.waiting`` once per wait.
     first: bool = False
+    #: True when the refused message is a wake (``FlowControl.wake``): it stops, not waits.
+    woken: bool = False
+    #: What the step waits for: "slot" (the concurrency) or "rate" (the request rate).
+    kind: Literal["slot", "rate", ""] = ""
 
 
 @dataclass(frozen=True)
@@ -104,9 +118,12 @@ class FlowControl:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        wake: Waker | None = None,
     ) -> None:
         self.state, self.settings, self.clock = state, settings, clock
         self.rng = rng or random.Random()
+        #: Publishes a woken waiter's step now: (job_id, step, registry_id, message_id).
+        self.wake = wake
 
     @staticmethod
     def applies(step: str) -> bool:
@@ -125,8 +142,11 @@ class FlowControl:
 
     # --- admission -------------------------------------------------------------------------------
 
-    def admit(self, registry: Registry, job_id: str, step: str) -> Admission:
-        """Take a slot (push) and a request of the rate (login, push), or say how long to wait."""
+    def admit(
+        self, registry: Registry, job_id: str, step: str, *, message_id: str | None = None
+    ) -> Admission:
+        """Take a slot (push) and a request of the rate (login, push), or say how long to wait.
+        ``message_id``: the delivering message's id, to know a refused wake message."""
         holder: str | None = None
         limit = self.limit(registry)
         if step in SLOT_STEPS:
@@ -135,6 +155,7 @@ class FlowControl:
                 registry.id, holder, f"{job_id}:{step}",
                 UNLIMITED if limit is None else limit,
                 lease=self.settings.flow_lease, waiter_ttl=self._waiter_ttl(),
+                message_id=message_id,
             )  # fmt: skip
             if not grant.granted:
                 return Admission(
@@ -145,18 +166,24 @@ class FlowControl:
                     holders=grant.holders,
                     limit=limit,
                     first=grant.first_refusal,
+                    woken=grant.woken,
+                    kind="slot",
                 )
         if step in RATE_STEPS and registry.rate_per_second:
             wait = self.state.take_request(registry.id, registry.rate_per_second)
             if wait > 0:
                 if holder is not None:
-                    self.release(registry.id, holder)
+                    # Not handed over: the rate, not the slot, is what is short now.
+                    self.release(registry.id, holder, hand_over=False)
                 return Admission(
                     False,
                     countdown=wait + self.rng.uniform(0, 0.1),
                     reason=f"registry {registry.id} at its rate of {registry.rate_per_second:g}/s",
                     limit=limit,
-                    first=False,
+                    first=self.state.first_rate_wait(
+                        registry.id, f"{job_id}:{step}", ttl=max(self._waiter_ttl(), wait * 3)
+                    ),
+                    kind="rate",
                 )
         return Admission(True, holder=holder, limit=limit)
 
@@ -164,12 +191,40 @@ class FlowControl:
         """The job stops waiting (it failed or moved): its place in the queue goes."""
         self.state.forget_waiter(registry_id, f"{job_id}:{step}")
 
-    def release(self, registry_id: int, holder: str) -> None:
+    def release(self, registry_id: int, holder: str, *, hand_over: bool = True) -> None:
+        """Free the slot and hand it over: wake the registry's first waiter now."""
         try:
             self.state.release(registry_id, holder)
         except FlowStateUnavailable as exc:
             # The lease frees it; nothing is leaked.
             log.warning("flow.release_failed", registry_id=registry_id, error=exc.message)
+            return
+        if hand_over:
+            self.wake_next(registry_id)
+
+    def wake_next(self, registry_id: int) -> str | None:
+        """Publish the first waiter's step now (best effort: its own countdown still runs).
+        Returns the woken waiter (``job_id:step``), or None."""
+        if self.wake is None:
+            return None
+        message_id = str(uuid.uuid4())
+        try:
+            waiter = self.state.wake_next(
+                registry_id, message_id, window=self.settings.flow_poll,
+                waiter_ttl=self._waiter_ttl(),
+            )  # fmt: skip
+        except FlowStateUnavailable as exc:
+            log.warning("flow.wake_failed", registry_id=registry_id, error=exc.message)
+            return None
+        if waiter is None:
+            return None
+        job_id, _, step = waiter.rpartition(":")
+        try:
+            self.wake(job_id, step, registry_id, message_id)
+        except Exception as exc:  # the broker may be down: the waiter's countdown still runs
+            log.warning("flow.wake_failed", registry_id=registry_id, error=type(exc).__name__)
+            return None
+        return waiter
 
     @contextmanager
     def holding(self, registry_id: int, holder: str | None) -> Iterator[None]:

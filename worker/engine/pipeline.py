@@ -40,7 +40,7 @@ from worker.core.errors import (
 )
 from worker.core.logs import get_logger
 from worker.core.settings import Settings, get_settings
-from worker.engine.dispatch import Dispatcher
+from worker.engine.dispatch import Dispatcher, StepWaker
 from worker.engine.fallback import final_auth_error, plan_fallback
 from worker.engine.flow import SLOT_STEPS, Admission, CapChange, FlowControl, deadline_of
 from worker.engine.liveness import claim_is_dead, owner_of_this_process
@@ -95,12 +95,28 @@ class StepRunner:
     def _is_last(self, name: str) -> bool:
         return name == self.steps[-1].name
 
+    def __post_init__(self) -> None:
+        # A released slot is handed over through the dispatcher, when it can publish one step.
+        flow = self.flow
+        if flow is not None and flow.wake is None and isinstance(self.dispatcher, StepWaker):
+            flow.wake = self.dispatcher.wake_step
+
     def run(
-        self, step: str, job_id: str, registry_id: int, *, delivery_retries: int = 0
+        self,
+        step: str,
+        job_id: str,
+        registry_id: int,
+        *,
+        delivery_retries: int = 0,
+        message_id: str | None = None,
     ) -> Outcome:
         actor = events.worker_actor()
+        # Only a first delivery can be a wake message (a retried one is the waiter's own).
+        wake_id = message_id if delivery_retries == 0 else None
         try:
-            claimed = _with_conflict_retry(lambda: self._claim(step, job_id, registry_id, actor))
+            claimed = _with_conflict_retry(
+                lambda: self._claim(step, job_id, registry_id, actor, wake_id)
+            )
         except DatabaseUnavailable:
             # Nothing recorded, nothing done: try the whole step again later.
             delay = self._delay(delivery_retries + 1)
@@ -154,7 +170,9 @@ class StepRunner:
 
     # --- phase 1 --------------------------------------------------------------------------------
 
-    def _claim(self, step: str, job_id: str, registry_id: int, actor: str) -> _Claimed | Outcome:
+    def _claim(
+        self, step: str, job_id: str, registry_id: int, actor: str, message_id: str | None = None
+    ) -> _Claimed | Outcome:
         with session_scope() as session:
             view = claims.load_for_claim(session, job_id, step, registry_id)
             job, run = view.job, view.run
@@ -184,7 +202,7 @@ class StepRunner:
                 return Outcome("stop", reason=refusal.code)
             registry = view.registry
             assert registry is not None, "a job's registry row is never deleted"
-            admission = self._admit(note, job, registry, step)
+            admission = self._admit(note, job, registry, step, message_id)
             if isinstance(admission, Outcome):
                 return admission
             holder = admission.holder if admission else None
@@ -230,14 +248,19 @@ class StepRunner:
         return tries
 
     def _admit(
-        self, note: _Recorder, job: PushJob, registry: Registry, step: str
+        self,
+        note: _Recorder,
+        job: PushJob,
+        registry: Registry,
+        step: str,
+        message_id: str | None = None,
     ) -> Admission | Outcome | None:
         """Flow control before the claim: a slot and a request of the rate, or a wait (re-queued
         with a countdown, recorded once per wait, not a try), or the deadline passed."""
         if self.flow is None or not self.flow.applies(step):
             return None
         try:
-            admission = self.flow.admit(registry, job.id, step)
+            admission = self.flow.admit(registry, job.id, step, message_id=message_id)
         except FlowStateUnavailable as unavailable:
             log.warning("step.deferred", job_id=job.id, step=step, reason=unavailable.message)
             return Outcome("retry", self._delay(1), unavailable.code)
@@ -252,7 +275,13 @@ class StepRunner:
             _mark_failed(job, error)
             note("job.failed", None, **error.to_payload())
             return Outcome("stop", reason=error.code)
-        if admission.first:
+        if admission.woken:
+            # A wake message beaten to the slot: the waiter's own message polls on.
+            return Outcome("stop", reason="woken, no slot free: " + admission.reason)
+        if admission.first and admission.kind == "rate":
+            note("step.waiting", None, reason=admission.reason, limit=admission.limit,
+                 rate_per_second=registry.rate_per_second)  # fmt: skip
+        elif admission.first:
             note("step.waiting", None, reason=admission.reason, ahead=admission.ahead,
                  holders=admission.holders, limit=admission.limit)  # fmt: skip
         return Outcome("retry", admission.countdown, "waiting: " + admission.reason)

@@ -9,6 +9,12 @@ Three things per registry, all under ``pushworker:flow:<registry_id>:``:
 - ``waiters``: a ZSET of waiter -> first time it was refused, and ``seen``: waiter -> last time it
   asked. A refusal says how many live waiters came before (the "3 ahead" an operator sees) and
   whether this is the waiter's first refusal of this wait; a waiter that stops asking is dropped.
+- ``woken`` (waiter -> the wake message's id) and ``wokenat`` (waiter -> when): ``wake_next``,
+  called when a slot is released, picks the first live waiter not woken in the last ``window``
+  seconds, so the caller can publish its step at once instead of leaving the slot idle until
+  the waiter's countdown ends. ``acquire`` with that message id says whether a refusal is of
+  the wake message itself (which then stops: the waiter's own message polls on) and clears the
+  mark, so the next release may wake that waiter again.
 - ``aimd``: the adaptive cap (a float) and when it last changed, replaced only by
   compare-and-set so two workers reacting to the same 429 lower it once.
 
@@ -31,8 +37,9 @@ from worker.core.errors import FlowStateUnavailable
 
 PREFIX = "pushworker:flow"
 
-# KEYS: slots, waiters, seen. ARGV: holder, waiter, cap, lease, waiter_ttl, now (-1: Redis TIME).
-# Returns {granted (0/1), holders, ahead, first_refusal (0/1)}.
+# KEYS: slots, waiters, seen, woken, wokenat. ARGV: holder, waiter, cap, lease, waiter_ttl,
+# now (-1: Redis TIME), the delivering message's id ('' for none).
+# Returns {granted (0/1), holders, ahead, first_refusal (0/1), woken (0/1)}.
 _ACQUIRE = """
 local now = tonumber(ARGV[6])
 if now < 0 then
@@ -45,6 +52,8 @@ local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[5
 for _, w in ipairs(stale) do
   redis.call('ZREM', KEYS[2], w)
   redis.call('ZREM', KEYS[3], w)
+  redis.call('HDEL', KEYS[4], w)
+  redis.call('ZREM', KEYS[5], w)
 end
 local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
 local holders = redis.call('ZCARD', KEYS[1])
@@ -52,15 +61,47 @@ if mine or holders < cap then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[2])
   redis.call('ZREM', KEYS[3], ARGV[2])
+  redis.call('HDEL', KEYS[4], ARGV[2])
+  redis.call('ZREM', KEYS[5], ARGV[2])
   redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) * 1000) + 1000)
-  return {1, redis.call('ZCARD', KEYS[1]), 0, 0}
+  return {1, redis.call('ZCARD', KEYS[1]), 0, 0, 0}
+end
+local woken = 0
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[4], ARGV[2]) == ARGV[7] then
+  -- the wake message itself, beaten to the slot: the next release may wake this waiter again
+  woken = 1
+  redis.call('HDEL', KEYS[4], ARGV[2])
+  redis.call('ZREM', KEYS[5], ARGV[2])
 end
 local first = redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
 redis.call('ZADD', KEYS[3], now, ARGV[2])
 local ttl = math.ceil(tonumber(ARGV[5]) * 1000) + 1000
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
-return {0, holders, redis.call('ZRANK', KEYS[2], ARGV[2]), first}
+return {0, holders, redis.call('ZRANK', KEYS[2], ARGV[2]), first, woken}
+"""
+
+# KEYS: waiters, seen, woken, wokenat. ARGV: message id, window, waiter_ttl.
+# Returns the first live waiter not woken in the last window seconds (now marked), or false.
+_WAKE_NEXT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local candidates = redis.call('ZRANGE', KEYS[1], 0, 15)
+for _, w in ipairs(candidates) do
+  local seen = redis.call('ZSCORE', KEYS[2], w)
+  if seen and tonumber(seen) > now - tonumber(ARGV[3]) then
+    local at = redis.call('ZSCORE', KEYS[4], w)
+    if not at or tonumber(at) <= now - tonumber(ARGV[2]) then
+      redis.call('HSET', KEYS[3], w, ARGV[1])
+      redis.call('ZADD', KEYS[4], now, w)
+      local ttl = math.ceil(tonumber(ARGV[3]) * 1000) + 1000
+      redis.call('PEXPIRE', KEYS[3], ttl)
+      redis.call('PEXPIRE', KEYS[4], ttl)
+      return w
+    end
+  end
+end
+return false
 """
 
 # KEYS: slots. ARGV: holder, lease, now (-1: Redis TIME). Returns 1 if the lease was renewed.
@@ -110,6 +151,8 @@ class SlotGrant:
     ahead: int = 0
     #: True on the first refusal of a wait (so the wait is recorded once).
     first_refusal: bool = False
+    #: True when the refused message is the one ``wake_next`` woke this waiter with.
+    woken: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +167,11 @@ class AdaptiveCap:
 def _keys(registry_id: int) -> tuple[str, str, str]:
     base = f"{PREFIX}:{registry_id}"
     return f"{base}:slots", f"{base}:waiters", f"{base}:seen"
+
+
+def _wake_keys(registry_id: int) -> tuple[str, str]:
+    base = f"{PREFIX}:{registry_id}"
+    return f"{base}:woken", f"{base}:wokenat"
 
 
 def _aimd_key(registry_id: int) -> str:
@@ -141,6 +189,7 @@ class RedisFlowState:
         self._acquire = self._client.register_script(_ACQUIRE)
         self._renew = self._client.register_script(_RENEW)
         self._swap = self._client.register_script(_SWAP_CAP)
+        self._wake_next = self._client.register_script(_WAKE_NEXT)
         self._limiter: MovingWindowRateLimiter | None = None
 
     def acquire(
@@ -153,11 +202,26 @@ class RedisFlowState:
         lease: float,
         waiter_ttl: float,
         now: float | None = None,
+        message_id: str | None = None,
     ) -> SlotGrant:
         args = [holder, waiter, cap, lease, waiter_ttl, -1 if now is None else now]
-        answer = cast(list[int], self._call(self._acquire, list(_keys(registry_id)), args))
-        granted, holders, ahead, first = (int(value) for value in answer)
-        return SlotGrant(bool(granted), holders, ahead, bool(first))
+        args.append(message_id or "")
+        keys = [*_keys(registry_id), *_wake_keys(registry_id)]
+        answer = cast(list[int], self._call(self._acquire, keys, args))
+        granted, holders, ahead, first, woken = (int(value) for value in answer)
+        return SlotGrant(bool(granted), holders, ahead, bool(first), bool(woken))
+
+    def wake_next(
+        self, registry_id: int, message_id: str, *, window: float, waiter_ttl: float
+    ) -> str | None:
+        """The first live waiter not woken in the last ``window`` s, now marked as woken by
+        ``message_id``; None when there is none."""
+        _slots, waiters, seen = _keys(registry_id)
+        keys = [waiters, seen, *_wake_keys(registry_id)]
+        answer = self._call(self._wake_next, keys, [message_id, window, waiter_ttl])
+        if not answer:
+            return None
+        return answer.decode() if isinstance(answer, bytes) else str(answer)
 
     def renew(
         self, registry_id: int, holder: str, *, lease: float, now: float | None = None
@@ -173,6 +237,9 @@ class RedisFlowState:
         _slots, waiters, seen = _keys(registry_id)
         self._call(lambda: self._client.zrem(waiters, waiter))
         self._call(lambda: self._client.zrem(seen, waiter))
+        woken, woken_at = _wake_keys(registry_id)
+        self._call(lambda: self._client.hdel(woken, waiter))
+        self._call(lambda: self._client.zrem(woken_at, waiter))
 
     def holders(self, registry_id: int, *, now: float | None = None) -> int:
         """Holders whose lease has not run out."""
@@ -210,6 +277,16 @@ class RedisFlowState:
             "" if refused_at is None else str(int(refused_at)),
         ]
         return bool(self._call(self._swap, [_aimd_key(registry_id)], args))
+
+    def first_rate_wait(self, registry_id: int, waiter: str, *, ttl: float) -> bool:
+        """True if ``waiter`` starts a wait for the rate (none marked in the last ``ttl`` s);
+        each call keeps the mark for another ``ttl`` s, so a wait is first once."""
+        key = f"{PREFIX}:{registry_id}:ratewait:{waiter}"
+        millis = math.ceil(ttl * 1000)
+        if self._call(lambda: self._client.set(key, b"1", nx=True, px=millis)):
+            return True
+        self._call(lambda: self._client.pexpire(key, millis))
+        return False
 
     def take_request(self, registry_id: int, per_second: float) -> float:
         """Count one request against the registry's rate; 0 if allowed, else seconds to wait."""

@@ -61,7 +61,12 @@ class FlowState(Protocol):
         lease: float,
         waiter_ttl: float,
         now: float | None = None,
+        message_id: str | None = None,
     ) -> SlotGrant: ...
+
+    def wake_next(
+        self, registry_id: int, message_id: str, *, window: float, waiter_ttl: float
+    ) -> str | None: ...
 
     def renew(
         self, registry_id: int, holder: str, *, lease: float, now: float | None = None
@@ -83,6 +88,8 @@ class FlowState(Protocol):
         *,
         refused_at: int | None = None,
     ) -> bool: ...
+
+    def first_rate_wait(self, registry_id: int, waiter: str, *, ttl: float) -> bool: ...
 
     def take_request(self, registry_id: int, per_second: float) -> float: ...
 
