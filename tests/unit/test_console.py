@@ -94,6 +94,8 @@ def test_every_page_renders_for_an_admin(client: TestClient) -> None:
     for path in pages:
         answer = client.get(path)
         assert answer.status_code == 200, (path, answer.text[:500])
+    script = client.get("/console/static/console.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     exported = client.get("/console/events/export?format=csv&type=job.enqueued")
     assert exported.status_code == 200 and exported.text.startswith("id,")
 

@@ -87,6 +87,7 @@ def create_app() -> FastAPI:
     )
     app.include_router(router)
     app.include_router(console.router)
+    app.mount(f"{console.PREFIX}/static", console.static, name="console-static")
 
     @app.exception_handler(PushWorkerError)
     async def _service_error(request: Request, exc: PushWorkerError) -> JSONResponse:

@@ -5,6 +5,6 @@ routes and ``pushctl`` call, render a Jinja2 template (autoescaped; every string
 control characters as escapes). Every action is an event with actor ``console:<token name>``.
 """
 
-from worker.api.console.routes import SecurityHeaders, router
+from worker.api.console.routes import PREFIX, SecurityHeaders, router, static
 
-__all__ = ["SecurityHeaders", "router"]
+__all__ = ["PREFIX", "SecurityHeaders", "router", "static"]

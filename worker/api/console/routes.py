@@ -45,7 +45,8 @@ CSP = (
 PAGE = 50
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
-router.mount("/static", StaticFiles(directory=HERE / "static"), name="console-static")
+#: The console's script and style sheet (mounted on the app by ``worker.api.app``).
+static = StaticFiles(directory=HERE / "static")
 sessions = SessionStore()
 
 
