@@ -148,9 +148,9 @@ def test_a_pushed_job_appears_and_turns_succeeded_without_reloading(
             lambda d: "succeeded" in d.find_element(By.ID, "job-table").text
         )
     except TimeoutException:
+        shown = browser.find_element(By.ID, "job-table").text
         raise AssertionError(
-            f"job {wait_for_job(job_id, 1).status}; the page shows "
-            f"{browser.find_element(By.ID, 'job-table').text!r}; {browser.get_log('browser')}"
+            f"job {wait_for_job(job_id, 1).status}; the page shows {shown!r}"
         ) from None
     assert job_id[:8] in browser.find_element(By.ID, "job-table").text
     assert browser.execute_script("return window.notReloaded === true;")
