@@ -257,6 +257,17 @@ def verify_token(token: str) -> Principal | None:
     )  # fmt: skip
 
 
+def token_usable(token_id: int) -> bool:
+    """Whether the token with this id is still neither revoked nor expired (one read by id):
+    what a session opened with it checks on each request, so a revocation ends the session."""
+    row = _row(token_id) if 0 < token_id <= MAX_ID else None
+    return (
+        row is not None
+        and row.revoked_at is None
+        and (row.expires_at is None or row.expires_at > utcnow())
+    )
+
+
 #: Tokens this process verified: id -> (the stored hash it verified against, its SHA-256).
 _VERIFIED: dict[int, tuple[str, bytes]] = {}
 _VERIFIED_MAX = 10_000

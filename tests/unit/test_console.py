@@ -19,7 +19,7 @@ from worker.api.console.sessions import COOKIE
 from worker.registries import RegistrySpec, create_registry
 from worker.store.db import session_scope
 from worker.store.models import Event, JobStatus, PushJob
-from worker.tokens import create_token
+from worker.tokens import create_token, revoke_token
 
 XSS = '<script>window.pwned=1</script><img src=x onerror="window.pwned=1">'
 
@@ -84,6 +84,9 @@ def test_a_wrong_token_is_refused_and_sign_in_needs_its_form_token(client: TestC
     token, _ = create_token("someone", "admin", actor="operator:test")
     answer = client.post("/console/signin", data={"csrf": "forged", "token": token})
     assert answer.status_code == 403
+    producer_token, _ = create_token("platform", "producer", actor="operator:test")
+    answer = client.post("/console/signin", data={"csrf": nonce, "token": producer_token})
+    assert answer.status_code == 403 and COOKIE not in answer.headers.get("set-cookie", "")
 
 
 def test_every_page_renders_for_an_admin(client: TestClient) -> None:
@@ -153,6 +156,13 @@ def test_hostile_text_renders_as_text(client: TestClient) -> None:
         assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in html
         assert "\x1b" not in html
     assert "v1\\x1b[2J" in client.get(f"/console/jobs/{job_id}").text
+
+
+def test_revoking_the_token_ends_its_session(client: TestClient) -> None:
+    name, _ = sign_in(client, "operator")
+    assert client.get("/console/jobs", follow_redirects=False).status_code == 200
+    revoke_token(name, actor="operator:test")
+    assert client.get("/console/jobs", follow_redirects=False).status_code == 303
 
 
 def test_sign_out_ends_the_session(client: TestClient) -> None:

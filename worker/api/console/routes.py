@@ -33,7 +33,7 @@ from worker.store import events, export, queries
 from worker.store.db import read_scope, session_scope
 from worker.store.models import JobStatus, PushJob
 from worker.store.verify import verify
-from worker.tokens import verify_token
+from worker.tokens import token_usable, verify_token
 
 HERE = Path(__file__).parent
 PREFIX = "/console"
@@ -43,6 +43,8 @@ CSP = (
     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
 PAGE = 50
+#: The roles that may sign in (a producer reads only its own jobs, through the API).
+CONSOLE_ROLES = frozenset({"operator", "auditor", "admin"})
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 #: The console's script and style sheet (mounted on the app by ``worker.api.app``).
@@ -105,8 +107,15 @@ def _secure(request: Request) -> bool:
     return request.url.scheme == "https"
 
 
-def _session(request: Request) -> Session | None:
-    return sessions.get(request.cookies.get(COOKIE))
+async def _session(request: Request) -> Session | None:
+    """The request's session, while it lasts and its token is neither revoked nor expired."""
+    session = sessions.get(request.cookies.get(COOKIE))
+    if session is not None and not await run_in_threadpool(
+        token_usable, session.principal.token_id
+    ):
+        sessions.close(session.id)
+        return None
+    return session
 
 
 def _render(
@@ -119,9 +128,9 @@ def _render(
     return HTMLResponse(html, status_code=status)
 
 
-def _page(request: Request, action: str) -> Session | Response:
+async def _page(request: Request, action: str) -> Session | Response:
     """The session of a page's reader, if its role may ``action``; else where to go."""
-    session = _session(request)
+    session = await _session(request)
     if session is None:
         return RedirectResponse(f"{PREFIX}/signin", status_code=303)
     if not allowed(session.principal.role, action):
@@ -145,7 +154,7 @@ async def _form(request: Request) -> dict[str, str]:
 async def _action(request: Request, action: str) -> tuple[Session, dict[str, str]] | Response:
     """A form's session and fields: signed in, a valid CSRF token, a role that may ``action``
     (each checked here, on the server, whatever the page showed)."""
-    session = _session(request)
+    session = await _session(request)
     if session is None:
         return _render(request, "error.html", None, status=401, message="sign in first")
     form = await _form(request)
@@ -207,6 +216,11 @@ async def signin(request: Request) -> Response:
     if principal is None:
         return _render(request, "signin.html", None, status=401, csrf=nonce,
                        message="the token is unknown, revoked or expired")  # fmt: skip
+    if principal.role not in CONSOLE_ROLES:
+        # A producer token reads only its own jobs through the API; the console shows all.
+        return _render(request, "signin.html", None, status=403, csrf=nonce,
+                       message=f"a {principal.role} token cannot sign in to the console; "
+                       "use an operator, auditor or admin token")  # fmt: skip
     session = sessions.open(principal)
     await run_in_threadpool(_record, session, "console.signed_in")
     response = RedirectResponse(f"{PREFIX}/", status_code=303)
@@ -300,7 +314,7 @@ def _health(db: Any, registry_id: int) -> dict[str, Any]:
 
 @router.get("/")
 async def overview(request: Request) -> Response:
-    session = _page(request, "read_jobs")
+    session = await _page(request, "read_jobs")
     if isinstance(session, Response):
         return session
     data = await run_in_threadpool(_overview)
@@ -309,7 +323,7 @@ async def overview(request: Request) -> Response:
 
 @router.get("/fragments/overview")
 async def overview_fragment(request: Request) -> Response:
-    session = _page(request, "read_jobs")
+    session = await _page(request, "read_jobs")
     if isinstance(session, Response):
         return session
     data = await run_in_threadpool(_overview)
@@ -347,7 +361,7 @@ def _select_jobs(flt: dict[str, Any], limit: int) -> list[PushJob]:
 
 @router.get("/jobs")
 async def jobs_page(request: Request) -> Response:
-    session = _page(request, "read_jobs")
+    session = await _page(request, "read_jobs")
     if isinstance(session, Response):
         return session
     try:
@@ -370,7 +384,7 @@ def _job_and_events(job_id: str) -> tuple[PushJob, list[Any]]:
 
 @router.get("/jobs/{job_id}")
 async def job_page(request: Request, job_id: str) -> Response:
-    session = _page(request, "read_jobs")
+    session = await _page(request, "read_jobs")
     if isinstance(session, Response):
         return session
     try:
@@ -383,7 +397,7 @@ async def job_page(request: Request, job_id: str) -> Response:
 
 @router.get("/fragments/jobs/{job_id}")
 async def job_fragment(request: Request, job_id: str) -> Response:
-    session = _page(request, "read_jobs")
+    session = await _page(request, "read_jobs")
     if isinstance(session, Response):
         return session
     try:
@@ -473,7 +487,7 @@ def _registries() -> list[tuple[Any, dict[str, Any]]]:
 
 @router.get("/registries")
 async def registries_page(request: Request) -> Response:
-    session = _page(request, "test_registries")
+    session = await _page(request, "test_registries")
     if isinstance(session, Response):
         return session
     rows = await run_in_threadpool(_registries)
@@ -537,7 +551,7 @@ def _select(query: queries.EventQuery) -> list[Any]:
 
 @router.get("/events")
 async def events_page(request: Request) -> Response:
-    session = _page(request, "read_events")
+    session = await _page(request, "read_events")
     if isinstance(session, Response):
         return session
     try:
@@ -555,7 +569,7 @@ async def events_page(request: Request) -> Response:
 
 @router.get("/events/export")
 async def events_export(request: Request) -> Response:
-    session = _page(request, "read_events")
+    session = await _page(request, "read_events")
     if isinstance(session, Response):
         return session
     fmt = request.query_params.get("format", "jsonl")
