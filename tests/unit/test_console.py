@@ -97,6 +97,7 @@ def test_every_page_renders_for_an_admin(client: TestClient) -> None:
     for path in pages:
         answer = client.get(path)
         assert answer.status_code == 200, (path, answer.text[:500])
+        assert answer.headers["server-timing"].startswith("app;dur=")
     script = client.get("/console/static/console.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     exported = client.get("/console/events/export?format=csv&type=job.enqueued")
