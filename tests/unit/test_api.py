@@ -1,6 +1,7 @@
 """The HTTP API's own rules, in process (the routes themselves run through a real uvicorn
 process in tests/e2e/test_api.py): every error of the tree has one status, the push body is the
-message contract's, chunked bodies are limited too, cursors are checked."""
+message contract's, chunked bodies are limited too, cursors are checked, a query parameter a
+route does not declare is refused."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
-from worker.api.app import BodyLimit
+from worker.api.app import BodyLimit, create_app
 from worker.api.errors import STATUS_BY_EXIT_CODE, status_for
 from worker.api.models import api_push_schema
 from worker.api.routes import _decode_cursor, _encode_cursor, _moment
 from worker.contract import push_request_schema
 from worker.core.errors import PushWorkerError, ValidationError
+from worker.tokens import create_token
 
 
 def _tree() -> list[type[PushWorkerError]]:
@@ -92,3 +95,38 @@ def test_a_chunked_body_over_the_limit_is_refused_before_the_app_reads_it_all() 
     asyncio.run(BodyLimit(app, limit=1024)(scope, receive, send))
     assert sent[0]["status"] == 413 and b"request_too_large" in sent[1]["body"]
     assert sum(seen) <= 1024 + 600
+
+
+def test_a_query_parameter_the_route_does_not_declare_is_refused(sqlite_url: str) -> None:
+    token, _ = create_token("query-admin", "admin", actor="operator:test")
+    with TestClient(create_app()) as client:
+        client.headers["Authorization"] = f"Bearer {token}"
+        routes = [
+            ("GET", "/v1/events"), ("GET", "/v1/jobs"), ("GET", "/v1/registries"),
+            ("GET", "/healthz"), ("POST", "/v1/jobs/0000/cancel"),
+        ]  # fmt: skip
+        for method, path in routes:
+            for query, named in (("foo=1", "'foo'"), ("=al", "'' (no name)"), ("al", "'al'")):
+                answer = client.request(method, f"{path}?{query}", json={"reason": "r"})
+                assert answer.status_code == 422, (method, path, query, answer.text)
+                error = answer.json()
+                assert set(error) == {"code", "message", "hint"}
+                assert error["code"] == "invalid_input"
+                assert error["message"] == f"unknown query parameter {named}", error
+        # Beside known parameters too, and naming no value.
+        answer = client.get("/v1/events?limit=2&type=a&lmit=SECRET")
+        assert answer.status_code == 422 and "'lmit'" in answer.json()["message"]
+        assert "SECRET" not in answer.text and "limit" in answer.json()["hint"]
+        # What the routes declare still works (repeated, in dependencies' parameters too).
+        for path in ("/v1/events?limit=2&type=a&type=b&since=1h", "/v1/jobs?limit=1&status=failed",
+                     "/v1/registries", "/healthz"):  # fmt: skip
+            answer = client.get(path)
+            assert answer.status_code == 200, (path, answer.text)
+        # The document says 422 (with the error body) for every route, so the answer is one it
+        # describes.
+        for path, operations in create_app().openapi()["paths"].items():
+            for method, operation in operations.items():
+                content = operation["responses"]["422"]["content"]["application/json"]
+                assert content["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, (
+                    method, path,
+                )  # fmt: skip

@@ -14,7 +14,9 @@ from typing import Annotated, Any
 import redis
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.dependencies.models import Dependant
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 from sqlalchemy import text
 from sse_starlette import EventSourceResponse
 
@@ -57,7 +59,38 @@ from worker.store.db import read_connection, read_scope, read_snapshot, session_
 from worker.store.models import JobStatus, PushJob, Registry
 from worker.tokens import Principal
 
-router = APIRouter()
+
+def _declared_query(dependant: Dependant) -> frozenset[str]:
+    """The query parameters a route reads: its own and its dependencies' (by alias)."""
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _declared_query(sub)
+    return frozenset(names)
+
+
+async def only_declared_query(request: Request) -> None:
+    """A dependency of every route of the API: a query parameter the route does not declare
+    (any name, the empty one included) is 422 ``invalid_input`` naming it, never accepted and
+    ignored (the OpenAPI document lists each route's parameters, and no others are taken)."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    declared = _declared_query(route.dependant)
+    unknown = [name for name in request.query_params if name not in declared]
+    if unknown:
+        name = unknown[0]
+        shown = repr(name[:40] + ("..." if len(name) > 40 else "")) if name else "'' (no name)"
+        takes = ", ".join(sorted(declared)) or "no query parameters"
+        raise ApiError(
+            422, "invalid_input", f"unknown query parameter {shown}",
+            hint=f"this route takes {takes} (see /openapi.json)",
+        )  # fmt: skip
+
+
+router = APIRouter(
+    dependencies=[Depends(only_declared_query)],
+    responses={422: ERROR_RESPONSES[422]},
+)
 NDJSON = "application/x-ndjson"
 #: How often the event stream of a job looks for new events.
 STREAM_POLL = 0.5
