@@ -58,17 +58,17 @@ SETTINGS_ENV_NAMES = (
     "PUSHWORKER_METRICS_ADDR",
     METRICS_DIR_ENV,
     "PUSHWORKER_OPERATOR",
-    # flow control (names)
+    # flow control
     "PUSHWORKER_FLOW_DEADLINE",
     "PUSHWORKER_FLOW_LEASE",
     "PUSHWORKER_FLOW_POLL",
     "PUSHWORKER_FLOW_UNCAPPED_CEILING",
     "PUSHWORKER_FLOW_CONTROL",
-    # HTTP API (names)
+    # the HTTP API
     "PUSHWORKER_API_HOST",
     "PUSHWORKER_API_PORT",
     "PUSHWORKER_API_MAX_BODY",
-    # webhooks (names)
+    # webhooks
     "PUSHWORKER_WEBHOOK_TIMEOUT",
     "PUSHWORKER_WEBHOOK_EVERY",
     "PUSHWORKER_WEBHOOK_RETRY_BASE",
@@ -139,7 +139,7 @@ class Settings:
     metrics_dir: str | None = None
     #: Who operator commands are recorded as; None: the login name (``PUSHWORKER_OPERATOR``).
     operator: str | None = None
-    # flow control (fields)
+    # --- flow control ---
     #: Seconds a job may wait for a capped or throttling registry before it fails with
     #: ``throttled_past_deadline``, when the job names no deadline (``PUSHWORKER_FLOW_DEADLINE``).
     flow_deadline: float = 3600.0
@@ -155,14 +155,14 @@ class Settings:
     #: 1 (default): registry limits are enforced through the broker's Redis; 0: no slots, rate
     #: or adaptive limit, a 429 is retried like any outage (``PUSHWORKER_FLOW_CONTROL``).
     flow_control: bool = True
-    # HTTP API (fields)
+    # --- the HTTP API ---
     #: Address ``pushctl api serve`` listens on (``PUSHWORKER_API_HOST``).
     api_host: str = "127.0.0.1"
     #: Its port (``PUSHWORKER_API_PORT``).
     api_port: int = 8080
     #: The largest request body the API reads, in bytes (``PUSHWORKER_API_MAX_BODY``).
     api_max_body: int = 65536
-    # webhooks (fields)
+    # --- webhooks ---
     #: Seconds one webhook delivery attempt may take, whole (``PUSHWORKER_WEBHOOK_TIMEOUT``).
     webhook_timeout: float = 10.0
     #: Seconds between Celery beat's webhook runs (``PUSHWORKER_WEBHOOK_EVERY``).
@@ -202,7 +202,6 @@ class Settings:
             metrics_addr=_text(env, "PUSHWORKER_METRICS_ADDR") or DEFAULT_METRICS_ADDR,
             metrics_dir=_text(env, METRICS_DIR_ENV),
             operator=env.get("PUSHWORKER_OPERATOR") or None,
-            # flow control (values)
             flow_deadline=_seconds(env, "PUSHWORKER_FLOW_DEADLINE", 3600, positive=True),
             flow_lease=_seconds(env, "PUSHWORKER_FLOW_LEASE", 30, positive=True),
             flow_poll=_seconds(env, "PUSHWORKER_FLOW_POLL", 1, positive=True),
@@ -210,11 +209,9 @@ class Settings:
                 env, "PUSHWORKER_FLOW_UNCAPPED_CEILING", 32, low=1, high=100000
             ),
             flow_control=_integer(env, "PUSHWORKER_FLOW_CONTROL", 1, low=0, high=1) == 1,
-            # HTTP API (values)
             api_host=_text(env, "PUSHWORKER_API_HOST") or "127.0.0.1",
             api_port=_integer(env, "PUSHWORKER_API_PORT", 8080, low=1, high=65535),
             api_max_body=_integer(env, "PUSHWORKER_API_MAX_BODY", 65536, low=1024, high=2**26),
-            # webhooks (values)
             webhook_timeout=_seconds(env, "PUSHWORKER_WEBHOOK_TIMEOUT", 10, positive=True),
             webhook_every=_seconds(env, "PUSHWORKER_WEBHOOK_EVERY", 2, positive=True),
             webhook_retry_base=_seconds(env, "PUSHWORKER_WEBHOOK_RETRY_BASE", 10, positive=True),
