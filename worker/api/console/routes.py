@@ -320,20 +320,21 @@ def _health(db: Any, registry_id: int) -> dict[str, Any]:
 
 @router.get("/")
 async def overview(request: Request) -> Response:
-    session = await _page(request, "read_jobs")
-    if isinstance(session, Response):
-        return session
-    data = await run_in_threadpool(_overview)
-    return _render(request, "overview.html", session, **data)
+    return await _overview_view(request, "overview.html")
 
 
 @router.get("/fragments/overview")
 async def overview_fragment(request: Request) -> Response:
+    # The part of the page that refreshes itself (console.js polls it).
+    return await _overview_view(request, "overview_body.html")
+
+
+async def _overview_view(request: Request, template: str) -> Response:
     session = await _page(request, "read_jobs")
     if isinstance(session, Response):
         return session
     data = await run_in_threadpool(_overview)
-    return _render(request, "overview_body.html", session, **data)
+    return _render(request, template, session, **data)
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -390,19 +391,16 @@ def _job_and_events(job_id: str) -> tuple[PushJob, list[Any]]:
 
 @router.get("/jobs/{job_id}")
 async def job_page(request: Request, job_id: str) -> Response:
-    session = await _page(request, "read_jobs")
-    if isinstance(session, Response):
-        return session
-    try:
-        job, rows = await run_in_threadpool(_job_and_events, job_id)
-    except PushWorkerError as exc:
-        return _error(request, session, exc)
-    return _render(request, "job.html", session, job=job, events=rows,
-                   final=JobStatus(job.status).is_final)  # fmt: skip
+    return await _job_view(request, job_id, "job.html")
 
 
 @router.get("/fragments/jobs/{job_id}")
 async def job_fragment(request: Request, job_id: str) -> Response:
+    # The timeline that refreshes itself while the job runs (console.js polls it).
+    return await _job_view(request, job_id, "job_body.html")
+
+
+async def _job_view(request: Request, job_id: str, template: str) -> Response:
     session = await _page(request, "read_jobs")
     if isinstance(session, Response):
         return session
@@ -410,7 +408,7 @@ async def job_fragment(request: Request, job_id: str) -> Response:
         job, rows = await run_in_threadpool(_job_and_events, job_id)
     except PushWorkerError as exc:
         return _error(request, session, exc)
-    return _render(request, "job_body.html", session, job=job, events=rows,
+    return _render(request, template, session, job=job, events=rows,
                    final=JobStatus(job.status).is_final)  # fmt: skip
 
 
