@@ -214,7 +214,10 @@ def test_a_receiver_down_for_a_while_gets_everything_after_it_returns_in_order_p
     def failed_while_down() -> list[dict[str, Any]] | None:
         rows = deliveries_of(subscription)
         firsts = [r for r in rows if r["type"] == "job.enqueued"]
-        ok = len(rows) == 4 and all(r["attempts"] >= 1 for r in firsts)
+        # An attempt is recorded before it is made; wait until the first one has its outcome.
+        ok = len(rows) == 4 and all(
+            r["attempts"] >= 1 and tries(r["id"])[0].finished_at is not None for r in firsts
+        )
         return rows if ok else None
 
     rows = wait_until(failed_while_down, "each job's first delivery tried while it is down")
