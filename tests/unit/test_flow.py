@@ -1,10 +1,11 @@
-"""Flow control: the Redis slot limiter (its Lua scripts run by a real Redis, database 42:
+"""Flow control: the Redis slot limiter (its Lua scripts run by a real Redis, database 14:
 fakeredis cannot run Lua without ``lupa``, which is not installed) and the engine's policy
 (waiting, deadline, AIMD) through the real pipeline with fake Docker and registry seams."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -27,7 +28,9 @@ from worker.store.queries import select_events
 
 pytestmark = pytest.mark.redis
 
-REDIS_URL = "redis://127.0.0.1:6379/42"
+# A stock Redis has databases 0-15; 14 is this file's alone (e2e uses 11 and 12, benches 7).
+REDIS_DB = int(os.environ.get("PUSHWORKER_TEST_FLOW_REDIS_DB", "14"))
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 HOST = "reg.example.com:10443"
 SOURCE = "app:build"
 
