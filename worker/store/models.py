@@ -119,6 +119,7 @@ class PushJob(Base):
     __table_args__ = (
         Index("ix_push_jobs_status_created", "status", "created_at"),
         Index("ix_push_jobs_registry_created", "requested_registry_id", "created_at"),
+        Index("ix_push_jobs_created_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
