@@ -142,6 +142,10 @@ def test_defaults() -> None:
         ("PUSHWORKER_METRICS_ADDR", "127.0.0.1", "metrics_addr", "127.0.0.1"),
         ("PROMETHEUS_MULTIPROC_DIR", "/tmp/m", "metrics_dir", "/tmp/m"),
         ("PUSHWORKER_OPERATOR", "alice", "operator", "alice"),
+        ("PUSHWORKER_SOURCES_DIR", "/srv/sources", "sources_dir", "/srv/sources"),
+        ("PUSHWORKER_SOURCES_DIR", "", "sources_dir", None),
+        ("PUSHWORKER_SKOPEO", "/opt/skopeo/bin/skopeo", "skopeo", "/opt/skopeo/bin/skopeo"),
+        ("PUSHWORKER_SKOPEO", "", "skopeo", "/usr/bin/skopeo"),
         ("PUSHWORKER_BROKER_URL", "redis://r:6379/3", "broker_url", "redis://r:6379/3"),
     ],
 )
@@ -174,6 +178,8 @@ def test_values_are_parsed(name: str, raw: str, field: str, value: Any) -> None:
         ("PUSHWORKER_DOCKER_HOSTS", "a b", "'a b', which is not a Docker host name"),
         ("PUSHWORKER_DOCKER_HOSTS", "x/y", "'x/y', which is not a Docker host name"),
         ("PUSHWORKER_DOCKER_HOSTS", "x" * 64, "which is not a Docker host name"),
+        ("PUSHWORKER_SKOPEO", "skopeo", "must be an absolute path"),
+        ("PUSHWORKER_SKOPEO", "/usr/bin/sko\0peo", "must be an absolute path"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(name: str, raw: str, expected: str) -> None:

@@ -26,6 +26,8 @@ DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "pushworker"
 #: variables with this prefix, and files in Docker's (and compose's) secrets directory.
 DEFAULT_CREDENTIAL_ENV_PREFIX = "REGISTRY_CREDENTIAL_"
 DEFAULT_CREDENTIALS_DIR = "/run/secrets"
+#: Debian's skopeo (package ``skopeo``), which scripts/bootstrap installs.
+DEFAULT_SKOPEO = "/usr/bin/skopeo"
 
 #: Variables other modules name in their messages (or, for prometheus_client's, set).
 DOCKER_HOSTS_ENV = "PUSHWORKER_DOCKER_HOSTS"
@@ -49,6 +51,8 @@ SETTINGS_ENV_NAMES = (
     "PUSHWORKER_RETRY_MAX",
     "PUSHWORKER_CREDENTIAL_ENV_PREFIX",
     "PUSHWORKER_CREDENTIALS_DIR",
+    "PUSHWORKER_SOURCES_DIR",
+    "PUSHWORKER_SKOPEO",
     "PUSHWORKER_RECONCILE_EVERY",
     "PUSHWORKER_RECONCILE_GRACE",
     "PUSHWORKER_HEALTH_EVERY",
@@ -116,6 +120,14 @@ class Settings:
     #: Absolute directory every ``file:PATH`` credential reference must resolve into, after
     #: symlinks and ``..``; a relative PATH is taken inside it (``PUSHWORKER_CREDENTIALS_DIR``).
     credentials_dir: str = DEFAULT_CREDENTIALS_DIR
+    #: Absolute directory every ``oci-layout:PATH`` and ``docker-archive:PATH`` source must
+    #: resolve into, after symlinks and ``..``; a relative PATH is taken inside it. None (unset):
+    #: file sources are refused, so a job can never read an arbitrary path of the worker's host
+    #: (``PUSHWORKER_SOURCES_DIR``).
+    sources_dir: str | None = None
+    #: The skopeo binary that copies non-Docker sources (``PUSHWORKER_SKOPEO``); an absolute
+    #: path, so that no PATH lookup decides which program receives the credentials.
+    skopeo: str = DEFAULT_SKOPEO
     #: Seconds between Celery beat's reconcile runs (``PUSHWORKER_RECONCILE_EVERY``).
     reconcile_every: float = 60.0
     #: Seconds a queued or stalled job may go unstarted before reconcile republishes it
@@ -193,6 +205,8 @@ class Settings:
             credential_env_prefix=env.get("PUSHWORKER_CREDENTIAL_ENV_PREFIX")
             or DEFAULT_CREDENTIAL_ENV_PREFIX,
             credentials_dir=env.get("PUSHWORKER_CREDENTIALS_DIR") or DEFAULT_CREDENTIALS_DIR,
+            sources_dir=_text(env, "PUSHWORKER_SOURCES_DIR"),
+            skopeo=_absolute(env, "PUSHWORKER_SKOPEO", DEFAULT_SKOPEO),
             reconcile_every=_seconds(env, "PUSHWORKER_RECONCILE_EVERY", 60, positive=True),
             reconcile_grace=_seconds(env, "PUSHWORKER_RECONCILE_GRACE", 60),
             health_every=_seconds(env, "PUSHWORKER_HEALTH_EVERY", 300, positive=True),
@@ -271,6 +285,15 @@ def _integer(
     if value < low or (high is not None and value > high):
         bounds = f"from {low} to {high}" if high is not None else f">= {low}"
         raise ValidationError(f"{name} must be a whole number {bounds}, not {raw!r}")
+    return value
+
+
+def _absolute(env: Mapping[str, str], name: str, default: str) -> str:
+    """An absolute path without NUL (a relative one would depend on each process's PATH or
+    working directory)."""
+    value = _text(env, name) or default
+    if "\0" in value or not os.path.isabs(value):
+        raise ValidationError(f"{name} must be an absolute path, not {value!r}")
     return value
 
 
