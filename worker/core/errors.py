@@ -175,6 +175,17 @@ class RegistryMisbehaved(RegistryError):
     exit_code = 8
 
 
+class SourceAuthenticationFailed(RegistryError):
+    """The registry a promotion reads from rejected its credential (confirmed over HTTP).
+
+    Not an ``AuthenticationError`` on purpose: the fallback chain is about where an image goes,
+    and a source that refuses is never a reason to send the image to another destination.
+    Never retried: the same credential will be rejected again."""
+
+    code = "source_authentication_failed"
+    exit_code = 7
+
+
 class RegistryTLSError(RegistryError):
     """The TLS handshake failed (unknown CA, wrong name). Retrying does not fix a certificate."""
 
@@ -202,6 +213,21 @@ class DockerUnavailable(DockerError):
 
     code = "docker_unavailable"
     retryable = True
+
+
+class CopierError(PushWorkerError):
+    """The image copier (skopeo) could not run, or failed in a way that is not the registry's:
+    a missing binary, an unreadable layout or archive. Not retried."""
+
+    code = "copier_error"
+    exit_code = 9
+
+
+class SourceChanged(PushWorkerError):
+    """A file source no longer holds the image its job pinned: nothing was tagged. Not retried:
+    a new job pins what the file holds now."""
+
+    code = "source_changed"
 
 
 class StorageError(PushWorkerError):
