@@ -11,6 +11,7 @@ from worker.core.reference import TargetReference
 from worker.seams.docker_engine import LocalImage, ProgressCallback, PushResult
 from worker.seams.limiter import AdaptiveCap, SlotGrant
 from worker.seams.registry_http import Challenge
+from worker.seams.skopeo import CopySource, RegistryAccess
 from worker.seams.webhook_http import WebhookRequest, WebhookResult
 
 
@@ -33,6 +34,14 @@ class ContainerEngine(Protocol):
         credential: Credential | None,
         on_progress: ProgressCallback | None = None,
     ) -> PushResult: ...
+
+
+class ImageCopier(Protocol):
+    """What copies a source that is not the Docker Engine (``worker.seams.skopeo.Skopeo``)."""
+
+    def manifest_digest(self, source: CopySource) -> str: ...
+
+    def copy(self, source: CopySource, destination: str, access: RegistryAccess) -> str: ...
 
 
 class RegistryClient(Protocol):
