@@ -142,6 +142,14 @@ class PushJob(Base):
     requested_by: Mapped[str] = mapped_column(String(200))
     #: The named Docker Engine that holds the source image (None: the default worker queue).
     docker_host: Mapped[str | None] = mapped_column(String(100))
+    #: Where the image comes from (``worker.core.sources.SourceKind``): ``docker`` (the engine
+    #: holds ``source_image``), ``registry``, ``oci-layout`` or ``docker-archive`` (then
+    #: ``source_image`` holds the whole spec).
+    source_kind: Mapped[str] = mapped_column(String(20), default="docker", server_default="docker")
+    #: The registry a ``registry`` source reads from.
+    source_registry_id: Mapped[int | None] = mapped_column(Integer)
+    #: The immutable digest the pin step resolved the source to; what the push copies.
+    source_digest: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
