@@ -145,7 +145,9 @@ class PushJob(Base):
     #: Where the image comes from (``worker.core.sources.SourceKind``): ``docker`` (the engine
     #: holds ``source_image``), ``registry``, ``oci-layout`` or ``docker-archive`` (then
     #: ``source_image`` holds the whole spec).
-    source_kind: Mapped[str] = mapped_column(String(20), default="docker", server_default="docker")
+    # A server default only: a Python-side one would be sent by every INSERT, also to a
+    # database still at an older revision (tests/integration/test_event_store.py writes at 0002).
+    source_kind: Mapped[str] = mapped_column(String(20), server_default="docker")
     #: The registry a ``registry`` source reads from.
     source_registry_id: Mapped[int | None] = mapped_column(Integer)
     #: The immutable digest the pin step resolved the source to; what the push copies.
