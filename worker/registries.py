@@ -122,7 +122,8 @@ def update_registry(
     with _stored(registry):
         session.flush()
     limits = spec.max_concurrent is not None or spec.rate_per_second is not None
-    _audit(session, registry, "registry.updated", actor, limits=limits)
+    replaced = spec.secret is not None or spec.credential_ref is not None
+    _audit(session, registry, "registry.updated", actor, limits=limits, credential=replaced)
     return registry
 
 
@@ -235,18 +236,22 @@ def _audit(
     reason: str | None = None,
     *,
     limits: bool = False,
+    credential: bool = False,
 ) -> None:
     """Operator changes to a registry are events too: who changed what, never the secret."""
     payload: dict[str, object] = {
         "registry_name": registry.name,
         "registry_host": registry.host,
         "fallback_chain": list(registry.fallback_chain),
-        "credential_source": _credential_description(registry),
+        "credential_source": credential_description(registry),
     }
     if limits or registry.max_concurrent is not None or registry.rate_per_second is not None:
         # Flow control: the limits in force after the change (None: no limit).
         payload["max_concurrent"] = registry.max_concurrent
         payload["rate_per_second"] = registry.rate_per_second
+    if credential:
+        # That the credential changed, and to what kind of source; never the secret itself.
+        payload["credential_replaced"] = True
     if reason is not None:
         payload["reason"] = reason
     events.append(
@@ -259,7 +264,8 @@ def _audit(
     )
 
 
-def _credential_description(registry: Registry) -> str:
+def credential_description(registry: Registry) -> str:
+    """How the registry authenticates, never the secret: anonymous, secret, env:NAME, file:PATH."""
     if not registry.auth_required:
         return "anonymous"
     if registry.credential_kind == CredentialKind.SECRET:
@@ -343,6 +349,38 @@ def _apply_limits(registry: Registry, spec: RegistrySpec) -> None:
                 f"not {rate!r}"
             )
         registry.rate_per_second = float(rate) or None
+
+
+#: Seconds per unit of a written rate (``10/s``, ``600/m``, ``2/h``).
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_max_concurrent(text: str) -> int:
+    """A written cap on concurrent pushes: a whole number from 1 to 10000, or ``none`` (or 0)
+    for no cap (returned as 0, which clears it). The CLI and the console read it alike."""
+    value = text.strip().lower()
+    if value == "none":
+        return 0
+    if not re.fullmatch(r"[0-9]{1,5}", value) or int(value) > 10_000:
+        raise InvalidRegistry(
+            f"max concurrent pushes must be a whole number from 1 to 10000, or none; not {text!r}"
+        )
+    return int(value)
+
+
+def parse_rate(text: str) -> float:
+    """A written request rate: ``10/s``, ``600/m``, ``2/h`` (a bare number is per second), or
+    ``none`` (or 0) for no limit (returned as 0.0, which clears it); in requests per second."""
+    value = text.strip().lower()
+    if value == "none":
+        return 0.0
+    match = re.fullmatch(r"([0-9]{1,6}(?:\.[0-9]{1,6})?)(?:/([smh]))?", value)
+    if match is None:
+        raise InvalidRegistry(f"give a rate like 10/s, 600/m or 2/h, or none; not {text!r}")
+    rate = float(match.group(1)) / _RATE_UNITS[match.group(2) or "s"]
+    if not (math.isfinite(rate) and rate <= 100_000):
+        raise InvalidRegistry(f"the rate must be at most 100000/s, not {text!r}")
+    return rate
 
 
 def _apply_credential(registry: Registry, spec: RegistrySpec) -> None:

@@ -1,8 +1,9 @@
 """The web console in headless Chromium (Debian's ``chromium`` and ``chromium-driver``, driven by
 selenium; nothing downloads a browser) against a real uvicorn process on the real stack: sign in,
 watch a job pushed through the real worker turn succeeded without reloading, retry a failed job
-with a reason after fixing its credential, an auditor refused by the server, an XSS payload
-inert, a POST without its CSRF token refused. Screenshots of each page go to docs/console/."""
+with a reason after fixing its credential (by hand, and by an admin replacing it in the console),
+an auditor refused by the server, an XSS payload inert, a POST without its CSRF token refused.
+Screenshots of each page go to docs/console/."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from harness.stack import ROOT
-from tests.e2e.conftest import E2E, HARBOR_ID, password_of, wait_for_job
+from tests.e2e.conftest import E2E, HARBOR_ID, _current_password, password_of, wait_for_job
 from tests.e2e.test_api import start_api
 from worker.producer import enqueue_push
 from worker.store.models import JobStatus
@@ -47,7 +48,7 @@ def console(e2e: E2E) -> Iterator[Console]:
     suffix = uuid.uuid4().hex[:6]
     tokens = {
         role: create_token(f"console-{role}-{suffix}", role, actor="operator:e2e")[0]
-        for role in ("operator", "auditor")
+        for role in ("operator", "auditor", "admin")
     }
     url, process = start_api(e2e.env, e2e.workdir / f"console-api-{suffix}.log")
     try:
@@ -212,3 +213,34 @@ def test_an_xss_payload_renders_inert_and_a_post_without_csrf_is_refused(
     browser.delete_all_cookies()
     browser.get(f"{console.url}/console/signin")
     shot(browser, "signin")
+
+
+def test_an_admin_replaces_a_broken_credential_in_the_console_then_a_retry_succeeds(
+    console: Console, browser: WebDriver, image: str
+) -> None:
+    good = _current_password(HARBOR_ID)
+    with password_of(HARBOR_ID, "not-the-password"):
+        job_id = push(image, "platform:console")
+        assert wait_for_job(job_id).status == JobStatus.FAILED.value
+        sign_in(browser, console, "admin")
+        browser.get(f"{console.url}/console/registries/{HARBOR_ID}")
+        page = browser.page_source
+        assert good not in page and "not-the-password" not in page  # never shown
+        browser.find_element(By.ID, "new-password").send_keys(good)
+        browser.find_element(By.CSS_SELECTOR, "#credential-form button").click()
+        WebDriverWait(browser, 60).until(
+            lambda d: "by console:console-admin-" in d.find_element(By.ID, "last-test").text
+        )
+        last_test = browser.find_element(By.ID, "last-test").text
+        assert "FAILED" not in last_test and "credentials ok" in last_test, last_test
+        assert good not in browser.page_source
+        shot(browser, "registry")
+        browser.get(f"{console.url}/console/jobs/{job_id}")
+        browser.find_element(By.ID, "retry-reason").send_keys("credential replaced in the console")
+        browser.find_element(By.CSS_SELECTOR, "#retry button").click()
+        WebDriverWait(browser, 120).until(
+            lambda d: d.find_element(By.ID, "job-status").text == "succeeded"
+        )
+    browser.get(f"{console.url}/console/events?registry={HARBOR_ID}&type=registry.updated")
+    events_text = browser.find_element(By.TAG_NAME, "main").text
+    assert "console:console-admin-" in events_text and good not in browser.page_source

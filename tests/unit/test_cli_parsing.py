@@ -23,13 +23,12 @@ from worker.cli import cli
 from worker.cli.common import (
     error_exit_codes,
     exit_code_for,
-    human_bytes,
     parse_fallback,
     parse_since,
-    summarize,
 )
 from worker.core import errors
 from worker.core.settings import get_settings
+from worker.core.summaries import human_bytes, summarize
 from worker.store import events
 from worker.store.db import session_scope
 from worker.store.models import PushJob

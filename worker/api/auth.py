@@ -33,6 +33,7 @@ ACTIONS = {
     "read_events": "read the event log",
     "read_registries": "list registries",
     "test_registries": "test registries",
+    "manage_registries": "edit registries or replace their credentials",
 }
 
 _BEARER = HTTPBearer(auto_error=False, description="An API token: `pushctl tokens create`.")

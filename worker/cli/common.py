@@ -26,6 +26,7 @@ from urllib3.exceptions import InsecureRequestWarning
 from worker.core.errors import PushWorkerError, StorageError, ValidationError
 from worker.core.logs import configure_logging
 from worker.core.settings import get_settings
+from worker.core.summaries import summarize
 from worker.core.text import CONTROL, printable
 from worker.jobs import MAX_ID
 from worker.store.db import translate_error
@@ -121,55 +122,6 @@ def check_plain(text: str) -> str:
 
 #: Days of retention: a timedelta keeps at most 999,999,999 days; nobody means more than this.
 MAX_DAYS = 1_000_000.0
-
-
-def human_bytes(count: object) -> str:
-    if not isinstance(count, int | float):
-        return "?"
-    size = float(count)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
-
-
-def summarize(event_type: str, payload: dict[str, Any]) -> str:
-    """One short line about an event's payload, for timelines and ``push --wait``."""
-    if event_type == "step.progress":
-        done, total = (
-            human_bytes(payload.get("bytes_pushed")),
-            human_bytes(payload.get("bytes_total")),
-        )
-        return (
-            f"{done} / {total}, layers {payload.get('layers_done')}/{payload.get('layers_total')}"
-        )
-    if event_type == "fallback.applied":
-        moved = f"registry {payload.get('from_registry_id')} -> {payload.get('to_registry_id')}"
-        return f"{moved}: {payload.get('reason', '')}"
-    if event_type == "registry.tested":
-        return _summarize_test(payload)
-    parts: list[str] = []
-    if payload.get("error_message"):
-        parts.append(f"{payload.get('error_code', 'error')}: {payload['error_message']}")
-    if payload.get("hint"):
-        parts.append(f"hint: {payload['hint']}")
-    if payload.get("will_retry"):
-        parts.append(f"retry in {payload.get('retry_in')} s")
-    for key in ("reason", "reference", "digest", "credential_source", "username"):
-        if payload.get(key):
-            parts.append(f"{key}: {payload[key]}")
-    if payload.get("previous_status"):
-        parts.append(f"was {payload['previous_status']}")
-    return "; ".join(parts)
-
-
-def _summarize_test(payload: dict[str, Any]) -> str:
-    if payload.get("ok"):
-        return "all checks passed"
-    checks = payload.get("checks") or []
-    failed = next((c for c in checks if not c.get("ok") and not c.get("skipped")), None)
-    return f"failed at {failed.get('name')}: {failed.get('detail')}" if failed else "failed"
 
 
 # --- click parameter types ------------------------------------------------------------------------

@@ -5,8 +5,6 @@ Secrets are read from stdin or a hidden prompt only, and never printed.
 
 from __future__ import annotations
 
-import math
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,14 +23,14 @@ from worker.cli.common import (
     _iso,
     _key_values,
     _out,
-    _summarize_test,
     _table,
     cli,
     exit_code_for,
 )
 from worker.core.credentials import CredentialKind
-from worker.core.errors import ValidationError
+from worker.core.errors import InvalidRegistry, ValidationError
 from worker.core.settings import get_settings
+from worker.core.summaries import summarize_test
 from worker.probe import ConnectionReport, check_registry, record_test
 from worker.registries import (
     RegistrySpec,
@@ -40,6 +38,8 @@ from worker.registries import (
     create_registry,
     get_registry,
     list_registries,
+    parse_max_concurrent,
+    parse_rate,
     remove_registry,
     update_registry,
 )
@@ -114,16 +114,10 @@ class MaxConcurrentType(click.ParamType[int]):
     name = "N|none"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        text = str(value).strip().lower()
-        if text == "none":
-            return 0
-        if not re.fullmatch(r"[0-9]{1,5}", text) or int(text) > 10_000:
-            self.fail("give a whole number of pushes from 1 to 10000, or none", param, ctx)
-        return int(text)
-
-
-#: Seconds per unit of a ``--rate``.
-_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+        try:
+            return parse_max_concurrent(str(value))
+        except InvalidRegistry as exc:
+            self.fail(exc.message, param, ctx)
 
 
 class RateType(click.ParamType[float]):
@@ -135,16 +129,10 @@ class RateType(click.ParamType[float]):
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> float:
-        text = str(value).strip().lower()
-        if text == "none":
-            return 0.0
-        match = re.fullmatch(r"([0-9]{1,6}(?:\.[0-9]{1,6})?)(?:/([smh]))?", text)
-        if match is None:
-            self.fail("give a rate like 10/s, 600/m or 2/h, or none", param, ctx)
-        rate = float(match.group(1)) / _RATE_UNITS[match.group(2) or "s"]
-        if not (math.isfinite(rate) and rate <= 100_000):
-            self.fail("the rate must be at most 100000/s", param, ctx)
-        return rate
+        try:
+            return parse_rate(str(value))
+        except InvalidRegistry as exc:
+            self.fail(exc.message, param, ctx)
 
 
 _NO_TEST = click.option("--no-test", is_flag=True, help="Do not run the connection test.")
@@ -471,7 +459,7 @@ def registry_show(registry_id: int, as_json: bool) -> None:
         console.print(f"never tested; run `pushctl registry test {registry_id}`")
         return
     console.print(Text(f"last test {last['time']} by {last['actor']}: "), end="")
-    console.print(Text(_summarize_test(last["payload"])), soft_wrap=True)
+    console.print(Text(summarize_test(last["payload"])), soft_wrap=True)
 
 
 @registry.command("remove")

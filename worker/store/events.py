@@ -65,6 +65,8 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
         # API tokens (token.created, token.revoked): name, role, scope; never the token or hash
         # ("name", not "token_name": log lines mask keys that say "token")
         "name", "role", "registry_ids", "expires_at",
+        # registry.updated: that the credential was replaced (never what it is)
+        "credential_replaced",
         # sources other than the Docker Engine (docs/sources.md): the spec, the registry a
         # promotion reads from and its credential's source, the pinned digest, "pin" or "tag"
         "source", "source_kind", "source_registry_id", "source_digest",

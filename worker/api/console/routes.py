@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import secrets
 import time
 from collections import Counter
@@ -26,10 +27,19 @@ from worker.api.console.sessions import COOKIE, Session, SessionStore
 from worker.api.errors import status_for
 from worker.api.routes import _moment as _api_moment
 from worker.core.errors import PushWorkerError, ValidationError
+from worker.core.summaries import summarize
 from worker.core.text import printable
 from worker.jobs import cancel_job, check_text, get_job, list_jobs, retry_job
 from worker.probe import check_registry, record_test
-from worker.registries import get_registry, list_registries
+from worker.registries import (
+    RegistrySpec,
+    credential_description,
+    get_registry,
+    list_registries,
+    parse_max_concurrent,
+    parse_rate,
+    update_registry,
+)
 from worker.store import events, export, queries
 from worker.store.db import read_scope, session_scope
 from worker.store.models import JobStatus, PushJob
@@ -44,6 +54,8 @@ CSP = (
     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
 PAGE = 50
+#: The vendored htmx (static/, 0BSD, see static/htmx-LICENSE.txt): the live parts of the pages.
+HTMX = "htmx-2.0.11.min.js"
 #: The roles that may sign in (a producer reads only its own jobs, through the API).
 CONSOLE_ROLES = frozenset({"operator", "auditor", "admin"})
 
@@ -65,6 +77,7 @@ templates = Environment(
     autoescape=select_autoescape(default=True, default_for_string=True),
     finalize=_shown,
 )
+templates.filters["summary"] = lambda event: summarize(event.type, event.payload or {})
 
 
 class SecurityHeaders:
@@ -128,7 +141,7 @@ def _render(
     request: Request, name: str, session: Session | None, status: int = 200, **context: Any
 ) -> HTMLResponse:
     html = templates.get_template(name).render(
-        session=session, prefix=PREFIX, may=lambda action: session is not None
+        session=session, prefix=PREFIX, htmx=HTMX, may=lambda action: session is not None
         and allowed(session.principal.role, action), **context,
     )  # fmt: skip
     return HTMLResponse(html, status_code=status)
@@ -138,6 +151,10 @@ async def _page(request: Request, action: str) -> Session | Response:
     """The session of a page's reader, if its role may ``action``; else where to go."""
     session = await _session(request)
     if session is None:
+        if request.headers.get("hx-request"):
+            # A refreshing part of a page: a redirect would be followed and the sign-in form
+            # swapped into the part; htmx sends the whole page there instead.
+            return Response(status_code=401, headers={"HX-Redirect": f"{PREFIX}/signin"})
         return RedirectResponse(f"{PREFIX}/signin", status_code=303)
     if not allowed(session.principal.role, action):
         return _forbidden(request, session, action)
@@ -303,6 +320,11 @@ def _overview() -> dict[str, Any]:
 
 
 def _health(db: Any, registry_id: int) -> dict[str, Any]:
+    """The registry's latest health, connection test and throttling, from its event stream."""
+    throttle = queries.select_events(
+        db, stream=events.registry_stream(registry_id),
+        types=["registry.throttled", "registry.unthrottled"], newest_first=True, limit=1,
+    )  # fmt: skip
     rows = queries.select_events(
         db, stream=events.registry_stream(registry_id), types=["registry.health"],
         newest_first=True, limit=1,
@@ -315,6 +337,8 @@ def _health(db: Any, registry_id: int) -> dict[str, Any]:
         "status": rows[0].payload.get("status") if rows else None,
         "since": rows[0].time if rows else None,
         "tested": tested[0] if tested else None,
+        # Throttled now: the latest change lowered the limit below the configured cap.
+        "throttled": throttle[0] if throttle and throttle[0].type == "registry.throttled" else None,
     }
 
 
@@ -325,7 +349,7 @@ async def overview(request: Request) -> Response:
 
 @router.get("/fragments/overview")
 async def overview_fragment(request: Request) -> Response:
-    # The part of the page that refreshes itself (console.js polls it).
+    # The part of the page that refreshes itself (htmx polls it).
     return await _overview_view(request, "overview_body.html")
 
 
@@ -396,7 +420,7 @@ async def job_page(request: Request, job_id: str) -> Response:
 
 @router.get("/fragments/jobs/{job_id}")
 async def job_fragment(request: Request, job_id: str) -> Response:
-    # The timeline that refreshes itself while the job runs (console.js polls it).
+    # The timeline that refreshes itself while the job runs (htmx polls it).
     return await _job_view(request, job_id, "job_body.html")
 
 
@@ -408,8 +432,33 @@ async def _job_view(request: Request, job_id: str, template: str) -> Response:
         job, rows = await run_in_threadpool(_job_and_events, job_id)
     except PushWorkerError as exc:
         return _error(request, session, exc)
-    return _render(request, template, session, job=job, events=rows,
-                   final=JobStatus(job.status).is_final)  # fmt: skip
+    final = JobStatus(job.status).is_final
+    response = _render(request, template, session, job=job, events=rows, final=final,
+                       progress=None if final else _progress(rows))  # fmt: skip
+    if final and template == "job_body.html":
+        # The job just ended: the whole page again, with the actions of an ended job.
+        response.headers["HX-Refresh"] = "true"
+    return response
+
+
+def _progress(rows: list[Any]) -> dict[str, Any] | None:
+    """The running push's latest progress: its last ``step.progress`` event, unless the step
+    ended (or began again) after it."""
+    latest = None
+    for event in rows:
+        if event.type == "step.progress":
+            latest = event
+        elif event.step == "push" and event.type != "step.waiting":
+            latest = None  # started again, succeeded or failed: no push is under way
+    if latest is None:
+        return None
+    payload = latest.payload or {}
+    done, total = payload.get("bytes_pushed"), payload.get("bytes_total")
+    measurable = isinstance(done, int) and isinstance(total, int) and total > 0
+    return {
+        "text": summarize(latest.type, payload), "time": latest.time,
+        "done": done if measurable else None, "total": total if measurable else None,
+    }  # fmt: skip
 
 
 def _retry(job_id: str, actor: str, reason: str) -> None:
@@ -491,7 +540,7 @@ def _registries() -> list[tuple[Any, dict[str, Any]]]:
 
 @router.get("/registries")
 async def registries_page(request: Request) -> Response:
-    session = await _page(request, "test_registries")
+    session = await _page(request, "read_registries")
     if isinstance(session, Response):
         return session
     rows = await run_in_threadpool(_registries)
@@ -517,7 +566,115 @@ async def test_registry(request: Request, registry_id: int) -> Response:
         await run_in_threadpool(_test, registry_id, session.actor)
     except PushWorkerError as exc:
         return _error(request, session, exc)
-    return RedirectResponse(f"{PREFIX}/registries", status_code=303)
+    back = f"{PREFIX}/registries/{registry_id}" if _form_from_detail(request) else None
+    return RedirectResponse(back or f"{PREFIX}/registries", status_code=303)
+
+
+def _form_from_detail(request: Request) -> bool:
+    # "Test now" on a registry's own page returns there; on the list, to the list.
+    return request.query_params.get("back") == "detail"
+
+
+#: Events of a registry shown on its page, newest first.
+REGISTRY_EVENTS = 20
+
+
+def _registry_detail(registry_id: int) -> dict[str, Any]:
+    with read_scope() as db:
+        registry = get_registry(db, registry_id)
+        health = _health(db, registry_id)
+        recent = queries.select_events(
+            db, stream=events.registry_stream(registry_id), newest_first=True,
+            limit=REGISTRY_EVENTS,
+        )  # fmt: skip
+        credential = credential_description(registry)
+        db.expunge_all()
+    return {"registry": registry, "health": health, "recent": recent, "credential": credential}
+
+
+@router.get("/registries/{registry_id}")
+async def registry_page(request: Request, registry_id: int) -> Response:
+    session = await _page(request, "read_registries")
+    if isinstance(session, Response):
+        return session
+    try:
+        data = await run_in_threadpool(_registry_detail, registry_id)
+    except PushWorkerError as exc:
+        return _error(request, session, exc)
+    return _render(request, "registry.html", session, **data)
+
+
+def _chain(text: str) -> list[int]:
+    """A fallback chain as written in the form: registry ids separated by commas or spaces."""
+    parts = [part for part in re.split(r"[\s,]+", text.strip()) if part]
+    if not all(part.isdigit() and len(part) <= 10 for part in parts):
+        raise ValidationError(
+            "the fallback chain is registry ids separated by commas, e.g. 4, 7 (empty: none)"
+        )
+    return [int(part) for part in parts]
+
+
+def _edit_spec(form: dict[str, str]) -> RegistrySpec:
+    """What the edit form changes: every field it carries (the form shows the current values);
+    an empty limit or chain clears it. The credential has a form of its own."""
+    return RegistrySpec(
+        name=check_text("name", form.get("name", ""), 100),
+        url=check_text("URL", form.get("url", ""), 500),
+        username=_optional("username", form.get("username", "").strip()),
+        fallback_chain=_chain(form.get("fallback", "")),
+        max_concurrent=parse_max_concurrent(form.get("max_concurrent", "").strip() or "none"),
+        rate_per_second=parse_rate(form.get("rate", "").strip() or "none"),
+    )
+
+
+def _edit(registry_id: int, spec: RegistrySpec, actor: str) -> None:
+    with session_scope() as db:
+        update_registry(db, registry_id, spec, actor=actor)
+
+
+def _replace_credential(registry_id: int, form: dict[str, str], actor: str) -> None:
+    """A new password (or reference) for the registry, then a connection test with it, so the
+    page shows at once whether the registry takes it (a ``registry.tested`` event)."""
+    secret, reference = form.get("password", ""), form.get("credential_ref", "").strip()
+    if bool(secret) == bool(reference):
+        raise ValidationError(
+            "give either a new password or a credential reference (env:NAME or file:PATH)"
+        )
+    username = form.get("username", "").strip()
+    spec = RegistrySpec(
+        username=check_text("username", username, 200) if username else None,
+        secret=secret or None,
+        credential_ref=check_text("credential reference", reference, 500) if reference else None,
+    )
+    with session_scope() as db:
+        update_registry(db, registry_id, spec, actor=actor)
+    _test(registry_id, actor)
+
+
+@router.post("/registries/{registry_id}/edit")
+async def edit_registry(request: Request, registry_id: int) -> Response:
+    checked = await _action(request, "manage_registries")
+    if isinstance(checked, Response):
+        return checked
+    session, form = checked
+    try:
+        await run_in_threadpool(_edit, registry_id, _edit_spec(form), session.actor)
+    except PushWorkerError as exc:
+        return _error(request, session, exc)
+    return RedirectResponse(f"{PREFIX}/registries/{registry_id}", status_code=303)
+
+
+@router.post("/registries/{registry_id}/credential")
+async def replace_credential(request: Request, registry_id: int) -> Response:
+    checked = await _action(request, "manage_registries")
+    if isinstance(checked, Response):
+        return checked
+    session, form = checked
+    try:
+        await run_in_threadpool(_replace_credential, registry_id, form, session.actor)
+    except PushWorkerError as exc:
+        return _error(request, session, exc)  # its message never holds the secret
+    return RedirectResponse(f"{PREFIX}/registries/{registry_id}", status_code=303)
 
 
 # --- event log -------------------------------------------------------------------------------
