@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -120,6 +121,7 @@ class PushJob(Base):
         Index("ix_push_jobs_status_created", "status", "created_at"),
         Index("ix_push_jobs_registry_created", "requested_registry_id", "created_at"),
         Index("ix_push_jobs_created_id", "created_at", "id"),
+        Index("ix_push_jobs_repository_created", "repository", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
@@ -203,6 +205,14 @@ class Event(Base):
         Index("ix_events_registry_outcome_time", "registry_id", "outcome", "time"),
         Index("ix_events_repository_type_time", "repository", "type", "time"),
         Index("ix_events_actor_time", "actor", "time"),
+        # Only events with an outcome: "every failure since ..." (migration 0007).
+        Index(
+            "ix_events_outcome_time",
+            "outcome",
+            "time",
+            postgresql_where=text("outcome IS NOT NULL"),
+            sqlite_where=text("outcome IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, select
+from sqlalchemy import ColumnElement, Connection, Select, func, select
 from sqlalchemy.orm import Session
 
 from worker.store.models import Event
@@ -108,6 +108,33 @@ def select_events(
         types=types, outcomes=outcomes, actor=actor, since=since, until=until, after_id=after_id,
     )  # fmt: skip
     return list(session.scalars(query.select(newest_first=newest_first, limit=limit)))
+
+
+def latest_of_types(
+    session: Session, streams: Sequence[str], types: Sequence[str]
+) -> dict[tuple[str, str], Event]:
+    """The newest event of each of ``types`` in each of ``streams``, keyed ``(stream, type)``,
+    in one query: the console's overview asks this for every registry at once.
+
+    Within one stream ``seq`` grows with ``id``, so the newest is the highest ``seq``; the
+    grouped ``max(seq)`` reads each stream's own range of ``UNIQUE(stream, seq)``, however
+    long ago its last such event was and however many events came after it in other streams.
+    """
+    if not streams or not types:
+        return {}
+    newest = (
+        select(Event.stream, Event.type, func.max(Event.seq).label("seq"))
+        .where(Event.stream.in_(list(streams)), Event.type.in_(list(types)))
+        .group_by(Event.stream, Event.type)
+        .subquery()
+    )
+    rows = session.scalars(
+        select(Event).join(
+            newest,
+            (Event.stream == newest.c.stream) & (Event.seq == newest.c.seq),
+        )
+    )
+    return {(row.stream, row.type): row for row in rows}
 
 
 def iter_records(connection: Connection, query: EventQuery) -> Iterator[dict[str, Any]]:

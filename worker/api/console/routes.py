@@ -310,7 +310,7 @@ def _overview() -> dict[str, Any]:
             ).all()
             for status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
         }  # fmt: skip
-        registries = [(r, _health(db, r.id)) for r in list_registries(db)]
+        registries = _with_states(db)
     return {
         "by_status": [(s.value, by_status.get(s.value, 0)) for s in JobStatus],
         "failures": Counter(failures).most_common(),
@@ -319,27 +319,39 @@ def _overview() -> dict[str, Any]:
     }
 
 
+#: What a registry's row shows, each the newest of its type in the registry's stream.
+_STATE_TYPES = ("registry.health", "registry.tested", "registry.throttled", "registry.unthrottled")
+
+
+def _states(db: Any, registry_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Each registry's latest health, connection test and throttling (one query for all)."""
+    streams = {registry_id: events.registry_stream(registry_id) for registry_id in registry_ids}
+    latest = queries.latest_of_types(db, list(streams.values()), _STATE_TYPES)
+    states = {}
+    for registry_id, stream in streams.items():
+        health = latest.get((stream, "registry.health"))
+        throttled = latest.get((stream, "registry.throttled"))
+        unthrottled = latest.get((stream, "registry.unthrottled"))
+        states[registry_id] = {
+            "status": health.payload.get("status") if health else None,
+            "since": health.time if health else None,
+            "tested": latest.get((stream, "registry.tested")),
+            # Throttled now: the latest change of the limit lowered it.
+            "throttled": throttled
+            if throttled and (unthrottled is None or unthrottled.seq < throttled.seq)
+            else None,
+        }
+    return states
+
+
 def _health(db: Any, registry_id: int) -> dict[str, Any]:
-    """The registry's latest health, connection test and throttling, from its event stream."""
-    throttle = queries.select_events(
-        db, stream=events.registry_stream(registry_id),
-        types=["registry.throttled", "registry.unthrottled"], newest_first=True, limit=1,
-    )  # fmt: skip
-    rows = queries.select_events(
-        db, stream=events.registry_stream(registry_id), types=["registry.health"],
-        newest_first=True, limit=1,
-    )  # fmt: skip
-    tested = queries.select_events(
-        db, stream=events.registry_stream(registry_id), types=["registry.tested"],
-        newest_first=True, limit=1,
-    )  # fmt: skip
-    return {
-        "status": rows[0].payload.get("status") if rows else None,
-        "since": rows[0].time if rows else None,
-        "tested": tested[0] if tested else None,
-        # Throttled now: the latest change lowered the limit below the configured cap.
-        "throttled": throttle[0] if throttle and throttle[0].type == "registry.throttled" else None,
-    }
+    return _states(db, [registry_id])[registry_id]
+
+
+def _with_states(db: Any) -> list[tuple[Any, dict[str, Any]]]:
+    registries = list_registries(db)
+    states = _states(db, [r.id for r in registries])
+    return [(r, states[r.id]) for r in registries]
 
 
 @router.get("/")
@@ -533,7 +545,7 @@ async def bulk_retry(request: Request) -> Response:
 
 def _registries() -> list[tuple[Any, dict[str, Any]]]:
     with read_scope() as db:
-        rows = [(r, _health(db, r.id)) for r in list_registries(db)]
+        rows = _with_states(db)
         db.expunge_all()
         return rows
 
