@@ -9,6 +9,7 @@ from tasks.app import app
 from worker.core.queues import RECONCILE_TASK
 from worker.core.settings import get_settings
 from worker.reconcile import reconcile as reconcile_jobs
+from worker.store import events, heartbeats
 
 # A reconcile that waited longer than one beat interval is superseded by the next one: drop it
 # rather than let a busy worker pile them up.
@@ -17,4 +18,7 @@ _EVERY = get_settings().reconcile_every
 
 @app.task(name=RECONCILE_TASK, expires=_EVERY)
 def reconcile() -> dict[str, Any]:
-    return reconcile_jobs().to_dict()
+    report = reconcile_jobs().to_dict()
+    # After the work, so a heartbeat says a run completed (pushctl doctor, the beat alerts).
+    heartbeats.record(RECONCILE_TASK, events.worker_actor())
+    return report

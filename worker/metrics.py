@@ -4,6 +4,12 @@ Fed by what already happens: every committed event (``events.subscribe``), Celer
 ``task_postrun`` signal, and the registry health check. Nothing here is on the push path: a
 metric that fails to update is logged and forgotten.
 
+What every worker shares is read from the database when ``/metrics`` is scraped
+(``StateCollector``): jobs waiting in each queue and the oldest one's age, the webhook backlog,
+when beat's periodic tasks last ran, each registry's last recorded health. Every worker exports
+the same values, so ``max`` over instances is right whichever worker answered; the alert rules
+and the dashboard in ``deploy/`` use them (docs/operations.md, "Alerts and dashboard").
+
 Celery's prefork pool runs tasks in child processes, so the numbers are kept with
 prometheus_client's multiprocess mode: each process writes its own files in
 ``PROMETHEUS_MULTIPROC_DIR``, and the worker's main process serves the sum of them on
@@ -22,16 +28,24 @@ import sys
 import tempfile
 import urllib.request
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import func, select
+
 from worker.core.logs import get_logger
-from worker.core.settings import METRICS_DIR_ENV, METRICS_PORT_ENV, get_settings
-from worker.store import events
+from worker.core.queues import DEFAULT_QUEUE, HEALTH_TASK, RECONCILE_TASK, queue_for
+from worker.core.settings import METRICS_DIR_ENV, METRICS_PORT_ENV, Settings, get_settings
+from worker.store import events, heartbeats, queries
+from worker.store.db import read_scope
+from worker.store.models import JobStatus, PushJob, Registry, WebhookDelivery, utcnow
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
 log = get_logger("pushworker.metrics")
 
@@ -73,6 +87,10 @@ class Metrics:
         self.fallbacks = Counter(
             "pushworker_fallbacks", "Fallbacks applied after an authentication refusal.",
             ["from_registry", "to_registry"], registry=reg,
+        )  # fmt: skip
+        self.job_failures = Counter(
+            "pushworker_job_failures", "Jobs that failed, by registry (the last tried) and code.",
+            ["registry", "error_code"], registry=reg,
         )  # fmt: skip
         self.pushed_bytes = Counter(
             "pushworker_pushed_bytes", "Size of the images pushed, by registry.",
@@ -145,6 +163,9 @@ class Metrics:
             ).inc()
         elif kind in _JOB_ENDS:
             self.jobs.labels(_JOB_ENDS[kind], registry).inc()
+            if kind == "job.failed":
+                code = str(payload.get("error_code") or "unknown")
+                self.job_failures.labels(registry, code).inc()
         elif kind in ("registry.throttled", "registry.unthrottled"):
             limit = payload.get("effective_limit")
             self.registry_limit.labels(registry).set(-1 if limit is None else float(limit))
@@ -226,6 +247,7 @@ def serve() -> bool:
     registry = CollectorRegistry()
     directory = _active[0].directory
     MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(StateCollector())
     addr = settings.metrics_addr
     try:
         start_http_server(port, addr=addr, registry=registry)
@@ -274,6 +296,167 @@ def _empty(directory: Path) -> None:
 
 
 _FILE_KINDS = frozenset({"counter", "gauge", "histogram", "summary"})
+
+
+# --- what every worker shares, read at scrape time -----------------------------------------------
+
+#: Beat's periodic tasks whose last run is exported (and checked by ``pushctl doctor``).
+BEAT_TASKS = (RECONCILE_TASK, HEALTH_TASK)
+#: A registry's status before its first health check is recorded.
+UNKNOWN = "unknown"
+REGISTRY_STATUSES = ("healthy", "unhealthy", "credentials_failing", UNKNOWN)
+_PENDING, _DEAD = "pending", "dead"  # worker.webhooks.DeliveryStatus
+
+
+def beat_intervals(settings: Settings) -> dict[str, float]:
+    """Seconds between two runs of each of beat's tasks, as this deployment schedules them."""
+    return {RECONCILE_TASK: settings.reconcile_every, HEALTH_TASK: settings.health_every}
+
+
+@dataclass
+class SharedState:
+    """What ``StateCollector`` exports; times are Unix seconds, ages seconds."""
+
+    #: queue -> (jobs queued, age of the oldest since it was last queued; 0 when none).
+    queues: dict[str, tuple[int, float]] = field(default_factory=dict)
+    webhooks_pending: int = 0
+    webhook_oldest_pending: float = 0.0
+    webhooks_dead: int = 0
+    #: task -> its last recorded run (0: never).
+    beats: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, float] = field(default_factory=dict)
+    #: registry id -> the status of its last ``registry.health`` event (``unknown``: none).
+    registries: dict[int, str] = field(default_factory=dict)
+
+
+def read_state(now: datetime | None = None) -> SharedState:
+    """Read ``SharedState`` from the database (a ``PushWorkerError`` when it does not answer)."""
+    moment = now or utcnow()
+    settings = get_settings()
+    state = SharedState(intervals=beat_intervals(settings))
+    # Every known queue is exported, empty ones at 0: an alert or a panel sees a queue before
+    # its first job, and an empty queue is an age of 0, not a missing series.
+    for queue in (DEFAULT_QUEUE, *(queue_for(host) for host in settings.docker_hosts)):
+        state.queues[queue] = (0, 0.0)
+    with read_scope() as session:
+        queued = session.execute(
+            select(PushJob.docker_host, func.count(), func.min(PushJob.updated_at))
+            .where(PushJob.status == JobStatus.QUEUED.value)
+            .group_by(PushJob.docker_host)
+        ).all()
+        for host, count, oldest in queued:
+            age = max((moment - oldest).total_seconds(), 0.0) if oldest else 0.0
+            state.queues[queue_for(host)] = (int(count), age)
+        pending = session.execute(
+            select(func.count(), func.min(WebhookDelivery.created_at)).where(
+                WebhookDelivery.status == _PENDING
+            )
+        ).one()
+        state.webhooks_pending = int(pending[0])
+        if pending[1] is not None:
+            state.webhook_oldest_pending = max((moment - pending[1]).total_seconds(), 0.0)
+        state.webhooks_dead = int(
+            session.scalar(
+                select(func.count())
+                .select_from(WebhookDelivery)
+                .where(WebhookDelivery.status == _DEAD)
+            )
+            or 0
+        )
+        runs = heartbeats.last_runs(session)
+        for task in BEAT_TASKS:
+            state.beats[task] = runs[task].at.timestamp() if task in runs else 0.0
+        registry_ids = session.scalars(
+            select(Registry.id).where(Registry.removed_at.is_(None)).order_by(Registry.id)
+        ).all()
+        for registry_id in registry_ids:
+            rows = queries.select_events(
+                session, stream=events.registry_stream(registry_id), types=["registry.health"],
+                newest_first=True, limit=1,
+            )  # fmt: skip
+            status = str(rows[0].payload.get("status")) if rows else UNKNOWN
+            state.registries[registry_id] = status if status in REGISTRY_STATUSES else UNKNOWN
+    return state
+
+
+class StateCollector:
+    """A prometheus_client collector reading ``SharedState`` at each scrape.
+
+    ``pushworker_database_up`` says whether the read worked; when it did not, the other
+    families are left out (an alert on them would otherwise see stale or invented values).
+    """
+
+    def __init__(self, read: Callable[[], SharedState] = read_state) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily(
+            "pushworker_database_up", "1 when this worker read its database at this scrape."
+        )
+        try:
+            state = self._read()
+        except Exception as exc:  # a scrape must answer even when the database does not
+            log.warning("metrics.state_unavailable", failure=type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        jobs = GaugeMetricFamily(
+            "pushworker_queue_jobs", "Jobs queued (not started), by queue.", labels=["queue"]
+        )
+        age = GaugeMetricFamily(
+            "pushworker_queue_oldest_age_seconds",
+            "How long the oldest queued job of the queue has waited since it was queued or "
+            "retried (0: none).",
+            labels=["queue"],
+        )
+        for queue, (count, oldest) in sorted(state.queues.items()):
+            jobs.add_metric([queue], count)
+            age.add_metric([queue], oldest)
+        yield jobs
+        yield age
+        yield GaugeMetricFamily(
+            "pushworker_webhook_deliveries_pending", "Webhook deliveries still to send.",
+            value=state.webhooks_pending,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "pushworker_webhook_oldest_pending_age_seconds",
+            "Age of the oldest webhook delivery still to send (0: none).",
+            value=state.webhook_oldest_pending,
+        )
+        yield GaugeMetricFamily(
+            "pushworker_webhook_deliveries_dead",
+            "Webhook deliveries given up on (dead), until redelivered.",
+            value=state.webhooks_dead,
+        )
+        last = GaugeMetricFamily(
+            "pushworker_beat_last_run_timestamp_seconds",
+            "When Celery beat's task last completed a run (Unix time; 0: never recorded).",
+            labels=["task"],
+        )
+        every = GaugeMetricFamily(
+            "pushworker_beat_interval_seconds",
+            "Seconds between two runs of beat's task, as configured.",
+            labels=["task"],
+        )
+        for task in sorted(state.beats):
+            last.add_metric([task], state.beats[task])
+            every.add_metric([task], state.intervals.get(task, 0.0))
+        yield last
+        yield every
+        status = GaugeMetricFamily(
+            "pushworker_registry_status",
+            "1 for the status of the registry's last recorded health check, 0 for the others "
+            "(unknown: never checked).",
+            labels=["registry", "status"],
+        )
+        for registry_id, current in sorted(state.registries.items()):
+            for name in REGISTRY_STATUSES:
+                status.add_metric([str(registry_id), name], 1 if name == current else 0)
+        yield status
 
 
 # --- health check of the endpoint (Dockerfile HEALTHCHECK) ------------------------------------

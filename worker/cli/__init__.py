@@ -9,9 +9,10 @@ Secrets are read from stdin or a hidden prompt only, and never printed.
 to that group when imported, which happens here.
 """
 
-from worker.cli import api, db, events, jobs, push, registry, tokens, webhooks
+from worker.cli import api, db, doctor, events, jobs, push, registry, tokens, webhooks
 from worker.cli.common import cli, main
 
 __all__ = [
-    "api", "cli", "db", "events", "jobs", "main", "push", "registry", "tokens", "webhooks",
+    "api", "cli", "db", "doctor", "events", "jobs", "main", "push", "registry", "tokens",
+    "webhooks",
 ]  # fmt: skip

@@ -51,3 +51,10 @@ def current(url: str | None = None) -> str | None:
     engine = make_engine(url or get_settings().database_url)
     with _database_errors(), engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def head() -> str | None:
+    """The newest revision this code knows (what ``upgrade`` brings a database to)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(MIGRATIONS)).get_current_head()

@@ -350,3 +350,16 @@ class WebhookAttempt(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str] = mapped_column(String(200))
+
+
+class Heartbeat(Base):
+    """The last run of a periodic task (Celery beat's reconcile and registry health): one row
+    per task, overwritten by each run. A quiet run records no event, so this row is how
+    ``pushctl doctor`` and the metrics tell that beat (and a worker running its tasks) is alive."""
+
+    __tablename__ = "heartbeats"
+
+    task: Mapped[str] = mapped_column(String(100), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: ``worker:<host>:<pid>``: the process that ran it.
+    actor: Mapped[str] = mapped_column(String(200))
