@@ -213,6 +213,10 @@ class Event(Base):
             postgresql_where=text("outcome IS NOT NULL"),
             sqlite_where=text("outcome IS NOT NULL"),
         ),
+        # A filtered page of the log with no time bound, in id order (migration 0007).
+        Index("ix_events_actor_id", "actor", "id"),
+        Index("ix_events_repository_id", "repository", "id"),
+        Index("ix_events_type_id", "type", "id"),
     )
 
     id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
