@@ -192,7 +192,9 @@ def probed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def check(registry: Any) -> ConnectionReport:
         tested.append(registry.id)
-        checks = [Check(name, True, 1.0, "ok") for name in ("dns", "tcp", "tls", "v2", "credentials")]
+        checks = [
+            Check(name, True, 1.0, "ok") for name in ("dns", "tcp", "tls", "v2", "credentials")
+        ]
         return ConnectionReport(registry.id, registry.url, checks)
 
     monkeypatch.setattr(routes, "check_registry", check)
