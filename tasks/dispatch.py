@@ -6,7 +6,8 @@ Registered as the ``celery`` entry point of ``pushworker.dispatchers`` (pyprojec
 An image exists only on the Docker Engine that built it, so a job that names its Docker host
 (``PushJob.docker_host``) is sent to that host's queue, ``pushworker.<host>``, which only the
 worker started with ``PUSHWORKER_WORKER_HOST=<host>`` (and that engine's ``DOCKER_HOST``)
-consumes. A job that names no host goes to the default queue, ``pushworker``.
+consumes. A job that names no host goes to the default queue, ``pushworker``. A job whose
+source is not the Docker Engine goes to ``pushworker.skopeo``, whose workers need no Docker socket.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from celery import chain
 from tasks.app import app
 from worker.core.queues import queue_for, step_task
 from worker.engine.steps import STEP_NAMES
-from worker.jobs import docker_host_of
+from worker.jobs import route_of
 
 
 class CeleryDispatcher:
     def start_chain(self, job_id: str, registry_id: int) -> None:
         # Read from the job, not passed in: every caller (enqueue, fallback, operator retry,
         # reconcile) sends the chain to the same engine, whichever path it comes from.
-        queue = queue_for(docker_host_of(job_id))
+        queue = queue_for(*route_of(job_id))
         # Each step carries the queue: a chain's later steps are published by the worker that
         # ran the step before, from the signature's own options.
         signatures = [
@@ -36,7 +37,7 @@ class CeleryDispatcher:
         """Publish ``step`` (and the steps after it) of a job waiting for its registry now, under
         ``message_id``: flow control's hand-over of a released slot. The waiter's own message still
         waits with its countdown; whichever comes second finds the step done or claimed."""
-        queue = queue_for(docker_host_of(job_id))
+        queue = queue_for(*route_of(job_id))
         names = STEP_NAMES[STEP_NAMES.index(step) :]
         signatures = [
             app.signature(step_task(name), args=(job_id, registry_id), immutable=True, queue=queue)

@@ -31,6 +31,7 @@ from worker import producer
 from worker.core.errors import InvalidMessage, PushWorkerError
 from worker.core.logs import get_logger
 from worker.core.queues import DEFAULT_QUEUE, SUBMIT_TASK
+from worker.core.sources import MAX_SPEC
 from worker.core.text import printable
 from worker.jobs import (
     MAX_ID,
@@ -94,18 +95,26 @@ def push_request_schema() -> dict[str, Any]:
         "type": "object",
         "additionalProperties": False,
         "required": [
-            "source_image",
             "registry_id",
             "repository",
             "tag",
             "requested_by",
             "idempotency_key",
         ],
+        # Where the image comes from: a local image, or a source spec (docs/sources.md).
+        "oneOf": [{"required": ["source_image"]}, {"required": ["source"]}],
         "properties": {
             "source_image": _text(
                 MAX_SOURCE_IMAGE,
                 "The local image to push, as the worker's Docker Engine names it (reference "
                 "or image id), e.g. myapp:build.",
+            ),
+            "source": _text(
+                MAX_SPEC,
+                "Instead of source_image, where else the image comes from (docs/sources.md): "
+                "registry:ID/REPOSITORY:TAG or registry:ID/REPOSITORY@sha256:HEX (a promotion "
+                "from another registry record), oci-layout:PATH or docker-archive:PATH (in the "
+                "worker's PUSHWORKER_SOURCES_DIR), docker:IMAGE.",
             ),
             "registry_id": _id(
                 "The id of the registry record to push to (pushctl registry list). There is "
@@ -219,6 +228,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{where} must be at most {expected} characters"
     if error.validator == "not":
         return f"{where} must not contain control characters (NUL, ESC, newline, ...)"
+    if error.validator == "oneOf":
+        if isinstance(instance, Mapping) and not {"source_image", "source"} & set(instance):
+            return "missing field(s) 'source_image' (or 'source', docs/sources.md)"
+        return "give only one of the fields 'source_image' and 'source'"
     if error.validator in ("minimum", "maximum"):
         return f"{where} must be a registry id from 1 to {MAX_ID}"
     return f"{where} is not valid ({error.validator})"
@@ -379,7 +392,7 @@ def _descriptive_fields(request: Any) -> dict[str, Any]:
     if not isinstance(request, Mapping):
         return {}
     fields: dict[str, Any] = {}
-    for key in ("source_image", "repository", "tag", "requested_by", "idempotency_key"):
+    for key in ("source_image", "source", "repository", "tag", "requested_by", "idempotency_key"):
         value = request.get(key)
         if isinstance(value, str):
             fields[key] = storable_text(value)

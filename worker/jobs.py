@@ -18,9 +18,11 @@ from worker.core.errors import (
     UnknownDockerHost,
     ValidationError,
 )
-from worker.core.reference import build_target
+from worker.core.reference import assert_resolves_to, build_target
 from worker.core.settings import DOCKER_HOST_NAME, DOCKER_HOSTS_ENV, get_settings
+from worker.core.sources import Source, SourceKind, check_path, docker_source, parse_source
 from worker.core.text import refuse_control
+from worker.engine.targets import target_refusal
 from worker.registries import get_registry, job_chain
 from worker.store import events
 from worker.store.db import read_connection
@@ -77,6 +79,16 @@ class PushRequest:
     #: Seconds the job may wait for its registry's limits (flow control) before it fails with
     #: ``throttled_past_deadline``; None: ``PUSHWORKER_FLOW_DEADLINE``.
     deadline: float | None = None
+    #: A source spec (``worker.core.sources``: ``registry:``, ``oci-layout:``,
+    #: ``docker-archive:``, ``docker:``) instead of ``source_image``, which is then "".
+    source: str | None = None
+
+    def parsed_source(self) -> Source:
+        return (
+            parse_source(self.source)
+            if self.source is not None
+            else docker_source(self.source_image)
+        )
 
 
 def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[PushJob, bool]:
@@ -89,10 +101,12 @@ def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[P
         if existing is not None:
             return existing, False
     registry = _validate(session, request)
+    source = _validate_source(session, request)
     # The registry's stored address and the chain (asked for, or stored) are checked now.
     chain = job_chain(session, registry, request.fallback)
     job = PushJob(
-        idempotency_key=request.idempotency_key, source_image=request.source_image,
+        idempotency_key=request.idempotency_key, source_image=source.stored,
+        source_kind=source.kind.value, source_registry_id=source.registry_id,
         repository=request.repository, tag=request.tag, requested_registry_id=registry.id,
         effective_registry_id=registry.id, fallback_chain=chain,
         status=JobStatus.QUEUED.value, attempt=1, requested_by=request.requested_by,
@@ -118,6 +132,9 @@ def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[P
             "fallback_chain": chain, "requested_by": job.requested_by,
             "idempotency_key": job.idempotency_key,
             **({"deadline_at": job.deadline_at.isoformat()} if job.deadline_at else {}),
+            **({"source": str(source), "source_kind": source.kind.value}
+               if source.kind is not SourceKind.DOCKER else {}),
+            **({"source_registry_id": source.registry_id} if source.registry_id else {}),
         },
     )  # fmt: skip
     return job, True
@@ -178,7 +195,17 @@ def check_request(request: PushRequest) -> None:
     ``str`` without control characters. Nothing is coerced, so what is hashed is what is
     stored (a ``"2"`` or ``True`` in a chain would be hashed as sent and stored as 2 or 1)."""
     check_id("registry_id", request.registry_id)
-    check_text("source_image", request.source_image, MAX_SOURCE_IMAGE)
+    if request.source is not None:
+        if request.source_image:
+            raise ValidationError("give source_image or source, not both")
+        kind = parse_source(request.source).kind  # the rules that need no database or files
+        if request.docker_host is not None and kind is not SourceKind.DOCKER:
+            raise ValidationError(
+                f"docker_host names a Docker Engine, and a {kind.value} source uses none",
+                hint="leave docker_host out: skopeo workers (queue pushworker.skopeo) copy it",
+            )
+    else:
+        check_text("source_image", request.source_image, MAX_SOURCE_IMAGE)
     check_text("repository", request.repository, MAX_REPOSITORY, InvalidReference)
     check_text("tag", request.tag, MAX_TAG, InvalidReference)
     check_text("requested_by", request.requested_by, MAX_REQUESTED_BY)
@@ -196,7 +223,9 @@ def check_request(request: PushRequest) -> None:
 
 
 def _validate(session: Session, request: PushRequest) -> Registry:
-    if any(c.isspace() for c in request.source_image) or not request.source_image.isascii():
+    if request.source is None and (
+        any(c.isspace() for c in request.source_image) or not request.source_image.isascii()
+    ):
         raise ValidationError(f"source_image {request.source_image!r} is not an image reference")
     if request.docker_host is not None:
         check_docker_host(request.docker_host)
@@ -206,6 +235,40 @@ def _validate(session: Session, request: PushRequest) -> Registry:
     return registry
 
 
+def _validate_source(session: Session, request: PushRequest) -> Source:
+    """The request's source, checked as far as this host can: a file source's path inside
+    ``PUSHWORKER_SOURCES_DIR``; a promotion's registry record usable, with a credential, and
+    its reference resolving to that record's host (the reference guard, for the source)."""
+    source = request.parsed_source()
+    if source.kind is SourceKind.DOCKER:
+        return source
+    if source.kind.is_file:
+        check_path(source, get_settings())
+        return source
+    assert source.registry_id is not None and source.repository is not None
+    origin = get_registry(session, source.registry_id)
+    refusal = target_refusal(origin, source.registry_id)
+    if refusal is not None:
+        raise refusal
+    assert_resolves_to(f"{origin.host}/{source.repository}", origin.host, source.repository)
+    check_credential_configured(origin)
+    return source
+
+
+def route_of(job_id: str) -> tuple[str | None, str]:
+    """Where a job's steps run: its Docker host (None: none, or no such job) and the engine its
+    source needs (``docker`` or ``skopeo``); one read that takes no lock, made on every publish."""
+    with read_connection() as connection:
+        row = connection.execute(_ROUTE_OF, {"job_id": job_id}).first()
+    if row is None:
+        return None, "docker"
+    kind = row[1] if row[1] in {k.value for k in SourceKind} else SourceKind.DOCKER.value
+    return row[0], SourceKind(kind).engine
+
+
+_ROUTE_OF = select(PushJob.docker_host, PushJob.source_kind).where(
+    PushJob.id == bindparam("job_id")
+)
 _DOCKER_HOST_OF = select(PushJob.docker_host).where(PushJob.id == bindparam("job_id"))
 
 

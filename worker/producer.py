@@ -7,6 +7,7 @@ reconcile task publishes it once the broker is back.
 
 from __future__ import annotations
 
+from worker.core.errors import ValidationError
 from worker.core.logs import get_logger
 from worker.engine.dispatch import get_dispatcher
 from worker.jobs import PushRequest, create_job
@@ -18,7 +19,8 @@ log = get_logger("pushworker.producer")
 
 def enqueue_push(
     *,
-    source_image: str,
+    source_image: str | None = None,
+    source: str | None = None,
     registry_id: int,
     repository: str,
     tag: str,
@@ -45,9 +47,17 @@ def enqueue_push(
 
     ``deadline``: seconds the job may wait for its registry's limits (flow control) before it
     fails with ``throttled_past_deadline``; None: ``PUSHWORKER_FLOW_DEADLINE``.
+
+    ``source`` (instead of ``source_image``): where else the image comes from
+    (docs/sources.md): ``registry:ID/REPOSITORY:TAG`` or ``@sha256:...`` (a promotion),
+    ``oci-layout:PATH``, ``docker-archive:PATH`` (in ``PUSHWORKER_SOURCES_DIR`` of the worker),
+    or ``docker:IMAGE``. Such a job runs on the skopeo workers' queue, without Docker.
     """
+    if (source_image is None) == (source is None):
+        raise ValidationError("give exactly one of source_image and source")
     request = PushRequest(
-        source_image=source_image, registry_id=registry_id, repository=repository, tag=tag,
+        source_image=source_image or "", source=source, registry_id=registry_id,
+        repository=repository, tag=tag,
         requested_by=requested_by, fallback=fallback, idempotency_key=idempotency_key,
         docker_host=docker_host, deadline=deadline,
     )  # fmt: skip

@@ -37,6 +37,10 @@ class Job(BaseModel):
     id: str
     status: str
     source_image: str
+    #: ``docker``, ``registry``, ``oci-layout`` or ``docker-archive`` (docs/sources.md).
+    source_kind: str
+    #: The digest a non-Docker source was pinned to.
+    source_digest: str | None
     repository: str
     tag: str
     requested_registry_id: int
@@ -58,6 +62,7 @@ class Job(BaseModel):
     def of(cls, job: PushJob) -> Job:
         return cls(
             id=job.id, status=job.status, source_image=job.source_image,
+            source_kind=job.source_kind or "docker", source_digest=job.source_digest,
             repository=job.repository, tag=job.tag,
             requested_registry_id=job.requested_registry_id,
             effective_registry_id=job.effective_registry_id,

@@ -42,6 +42,7 @@ from worker.contract import request_from_call
 from worker.core.credentials import CredentialKind
 from worker.core.errors import JobNotFound, PushWorkerError, ValidationError
 from worker.core.settings import get_settings
+from worker.core.sources import parse_source
 from worker.jobs import (
     MAX_ID,
     MAX_IDEMPOTENCY_KEY,
@@ -208,6 +209,8 @@ def create_push(
     request["idempotency_key"] = idempotency_key
     checked = request_from_call([request], {})
     registry_ids = [checked["registry_id"], *checked.get("fallback", [])]
+    # A promotion reads with the source registry's credential: the token must be allowed it too.
+    registry_ids += [rid for rid in [_source_registry_id(checked)] if rid is not None]
     refused = [rid for rid in registry_ids if not who.may_use_registry(rid)]
     if refused:
         raise ApiError(
@@ -226,10 +229,17 @@ def create_push(
         return Job.of(get_job(session, job_id))
 
 
+def _source_registry_id(request: dict[str, Any]) -> int | None:
+    return parse_source(request["source"]).registry_id if "source" in request else None
+
+
 def _same_request(session: Any, job: PushJob, request: dict[str, Any], who: Principal) -> None:
     """A repeated Idempotency-Key must come with the same push (and, for a producer, from the
     same token): otherwise 409, naming neither the other request nor its job."""
-    asked = (request["source_image"], request["registry_id"], request["repository"], request["tag"])
+    source = (
+        parse_source(request["source"]).stored if "source" in request else request["source_image"]
+    )
+    asked = (source, request["registry_id"], request["repository"], request["tag"])
     made = (job.source_image, job.requested_registry_id, job.repository, job.tag)
     own = who.role != "producer" or job_enqueued_by(session, job.id, who.actor)
     if asked != made or not own:

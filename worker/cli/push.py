@@ -134,7 +134,15 @@ def _finish_wait(follow: _Follow, finished: bool, timeout: float | None) -> None
 
 
 @cli.command("push")
-@click.argument("source", type=TEXT)
+@click.argument("source", type=TEXT, required=False)
+@click.option(
+    "--from",
+    "source_spec",
+    type=TEXT,
+    metavar="SPEC",
+    help="Copy from elsewhere instead of a local image: registry:ID/REPO:TAG (or @sha256:...), "
+    "oci-layout:PATH, docker-archive:PATH (docs/sources.md).",
+)
 @click.option("--registry", "registry_id", type=ID, required=True, help="Registry id to push to.")
 @click.option(
     "--repository", type=TEXT, required=True, help="Repository path in the registry, e.g. team/app."
@@ -162,7 +170,8 @@ def _finish_wait(follow: _Follow, finished: bool, timeout: float | None) -> None
 )
 @_JSON
 def push(
-    source: str,
+    source: str | None,
+    source_spec: str | None,
     registry_id: int,
     repository: str,
     tag: str,
@@ -175,16 +184,22 @@ def push(
     timeout: float | None,
     as_json: bool,
 ) -> None:
-    """Queue a push of local image SOURCE to a registry; --wait follows it to the end.
+    """Queue a push of local image SOURCE (or of --from SPEC) to a registry; --wait follows it
+    to the end.
 
     \b
     Example:
       pushctl push app:1.4 --registry 3 --repository team/app --tag 1.4 --wait --timeout 600
+      pushctl push --from registry:3/team/app@sha256:... --registry 5 --repository team/app \\
+          --tag 1.4 --wait
     """
     if timeout is not None and not wait:
         raise click.UsageError("--timeout needs --wait")
+    if (source is None) == (source_spec is None):
+        raise click.UsageError("give either SOURCE (a local image) or --from SPEC, not both")
     job_id = producer.enqueue_push(
         source_image=source,
+        source=source_spec,
         registry_id=registry_id,
         repository=repository,
         tag=tag,

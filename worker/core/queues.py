@@ -20,8 +20,16 @@ WEBHOOK_TASK = "pushworker.webhooks.deliver"
 STEP_TASK_PREFIX = "pushworker.step."
 
 
-def queue_for(docker_host: str | None) -> str:
-    """The queue of the worker attached to ``docker_host`` (the default queue for None)."""
+#: Jobs whose source is not the Docker Engine (another registry, an OCI layout, a docker-archive):
+#: copied by skopeo, so their workers need no Docker socket (docs/sources.md).
+SKOPEO_QUEUE = f"{DEFAULT_QUEUE}.skopeo"
+
+
+def queue_for(docker_host: str | None, engine: str = "docker") -> str:
+    """The queue of the worker attached to ``docker_host`` (the default queue for None); for
+    ``engine`` ``skopeo`` (the non-Docker sources), the skopeo workers' queue, whatever the host."""
+    if engine == "skopeo":
+        return SKOPEO_QUEUE
     return f"{DEFAULT_QUEUE}.{docker_host}" if docker_host else DEFAULT_QUEUE
 
 

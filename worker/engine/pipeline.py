@@ -45,11 +45,18 @@ from worker.engine.fallback import final_auth_error, plan_fallback
 from worker.engine.flow import SLOT_STEPS, Admission, CapChange, FlowControl, deadline_of
 from worker.engine.liveness import claim_is_dead, owner_of_this_process
 from worker.engine.retry import retry_delay, should_retry
-from worker.engine.steps import STEPS, HttpFactory, Step, StepContext, StepResult
+from worker.engine.steps import (
+    STEPS,
+    HttpFactory,
+    Step,
+    StepContext,
+    StepResult,
+    default_copier,
+)
 from worker.engine.targets import target_refusal, unusable_reason
 from worker.seams.docker_engine import DockerEngine
 from worker.seams.limiter import RedisFlowState
-from worker.seams.protocols import ContainerEngine
+from worker.seams.protocols import ContainerEngine, ImageCopier
 from worker.seams.registry_http import shared_client
 from worker.store import claims, events, queries
 from worker.store.db import session_scope
@@ -75,6 +82,8 @@ class _Claimed:
     tries: int
     #: The registry slot this step holds while it acts (flow control), if any.
     holder: str | None = None
+    #: The registry a promotion reads from (``registry`` sources), checked like the target.
+    source_registry: Registry | None = None
 
 
 @dataclass
@@ -87,6 +96,8 @@ class StepRunner:
     steps: tuple[Step, ...] = STEPS
     #: Per-registry flow control (slots, rate, AIMD); None: no limits (no Redis broker).
     flow: FlowControl | None = None
+    #: What copies the sources that are not the Docker Engine (skopeo; a fake in fast tests).
+    copier_factory: Callable[[], ImageCopier] = default_copier
 
     def step(self, name: str) -> Step:
         """The step called ``name``; KeyError for a name not in ``steps``."""
@@ -135,6 +146,8 @@ class StepRunner:
             http_timeout=self.settings.http_timeout,
             on_progress=_progress_recorder(job_id, step, registry_id, claimed.tries, actor),
             attempt=claimed.tries,
+            copier=self.copier_factory,
+            source_registry=claimed.source_registry,
         )
         holding = self.flow.holding(registry_id, claimed.holder) if self.flow else nullcontext()
         try:
@@ -202,6 +215,15 @@ class StepRunner:
                 return Outcome("stop", reason=refusal.code)
             registry = view.registry
             assert registry is not None, "a job's registry row is never deleted"
+            source_registry = None
+            if job.source_registry_id is not None:
+                # A promotion's source is read from: the same address rules apply to it.
+                source_registry = session.get(Registry, job.source_registry_id)
+                refusal = target_refusal(source_registry, job.source_registry_id)
+                if refusal is not None:
+                    _mark_failed(job, refusal)
+                    note("job.failed", None, **refusal.to_payload())
+                    return Outcome("stop", reason=refusal.code)
             admission = self._admit(note, job, registry, step, message_id)
             if isinstance(admission, Outcome):
                 return admission
@@ -214,7 +236,13 @@ class StepRunner:
             if isinstance(claimed, Outcome):
                 self._release(registry_id, holder)
                 return claimed
-            return _Claimed(job=job, registry=registry, tries=claimed, holder=holder)
+            return _Claimed(
+                job=job,
+                registry=registry,
+                tries=claimed,
+                holder=holder,
+                source_registry=source_registry,
+            )
 
     def _claim_step(
         self,
@@ -360,6 +388,15 @@ class StepRunner:
             tries = claims.finish_claim(
                 session, job_id, step, registry_id, StepStatus.SUCCEEDED, result.payload
             )
+            pinned = result.payload.get("source_digest")
+            if pinned:
+                # The pin, once per job: every later step (and registry) copies this digest.
+                session.execute(
+                    update(PushJob)
+                    .where(PushJob.id == job_id, PushJob.source_digest.is_(None))
+                    .values(source_digest=pinned)
+                    .execution_options(synchronize_session=False)
+                )
             status = claims.job_status(session, job_id)
             if status is None or tries is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")

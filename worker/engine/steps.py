@@ -21,14 +21,24 @@ from worker.core.errors import (
     PushVerificationFailed,
     RegistryError,
     RegistryMisbehaved,
+    SourceAuthenticationFailed,
     SourceImageNotFound,
+    ValidationError,
 )
-from worker.core.reference import TargetReference, assert_resolves_to, build_target
-from worker.core.settings import Settings
+from worker.core.reference import (
+    TargetReference,
+    assert_resolves_to,
+    build_target,
+    check_registry_host,
+    validate_repository,
+)
+from worker.core.settings import Settings, get_settings
+from worker.core.sources import Source, SourceKind, docker_source, parse_source, resolve_path
 from worker.engine.targets import endpoint_of
 from worker.seams.docker_engine import LocalImage, ProgressCallback
-from worker.seams.protocols import ContainerEngine, RegistryClient
+from worker.seams.protocols import ContainerEngine, ImageCopier, RegistryClient
 from worker.seams.registry_http import RegistryEndpoint, shared_client
+from worker.seams.skopeo import CopySource, RegistryAccess, Skopeo
 from worker.store.models import PushJob, Registry
 
 T = TypeVar("T")
@@ -38,6 +48,12 @@ T = TypeVar("T")
 #: (``worker.seams.registry_http`` keeps them for their keep-alive connections), a fake in fast
 #: tests.
 HttpFactory = Callable[[RegistryEndpoint, Credential | None, float], RegistryClient]
+
+
+def default_copier() -> ImageCopier:
+    """skopeo as the settings say (``PUSHWORKER_SKOPEO``, ``PUSHWORKER_PUSH_TIMEOUT``)."""
+    settings = get_settings()
+    return Skopeo(settings.skopeo, timeout=settings.push_timeout)
 
 
 @dataclass
@@ -50,6 +66,19 @@ class StepContext:
     on_progress: ProgressCallback | None = None
     #: Which try of the step this is (1 for the first).
     attempt: int = 1
+    #: What copies a source that is not the Docker Engine (never made for a ``docker`` job).
+    copier: Callable[[], ImageCopier] = default_copier
+    #: The registry a promotion reads from, loaded and checked with the claim.
+    source_registry: Registry | None = None
+
+    def source(self) -> Source:
+        """The job's source, parsed again from what the job stores."""
+        if self.job.source_kind == SourceKind.DOCKER:
+            return docker_source(self.job.source_image)
+        source = parse_source(self.job.source_image)
+        if source.kind != self.job.source_kind:
+            raise ValidationError(f"job {self.job.id}'s source does not match its kind")
+        return source
 
     def target(self) -> TargetReference:
         return build_target(self.registry.host, self.job.repository, self.job.tag)
@@ -70,6 +99,8 @@ class StepResult:
 
 
 def resolve_credentials(ctx: StepContext) -> StepResult:
+    if ctx.job.source_kind != SourceKind.DOCKER:
+        return _resolve_copy(ctx)
     credential = ctx.credential()
     ctx.target()  # a malformed reference fails here, before anything touches the registry
     if credential is None:
@@ -78,6 +109,8 @@ def resolve_credentials(ctx: StepContext) -> StepResult:
 
 
 def login(ctx: StepContext) -> StepResult:
+    if ctx.job.source_kind != SourceKind.DOCKER:
+        return _login_copy(ctx)
     credential = ctx.credential()
     if credential is None:
         # Anonymous: prove the registry answers and does not ask for credentials.
@@ -99,6 +132,8 @@ def _login_address(registry: Registry) -> str:
 
 
 def tag(ctx: StepContext) -> StepResult:
+    if ctx.job.source_kind != SourceKind.DOCKER:
+        return pin(ctx)
     target = ctx.target()
     engine = ctx.engine()
     source = _source_image(ctx, engine)
@@ -110,6 +145,8 @@ def tag(ctx: StepContext) -> StepResult:
 
 
 def push(ctx: StepContext) -> StepResult:
+    if ctx.job.source_kind != SourceKind.DOCKER:
+        return _push_copy(ctx)
     target = ctx.target()
     # Re-checked right before the push, whatever happened since the tag step.
     assert_resolves_to(target.name, ctx.registry.host, ctx.job.repository)
@@ -211,6 +248,202 @@ def _digest_if_served(
         return None
     remote = http.manifest_digest(target.repository, target.tag)
     return remote if remote in local else None
+
+
+# --- sources other than the Docker Engine: the same four steps, with skopeo -------------------
+#
+# resolve_credentials resolves both sides' credentials; login proves both against the registries'
+# own /v2/ (a refusal there is the registry's word, so the destination's may fall back); the tag
+# step becomes the pin: the source resolved to an immutable digest, recorded on the job; push
+# copies that digest and then checks the destination's tag serves exactly it.
+
+
+def _source_registry(ctx: StepContext) -> Registry:
+    registry = ctx.source_registry
+    if registry is None:
+        raise ValidationError(f"job {ctx.job.id}'s source registry was not loaded")
+    return registry
+
+
+def _source_credential(ctx: StepContext) -> Credential | None:
+    return resolve_credential(_source_registry(ctx))
+
+
+def _source_name(ctx: StepContext, source: Source) -> str:
+    """``host/repository`` of a promotion's source, through the same guard as a destination:
+    Docker's own rules must resolve it to the source record's host and nothing else."""
+    registry = _source_registry(ctx)
+    if registry.id != source.registry_id:
+        raise ValidationError(f"job {ctx.job.id}'s source registry is not the one it names")
+    host = check_registry_host(registry.host)
+    repository = validate_repository(source.repository or "")
+    name = f"{host}/{repository}"
+    assert_resolves_to(name, host, repository)
+    return name
+
+
+def _copy_source(ctx: StepContext, source: Source, digest: str | None = None) -> CopySource:
+    """The source as skopeo names it; a registry's at ``digest`` when given (the pin)."""
+    if source.kind is SourceKind.REGISTRY:
+        name = _source_name(ctx, source)
+        ref = (
+            f"@{digest}" if digest else (f"@{source.digest}" if source.digest else f":{source.tag}")
+        )
+        access = RegistryAccess(endpoint_of(_source_registry(ctx)), _source_credential(ctx))
+        return CopySource("docker", name + ref, access)
+    path = resolve_path(source, get_settings())
+    return CopySource("oci" if source.kind is SourceKind.OCI_LAYOUT else "docker-archive", path)
+
+
+def _resolve_copy(ctx: StepContext) -> StepResult:
+    source = ctx.source()
+    credential = ctx.credential()
+    ctx.target()  # a malformed destination fails here, before anything is read or sent
+    payload: dict[str, Any] = {
+        "source": str(source),
+        "credential_source": credential.source if credential else "anonymous",
+    }
+    if credential is not None:
+        payload["username"] = credential.username
+    if source.kind is SourceKind.REGISTRY:
+        _source_name(ctx, source)
+        src = _source_credential(ctx)
+        payload["source_registry_id"] = source.registry_id
+        payload["source_credential_source"] = src.source if src else "anonymous"
+        if src is not None:
+            payload["source_username"] = src.username
+    else:
+        _copy_source(ctx, source)  # the path: inside PUSHWORKER_SOURCES_DIR, of the right type
+    return StepResult(payload)
+
+
+def _login_copy(ctx: StepContext) -> StepResult:
+    """Both registries asked directly: their own answer is the confirmation, so a destination
+    refusal here is an AuthenticationError (the fallback chain may apply) and a source refusal
+    is a SourceAuthenticationFailed (it never does)."""
+    credential = ctx.credential()
+    ctx.http(credential).check_credentials()
+    payload: dict[str, Any] = {
+        "credential_source": credential.source if credential else "anonymous"
+    }
+    source = ctx.source()
+    if source.kind is SourceKind.REGISTRY:
+        _check_source_credential(ctx)
+        payload["source_registry_id"] = source.registry_id
+    return StepResult(payload)
+
+
+def _source_http(ctx: StepContext) -> RegistryClient:
+    registry = _source_registry(ctx)
+    return ctx.http_factory(endpoint_of(registry), _source_credential(ctx), ctx.http_timeout)
+
+
+def _check_source_credential(ctx: StepContext) -> None:
+    try:
+        _source_http(ctx).check_credentials()
+    except AuthenticationError as refused:
+        registry = _source_registry(ctx)
+        error = SourceAuthenticationFailed(
+            f"source {refused.message}",
+            hint=f"set the credential of registry {registry.id} "
+            f"(pushctl registry set-credential {registry.id}), then retry the job",
+        )
+        error.observed = dict(refused.observed)
+        raise error from None
+
+
+def pin(ctx: StepContext) -> StepResult:
+    """The tag step of a copied source: its source resolved to an immutable digest, once per job
+    (a fallback to another destination copies the same digest)."""
+    source = ctx.source()
+    target = ctx.target()
+    payload: dict[str, Any] = {"action": "pin", "source": str(source), "reference": str(target)}
+    if ctx.job.source_digest:
+        payload["source_digest"] = ctx.job.source_digest
+        return StepResult(payload, noop="the job's source is pinned already")
+    digest = ctx.copier().manifest_digest(_copy_source(ctx, source))
+    if source.digest and digest != source.digest:
+        raise PushVerificationFailed(
+            f"registry {source.registry_id} serves {source} with the digest {digest}",
+            hint="the step retries; if it persists, the source registry rewrites manifests",
+        )
+    payload["source_digest"] = digest
+    return StepResult(payload)
+
+
+def _push_copy(ctx: StepContext) -> StepResult:
+    source = ctx.source()
+    target = ctx.target()
+    assert_resolves_to(target.name, ctx.registry.host, ctx.job.repository)
+    pinned = ctx.job.source_digest
+    if not pinned:
+        raise ValidationError(f"job {ctx.job.id} reached push without a pinned source digest")
+    credential = ctx.credential()
+    http = ctx.http(credential)
+    payload = {"reference": str(target), "digest": pinned, "source_digest": pinned}
+    if http.manifest_digest(target.repository, target.tag) == pinned:
+        return StepResult(payload, noop="the registry already serves this tag at the pinned digest")
+    access = RegistryAccess(endpoint_of(ctx.registry), credential)
+    copier = ctx.copier()
+    if source.kind is SourceKind.REGISTRY:
+        # Read by digest: whatever the source's tag names by now, the pinned image is copied.
+        copy = _copy_source(ctx, source, pinned)
+        copied = _confirmed_copy(ctx, credential, lambda: copier.copy(copy, str(target), access))
+    else:
+        # A file can change after the pin: it is first copied under its pinned digest (skopeo
+        # refuses when the digest differs, and the tag is untouched), then tagged from there.
+        by_digest = f"{target.name}@{pinned}"
+        local = _copy_source(ctx, source)
+        _confirmed_copy(ctx, credential, lambda: copier.copy(local, by_digest, access))
+        stored = CopySource("docker", by_digest, access)
+
+        def tag_stored() -> str:
+            try:
+                return copier.copy(stored, str(target), access)
+            except SourceAuthenticationFailed as refused:  # its "source" is the destination
+                raise AuthenticationError(refused.message, hint=refused.hint) from None
+
+        copied = _confirmed(ctx, credential, tag_stored)
+    remote = http.manifest_digest(target.repository, target.tag)
+    if copied != pinned or remote != pinned:
+        raise PushVerificationFailed(
+            f"registry {ctx.registry.host} serves {target} at {remote} after a copy that "
+            f"reported {copied}, not at the pinned digest {pinned}",
+            hint="another writer may have pushed the same tag; the step retries",
+        )
+    return StepResult(payload)
+
+
+def _confirmed_copy(ctx: StepContext, credential: Credential | None, call: Callable[[], T]) -> T:
+    """A copy whose refusal counts only once the refusing registry's /v2/ refuses too
+    (``_confirmed``), for the destination and for a promotion's source alike."""
+    try:
+        return _confirmed(ctx, credential, call)
+    except SourceAuthenticationFailed as claim:
+        raise _checked_source_refusal(ctx, claim) from None
+
+
+def _checked_source_refusal(ctx: StepContext, claim: SourceAuthenticationFailed) -> RegistryError:
+    observed = {"engine": _brief(claim.message)}
+    error: RegistryError
+    try:
+        _check_source_credential(ctx)
+    except SourceAuthenticationFailed as answer:
+        observed["registry"] = _brief(answer.message)
+        error = claim
+    except RegistryError as answer:
+        observed["registry"] = _brief(f"{answer.code}: {answer.message}")
+        error = answer
+    else:
+        observed["registry"] = "GET /v2/ accepted the credential"
+        error = RegistryMisbehaved(
+            f"skopeo reported that source registry {_source_registry(ctx).host} refused the "
+            f"credential ({_brief(claim.message)}), but the registry accepts it when asked "
+            "directly: the registry (or a proxy in front of it) misbehaved",
+            hint="the step retries; if it keeps happening, look at the registry's logs",
+        )
+    error.observed = {**error.observed, **observed}
+    return error
 
 
 Action = Callable[[StepContext], StepResult]
