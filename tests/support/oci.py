@@ -84,10 +84,16 @@ def random_payload(size: int, seed: bytes | None = None) -> bytes:
     return bytes(out[:size])
 
 
-def write_oci_layout(path: Path, *, layer_bytes: int = 4096, seed: bytes | None = None) -> OciImage:
-    """Write an OCI image layout at ``path``: one image index of two platform manifests
-    (linux/amd64, linux/arm64), each with its own config and one gzip layer of ``layer_bytes``
-    random bytes. Fresh random content unless ``seed`` is given."""
+def write_oci_layout(
+    path: Path,
+    *,
+    layer_bytes: int = 4096,
+    seed: bytes | None = None,
+    platforms: tuple[tuple[str, str], ...] = PLATFORMS,
+) -> OciImage:
+    """Write an OCI image layout at ``path``: one image index of a manifest per platform (by
+    default two: linux/amd64, linux/arm64), each with its own config and one gzip layer of
+    ``layer_bytes`` random bytes. Fresh random content unless ``seed`` is given."""
     blobs = path / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
 
@@ -98,10 +104,11 @@ def write_oci_layout(path: Path, *, layer_bytes: int = 4096, seed: bytes | None 
 
     entries: list[dict[str, Any]] = []
     manifests: dict[str, str] = {}
-    for os_name, arch in PLATFORMS:
+    for os_name, arch in platforms:
         platform_seed = None if seed is None else seed + f"/{os_name}/{arch}".encode()
         layer = _layer_tar("payload", random_payload(layer_bytes, platform_seed))
-        compressed = gzip.compress(layer, mtime=0)
+        # Level 1: random bytes do not compress anyway, and 50 MiB at level 9 takes seconds.
+        compressed = gzip.compress(layer, compresslevel=1, mtime=0)
         layer_ref = {"mediaType": LAYER, **put(compressed)}
         config_ref = {"mediaType": CONFIG, **put(_config(os_name, arch, _digest(layer)))}
         manifest = put(

@@ -139,7 +139,7 @@ def test_a_promotion_pins_the_source_and_copies_that_digest(registries: None) ->
     world = FakeWorld()
     copier = FakeCopier(world)
     pinned = digest("index-1")
-    copier.digests[f"docker://{ORIGIN}/team/app:1.0"] = pinned
+    world.served[f"{ORIGIN}/team/app:1.0"] = pinned  # what the source registry answers
     job_id = enqueue("registry:3/team/app:1.0")
     runner = runner_for(world, copier)
     # The source's tag moves after the pin: the push still copies the pinned digest.
@@ -147,7 +147,7 @@ def test_a_promotion_pins_the_source_and_copies_that_digest(registries: None) ->
 
     def pin_then_move(ctx):  # type: ignore[no-untyped-def]
         result = original_pin(ctx)
-        copier.digests[f"docker://{ORIGIN}/team/app:1.0"] = digest("index-2")
+        world.served[f"{ORIGIN}/team/app:1.0"] = digest("index-2")
         return result
 
     runner.steps = tuple(
@@ -161,6 +161,15 @@ def test_a_promotion_pins_the_source_and_copies_that_digest(registries: None) ->
     pin = next(e for e in found if e["type"] == "step.succeeded" and e["step"] == "tag")
     assert pin["action"] == "pin" and pin["source_digest"] == pinned
     assert found[0]["source"] == "registry:3/team/app:1.0" and found[0]["source_registry_id"] == 3
+
+
+def test_a_source_the_registry_does_not_serve_fails_the_job_unread(registries: None) -> None:
+    world = FakeWorld()
+    copier = FakeCopier(world)
+    job_id = enqueue("registry:3/team/app:missing")
+    job, _ = run(runner_for(world, copier), job_id)
+    assert job.status == "failed" and job.error_code == "source_image_not_found"
+    assert copier.copies == [] and job.source_digest is None
 
 
 def test_a_file_source_is_copied_by_digest_then_tagged(registries: None, sources_dir: Path) -> None:
@@ -188,7 +197,7 @@ def test_a_destination_refusal_falls_back(registries: None) -> None:
     world = FakeWorld(check_errors={DEST: AuthenticationError(f"{DEST} rejected: HTTP 401")})
     copier = FakeCopier(world)
     pinned = digest("index")
-    copier.digests[f"docker://{ORIGIN}/team/app@{pinned}"] = pinned
+    world.served[f"{ORIGIN}/team/app:{pinned}"] = pinned
     job_id = enqueue(f"registry:3/team/app@{pinned}", fallback=[4])
     job, found = run(runner_for(world, copier), job_id)
     assert job.status == "succeeded", found
@@ -214,7 +223,7 @@ def test_a_refusal_skopeo_reports_counts_only_when_the_registry_confirms(
 ) -> None:
     world = FakeWorld(check_errors={DEST: None})  # /v2/ accepts the credential
     copier = FakeCopier(world)
-    copier.digests[f"docker://{ORIGIN}/team/app:1.0"] = digest("i")
+    world.served[f"{ORIGIN}/team/app:1.0"] = digest("i")
     copier.refusals[DEST] = AuthenticationError(f"registry {DEST} rejected: unauthorized")
     job_id = enqueue("registry:3/team/app:1.0", fallback=[4])
     job, found = run(runner_for(world, copier), job_id)

@@ -361,7 +361,20 @@ def pin(ctx: StepContext) -> StepResult:
     if ctx.job.source_digest:
         payload["source_digest"] = ctx.job.source_digest
         return StepResult(payload, noop="the job's source is pinned already")
-    digest = ctx.copier().manifest_digest(_copy_source(ctx, source))
+    if source.kind is SourceKind.REGISTRY:
+        # The source registry's own answer (one HEAD on a kept-alive connection, not a skopeo
+        # process): the copy reads by this digest, and skopeo checks what it reads against it.
+        _source_name(ctx, source)
+        reference = source.digest or source.tag or ""
+        found = _source_http(ctx).manifest_digest(source.repository or "", reference)
+        if found is None:
+            raise SourceImageNotFound(
+                f"registry {source.registry_id} has no image {source}",
+                hint="check the source's repository and tag or digest",
+            )
+        digest = found
+    else:
+        digest = ctx.copier().manifest_digest(_copy_source(ctx, source))
     if source.digest and digest != source.digest:
         raise PushVerificationFailed(
             f"registry {source.registry_id} serves {source} with the digest {digest}",
