@@ -34,6 +34,11 @@ FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="pushworker" \
       org.opencontainers.image.description="Pushes Docker images to explicitly named registries; append-only event log" \
       org.opencontainers.image.licenses="Apache-2.0"
+# skopeo (Debian's, 1.9 in bookworm) copies the sources that are not the Docker Engine
+# (docs/sources.md); it is run with its own private files, never the image's configuration.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends skopeo \
+ && rm -rf /var/lib/apt/lists/*
 # A fixed, unprivileged user. It reaches the Docker Engine through the socket's group, given at
 # run time (compose: group_add: [DOCKER_GID]); root is never needed.
 RUN groupadd --system --gid 10001 pushworker \

@@ -20,7 +20,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
-PUSHWORKER_SERVICES = ("migrate", "worker", "webhooks", "beat", "api")
+PUSHWORKER_SERVICES = ("migrate", "worker", "copier", "webhooks", "beat", "api")
 #: Read by something other than pushworker's code: Compose itself, docker-py, prometheus_client.
 EXTERNAL_SETTINGS = {"COMPOSE_PROFILES", "DOCKER_HOST", "PROMETHEUS_MULTIPROC_DIR"}
 
@@ -70,8 +70,8 @@ def config() -> dict[str, Any]:
 
 def test_the_services(config: dict[str, Any]) -> None:
     assert set(config["services"]) == {
-        "redis", "postgres", "migrate", "worker", "webhooks", "beat", "api", "registry-htpasswd",
-        "registry",
+        "redis", "postgres", "migrate", "worker", "copier", "webhooks", "beat", "api",
+        "registry-htpasswd", "registry",
     }  # fmt: skip
 
 
@@ -96,6 +96,28 @@ def test_webhooks_are_delivered_by_their_own_worker(config: dict[str, Any]) -> N
     assert command[command.index("-Q") + 1] == "pushworker.webhooks"
     assert "pushworker.webhooks" not in services["worker"]["command"]
     assert "docker.sock" not in str(services["webhooks"].get("volumes", ""))
+
+
+def test_the_copier_serves_the_skopeo_queue_without_the_docker_socket(
+    config: dict[str, Any],
+) -> None:
+    """Copied sources (docs/sources.md) run on their own queue, in a container with no Docker
+    socket and no engine address, reading file sources from a read-only mount that is its
+    PUSHWORKER_SOURCES_DIR; the Docker worker does not consume that queue."""
+    services = config["services"]
+    copier = services["copier"]
+    command = copier["command"]
+    assert command[:4] == ["celery", "-A", "tasks.app", "worker"]
+    assert command[command.index("-Q") + 1] == "pushworker.skopeo"
+    assert "pushworker.skopeo" not in services["worker"]["command"]
+    assert "docker.sock" not in str(copier.get("volumes", "")) and "group_add" not in copier
+    assert copier["environment"]["DOCKER_HOST"] == ""
+    sources = copier["environment"]["PUSHWORKER_SOURCES_DIR"]
+    assert any(v.endswith(f":{sources}:ro") for v in copier["volumes"])
+    ports = {
+        services[name]["environment"]["PUSHWORKER_METRICS_PORT"] for name in ("worker", "copier")
+    }
+    assert len(ports) == 2  # both on the host's network
 
 
 def test_redis_persists_and_postgres_keeps_its_data(config: dict[str, Any]) -> None:
