@@ -9,6 +9,9 @@ given), which the engine does not retry itself: the push fails, as a busy regist
 A push that stops without its manifest (a failed push) is closed after ``idle`` seconds.
 
 ``max_open`` is the most pushes the registry saw at once; ``throttled`` the 429s it answered.
+``timeline`` has, per repository, when its first request came, when its push opened and closed
+(monotonic clock) and when its last request came (a benchmark's view of how much of a push is
+spent before and after the registry counts it).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class ThrottleProxy(FaultProxy):
         self.max_open = 0
         self.throttled = 0
         self.opened = 0
+        #: repository -> [first request, opened, closed, last request] (None: not yet).
+        self.timeline: dict[str, list[float | None]] = {}
         self.gate = self._gate
         self.on_answer = self._answered
 
@@ -48,6 +53,9 @@ class ThrottleProxy(FaultProxy):
             return None
         repository, now = match.group(1), time.monotonic()
         with self._count_lock:
+            marks = self.timeline.setdefault(repository, [now, None, None, now])
+            marks[0] = now if marks[0] is None else marks[0]
+            marks[3] = now
             for stale in [r for r, seen in self._pushes.items() if now - seen > self.idle]:
                 del self._pushes[stale]
             if repository in self._pushes:
@@ -57,8 +65,10 @@ class ThrottleProxy(FaultProxy):
                 return None
             if self.limit is not None and len(self._pushes) >= self.limit:
                 self.throttled += 1
+                marks[0] = None  # the try that opens the push starts with its next request
                 return Fault(status=429, retry_after=self.retry_after, error_code="TOOMANYREQUESTS")
             self._pushes[repository] = now
+            self.timeline[repository][1] = now
             self.opened += 1
             self.max_open = max(self.max_open, len(self._pushes))
             return None
@@ -68,7 +78,8 @@ class ThrottleProxy(FaultProxy):
         if match is None or method != "PUT" or match.group(2) != "manifests":
             return
         with self._count_lock:
-            self._pushes.pop(match.group(1), None)
+            if self._pushes.pop(match.group(1), None) is not None:
+                self.timeline[match.group(1)][2] = time.monotonic()
 
     def open_pushes(self) -> int:
         with self._count_lock:
