@@ -172,6 +172,15 @@ def test_a_source_the_registry_does_not_serve_fails_the_job_unread(registries: N
     assert copier.copies == [] and job.source_digest is None
 
 
+def test_a_source_registry_that_answers_no_digest_is_never_copied_from(registries: None) -> None:
+    world = FakeWorld()
+    world.served[f"{ORIGIN}/team/app:1.0"] = "sha256:x\x1b]0;title\x07 --src-creds=a:b"
+    copier = FakeCopier(world)
+    job, _ = run(runner_for(world, copier), enqueue("registry:3/team/app:1.0"))
+    assert job.status == "failed" and job.error_code == "registry_misbehaved"
+    assert copier.copies == [] and job.source_digest is None
+
+
 def test_a_file_source_is_copied_by_digest_then_tagged(registries: None, sources_dir: Path) -> None:
     world = FakeWorld()
     copier = FakeCopier(world)

@@ -11,6 +11,7 @@ names, the claim leases and the fallback policy. Adding a step means adding it t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -352,6 +353,9 @@ def _check_source_credential(ctx: StepContext) -> None:
         raise error from None
 
 
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
 def pin(ctx: StepContext) -> StepResult:
     """The tag step of a copied source: its source resolved to an immutable digest, once per job
     (a fallback to another destination copies the same digest)."""
@@ -375,6 +379,13 @@ def pin(ctx: StepContext) -> StepResult:
         digest = found
     else:
         digest = ctx.copier().manifest_digest(_copy_source(ctx, source))
+    if not _DIGEST.fullmatch(digest):
+        # It becomes part of what skopeo reads and of the job's record: only a real digest.
+        raise RegistryMisbehaved(
+            f"the source {source} resolved to {_brief(digest, 100)!r}, which is not a sha256 "
+            "digest",
+            hint="the step retries; if it persists, the source registry is not a registry",
+        )
     if source.digest and digest != source.digest:
         raise PushVerificationFailed(
             f"registry {source.registry_id} serves {source} with the digest {digest}",
