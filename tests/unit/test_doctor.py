@@ -225,6 +225,21 @@ def test_a_run_overwrites_the_heartbeat(sqlite_url: str) -> None:
     assert runs[HEALTH_TASK].at == earlier
 
 
+def test_beats_tasks_record_their_heartbeat_after_a_run(sqlite_url: str) -> None:
+    from tasks.health import check_registries
+    from tasks.maintenance import reconcile
+
+    # Called directly, a Celery task runs here, as a worker runs it (no registry to check).
+    assert reconcile() == {"republished": [], "deferred": [], "waiting": 0}
+    assert check_registries() == {}
+    with session_scope() as session:
+        runs = heartbeats.last_runs(session)
+        assert sorted(runs) == sorted([RECONCILE_TASK, HEALTH_TASK])
+        assert all(run.actor.startswith("worker:") for run in runs.values())
+        found = by_name(doctor.check_beat(session, get_settings(), utcnow()))
+    assert [found[n].status for n in ("beat reconcile", "beat check_registries")] == [OK, OK]
+
+
 def test_heartbeat_not_recorded_when_the_database_is_away(tmp_path: Path) -> None:
     # No tables at all: the run's work is done, only the heartbeat is missing (a warning line).
     assert heartbeats.record(RECONCILE_TASK, "worker:h:2") is False
