@@ -183,6 +183,16 @@ def test_a_link_swapped_in_after_enqueue_is_refused_at_use(sources: Path, tmp_pa
         resolve_path(source, conf)
 
 
+def test_a_colon_brought_in_by_a_link_is_refused_at_use(sources: Path) -> None:
+    (sources / "a:b").mkdir()
+    (sources / "a:b" / "oci-layout").write_text("{}")
+    (sources / "plain-name").symlink_to(sources / "a:b")
+    source = parse_source("oci-layout:plain-name")
+    check_path(source, in_dir(sources))  # inside: accepted when the job is created
+    with pytest.raises(ValidationError, match="path with ':'"):
+        resolve_path(source, in_dir(sources))
+
+
 def test_wrong_types_and_missing_paths_at_use(sources: Path) -> None:
     conf = in_dir(sources)
     with pytest.raises(ValidationError, match="not an OCI image layout"):

@@ -245,6 +245,13 @@ def resolve_path(source: Source, settings: Settings) -> str:
     resolved = os.path.realpath(candidate)
     if not _inside(resolved, os.path.realpath(_sources_dir(settings))):
         raise _outside(source, settings)
+    if ":" in resolved:
+        # Checked in the spec already; a link inside the directory (or the directory itself)
+        # could still bring one in, and skopeo would cut the path there.
+        raise ValidationError(
+            f"source {source} resolves to a path with ':', which skopeo cannot be given",
+            hint=f"rename the file, link or {SOURCES_DIR_SETTING} so that no ':' remains",
+        )
     try:
         mode = os.stat(resolved).st_mode
     except OSError as exc:
