@@ -3,9 +3,9 @@ Docker socket at all, the TLS and plain registries with htpasswd, images written
 (a two-platform OCI index, a docker-archive), never pulled.
 
 The skopeo worker's HOME and XDG_RUNTIME_DIR hold a stale ``~/.docker/config.json`` and
-``containers/auth.json`` naming both registries with a wrong password: every test here would
-fail if skopeo read them instead of the per-call authfile, and the refused-password test would
-copy something if skopeo took the right password they could hold instead (they hold none)."""
+``containers/auth.json`` naming both registries with a wrong password: the copies here succeed
+with the registry records' credentials all the same. The last test turns it around: the host's
+files hold the right password, the seam is given a wrong one, and nothing is copied."""
 
 from __future__ import annotations
 
@@ -204,3 +204,53 @@ def test_a_file_outside_the_sources_dir_is_refused_before_anything_is_queued(
             push(spec, HARBOR_ID, "sources/never")
     with session_scope() as session:
         assert session.query(PushJob).count() == before
+
+
+def test_right_credentials_in_the_hosts_files_are_not_used_either(
+    e2e: E2E, sources_dir: Path, tmp_path: Path
+) -> None:
+    """The seam's own check: with the host's ~/.docker/config.json and containers/auth.json
+    holding the registry's *right* password (a bare skopeo copy with that HOME succeeds: the
+    control), the seam given a wrong password fails with an authentication error and nothing
+    is copied. Only the per-call authfile ever speaks for the job."""
+    import subprocess
+
+    from worker.core.credentials import Credential, Secret
+    from worker.core.errors import AuthenticationError
+    from worker.seams.registry_http import RegistryEndpoint as Endpoint
+    from worker.seams.skopeo import CopySource, RegistryAccess, Skopeo
+
+    tls = e2e.stack.tls
+    assert tls.ca_file is not None
+    right = {"auths": {tls.host: {"auth": base64.b64encode(
+        f"{tls.user}:{tls.password}".encode()).decode()}}}  # fmt: skip
+    home = tmp_path / "home"
+    for path in (home / ".docker" / "config.json", home / "run" / "containers" / "auth.json"):
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(right))
+    image = write_oci_layout(sources_dir / "stale-right", layer_bytes=8 * 1024)
+    control, refused = (
+        f"sources/control-{uuid.uuid4().hex[:8]}",
+        f"sources/stale-{uuid.uuid4().hex[:8]}",
+    )
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "ca.crt").write_text(Path(tls.ca_file).read_text())
+    bare = subprocess.run(
+        ["/usr/bin/skopeo", "copy", "--quiet", "--all", "--dest-cert-dir", str(certs),
+         f"oci:{image.path}", f"docker://{tls.host}/{control}:1"],
+        env={"HOME": str(home), "XDG_RUNTIME_DIR": str(home / "run"), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bare.returncode == 0, bare.stderr  # the host's files do authenticate a bare skopeo
+    assert head(tls, control, "1") == image.index_digest
+    endpoint = Endpoint(HARBOR_ID, tls.url, tls.host, ca_cert=Path(tls.ca_file).read_text())
+    wrong = RegistryAccess(endpoint, Credential(tls.user, Secret("wrong-password"), "secret"))
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (("HOME", home), ("XDG_RUNTIME_DIR", home / "run")):
+            patch.setenv(name, str(value))
+        with pytest.raises(AuthenticationError):
+            Skopeo().copy(CopySource("oci", str(image.path)), f"{tls.host}/{refused}:1", wrong)
+    assert head(tls, refused, "1") is None
+    for digest in image.manifests.values():
+        assert head(tls, refused, digest) is None
