@@ -6,6 +6,7 @@ has one default and one validation wherever it is read.
 
 import math
 
+from worker.core.brokers import celery_broker_options
 from worker.core.queues import DEFAULT_QUEUE, WEBHOOK_QUEUE, WEBHOOK_TASK
 from worker.core.settings import get_settings as _get_settings
 
@@ -29,10 +30,13 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 
-# Unacked messages return after the visibility timeout: it must exceed the longest push, and
-# every retry delay (PUSHWORKER_RETRY_MAX, 300 s) stays far under it.
+# What depends on the broker (worker.core.brokers). Redis: unacked messages return after the
+# visibility timeout, which exceeds the longest push; every retry delay (PUSHWORKER_RETRY_MAX,
+# 300 s) stays far under it. RabbitMQ: quorum queues on topic exchanges, persistent messages,
+# publisher confirms; an unacked message returns as soon as its consumer's connection drops.
+# Producers use the same options, so every process declares each queue alike.
+globals().update(celery_broker_options(broker_url, _settings.push_timeout))
 _push_timeout = math.ceil(_settings.push_timeout)
-broker_transport_options = {"visibility_timeout": _push_timeout + 600}
 
 # Queues. `pushworker` (the default) carries jobs that name no Docker host and the periodic
 # tasks below; `pushworker.<host>` carries the jobs whose image is on the Docker Engine named

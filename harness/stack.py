@@ -11,6 +11,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK = ROOT / "scripts" / "stack"
@@ -39,6 +40,18 @@ class Stack:
     @property
     def redis_url(self) -> str:
         return self.env["PUSHWORKER_STACK_REDIS_URL"]
+
+    @property
+    def amqp_url(self) -> str:
+        """The stack's RabbitMQ vhost, with its own user and password (``amqp://``); empty when
+        the stack has no RabbitMQ."""
+        url = self.env.get("PUSHWORKER_STACK_AMQP_URL", "")
+        if not url:
+            return ""
+        password = Path(self.env["PUSHWORKER_STACK_AMQP_PASSWORD_FILE"]).read_text().strip()
+        scheme, _, rest = url.partition("://")
+        user, _, where = rest.partition("@")
+        return f"{scheme}://{user}:{quote(password, safe='')}@{where}"
 
     @property
     def postgres_url(self) -> str:

@@ -66,7 +66,10 @@ def _consume_host_queue(sender: str, instance: Any, **_kwargs: object) -> None:
                   f"workers), or fix {WORKER_HOST_ENV}")  # fmt: skip
         raise SystemExit(2) from None
     queue = queue_for(host)
-    instance.app.amqp.queues.select_add(queue)
+    queues = instance.app.amqp.queues
+    # queues[name] declares it as producers do (a quorum queue on RabbitMQ, celeryconfig); a
+    # bare name would be declared classic, and RabbitMQ refuses the producers' declaration.
+    queues.select_add(queues[queue])
     log.info("worker.docker_host", worker_host=host, queue=queue, node=sender)
 
 

@@ -13,7 +13,9 @@ never comes back. Three more ways a message could stop the consumer are closed h
   message body: they record metadata and acknowledge instead;
 - an envelope that kombu's Redis transport cannot parse (not JSON, no properties): kombu has
   already popped it from the list when it fails, so it is recorded as ``envelope`` and dropped,
-  instead of the exception reaching the event loop.
+  instead of the exception reaching the event loop. On RabbitMQ there is no envelope to break:
+  the broker frames every message, and whatever its body, headers or properties hold reaches
+  the guard, which records and acknowledges it like any other (tests/e2e/test_amqp_broker.py).
 
 If the database cannot record a refusal, the refusal is logged (metadata only) and the message
 is still acknowledged: a poison message must never come back.

@@ -110,9 +110,11 @@ def take_over_dead_claims(
     Called when a worker starts: the dead worker's messages are invisible in Redis until the
     visibility timeout (about 40 minutes) and beat's reconcile waits a grace period, but a
     process of the same host can tell at once that the claim's owner no longer runs
-    (``worker.engine.liveness``). The republished chain skips the steps that succeeded and takes the
-    dead claim, so the job resumes where it stopped; a message of the dead worker that comes
-    back later finds the step done and records a skip.
+    (``worker.engine.liveness``). The republished chain skips the steps that succeeded and takes
+    the dead claim, so the job resumes where it stopped; a message of the dead worker that comes
+    back later finds the step done and records a skip. (RabbitMQ redelivers those messages as
+    soon as the dead worker's connection drops: the take-over then sends a second copy, and the
+    claim lets one of them act.)
     """
     host = host or socket.gethostname()
     candidates = [

@@ -48,9 +48,19 @@ class E2E:
 def e2e(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     """Settings shared by this process and the worker process, and the worker itself."""
     workdir = tmp_path_factory.mktemp("e2e")
-    env = {
+    env = e2e_env(stack, workdir, f"{stack.redis_url}/{BROKER_DB}")
+    os.environ.update(env)  # before tasks.app is imported: celeryconfig reads the broker URL
+    get_settings.cache_clear()
+    redis.Redis.from_url(env["PUSHWORKER_BROKER_URL"]).flushdb()
+    with running_e2e(stack, workdir, env) as e2e:
+        yield e2e
+
+
+def e2e_env(stack: Stack, workdir: Path, broker_url: str, **extra: str) -> dict[str, str]:
+    """The settings of an end-to-end worker on ``broker_url``, and of this process."""
+    return {
         "PUSHWORKER_DATABASE_URL": f"sqlite:///{workdir / 'pushworker.db'}",
-        "PUSHWORKER_BROKER_URL": f"{stack.redis_url}/{BROKER_DB}",
+        "PUSHWORKER_BROKER_URL": broker_url,
         "PUSHWORKER_SECRET_KEY": Fernet.generate_key().decode(),
         "DOCKER_HOST": stack.docker_host,
         "PUSHWORKER_LOG_FORMAT": "json",
@@ -58,10 +68,14 @@ def e2e(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]
         "PUSHWORKER_RETRY_BASE": "0.5",
         "PUSHWORKER_RETRY_MAX": "2",
         "HOME": str(workdir / "home"),
+        **extra,
     }
-    os.environ.update(env)  # before tasks.app is imported: celeryconfig reads the broker URL
-    get_settings.cache_clear()
-    redis.Redis.from_url(env["PUSHWORKER_BROKER_URL"]).flushdb()
+
+
+@contextmanager
+def running_e2e(stack: Stack, workdir: Path, env: dict[str, str]) -> Iterator[E2E]:
+    """A fresh database with the registries, and a worker with ``env`` (already this process's
+    settings) for the duration of the block."""
     upgrade(env["PUSHWORKER_DATABASE_URL"])
     _add_registries(stack)
     log_path = workdir / "worker.log"

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from harness.images import daemon_pushes, new_image
 from harness.publish import publish_via
 from harness.worker import CeleryProcess
-from tests.e2e.conftest import E2E, HARBOR_ID, served_digest, wait_for_job
+from tests.e2e.conftest import BROKER_DB, E2E, HARBOR_ID, served_digest, wait_for_job
 from tests.support.tcpproxy import TcpProxy
 from worker.engine.liveness import parse_owner
 from worker.jobs import PushRequest, create_job, retry_job
@@ -163,7 +163,9 @@ def test_a_step_that_keeps_killing_its_worker_fails_the_job(e2e: E2E) -> None:
 @pytest.fixture
 def side_worker(e2e: E2E) -> Iterator[tuple[dict[str, str], CeleryProcess | None]]:
     """Settings for a second worker on its own broker database (so the main one ignores it)."""
-    env = {**e2e.env, "PUSHWORKER_BROKER_URL": f"{e2e.stack.redis_url}/12"}
+    # The database after the session's own (PUSHWORKER_E2E_BROKER_DB): each e2e run on this
+    # machine keeps to its pair of databases.
+    env = {**e2e.env, "PUSHWORKER_BROKER_URL": f"{e2e.stack.redis_url}/{BROKER_DB + 1}"}
     import redis
 
     redis.Redis.from_url(env["PUSHWORKER_BROKER_URL"]).flushdb()

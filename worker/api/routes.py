@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import kombu
 import redis
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -39,6 +40,7 @@ from worker.api.models import (
     api_push_schema,
 )
 from worker.contract import request_from_call
+from worker.core.brokers import broker_kind
 from worker.core.credentials import CredentialKind
 from worker.core.errors import JobNotFound, PushWorkerError, ValidationError
 from worker.core.settings import get_settings
@@ -503,6 +505,19 @@ def healthz() -> Liveness:
     return Liveness(status="ok")
 
 
+def _ping_broker(url: str) -> None:
+    """Raise unless the broker answers: a Redis PING, or an AMQP connection handshake."""
+    if broker_kind(url) == "redis":
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return
+    with kombu.Connection(url, connect_timeout=2) as connection:
+        connection.connect()
+
+
 @router.get(
     "/readyz",
     response_model=Readiness,
@@ -518,11 +533,7 @@ def readyz(response: Response) -> Readiness:
     except (PushWorkerError, Exception) as exc:  # any failure means "not ready"
         database = f"unavailable ({type(exc).__name__})"
     try:
-        client = redis.Redis.from_url(
-            get_settings().broker_url, socket_timeout=2, socket_connect_timeout=2
-        )
-        client.ping()
-        client.close()
+        _ping_broker(get_settings().broker_url)
     except Exception as exc:  # any failure means "not ready"
         broker = f"unavailable ({type(exc).__name__})"
     ready = database == "ok" and broker == "ok"

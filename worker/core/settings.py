@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
+from worker.core.brokers import broker_kind
 from worker.core.errors import ValidationError
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "pushworker"
@@ -35,6 +36,7 @@ WORKER_HOST_ENV = "PUSHWORKER_WORKER_HOST"
 METRICS_PORT_ENV = "PUSHWORKER_METRICS_PORT"
 #: prometheus_client's own variable: it reads it itself, so worker.metrics sets it when unset.
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FLOW_REDIS_URL_ENV = "PUSHWORKER_FLOW_REDIS_URL"
 
 #: Every environment variable ``Settings.from_env`` reads. A credential reference may never name
 #: one of them (worker/core/credential_refs.py); a unit test proves the list is complete.
@@ -68,6 +70,7 @@ SETTINGS_ENV_NAMES = (
     "PUSHWORKER_FLOW_POLL",
     "PUSHWORKER_FLOW_UNCAPPED_CEILING",
     "PUSHWORKER_FLOW_CONTROL",
+    FLOW_REDIS_URL_ENV,
     # the HTTP API
     "PUSHWORKER_API_HOST",
     "PUSHWORKER_API_PORT",
@@ -86,6 +89,10 @@ DOCKER_HOST_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 DEFAULT_METRICS_ADDR = "0.0.0.0"  # noqa: S104
 
 
+#: Redis on this machine, database 0; RabbitMQ is ``amqp://USER:PASSWORD@HOST:5672/VHOST``.
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
 def _default_database_url() -> str:
     return f"sqlite:///{DEFAULT_DATA_DIR / 'pushworker.db'}"
 
@@ -96,7 +103,7 @@ class Settings:
 
     #: SQLAlchemy URL of the event log and job store (``PUSHWORKER_DATABASE_URL``).
     database_url: str
-    #: Celery broker (``PUSHWORKER_BROKER_URL``).
+    #: Celery broker, Redis (``redis://``) or RabbitMQ (``amqp://``) (``PUSHWORKER_BROKER_URL``).
     broker_url: str
     #: Fernet key that encrypts stored registry secrets (``PUSHWORKER_SECRET_KEY``).
     secret_key: str | None
@@ -164,9 +171,15 @@ class Settings:
     #: Concurrency a throttled registry with no configured cap climbs back to before it is
     #: uncapped again (``PUSHWORKER_FLOW_UNCAPPED_CEILING``).
     flow_uncapped_ceiling: int = 32
-    #: 1 (default): registry limits are enforced through the broker's Redis; 0: no slots, rate
-    #: or adaptive limit, a 429 is retried like any outage (``PUSHWORKER_FLOW_CONTROL``).
+    #: 1 (default): registry limits are enforced through Redis (``flow_redis_url``); 0: no
+    #: slots, rate or adaptive limit, a 429 is retried like any outage
+    #: (``PUSHWORKER_FLOW_CONTROL``).
     flow_control: bool = True
+    #: The Redis that holds flow control's slots, rates and limits (``PUSHWORKER_FLOW_REDIS_URL``);
+    #: unset: the broker's, when the broker is Redis. With RabbitMQ as broker and flow control on
+    #: it must be set, or every process refuses to start: one worker without the limits would
+    #: push past them for all the others.
+    flow_redis_url: str | None = None
     # --- the HTTP API ---
     #: Address ``pushctl api serve`` listens on (``PUSHWORKER_API_HOST``).
     api_host: str = "127.0.0.1"
@@ -193,7 +206,7 @@ class Settings:
         env = os.environ if environ is None else environ
         return cls(
             database_url=env.get("PUSHWORKER_DATABASE_URL") or _default_database_url(),
-            broker_url=env.get("PUSHWORKER_BROKER_URL") or "redis://127.0.0.1:6379/0",
+            broker_url=_broker_url(env),
             secret_key=env.get("PUSHWORKER_SECRET_KEY") or None,
             docker_host=env.get("DOCKER_HOST") or None,
             log_format=env.get("PUSHWORKER_LOG_FORMAT", "auto"),
@@ -222,7 +235,8 @@ class Settings:
             flow_uncapped_ceiling=_integer(
                 env, "PUSHWORKER_FLOW_UNCAPPED_CEILING", 32, low=1, high=100000
             ),
-            flow_control=_integer(env, "PUSHWORKER_FLOW_CONTROL", 1, low=0, high=1) == 1,
+            flow_control=_flow_control(env),
+            flow_redis_url=_flow_redis_url(env),
             api_host=_text(env, "PUSHWORKER_API_HOST") or "127.0.0.1",
             api_port=_integer(env, "PUSHWORKER_API_PORT", 8080, low=1, high=65535),
             api_max_body=_integer(env, "PUSHWORKER_API_MAX_BODY", 65536, low=1024, high=2**26),
@@ -300,6 +314,37 @@ def _absolute(env: Mapping[str, str], name: str, default: str) -> str:
 def _port(env: Mapping[str, str], name: str) -> int | None:
     # Unset means "serve nothing", so there is no default port to fall back on.
     return _integer(env, name, 0, low=1, high=65535) if _text(env, name) else None
+
+
+def _broker_url(env: Mapping[str, str]) -> str:
+    return env.get("PUSHWORKER_BROKER_URL") or DEFAULT_BROKER_URL
+
+
+def _flow_control(env: Mapping[str, str]) -> bool:
+    return _integer(env, "PUSHWORKER_FLOW_CONTROL", 1, low=0, high=1) == 1
+
+
+def _flow_redis_url(env: Mapping[str, str]) -> str | None:
+    """``PUSHWORKER_FLOW_REDIS_URL``, else the broker's URL when the broker is Redis."""
+    url = _text(env, FLOW_REDIS_URL_ENV)
+    if url is not None:
+        if broker_kind(url) != "redis":
+            raise ValidationError(
+                f"{FLOW_REDIS_URL_ENV} must be a redis://, rediss:// or unix:// URL, not "
+                f"{mask_url_password(url)!r}"
+            )
+        return url
+    broker = _broker_url(env)
+    if broker_kind(broker) == "redis":
+        return broker
+    if _flow_control(env):
+        raise ValidationError(
+            f"{FLOW_REDIS_URL_ENV} must be set: flow control (PUSHWORKER_FLOW_CONTROL=1, the "
+            f"default) keeps registry limits in Redis, and the broker "
+            f"{mask_url_password(broker)!r} is not Redis. Set it to redis://HOST:PORT/DB, or set "
+            "PUSHWORKER_FLOW_CONTROL=0 to push without registry limits"
+        )
+    return None
 
 
 def _docker_hosts(env: Mapping[str, str]) -> tuple[str, ...]:

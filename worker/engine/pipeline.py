@@ -582,13 +582,12 @@ def default_runner(dispatcher: Dispatcher) -> StepRunner:
 
 
 def _flow_control(settings: Settings) -> FlowControl | None:
-    """Flow control through the broker's Redis; none with another broker, or when turned off."""
-    if not settings.flow_control:
+    """Flow control through its Redis (the broker's, or ``PUSHWORKER_FLOW_REDIS_URL`` beside
+    RabbitMQ); none when turned off. Settings refuse flow control on without a Redis."""
+    if not settings.flow_control or settings.flow_redis_url is None:
         return None
-    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
-        log.warning("flow.off", reason="the broker is not Redis: registry limits not enforced")
-        return None
-    return FlowControl(RedisFlowState(settings.broker_url, timeout=settings.http_timeout), settings)
+    state = RedisFlowState(settings.flow_redis_url, timeout=settings.http_timeout)
+    return FlowControl(state, settings)
 
 
 def _cached_engine(settings: Settings) -> Callable[[], ContainerEngine]:

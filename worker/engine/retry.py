@@ -9,9 +9,10 @@ the same way.
 Delays grow exponentially with full jitter. A throttled registry's ``Retry-After`` is honoured:
 the delay is the larger of the backoff and what the registry asked for. Every delay, the
 registry's wish included, is bounded by ``PUSHWORKER_RETRY_MAX`` (300 s by default), which stays
-far under the broker's visibility timeout (``PUSHWORKER_PUSH_TIMEOUT`` + 600 s, 40 minutes by
-default, celeryconfig.py): a waiting retry is never redelivered as a duplicate, and a registry
-asking for an hour cannot park a job past it.
+far under Redis' visibility timeout (``PUSHWORKER_PUSH_TIMEOUT`` + 600 s, 40 minutes by
+default, worker/core/brokers.py): a waiting retry is never redelivered as a duplicate, and a
+registry asking for an hour cannot park a job past it. (On RabbitMQ a countdown waits in the
+broker's delayed-delivery queues, with no such bound.)
 """
 
 from __future__ import annotations
