@@ -4,23 +4,39 @@ list. Each takes (job_id, registry_id) and nothing secret; its name is
 
 from __future__ import annotations
 
+import time
+import uuid
 from functools import lru_cache
 from typing import Any
 
 import structlog
-from celery import Task
+from celery import Task, chain
 from celery.exceptions import Ignore
 
 from tasks.app import app
-from worker.core.queues import step_task
+from worker.core.logs import get_logger
+from worker.core.queues import queue_for, step_task
 from worker.engine.dispatch import get_dispatcher
-from worker.engine.pipeline import StepRunner, default_runner
+from worker.engine.flow import WAKE_PREFIX
+from worker.engine.pipeline import Outcome, StepRunner, default_runner
 from worker.engine.steps import STEP_NAMES
+from worker.jobs import route_of
+
+log = get_logger("pushworker.tasks")
+
+#: How long one task goes on running the steps of waiters its releases handed slots to, before
+#: it publishes them instead: its own message stays unacknowledged meanwhile, and its process
+#: serves nothing else.
+TAKE_OVER_BUDGET = 30.0
 
 
 @lru_cache(maxsize=1)
 def _runner() -> StepRunner:
-    return default_runner(get_dispatcher())
+    runner = default_runner(get_dispatcher())
+    if runner.flow is not None and runner.flow.wake is not None:
+        # A released slot's next holder runs here (``_take_over``), not behind the queue.
+        runner.flow.keep_handed = True
+    return runner
 
 
 def _run(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]:
@@ -30,13 +46,17 @@ def _run(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]
 
 
 def _run_step(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]:
-    outcome = _runner().run(
-        step,
-        job_id,
-        registry_id,
-        delivery_retries=task.request.retries,
-        message_id=task.request.id,
-    )
+    runner = _runner()
+    try:
+        outcome = runner.run(
+            step,
+            job_id,
+            registry_id,
+            delivery_retries=task.request.retries,
+            message_id=task.request.id,
+        )
+    finally:
+        _take_over(task, runner)
     if outcome.action == "retry":
         # The step counts its own tries in the database, so Celery's counter is not the bound.
         raise task.retry(countdown=outcome.countdown, max_retries=None)
@@ -61,3 +81,56 @@ def _step_task(step: str) -> Task:
 
 #: The registered task of each step, by step name.
 TASKS: dict[str, Task] = {name: _step_task(name) for name in STEP_NAMES}
+
+
+def _take_over(task: Task, runner: StepRunner) -> None:
+    """Run, here and now, the steps of the waiters this process's releases reserved slots for.
+
+    A wake message is published behind every message already in the queue: while many jobs are
+    in their first steps, it reached a worker about as late as a push takes, the slot reserved
+    and idle meanwhile. Run here, the head of the queue starts its push at once. Only a waiter
+    whose job runs on this message's queue (``queue_for(*route_of(job))``, as the dispatcher
+    routes it) runs here; any other, or any after ``TAKE_OVER_BUDGET`` seconds, gets a wake
+    message. What the step leaves to do (a retry after its countdown, the next step) is
+    published as the waiter's own message would have been.
+    """
+    flow = runner.flow
+    if flow is None:
+        return
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    started = time.monotonic()
+    while handed := flow.take_handed():
+        for registry_id, waiter in handed:
+            job_id, _, step = waiter.rpartition(":")
+            try:
+                late = time.monotonic() - started > TAKE_OVER_BUDGET
+                if queue is None or late or queue_for(*route_of(job_id)) != queue:
+                    flow.wake_waiter(registry_id, waiter)
+                    continue
+                with structlog.contextvars.bound_contextvars(
+                    job_id=job_id, registry_id=registry_id, step=step
+                ):
+                    outcome = runner.run(
+                        step, job_id, registry_id, message_id=WAKE_PREFIX + uuid.uuid4().hex
+                    )
+                    _follow_up(outcome, job_id, step, registry_id, queue)
+            except Exception:
+                # The reservation's lease frees the slot; the waiter's own message goes on.
+                log.exception("flow.take_over_failed", job_id=job_id, step=step)
+
+
+def _follow_up(outcome: Outcome, job_id: str, step: str, registry_id: int, queue: str) -> None:
+    """Publish what a step run by ``_take_over`` leaves to do: itself again after its countdown
+    (a retry), or the steps after it (continue)."""
+    if outcome.action == "stop":
+        return
+    index = STEP_NAMES.index(step) + (1 if outcome.action == "continue" else 0)
+    names = STEP_NAMES[index:]
+    if not names:
+        return
+    signatures = [
+        app.signature(step_task(name), args=(job_id, registry_id), immutable=True, queue=queue)
+        for name in names
+    ]
+    countdown = outcome.countdown if outcome.action == "retry" else 0.0
+    chain(*signatures).apply_async(queue=queue, countdown=countdown)

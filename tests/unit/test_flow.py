@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -17,11 +18,11 @@ from hypothesis import strategies as st
 from tests.support.fakes import FakeWorld, InlineDispatcher, fake_runner
 from worker.core.errors import RegistryThrottled
 from worker.core.settings import Settings
-from worker.engine.flow import FlowControl
+from worker.engine.flow import WAKE_PREFIX, FlowControl
 from worker.engine.pipeline import StepRunner
 from worker.jobs import PushRequest, create_job
 from worker.registries import RegistrySpec, create_registry
-from worker.seams.limiter import RedisFlowState, rate_item
+from worker.seams.limiter import RESERVED, RedisFlowState, rate_item
 from worker.store.db import session_scope
 from worker.store.models import PushJob, Registry, utcnow
 from worker.store.queries import select_events
@@ -48,59 +49,71 @@ def state() -> Iterator[RedisFlowState]:
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("acquire"), st.integers(0, 7)),
+        st.tuples(st.just("wake"), st.integers(0, 7)),
         st.tuples(st.just("release"), st.integers(0, 7)),
+        st.tuples(st.just("hand_over"), st.integers(0, 7)),
         st.tuples(st.just("renew"), st.integers(0, 7)),
         st.tuples(st.just("advance"), st.floats(0.0, 15.0)),
-        st.tuples(st.just("wake"), st.just(0)),
     ),
     max_size=60,
 )
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(cap=st.integers(1, 4), ops=OPS)
 def test_never_more_than_the_cap_under_any_interleaving_and_lease_expiry(
     state: RedisFlowState, cap: int, ops: list[tuple[str, float]]
 ) -> None:
-    """A model of leases decides every answer: granted exactly when a slot is free (or the
-    holder already holds one), renewed only while alive, and never more than ``cap`` alive; a
-    woken waiter (the hand-over of a released slot) asks like any other and gets no more."""
+    """A model of leases, reservations and the queue decides every answer: granted exactly when
+    the holder holds a slot, a slot is reserved for it, or one is free; a hand-over reserves
+    free slots for the first waiters in the order they were first refused; a wake message never
+    joins the queue; a reservation not taken by its lease's end frees the slot and drops its
+    waiter; renewed only while alive; never more than ``cap`` holders, reservations included."""
     redis.Redis.from_url(REDIS_URL).flushdb()
-    lease, now = 10.0, 1_000_000.0
-    alive: dict[str, float] = {}  # holder -> lease expiry
-    refused: set[str] = set()  # waiters refused and not granted since
+    lease, reservation, now = 10.0, 3.0, 1_000_000.0
+    alive: dict[str, float] = {}  # holder or "reserved:<waiter>" -> lease expiry
+    queue: dict[str, float] = {}  # waiter -> first refusal
     for op, arg in ops:
-        holder = f"h{int(arg)}" if op not in ("advance", "wake") else ""
-        alive = {h: until for h, until in alive.items() if until > now}
-        if op == "wake":
-            # wake_next reads Redis' clock, the model another: only what holds for any clock.
-            woken = state.wake_next(7, f"m{len(alive)}", window=0.0, waiter_ttl=1e12)
-            if woken is not None:
-                assert woken in refused
-                holder = woken
-                grant = state.acquire(7, holder, holder, cap, lease=lease, waiter_ttl=1e12,
-                                      now=now, message_id=f"m{len(alive)}")  # fmt: skip
-                assert grant.granted == (holder in alive or len(alive) < cap)
-                assert grant.woken == (not grant.granted)
-                if grant.granted:
-                    alive[holder] = now + lease
-                    refused.discard(holder)
-        elif op == "acquire":
-            grant = state.acquire(7, holder, holder, cap, lease=lease, waiter_ttl=1e12, now=now)
-            expected = holder in alive or len(alive) < cap
+        holder = f"h{int(arg)}"
+        for member in [m for m, until in alive.items() if until <= now]:
+            del alive[member]
+            if member.startswith(RESERVED):
+                queue.pop(member.removeprefix(RESERVED), None)
+        if op in ("acquire", "wake"):
+            wake = op == "wake"
+            grant = state.acquire(7, holder, holder, cap, lease=lease, waiter_ttl=1e12, now=now,
+                                  wake=wake)  # fmt: skip
+            kept = RESERVED + holder in alive
+            expected = holder in alive or kept or len(alive) < cap
             assert grant.granted == expected
-            assert not grant.woken
             if grant.granted:
+                alive.pop(RESERVED + holder, None)
                 alive[holder] = now + lease
-                refused.discard(holder)
-            else:
-                refused.add(holder)
+                queue.pop(holder, None)
+            elif not wake:
+                assert grant.first_refusal == (holder not in queue)
+                queue.setdefault(holder, now)
+                order = sorted(queue, key=lambda w: (queue[w], w))
+                assert grant.ahead == order.index(holder)
             assert grant.holders == len(alive)
         elif op == "release":
             state.release(7, holder)
             alive.pop(holder, None)
+        elif op == "hand_over":
+            reserved = state.hand_over(
+                7, holder, cap, reservation=reservation, waiter_ttl=1e12, most=2, now=now
+            )
+            alive.pop(holder, None)
+            expected_reserved: list[str] = []
+            for waiter in sorted(queue, key=lambda w: (queue[w], w)):
+                if len(expected_reserved) >= 2 or len(alive) >= cap:
+                    break
+                if RESERVED + waiter not in alive:
+                    alive[RESERVED + waiter] = now + reservation
+                    expected_reserved.append(waiter)
+            assert reserved == expected_reserved
         elif op == "renew":
             renewed = state.renew(7, holder, lease=lease, now=now)
             assert renewed == (holder in alive)
@@ -133,24 +146,67 @@ def test_waiters_are_counted_in_order_and_a_wait_is_first_once(state: RedisFlowS
     assert (c2.granted, c2.ahead) == (False, 0)
 
 
-def test_a_released_slot_wakes_the_first_waiter_once(state: RedisFlowState) -> None:
-    """wake_next names the first live waiter, once per window; a refused wake message is told
-    apart from the waiter's own message; a grant clears the mark."""
-    assert state.acquire(4, "a", "job-a:push", 1, lease=30, waiter_ttl=30).granted
-    assert not state.acquire(4, "b", "job-b:push", 1, lease=30, waiter_ttl=30).granted
-    assert not state.acquire(4, "c", "job-c:push", 1, lease=30, waiter_ttl=30).granted
-    assert state.wake_next(4, "m1", window=60, waiter_ttl=30) == "job-b:push"
-    assert state.wake_next(4, "m2", window=60, waiter_ttl=30) == "job-c:push"  # b: once
-    assert state.wake_next(4, "m3", window=60, waiter_ttl=30) is None
-    # The slot is still held: the wake message is refused and knows it; b's own message is not.
-    woken = state.acquire(4, "b2", "job-b:push", 1, lease=30, waiter_ttl=30, message_id="m1")
-    own = state.acquire(4, "b3", "job-b:push", 1, lease=30, waiter_ttl=30, message_id="other")
-    assert (woken.granted, woken.woken, own.woken) == (False, True, False)
-    state.release(4, "a")
-    assert state.acquire(4, "b4", "job-b:push", 1, lease=30, waiter_ttl=30, message_id="m1").granted
-    assert state.holders(4) == 1
-    state.forget_waiter(4, "job-c:push")
-    assert state.wake_next(4, "m4", window=0, waiter_ttl=30) is None
+def test_a_released_slot_is_reserved_for_the_first_waiter(state: RedisFlowState) -> None:
+    """hand_over gives the freed slot to the head of the queue: a newcomer and a later waiter are
+    refused while the reservation stands, the first waiter's message takes it (a wake message
+    included); a wake message with no slot for it does not join the queue."""
+    t = 20_000.0
+
+    def ask(holder: str, waiter: str, at: float, wake: bool = False) -> tuple[bool, int]:
+        grant = state.acquire(4, holder, waiter, 1, lease=30, waiter_ttl=60, now=at, wake=wake)
+        return grant.granted, grant.ahead
+
+    assert ask("a", "job-a:push", t) == (True, 0)
+    assert ask("b", "job-b:push", t + 1) == (False, 0)
+    assert ask("c", "job-c:push", t + 2) == (False, 1)
+    # A wake message for d (no reservation, no free slot) is refused and does not queue.
+    assert ask("d", "job-d:push", t + 2.5, wake=True) == (False, 0)
+    assert state.hand_over(4, "a", 1, reservation=3, waiter_ttl=60, now=t + 3) == ["job-b:push"]
+    assert state.holders(4, now=t + 3) == 1  # the reservation counts: the cap holds
+    assert ask("new", "job-new:push", t + 3.1) == (False, 2)  # queues behind b and c
+    assert ask("c2", "job-c:push", t + 3.2) == (False, 1)  # the slot is kept for b
+    assert ask("b-wake", "job-b:push", t + 3.3, wake=True) == (True, 0)
+    assert state.holders(4, now=t + 3.3) == 1
+    # b's own (polling) message would have taken it too; now it finds the slot taken by b.
+    assert state.hand_over(4, "b-wake", 1, reservation=3, waiter_ttl=60, now=t + 4) == [
+        "job-c:push"
+    ]
+    assert ask("c3", "job-c:push", t + 4.1) == (True, 0)  # the waiter's own message
+    state.forget_waiter(4, "job-new:push")
+    assert state.hand_over(4, "c3", 1, reservation=3, waiter_ttl=60, now=t + 5) == []
+
+
+def test_an_untaken_reservation_frees_the_slot_and_drops_its_waiter(
+    state: RedisFlowState,
+) -> None:
+    t = 30_000.0
+    assert state.acquire(5, "a", "job-a:push", 1, lease=30, waiter_ttl=60, now=t).granted
+    assert not state.acquire(5, "b", "job-b:push", 1, lease=30, waiter_ttl=60, now=t).granted
+    assert not state.acquire(5, "c", "job-c:push", 1, lease=30, waiter_ttl=60, now=t + 1).granted
+    assert state.hand_over(5, "a", 1, reservation=3, waiter_ttl=60, now=t + 2) == ["job-b:push"]
+    # b never comes (its job was cancelled, its wake message lost): after 3 s the slot is free
+    # and b no longer heads the queue, c does.
+    late = state.acquire(5, "c2", "job-c:push", 1, lease=30, waiter_ttl=60, now=t + 5.5)
+    assert late.granted
+    assert state.hand_over(5, "c2", 1, reservation=3, waiter_ttl=60, now=t + 6) == []
+
+
+def test_a_waiter_polling_at_its_longest_countdown_keeps_its_place(state: RedisFlowState) -> None:
+    """The fallback countdown of the queue's tail is long; the waiter must still count as live
+    when it asks again (else it loses its place and records a second step.waiting)."""
+    flow = FlowControl(state, Settings.from_env(), rng=_MaxJitter())
+    longest = flow._poll(ahead=10_000, limit=1)
+    ttl = flow._waiter_ttl()
+    t = 40_000.0
+    assert state.acquire(6, "a", "job-a:push", 1, lease=1e6, waiter_ttl=ttl, now=t).granted
+    first = state.acquire(6, "b", "job-b:push", 1, lease=1e6, waiter_ttl=ttl, now=t + 1)
+    again = state.acquire(6, "b2", "job-b:push", 1, lease=1e6, waiter_ttl=ttl, now=t + 1 + longest)
+    assert first.first_refusal and not again.first_refusal
+
+
+class _MaxJitter(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return max(a, b)
 
 
 def test_a_rate_wait_is_first_once(state: RedisFlowState) -> None:
@@ -215,6 +271,26 @@ def test_a_429_halves_the_limit_and_successes_raise_it_back(state: RedisFlowStat
     assert state.adaptive_cap(registry.id) is None  # back at its configured cap: no state left
     # one step per "limit" successes (4 + 5 + 6), then 8 times slower below the refused 8 (7 * 8)
     assert 4 + 5 + 6 + 7 * 8 <= successes <= 4 + 5 + 6 + 7 * 8 + 1  # + 1: float rounding
+
+
+def test_a_429_right_after_an_increase_still_lowers_the_limit(state: RedisFlowState) -> None:
+    """The cooldown follows a decrease only: every success raises the cap a little, and a 429
+    just after one must not be ignored (that would let the limit climb over the registry's)."""
+    flow = FlowControl(state, Settings.from_env())
+    registry = _registry(None)
+    for holder in "abcdefgh":
+        assert state.acquire(11, holder, holder, 1_000_000, lease=60, waiter_ttl=30).granted
+    assert flow.on_throttled(registry, "429") is not None  # 8 refused: the limit is 4
+    state.swap_cap(11, 4.0, 4.9)  # successes since raised it; the last decrease is recent
+    assert flow.on_throttled(registry, "429") is None  # the cooldown after the decrease
+    cap = state.adaptive_cap(11)
+    assert cap is not None
+    redis.Redis.from_url(REDIS_URL).hset(
+        "pushworker:flow:11:aimd", "decreased_at", repr(cap.decreased_at - 60)
+    )
+    state.swap_cap(11, 4.9, 5.0)  # an increase just now: it does not restart the cooldown
+    down = flow.on_throttled(registry, "429")
+    assert down is not None and (down.previous_limit, down.limit) == (5, 2)
 
 
 def test_an_uncapped_registry_is_capped_at_half_the_concurrency_it_refused(
@@ -286,49 +362,117 @@ def test_a_push_without_a_slot_waits_without_a_try_then_runs(
     assert state.holders(5) == 0  # the slot was released
 
 
-def test_a_released_slot_wakes_the_first_waiter_at_once(
+def test_a_released_slot_goes_to_the_first_waiter_at_once(
     registry_5: None, state: RedisFlowState
 ) -> None:
-    """A push that ends hands its slot over: the first waiter's step is published at once (here:
-    recorded) with a message id; that message gets the slot and runs. A wake message beaten to
-    the slot stops quietly (the waiter's own message polls on); the waiter's own is not."""
+    """A push that ends hands its slot over: reserved for the first waiter, whose step is
+    published at once (here: recorded) under a wake message id; the next waiter polling is
+    refused meanwhile; the wake message takes the slot and runs. A wake message that finds no
+    slot for it stops quietly and does not queue; a retried delivery of it waits as usual."""
     world = FakeWorld(images={SOURCE: "sha256:image1"})
     runner, _ = _runner(world, state)
     woken: list[tuple[str, str, int, str]] = []
     assert runner.flow is not None
     runner.flow.wake = lambda *args: woken.append(args)
+    registry = Registry(id=5, name="r5", url=f"https://{HOST}", host=HOST, max_concurrent=1)
     first, second = _job(), _job()
     for job_id in (first, second):
         for step in ("resolve_credentials", "login", "tag"):
             assert runner.run(step, job_id, 5).action == "continue"
     assert state.acquire(5, "other", "other-job", 1, lease=30, waiter_ttl=30).granted
-    assert runner.run("push", second, 5).action == "retry"  # waits: the first waiter
-    # A wake message that finds the slot still taken stops, with no event and no try.
-    before = _types(second)
-    runner.flow.release(5, "other")
+    assert runner.run("push", second, 5).action == "retry"  # the first waiter
+    assert runner.run("push", first, 5).action == "retry"  # the second one
+    runner.flow.release(registry, "other")
     assert [(j, s, r) for j, s, r, _ in woken] == [(second, "push", 5)]
-    assert state.acquire(5, "again", "other-job", 1, lease=30, waiter_ttl=30).granted
-    stopped = runner.run("push", second, 5, message_id=woken[0][3])
-    assert stopped.action == "stop" and stopped.reason.startswith("woken, no slot free")
-    assert _types(second) == before
-    # The first job pushes once "again" is gone; its release wakes the second at once.
-    state.release(5, "again")
-    assert runner.run("push", first, 5).action == "stop"
-    assert world.pushes and len(woken) == 2 and woken[1][:3] == (second, "push", 5)
-    assert runner.run("push", second, 5, message_id=woken[1][3]).action == "stop"
+    assert woken[0][3].startswith(WAKE_PREFIX)
+    # The slot is kept for the second job: the first one's poll is refused.
+    assert runner.run("push", first, 5).action == "retry"
+    assert world.pushes == []
+    assert runner.run("push", second, 5, message_id=woken[0][3]).action == "stop"
     assert _types(second)[-1] == "job.succeeded"
+    # Its release handed the slot to the first job, which its wake message takes.
+    assert [(j, s) for j, s, _, _ in woken] == [(second, "push"), (first, "push")]
+    assert runner.run("push", first, 5, message_id=woken[1][3]).action == "stop"
+    assert _types(first)[-1] == "job.succeeded"
+    assert _types(first).count("step.waiting") == 1  # once per wait
     assert state.holders(5) == 0
-    # A retried delivery (delivery_retries > 0) is the waiter's own: it waits, never stops.
+    # A wake message with no slot for it stops, with no event, no try and no place in the queue.
     assert state.acquire(5, "x", "other-job", 1, lease=30, waiter_ttl=30).granted
     third = _job()
     for step in ("resolve_credentials", "login", "tag"):
         assert runner.run(step, third, 5).action == "continue"
+    before = _types(third)
+    stray = WAKE_PREFIX + "stray"
+    stopped = runner.run("push", third, 5, message_id=stray)
+    assert stopped.action == "stop" and stopped.reason.startswith("woken, no slot free")
+    assert _types(third) == before
+    assert not state.acquire(5, "probe", "probe", 1, lease=30, waiter_ttl=30).ahead
+    # A retried delivery (delivery_retries > 0) is the waiter's own: it waits, never stops.
+    assert runner.run("push", third, 5, delivery_retries=1, message_id=stray).action == "retry"
+    assert _types(third).count("step.waiting") == 1
+
+
+def test_a_released_slot_can_be_kept_for_the_releasing_process_to_run(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    """With ``keep_handed`` (the Celery worker, tasks/push.py), a release reserves the slot for
+    the first waiter and hands the waiter to this process instead of publishing a message: its
+    step then runs here, on the reservation, ahead of any other waiter's poll."""
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, _ = _runner(world, state)
+    published: list[tuple[str, str, int, str]] = []
+    assert runner.flow is not None
+    runner.flow.wake = lambda *args: published.append(args)
+    runner.flow.keep_handed = True
+    first, second, third = _job(), _job(), _job()
+    for job_id in (first, second, third):
+        for step in ("resolve_credentials", "login", "tag"):
+            assert runner.run(step, job_id, 5).action == "continue"
+    assert runner.run("push", first, 5).action == "stop"  # the slot was free: no wait
+    assert runner.flow.take_handed() == []
+    assert state.acquire(5, "other", "other-job", 1, lease=30, waiter_ttl=30).granted
+    assert runner.run("push", second, 5).action == "retry"
     assert runner.run("push", third, 5).action == "retry"
-    runner.flow.release(5, "y-not-held")  # any release wakes the first waiter
-    message_id = woken[-1][3]
-    assert runner.run("push", third, 5, delivery_retries=1, message_id=message_id).action == (
-        "retry"
-    )
+    registry = Registry(id=5, name="r5", url=f"https://{HOST}", host=HOST, max_concurrent=1)
+    runner.flow.release(registry, "other")
+    assert runner.flow.take_handed() == [(5, f"{second}:push")]
+    assert published == []
+    assert runner.run("push", third, 5).action == "retry"  # kept for the second job
+    outcome = runner.run("push", second, 5, message_id=WAKE_PREFIX + "here")
+    assert outcome.action == "stop" and _types(second)[-1] == "job.succeeded"
+    # Its own release handed the slot on to the third job, again to this process.
+    assert runner.flow.take_handed() == [(5, f"{third}:push")]
+    assert published == []
+
+
+def test_a_slot_reserved_for_a_step_that_will_not_run_goes_to_the_next_waiter(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    """A waiter whose job ended meanwhile (here: cancelled) gives its reservation on at once,
+    instead of leaving the slot idle until the reservation's lease ends."""
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, _ = _runner(world, state)
+    assert runner.flow is not None
+    runner.flow.wake = lambda *args: None
+    runner.flow.keep_handed = True
+    second, third = _job(), _job()
+    for job_id in (second, third):
+        for step in ("resolve_credentials", "login", "tag"):
+            assert runner.run(step, job_id, 5).action == "continue"
+    assert state.acquire(5, "other", "other-job", 1, lease=30, waiter_ttl=30).granted
+    assert runner.run("push", second, 5).action == "retry"
+    assert runner.run("push", third, 5).action == "retry"
+    registry = Registry(id=5, name="r5", url=f"https://{HOST}", host=HOST, max_concurrent=1)
+    runner.flow.release(registry, "other")
+    assert runner.flow.take_handed() == [(5, f"{second}:push")]
+    with session_scope() as session:
+        job = session.get(PushJob, second)
+        assert job is not None
+        job.status = "cancelled"
+    assert runner.run("push", second, 5, message_id=WAKE_PREFIX + "x").action == "stop"
+    assert runner.flow.take_handed() == [(5, f"{third}:push")]
+    assert runner.run("push", third, 5, message_id=WAKE_PREFIX + "y").action == "stop"
+    assert _types(third)[-1] == "job.succeeded"
 
 
 def test_a_rate_wait_is_recorded_once_as_step_waiting(

@@ -11,22 +11,25 @@ host sees the same slots.
 - **Rate**: login and push each count one request against ``rate_per_second`` (a moving window
   of the ``limits`` library). It paces step starts, not every HTTP request the engine makes.
 - **Waiting**: a step refused a slot or a request is not run and not counted as a try: the task
-  is re-queued with a countdown (``PUSHWORKER_FLOW_POLL`` per round of pushes ahead of it), so
-  the worker's pool slot serves other registries meanwhile. Up to the job's deadline; then
-  ``throttled_past_deadline``.
-- **Hand-over**: a released slot (success or failure) wakes the registry's first waiter at once
-  (``wake``, the dispatcher publishing that waiter's step now under a fresh message id), instead
-  of leaving the slot idle until the waiter's countdown ends. The woken message asks for a slot
-  like any other (so the cap holds); refused (another step took the slot first), it stops
-  quietly, as the waiter's own message still polls. A waiter is woken at most once per
-  ``PUSHWORKER_FLOW_POLL``; a duplicate that finds the step done or claimed is skipped.
+  is re-queued with a countdown, so the worker's pool slot serves other registries meanwhile.
+  Up to the job's deadline; then ``throttled_past_deadline``.
+- **Hand-over**: a released slot (success or failure) is reserved, in the same Redis script
+  that frees it, for the registry's first waiter, whose step the releasing worker publishes at
+  once (``wake``, under a ``WAKE_PREFIX`` message id). Only that waiter may take the reserved
+  slot (its wake message or its own, whichever comes first), so the slot is neither idle until
+  a countdown ends nor taken by whoever polls first, and the cap holds (a reservation counts as
+  a holder). A wake message that finds no slot for it stops quietly: it never waits, its
+  waiter's own message does. A reservation not taken within ``_reservation()`` seconds frees
+  the slot and drops that waiter from the queue. The waiter's own message asks again after
+  ``PUSHWORKER_FLOW_POLL`` per round of pushes ahead of it (see ``_poll``).
 - **AIMD**: a 429 halves the registry's effective limit (from the concurrency it arrived at, at
-  most once per ``DECREASE_COOLDOWN`` seconds, floor 1); each success met while the limit was
-  full adds 1/limit, so the limit grows by one per "limit" such successes (8 times more slowly
-  once it is one below the concurrency the registry last refused), up to the configured
-  cap (or, for a registry with none, up to ``PUSHWORKER_FLOW_UNCAPPED_CEILING``, where the
-  adaptive cap is dropped). Each change of the whole-number limit is reported (``CapChange``)
-  for a ``registry.throttled`` / ``registry.unthrottled`` event.
+  most once per ``DECREASE_COOLDOWN`` seconds after the last decrease, floor 1); each success
+  met while the limit was full adds 1/limit, so the limit grows by one per "limit" such
+  successes (8 times more slowly once it is one below the concurrency the registry last
+  refused), up to the configured cap (or, for a registry with none, up to
+  ``PUSHWORKER_FLOW_UNCAPPED_CEILING``, where the adaptive cap is dropped). Each change of the
+  whole-number limit is reported (``CapChange``) for a ``registry.throttled`` /
+  ``registry.unthrottled`` event.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -61,6 +64,10 @@ DECREASE_COOLDOWN = 5.0
 UNLIMITED = 1_000_000
 #: How much more slowly the limit grows once it is one below the concurrency last refused.
 PROBE_SLOWDOWN = 8.0
+#: The message id of a step published to take a reserved slot starts with this.
+WAKE_PREFIX = "flow-wake-"
+#: The longest countdown of a waiting step, in ``PUSHWORKER_FLOW_POLL`` units.
+MAX_POLL_ROUNDS = 10.0
 
 
 #: Publishes a woken waiter's step at once: (job_id, step, registry_id, message_id).
@@ -79,7 +86,7 @@ class Admission:
     limit: int | None = None
     #: True on the first refusal of a wait: record ``step.waiting`` once per wait.
     first: bool = False
-    #: True when the refused message is a wake (``FlowControl.wake``): it stops, not waits.
+    #: True when the refused message is a wake (``WAKE_PREFIX``): it stops, never waits.
     woken: bool = False
     #: What the step waits for: "slot" (the concurrency) or "rate" (the request rate).
     kind: Literal["slot", "rate", ""] = ""
@@ -124,6 +131,10 @@ class FlowControl:
         self.rng = rng or random.Random()
         #: Publishes a woken waiter's step now: (job_id, step, registry_id, message_id).
         self.wake = wake
+        #: True: a release keeps the waiters it reserved slots for in ``handed`` (the worker
+        #: process that released runs their steps itself, see tasks/push.py), not published.
+        self.keep_handed = False
+        self.handed: list[tuple[int, str]] = []
 
     @staticmethod
     def applies(step: str) -> bool:
@@ -146,16 +157,16 @@ class FlowControl:
         self, registry: Registry, job_id: str, step: str, *, message_id: str | None = None
     ) -> Admission:
         """Take a slot (push) and a request of the rate (login, push), or say how long to wait.
-        ``message_id``: the delivering message's id, to know a refused wake message."""
+        ``message_id``: the delivering message's id (a first delivery's), to know a wake."""
         holder: str | None = None
         limit = self.limit(registry)
+        wake = message_id is not None and message_id.startswith(WAKE_PREFIX)
         if step in SLOT_STEPS:
             holder = f"{job_id}:{step}:{uuid.uuid4().hex[:12]}"
             grant = self.state.acquire(
                 registry.id, holder, f"{job_id}:{step}",
                 UNLIMITED if limit is None else limit,
-                lease=self.settings.flow_lease, waiter_ttl=self._waiter_ttl(),
-                message_id=message_id,
+                lease=self.settings.flow_lease, waiter_ttl=self._waiter_ttl(), wake=wake,
             )  # fmt: skip
             if not grant.granted:
                 return Admission(
@@ -166,7 +177,7 @@ class FlowControl:
                     holders=grant.holders,
                     limit=limit,
                     first=grant.first_refusal,
-                    woken=grant.woken,
+                    woken=wake,
                     kind="slot",
                 )
         if step in RATE_STEPS and registry.rate_per_second:
@@ -174,7 +185,7 @@ class FlowControl:
             if wait > 0:
                 if holder is not None:
                     # Not handed over: the rate, not the slot, is what is short now.
-                    self.release(registry.id, holder, hand_over=False)
+                    self.release(registry, holder, hand_over=False)
                 return Admission(
                     False,
                     countdown=wait + self.rng.uniform(0, 0.1),
@@ -187,51 +198,61 @@ class FlowControl:
                 )
         return Admission(True, holder=holder, limit=limit)
 
-    def forget(self, registry_id: int, job_id: str, step: str) -> None:
-        """The job stops waiting (it failed or moved): its place in the queue goes."""
-        self.state.forget_waiter(registry_id, f"{job_id}:{step}")
+    def forget(self, registry: Registry, job_id: str, step: str) -> None:
+        """The job stops waiting (it failed, moved, or its step is done or runs elsewhere): its
+        place in the queue goes, and a slot reserved for it goes to the next waiter at once
+        (else it would idle until the reservation's lease ends)."""
+        self.state.forget_waiter(registry.id, f"{job_id}:{step}")
+        if self.wake is not None:
+            self.release(registry, "")  # no holder: only hands free slots over
 
-    def release(self, registry_id: int, holder: str, *, hand_over: bool = True) -> None:
-        """Free the slot and hand it over: wake the registry's first waiter now."""
+    def release(self, registry: Registry, holder: str, *, hand_over: bool = True) -> None:
+        """Free the slot and hand it over: reserve it for the registry's first waiter and
+        publish that waiter's step now (with no way to publish, a plain release)."""
         try:
-            self.state.release(registry_id, holder)
-        except FlowStateUnavailable as exc:
-            # The lease frees it; nothing is leaked.
-            log.warning("flow.release_failed", registry_id=registry_id, error=exc.message)
-            return
-        if hand_over:
-            self.wake_next(registry_id)
-
-    def wake_next(self, registry_id: int) -> str | None:
-        """Publish the first waiter's step now (best effort: its own countdown still runs).
-        Returns the woken waiter (``job_id:step``), or None."""
-        if self.wake is None:
-            return None
-        message_id = str(uuid.uuid4())
-        try:
-            waiter = self.state.wake_next(
-                registry_id, message_id, window=self.settings.flow_poll,
-                waiter_ttl=self._waiter_ttl(),
+            if not hand_over or self.wake is None:
+                self.state.release(registry.id, holder)
+                return
+            limit = self.limit(registry)
+            waiters = self.state.hand_over(
+                registry.id, holder, UNLIMITED if limit is None else limit,
+                reservation=self._reservation(), waiter_ttl=self._waiter_ttl(),
+                # A limit that grew since the last release frees more than this slot.
+                most=max(1, limit or 1),
             )  # fmt: skip
         except FlowStateUnavailable as exc:
-            log.warning("flow.wake_failed", registry_id=registry_id, error=exc.message)
-            return None
-        if waiter is None:
-            return None
+            # The lease frees it; nothing is leaked.
+            log.warning("flow.release_failed", registry_id=registry.id, error=exc.message)
+            return
+        for waiter in waiters:
+            if self.keep_handed:
+                self.handed.append((registry.id, waiter))
+            else:
+                self.wake_waiter(registry.id, waiter)
+
+    def take_handed(self) -> list[tuple[int, str]]:
+        """The (registry id, waiter) pairs released slots were reserved for since the last call."""
+        handed, self.handed = self.handed, []
+        return handed
+
+    def wake_waiter(self, registry_id: int, waiter: str) -> None:
+        """Publish a waiter's step to take the slot reserved for it."""
+        assert self.wake is not None
         job_id, _, step = waiter.rpartition(":")
         try:
-            self.wake(job_id, step, registry_id, message_id)
+            self.wake(job_id, step, registry_id, WAKE_PREFIX + uuid.uuid4().hex)
         except Exception as exc:  # the broker may be down: the waiter's countdown still runs
             log.warning("flow.wake_failed", registry_id=registry_id, error=type(exc).__name__)
-            return None
-        return waiter
+            with suppress(FlowStateUnavailable):  # else the reservation's own lease frees it
+                self.state.cancel_reservation(registry_id, waiter)
 
     @contextmanager
-    def holding(self, registry_id: int, holder: str | None) -> Iterator[None]:
+    def holding(self, registry: Registry, holder: str | None) -> Iterator[None]:
         """Keep the slot's lease alive while the body runs, then release it."""
         if holder is None:
             yield
             return
+        registry_id = registry.id
         stop = threading.Event()
         lease = self.settings.flow_lease
 
@@ -250,7 +271,7 @@ class FlowControl:
         finally:
             stop.set()
             renewer.join(timeout=5)
-            self.release(registry_id, holder)
+            self.release(registry, holder)
 
     # --- AIMD ------------------------------------------------------------------------------------
 
@@ -258,7 +279,9 @@ class FlowControl:
         """A confirmed 429: halve the effective limit (from the concurrency it arrived at)."""
         current = self.state.adaptive_cap(registry.id)
         previous = self.limit(registry)
-        if current is not None and self._now() - current.changed_at < DECREASE_COOLDOWN:
+        if current is not None and self._now() - current.decreased_at < DECREASE_COOLDOWN:
+            # Only a decrease starts the cooldown: increases come with every success, and a
+            # 429 right after one must still lower the limit.
             return None
         # The concurrency the registry refused: its holders (this step's slot included).
         holders = self.state.holders(registry.id)
@@ -313,15 +336,24 @@ class FlowControl:
 
     def _poll(self, ahead: int, limit: int | None) -> float:
         """About when a slot may be free for this waiter: ``PUSHWORKER_FLOW_POLL`` per round of
-        ``limit`` pushes ahead of it (the first waiters ask again soon, so a freed slot does not
-        stay idle; the last ones ask rarely, so waiting costs the broker little), jittered."""
+        ``limit`` pushes ahead of it, from a fifth to ``MAX_POLL_ROUNDS`` polls, jittered. The
+        first waiters ask again soon: a wake message is published behind every message already
+        queued, while a countdown's message runs when it is due, so the head of the queue often
+        takes the slot reserved for it by its own message."""
         rounds = (ahead + 1) / max(limit or 1, 1)
-        base = self.settings.flow_poll * min(max(rounds, 0.2), 10.0)
+        base = self.settings.flow_poll * min(max(rounds, 0.2), MAX_POLL_ROUNDS)
         return base * self.rng.uniform(0.8, 1.2)
 
     def _waiter_ttl(self) -> float:
-        # A waiter asks again every poll; one that missed a few polls stopped waiting.
-        return max(10.0, self.settings.flow_poll * 5)
+        # Well over the longest countdown with its jitter (it was under it: the queue's tail
+        # lost its place between two polls and recorded its wait again); a waiter that stopped
+        # asking is dropped when a reservation for it goes untaken anyway.
+        return max(10.0, self.settings.flow_poll * MAX_POLL_ROUNDS * 3)
+
+    def _reservation(self) -> float:
+        # Long enough for the wake message to come through a busy queue, short enough that a
+        # lost one idles the slot briefly; never longer than a holder's own lease.
+        return min(self.settings.flow_lease, max(3.0, 3 * self.settings.flow_poll))
 
     def _now(self) -> float:
         return self.clock()

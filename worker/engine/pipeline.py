@@ -149,7 +149,9 @@ class StepRunner:
             copier=self.copier_factory,
             source_registry=claimed.source_registry,
         )
-        holding = self.flow.holding(registry_id, claimed.holder) if self.flow else nullcontext()
+        holding = (
+            self.flow.holding(claimed.registry, claimed.holder) if self.flow else nullcontext()
+        )
         try:
             with holding:
                 try:
@@ -198,14 +200,28 @@ class StepRunner:
                     run.attempts,
                     reason="already succeeded for this job and registry",
                 )
+                self._forget(view.registry, job_id, step)
                 return Outcome("stop" if self._is_last(step) else "continue", reason="memo")
             if JobStatus(job.status).is_final:
                 note("step.skipped", None, reason=f"the job is {job.status}")
+                self._forget(view.registry, job_id, step)
                 return Outcome("stop", reason=f"job {job.status}")
             if job.effective_registry_id != registry_id:
                 reason = f"superseded: the job moved to registry {job.effective_registry_id}"
                 note("step.skipped", None, reason=reason)
+                self._forget(view.registry, job_id, step)
                 return Outcome("stop", reason="superseded")
+            if (
+                self.flow is not None
+                and step in SLOT_STEPS
+                and run is not None
+                and run.status == StepStatus.RUNNING
+                and not claim_is_dead(run, utcnow())
+            ):
+                # Another delivery (a wake, or the waiter's own message) runs it: asked for a
+                # slot, this one would only queue again behind a step that is done by then.
+                note("step.skipped", None, reason=f"running elsewhere ({run.owner})")
+                return Outcome("stop", reason="claimed elsewhere")
             # Checked before any claim: a registry removed while the job waited, or a stored
             # record today's address rules refuse, fails the job and is sent nothing.
             refusal = target_refusal(view.registry, registry_id)
@@ -231,10 +247,10 @@ class StepRunner:
             try:
                 claimed = self._claim_step(session, note, run, job, registry, step, actor)
             except BaseException:
-                self._release(registry_id, holder)
+                self._release(registry, holder)
                 raise
             if isinstance(claimed, Outcome):
-                self._release(registry_id, holder)
+                self._release(registry, holder)
                 return claimed
             return _Claimed(
                 job=job,
@@ -299,12 +315,13 @@ class StepRunner:
                 f"job waited for registry {registry.id} until its deadline: {admission.reason}",
                 hint="raise the registry's limits or the job's --deadline, then retry the job",
             )
-            self._flow_call(self.flow.forget, registry.id, job.id, step)
+            self._flow_call(self.flow.forget, registry, job.id, step)
             _mark_failed(job, error)
             note("job.failed", None, **error.to_payload())
             return Outcome("stop", reason=error.code)
         if admission.woken:
-            # A wake message beaten to the slot: the waiter's own message polls on.
+            # A wake message that found no slot for it (its waiter's own message took the
+            # reservation, or it expired): the waiter's own message waits, not this one.
             return Outcome("stop", reason="woken, no slot free: " + admission.reason)
         if admission.first and admission.kind == "rate":
             note("step.waiting", None, reason=admission.reason, limit=admission.limit,
@@ -312,11 +329,19 @@ class StepRunner:
         elif admission.first:
             note("step.waiting", None, reason=admission.reason, ahead=admission.ahead,
                  holders=admission.holders, limit=admission.limit)  # fmt: skip
-        return Outcome("retry", admission.countdown, "waiting: " + admission.reason)
+        # A long fallback countdown still looks at the deadline on time.
+        left = (deadline_of(job, self.settings) - utcnow()).total_seconds()
+        countdown = min(admission.countdown, max(left, 0.0) + 0.5)
+        return Outcome("retry", countdown, "waiting: " + admission.reason)
 
-    def _release(self, registry_id: int, holder: str | None) -> None:
+    def _forget(self, registry: Registry | None, job_id: str, step: str) -> None:
+        """A flow-controlled step that will not run: out of its registry's queue."""
+        if self.flow is not None and registry is not None and step in SLOT_STEPS:
+            self._flow_call(self.flow.forget, registry, job_id, step)
+
+    def _release(self, registry: Registry, holder: str | None) -> None:
         if self.flow is not None and holder is not None:
-            self.flow.release(registry_id, holder)
+            self.flow.release(registry, holder)
 
     def _flow_call(self, function: Callable[..., T], *args: object) -> T | None:
         """A flow-control bookkeeping call whose failure must not fail the step."""

@@ -9,14 +9,15 @@ Three things per registry, all under ``pushworker:flow:<registry_id>:``:
 - ``waiters``: a ZSET of waiter -> first time it was refused, and ``seen``: waiter -> last time it
   asked. A refusal says how many live waiters came before (the "3 ahead" an operator sees) and
   whether this is the waiter's first refusal of this wait; a waiter that stops asking is dropped.
-- ``woken`` (waiter -> the wake message's id) and ``wokenat`` (waiter -> when): ``wake_next``,
-  called when a slot is released, picks the first live waiter not woken in the last ``window``
-  seconds, so the caller can publish its step at once instead of leaving the slot idle until
-  the waiter's countdown ends. ``acquire`` with that message id says whether a refusal is of
-  the wake message itself (which then stops: the waiter's own message polls on) and clears the
-  mark, so the next release may wake that waiter again.
-- ``aimd``: the adaptive cap (a float) and when it last changed, replaced only by
-  compare-and-set so two workers reacting to the same 429 lower it once.
+- Hand-over: ``hand_over`` releases a slot and, in the same script, reserves the freed slot
+  (and any other one under ``cap``) for the first live waiters: ``reserved:<waiter>`` in
+  ``slots``, with a short lease of its own. A reservation counts as a holder (so the cap holds)
+  and only that waiter's ``acquire`` may take it: a newcomer or another waiter polling cannot
+  take the slot meant for the head of the queue. The caller publishes each reserved waiter's
+  step at once. A reservation nobody took by the end of its lease frees the slot and drops the
+  waiter from the queue (it stopped answering; if it is alive, its next ask puts it back).
+- ``aimd``: the adaptive cap (a float), when it last changed and when it last went down,
+  replaced only by compare-and-set so two workers reacting to the same 429 lower it once.
 
 The request rate is the ``limits`` library's moving window on the same Redis.
 Redis errors become ``worker.core.errors.BrokerUnavailable``-style ``FlowStateUnavailable``.
@@ -36,73 +37,106 @@ from limits.strategies import MovingWindowRateLimiter
 from worker.core.errors import FlowStateUnavailable
 
 PREFIX = "pushworker:flow"
+#: A slot reserved for a waiter is ``RESERVED + waiter`` in the ``slots`` ZSET.
+RESERVED = "reserved:"
 
-# KEYS: slots, waiters, seen, woken, wokenat. ARGV: holder, waiter, cap, lease, waiter_ttl,
-# now (-1: Redis TIME), the delivering message's id ('' for none).
-# Returns {granted (0/1), holders, ahead, first_refusal (0/1), woken (0/1)}.
-_ACQUIRE = """
-local now = tonumber(ARGV[6])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+# Shared by the scripts below: ``now`` from ARGV (-1: Redis TIME); expired leases dropped, and
+# the waiter of each expired reservation with them (KEYS[1] slots, KEYS[2] waiters, KEYS[3] seen).
+_EXPIRE = (
+    f"local RESERVED = '{RESERVED}'\n"
+    + """
+local function clock(given)
+  local now = tonumber(given)
+  if now < 0 then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  return now
 end
+local function expire(now)
+  for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+    if string.sub(h, 1, #RESERVED) == RESERVED then
+      local w = string.sub(h, #RESERVED + 1)
+      redis.call('ZREM', KEYS[2], w)
+      redis.call('ZREM', KEYS[3], w)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+end
+"""
+)
+
+# KEYS: slots, waiters, seen. ARGV: holder, waiter, cap, lease, waiter_ttl, now (-1: Redis TIME),
+# wake ('1': a wake message, which takes the waiter's reservation or a free slot, never waits).
+# Returns {granted (0/1), holders, ahead, first_refusal (0/1)}.
+_ACQUIRE = (
+    _EXPIRE
+    + """
+local now = clock(ARGV[6])
 local cap = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+expire(now)
 local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[5]))
 for _, w in ipairs(stale) do
   redis.call('ZREM', KEYS[2], w)
   redis.call('ZREM', KEYS[3], w)
-  redis.call('HDEL', KEYS[4], w)
-  redis.call('ZREM', KEYS[5], w)
 end
+local reserved = RESERVED .. ARGV[2]
 local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local kept = redis.call('ZSCORE', KEYS[1], reserved)
 local holders = redis.call('ZCARD', KEYS[1])
-if mine or holders < cap then
+if mine or kept or holders < cap then
+  redis.call('ZREM', KEYS[1], reserved)
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[2])
   redis.call('ZREM', KEYS[3], ARGV[2])
-  redis.call('HDEL', KEYS[4], ARGV[2])
-  redis.call('ZREM', KEYS[5], ARGV[2])
   redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) * 1000) + 1000)
-  return {1, redis.call('ZCARD', KEYS[1]), 0, 0, 0}
+  return {1, redis.call('ZCARD', KEYS[1]), 0, 0}
 end
-local woken = 0
-if ARGV[7] ~= '' and redis.call('HGET', KEYS[4], ARGV[2]) == ARGV[7] then
-  -- the wake message itself, beaten to the slot: the next release may wake this waiter again
-  woken = 1
-  redis.call('HDEL', KEYS[4], ARGV[2])
-  redis.call('ZREM', KEYS[5], ARGV[2])
+if ARGV[7] == '1' then
+  return {0, holders, 0, 0}
 end
 local first = redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
 redis.call('ZADD', KEYS[3], now, ARGV[2])
 local ttl = math.ceil(tonumber(ARGV[5]) * 1000) + 1000
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
-return {0, holders, redis.call('ZRANK', KEYS[2], ARGV[2]), first, woken}
+return {0, holders, redis.call('ZRANK', KEYS[2], ARGV[2]), first}
 """
+)
 
-# KEYS: waiters, seen, woken, wokenat. ARGV: message id, window, waiter_ttl.
-# Returns the first live waiter not woken in the last window seconds (now marked), or false.
-_WAKE_NEXT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local candidates = redis.call('ZRANGE', KEYS[1], 0, 15)
-for _, w in ipairs(candidates) do
-  local seen = redis.call('ZSCORE', KEYS[2], w)
-  if seen and tonumber(seen) > now - tonumber(ARGV[3]) then
-    local at = redis.call('ZSCORE', KEYS[4], w)
-    if not at or tonumber(at) <= now - tonumber(ARGV[2]) then
-      redis.call('HSET', KEYS[3], w, ARGV[1])
-      redis.call('ZADD', KEYS[4], now, w)
-      local ttl = math.ceil(tonumber(ARGV[3]) * 1000) + 1000
-      redis.call('PEXPIRE', KEYS[3], ttl)
-      redis.call('PEXPIRE', KEYS[4], ttl)
-      return w
+# KEYS: slots, waiters, seen. ARGV: holder, cap, reservation lease, waiter_ttl, most (how many
+# waiters to reserve for at most), now (-1: Redis TIME).
+# Releases the holder's slot, then reserves free slots (up to cap) for the first live waiters
+# without one, in the order they were first refused. Returns those waiters.
+_HAND_OVER = (
+    _EXPIRE
+    + """
+local now = clock(ARGV[6])
+redis.call('ZREM', KEYS[1], ARGV[1])
+expire(now)
+local cap, most = tonumber(ARGV[2]), tonumber(ARGV[5])
+local reserved = {}
+if most > 0 and redis.call('ZCARD', KEYS[1]) < cap then
+  for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, 63)) do
+    if #reserved >= most or redis.call('ZCARD', KEYS[1]) >= cap then
+      break
+    end
+    local seen = redis.call('ZSCORE', KEYS[3], w)
+    local key = RESERVED .. w
+    if seen and tonumber(seen) > now - tonumber(ARGV[4])
+        and not redis.call('ZSCORE', KEYS[1], key) then
+      redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), key)
+      table.insert(reserved, w)
     end
   end
+  if #reserved > 0 then
+    local longest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+    redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(longest[2]) - now) * 1000) + 1000)
+  end
 end
-return false
+return reserved
 """
+)
 
 # KEYS: slots. ARGV: holder, lease, now (-1: Redis TIME). Returns 1 if the lease was renewed.
 _RENEW = """
@@ -121,7 +155,8 @@ return 1
 """
 
 # KEYS: aimd. ARGV: expected cap ('' for none), new cap ('' to clear), the concurrency a 429
-# refused ('' to keep the stored one). Returns 1 if replaced.
+# refused ('' to keep the stored one; given: a decrease, whose time is kept as decreased_at).
+# Returns 1 if replaced.
 _SWAP_CAP = """
 local current = redis.call('HGET', KEYS[1], 'cap')
 if (current or '') ~= ARGV[1] then
@@ -131,9 +166,10 @@ if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])
 else
   local t = redis.call('TIME')
-  redis.call('HSET', KEYS[1], 'cap', ARGV[2], 'changed_at', t[1] .. '.' .. t[2])
+  local stamp = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  redis.call('HSET', KEYS[1], 'cap', ARGV[2], 'changed_at', stamp)
   if ARGV[3] ~= '' then
-    redis.call('HSET', KEYS[1], 'refused_at', ARGV[3])
+    redis.call('HSET', KEYS[1], 'refused_at', ARGV[3], 'decreased_at', stamp)
   end
 end
 return 1
@@ -151,8 +187,6 @@ class SlotGrant:
     ahead: int = 0
     #: True on the first refusal of a wait (so the wait is recorded once).
     first_refusal: bool = False
-    #: True when the refused message is the one ``wake_next`` woke this waiter with.
-    woken: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,16 +196,13 @@ class AdaptiveCap:
     changed_at: float
     #: How many pushes were running when the registry last answered 429.
     refused_at: int | None = None
+    #: When the cap last went down (Redis' clock); increases do not move it.
+    decreased_at: float = 0.0
 
 
 def _keys(registry_id: int) -> tuple[str, str, str]:
     base = f"{PREFIX}:{registry_id}"
     return f"{base}:slots", f"{base}:waiters", f"{base}:seen"
-
-
-def _wake_keys(registry_id: int) -> tuple[str, str]:
-    base = f"{PREFIX}:{registry_id}"
-    return f"{base}:woken", f"{base}:wokenat"
 
 
 def _aimd_key(registry_id: int) -> str:
@@ -189,7 +220,7 @@ class RedisFlowState:
         self._acquire = self._client.register_script(_ACQUIRE)
         self._renew = self._client.register_script(_RENEW)
         self._swap = self._client.register_script(_SWAP_CAP)
-        self._wake_next = self._client.register_script(_WAKE_NEXT)
+        self._hand_over = self._client.register_script(_HAND_OVER)
         self._limiter: MovingWindowRateLimiter | None = None
 
     def acquire(
@@ -202,26 +233,37 @@ class RedisFlowState:
         lease: float,
         waiter_ttl: float,
         now: float | None = None,
-        message_id: str | None = None,
+        wake: bool = False,
     ) -> SlotGrant:
+        """A slot for ``holder``: its waiter's reservation, or a free one under ``cap``; else a
+        place in the queue (not for a ``wake`` message: the waiter's own message waits)."""
         args = [holder, waiter, cap, lease, waiter_ttl, -1 if now is None else now]
-        args.append(message_id or "")
-        keys = [*_keys(registry_id), *_wake_keys(registry_id)]
-        answer = cast(list[int], self._call(self._acquire, keys, args))
-        granted, holders, ahead, first, woken = (int(value) for value in answer)
-        return SlotGrant(bool(granted), holders, ahead, bool(first), bool(woken))
+        args.append("1" if wake else "")
+        answer = cast(list[int], self._call(self._acquire, list(_keys(registry_id)), args))
+        granted, holders, ahead, first = (int(value) for value in answer)
+        return SlotGrant(bool(granted), holders, ahead, bool(first))
 
-    def wake_next(
-        self, registry_id: int, message_id: str, *, window: float, waiter_ttl: float
-    ) -> str | None:
-        """The first live waiter not woken in the last ``window`` s, now marked as woken by
-        ``message_id``; None when there is none."""
-        _slots, waiters, seen = _keys(registry_id)
-        keys = [waiters, seen, *_wake_keys(registry_id)]
-        answer = self._call(self._wake_next, keys, [message_id, window, waiter_ttl])
-        if not answer:
-            return None
-        return answer.decode() if isinstance(answer, bytes) else str(answer)
+    def hand_over(
+        self,
+        registry_id: int,
+        holder: str,
+        cap: int,
+        *,
+        reservation: float,
+        waiter_ttl: float,
+        most: int = 1,
+        now: float | None = None,
+    ) -> list[str]:
+        """Release ``holder``'s slot and reserve free slots (up to ``cap``, at most ``most``) for
+        the first live waiters, for ``reservation`` seconds; returns those waiters, in order."""
+        args = [holder, cap, reservation, waiter_ttl, most, -1 if now is None else now]
+        answer = cast(list[Any], self._call(self._hand_over, list(_keys(registry_id)), args))
+        return [w.decode() if isinstance(w, bytes) else str(w) for w in answer or []]
+
+    def cancel_reservation(self, registry_id: int, waiter: str) -> None:
+        """Free a slot reserved for ``waiter`` (its step could not be published)."""
+        slots = _keys(registry_id)[0]
+        self._call(lambda: self._client.zrem(slots, RESERVED + waiter))
 
     def renew(
         self, registry_id: int, holder: str, *, lease: float, now: float | None = None
@@ -234,12 +276,10 @@ class RedisFlowState:
         self._call(lambda: self._client.zrem(_keys(registry_id)[0], holder))
 
     def forget_waiter(self, registry_id: int, waiter: str) -> None:
-        _slots, waiters, seen = _keys(registry_id)
+        slots, waiters, seen = _keys(registry_id)
         self._call(lambda: self._client.zrem(waiters, waiter))
         self._call(lambda: self._client.zrem(seen, waiter))
-        woken, woken_at = _wake_keys(registry_id)
-        self._call(lambda: self._client.hdel(woken, waiter))
-        self._call(lambda: self._client.zrem(woken_at, waiter))
+        self._call(lambda: self._client.zrem(slots, RESERVED + waiter))
 
     def holders(self, registry_id: int, *, now: float | None = None) -> int:
         """Holders whose lease has not run out."""
@@ -261,6 +301,7 @@ class RedisFlowState:
             float(raw[b"cap"]),
             float(raw.get(b"changed_at", b"0")),
             None if refused is None else int(refused),
+            float(raw.get(b"decreased_at", b"0")),
         )
 
     def swap_cap(

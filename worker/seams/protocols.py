@@ -70,12 +70,22 @@ class FlowState(Protocol):
         lease: float,
         waiter_ttl: float,
         now: float | None = None,
-        message_id: str | None = None,
+        wake: bool = False,
     ) -> SlotGrant: ...
 
-    def wake_next(
-        self, registry_id: int, message_id: str, *, window: float, waiter_ttl: float
-    ) -> str | None: ...
+    def hand_over(
+        self,
+        registry_id: int,
+        holder: str,
+        cap: int,
+        *,
+        reservation: float,
+        waiter_ttl: float,
+        most: int = 1,
+        now: float | None = None,
+    ) -> list[str]: ...
+
+    def cancel_reservation(self, registry_id: int, waiter: str) -> None: ...
 
     def renew(
         self, registry_id: int, holder: str, *, lease: float, now: float | None = None
