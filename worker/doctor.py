@@ -11,8 +11,8 @@ queue checks when the broker does not answer: the cause is then the one ``fail``
 - **migrations**: the database is at the newest revision this code knows;
 - **broker**: a connection within the timeout;
 - **queue <name>**: at least one worker consumes it (Celery's ``inspect().active_queues()``):
-  the default queue, each Docker host's queue, and the webhook queue when a webhook subscription
-  needs it;
+  the default queue, each Docker host's queue, the webhook queue when a webhook subscription
+  needs it, and the skopeo queue while a job copying a non-Docker source is unfinished;
 - **beat <task>**: reconcile and registry health completed a run recently (their heartbeats,
   ``worker.store.heartbeats``): late after two intervals and a minute, failing after five;
 - **secret key** and **credentials**: the key is set and valid, and decrypts every stored
@@ -36,12 +36,12 @@ from sqlalchemy.orm import Session
 
 from worker.core.credentials import CredentialKind, decrypt_secret
 from worker.core.errors import PushWorkerError, SecretKeyMissing
-from worker.core.queues import DEFAULT_QUEUE, WEBHOOK_QUEUE, queue_for
+from worker.core.queues import DEFAULT_QUEUE, SKOPEO_QUEUE, WEBHOOK_QUEUE, queue_for
 from worker.core.settings import Settings, get_settings, mask_url_password
 from worker.metrics import BEAT_TASKS, beat_intervals
 from worker.store import events, heartbeats, migrate, queries
 from worker.store.db import read_scope
-from worker.store.models import Registry, WebhookSubscription, utcnow
+from worker.store.models import JobStatus, PushJob, Registry, WebhookSubscription, utcnow
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 #: Exit code of ``pushctl doctor`` by its worst finding.
@@ -202,36 +202,55 @@ def check_broker(settings: Settings, broker: Broker, timeout: float) -> Finding:
     return Finding("broker", OK, f"{shown}: reachable")
 
 
+@dataclass(frozen=True)
+class OptionalQueue:
+    """A queue that needs a worker only while something uses it: ``needed`` says whether
+    something does (None: unknown, the database was not read); ``user`` names what would."""
+
+    name: str
+    needed: bool | None
+    user: str
+
+
+def optional_queues(webhooks: bool | None, copies: bool | None) -> list[OptionalQueue]:
+    return [
+        OptionalQueue(WEBHOOK_QUEUE, webhooks, "webhook subscription"),
+        OptionalQueue(SKOPEO_QUEUE, copies, "unfinished job copying a non-Docker source"),
+    ]
+
+
 def check_queues(
     queues: Sequence[str],
     broker: Broker,
     timeout: float,
-    *,
-    webhooks_needed: bool | None,
+    optional: Sequence[OptionalQueue] = (),
 ) -> list[Finding]:
-    """One finding per queue: which workers consume it (a ``fail`` when none does)."""
+    """One finding per queue: which workers consume it (a ``fail`` when none does, unless the
+    queue is optional and nothing needs it)."""
     try:
         consumers = broker.active_queues(timeout)
     except Exception as exc:  # the broker went away between the two checks, or refused
         return [
             Finding(f"queue {q}", FAIL, f"the workers could not be asked ({type(exc).__name__})",
                     "check the broker")
-            for q in [*queues, WEBHOOK_QUEUE]
+            for q in [*queues, *(o.name for o in optional)]
         ]  # fmt: skip
     found = [_queue_finding(queue, consumers, timeout) for queue in queues]
-    webhook = _queue_finding(WEBHOOK_QUEUE, consumers, timeout)
-    if webhook.status == FAIL and webhooks_needed is False:
-        webhook = Finding(
-            webhook.name, OK, "no worker consumes it, and no webhook subscription needs one"
-        )
-    elif webhook.status == FAIL and webhooks_needed is None:
-        webhook = Finding(
-            webhook.name, WARN,
-            "no worker consumes it (whether a webhook subscription needs one is unknown: "
-            "the database was not read)",
-            f"start a worker with `-Q {WEBHOOK_QUEUE}` if webhooks are used",
-        )  # fmt: skip
-    return [*found, webhook]
+    for queue in optional:
+        finding = _queue_finding(queue.name, consumers, timeout)
+        if finding.status == FAIL and queue.needed is False:
+            finding = Finding(
+                finding.name, OK, f"no worker consumes it, and no {queue.user} needs one"
+            )
+        elif finding.status == FAIL and queue.needed is None:
+            finding = Finding(
+                finding.name, WARN,
+                f"no worker consumes it (whether a {queue.user} needs one is unknown: the "
+                "database was not read)",
+                f"start a worker with `-Q {queue.name}` if it is used",
+            )  # fmt: skip
+        found.append(finding)
+    return found
 
 
 def _queue_finding(queue: str, consumers: dict[str, list[str]], timeout: float) -> Finding:
@@ -246,7 +265,7 @@ def _queue_finding(queue: str, consumers: dict[str, list[str]], timeout: float) 
     return Finding(
         f"queue {queue}", FAIL, answered,
         f"start a worker consuming it: `celery -A tasks.app worker -Q {queue}`"
-        + ("" if queue in (DEFAULT_QUEUE, WEBHOOK_QUEUE) else
+        + ("" if queue in (DEFAULT_QUEUE, WEBHOOK_QUEUE, SKOPEO_QUEUE) else
            f" (or PUSHWORKER_WORKER_HOST={queue.removeprefix(DEFAULT_QUEUE + '.')})"),
     )  # fmt: skip
 
@@ -420,6 +439,18 @@ def _webhooks_needed(session: Session) -> bool:
     )
 
 
+def _copies_needed(session: Session) -> bool:
+    unfinished = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+    return (
+        session.scalar(
+            select(PushJob.id)
+            .where(PushJob.status.in_(unfinished), PushJob.source_kind != "docker")
+            .limit(1)
+        )
+        is not None
+    )
+
+
 # --- all of them -------------------------------------------------------------------------------
 
 
@@ -436,9 +467,11 @@ def run(
     found = check_database(settings, timeout)
     schema_ok = all(f.status == OK for f in found)
     webhooks_needed: bool | None = None
+    copies_needed: bool | None = None
     later: list[Finding] = []
     if schema_ok:
         webhooks_needed = _guarded(_webhooks_needed, later, "webhook subscriptions")
+        copies_needed = _guarded(_copies_needed, later, "copied sources")
         beat = _guarded(lambda s: check_beat(s, settings, now()), later, "beat")
         secrets = _guarded(lambda s: check_secrets(s, settings), later, "credentials")
         registries = _guarded(check_registries, later, "registries")
@@ -450,7 +483,9 @@ def run(
     found.append(broker_found)
     queues = expected_queues(settings)
     if broker_found.status == OK:
-        found += check_queues(queues, broker, timeout, webhooks_needed=webhooks_needed)
+        found += check_queues(
+            queues, broker, timeout, optional_queues(webhooks_needed, copies_needed)
+        )
     else:
         found += [_not_checked(f"queue {q}", "the broker does not answer") for q in queues]
     return [*found, *later]

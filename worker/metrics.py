@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from worker.core.logs import get_logger
-from worker.core.queues import DEFAULT_QUEUE, HEALTH_TASK, RECONCILE_TASK, queue_for
+from worker.core.queues import DEFAULT_QUEUE, HEALTH_TASK, RECONCILE_TASK, SKOPEO_QUEUE, queue_for
 from worker.core.settings import METRICS_DIR_ENV, METRICS_PORT_ENV, Settings, get_settings
+from worker.core.sources import SourceKind
 from worker.store import events, heartbeats, queries
 from worker.store.db import read_scope
 from worker.store.models import JobStatus, PushJob, Registry, WebhookDelivery, utcnow
@@ -336,17 +337,25 @@ def read_state(now: datetime | None = None) -> SharedState:
     state = SharedState(intervals=beat_intervals(settings))
     # Every known queue is exported, empty ones at 0: an alert or a panel sees a queue before
     # its first job, and an empty queue is an age of 0, not a missing series.
-    for queue in (DEFAULT_QUEUE, *(queue_for(host) for host in settings.docker_hosts)):
+    known = (DEFAULT_QUEUE, *(queue_for(host) for host in settings.docker_hosts), SKOPEO_QUEUE)
+    for queue in known:
         state.queues[queue] = (0, 0.0)
     with read_scope() as session:
         queued = session.execute(
-            select(PushJob.docker_host, func.count(), func.min(PushJob.updated_at))
+            select(PushJob.docker_host, PushJob.source_kind, func.count(),
+                   func.min(PushJob.updated_at))
             .where(PushJob.status == JobStatus.QUEUED.value)
-            .group_by(PushJob.docker_host)
-        ).all()
-        for host, count, oldest in queued:
+            .group_by(PushJob.docker_host, PushJob.source_kind)
+        ).all()  # fmt: skip
+        totals: dict[str, tuple[int, float]] = {}
+        for host, kind, count, oldest in queued:
+            # The queue the dispatcher picks (worker.jobs.route_of): copied sources go to skopeo.
+            engine = SourceKind(kind).engine if kind in set(SourceKind) else "docker"
+            queue = queue_for(host, engine)
             age = max((moment - oldest).total_seconds(), 0.0) if oldest else 0.0
-            state.queues[queue_for(host)] = (int(count), age)
+            jobs, before = totals.get(queue, (0, 0.0))
+            totals[queue] = (jobs + int(count), max(before, age))
+        state.queues.update(totals)
         pending = session.execute(
             select(func.count(), func.min(WebhookDelivery.created_at)).where(
                 WebhookDelivery.status == _PENDING

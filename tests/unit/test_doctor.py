@@ -18,11 +18,12 @@ from worker.cli import cli
 from worker.core.queues import HEALTH_TASK, RECONCILE_TASK
 from worker.core.settings import get_settings
 from worker.doctor import FAIL, OK, WARN, Finding
+from worker.jobs import PushRequest, create_job
 from worker.registries import RegistrySpec, create_registry
 from worker.store import events, heartbeats, migrate
 from worker.store.db import session_scope
 from worker.store.migrate import upgrade
-from worker.store.models import Registry, utcnow
+from worker.store.models import PushJob, Registry, utcnow
 from worker.webhooks import add_subscription
 
 PASSWORD = "hunter2-never-shown"  # a stored secret, looked for in every output
@@ -148,9 +149,8 @@ def test_queue_without_a_consumer_fails_naming_it(monkeypatch: pytest.MonkeyPatc
     get_settings.cache_clear()
     queues = doctor.expected_queues(get_settings())
     assert queues == ["pushworker", "pushworker.builder-1"]
-    found = by_name(
-        doctor.check_queues(queues, FakeBroker(consumers=HEALTHY_BROKER), 1, webhooks_needed=True)
-    )
+    optional = doctor.optional_queues(webhooks=True, copies=False)
+    found = by_name(doctor.check_queues(queues, FakeBroker(consumers=HEALTHY_BROKER), 1, optional))
     assert found["queue pushworker"].status == OK
     assert found["queue pushworker"].detail == "consumed by 2 workers: w1@h, w2@h"
     assert found["queue pushworker.builder-1"].status == FAIL
@@ -159,13 +159,33 @@ def test_queue_without_a_consumer_fails_naming_it(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(("needed", "status"), [(True, FAIL), (False, OK), (None, WARN)])
-def test_webhook_queue_matters_only_when_a_subscription_needs_it(
+def test_webhook_and_skopeo_queues_matter_only_when_something_needs_them(
     needed: bool | None, status: str
 ) -> None:
     broker = FakeBroker(consumers={"w1@h": ["pushworker"]})
-    found = by_name(doctor.check_queues(["pushworker"], broker, 1, webhooks_needed=needed))
-    assert found["queue pushworker.webhooks"].status == status
-    assert found["queue pushworker"].status == OK
+    for webhooks, copies, queue in ((needed, False, "pushworker.webhooks"),
+                                    (False, needed, "pushworker.skopeo")):  # fmt: skip
+        optional = doctor.optional_queues(webhooks=webhooks, copies=copies)
+        found = by_name(doctor.check_queues(["pushworker"], broker, 1, optional))
+        assert found[f"queue {queue}"].status == status
+        assert [f.status for f in found.values()].count(OK) == (3 if status == OK else 2)
+
+
+def test_an_unfinished_copied_source_job_needs_the_skopeo_queue(sqlite_url: str) -> None:
+    healthy_deployment()
+    with session_scope() as session:
+        job, _ = create_job(session, PushRequest("app:1", 5, "team/app", "1", "t"), actor="t")
+        job_id = job.id
+    broker = FakeBroker(consumers=HEALTHY_BROKER)
+    assert by_name(doctor.run(broker=broker))["queue pushworker.skopeo"].status == OK
+    with session_scope() as session:
+        session.execute(update(PushJob).where(PushJob.id == job_id).values(source_kind="registry"))
+    found = by_name(doctor.run(broker=broker))["queue pushworker.skopeo"]
+    assert found.status == FAIL
+    assert (
+        found.fix
+        == "start a worker consuming it: `celery -A tasks.app worker -Q pushworker.skopeo`"
+    )
 
 
 def test_workers_that_cannot_be_asked_fail_every_queue() -> None:
@@ -173,9 +193,11 @@ def test_workers_that_cannot_be_asked_fail_every_queue() -> None:
         def active_queues(self, timeout: float) -> dict[str, list[str]]:
             raise TimeoutError
 
-    found = doctor.check_queues(["pushworker"], Flaky(), 1, webhooks_needed=False)
+    optional = doctor.optional_queues(webhooks=False, copies=False)
+    found = doctor.check_queues(["pushworker"], Flaky(), 1, optional)
     assert [(f.name, f.status) for f in found] == [
         ("queue pushworker", FAIL), ("queue pushworker.webhooks", FAIL),
+        ("queue pushworker.skopeo", FAIL),
     ]  # fmt: skip
     assert "TimeoutError" in found[0].detail
 
@@ -370,7 +392,8 @@ def test_run_all_ok(sqlite_url: str) -> None:
     assert [f for f in findings if f.status != OK] == []
     assert [f.name for f in findings] == [
         "database", "migrations", "broker", "queue pushworker", "queue pushworker.webhooks",
-        "beat reconcile", "beat check_registries", "secret key", "credentials", "registry 5",
+        "queue pushworker.skopeo", "beat reconcile", "beat check_registries", "secret key",
+        "credentials", "registry 5",
     ]  # fmt: skip
     assert doctor.exit_code(findings) == 0
 

@@ -55,7 +55,7 @@ def state_db(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
             create_registry(session, spec, registry_id=registry_id)
 
 
-def queued_job(tag: str, docker_host: str | None, age: float) -> None:
+def queued_job(tag: str, docker_host: str | None, age: float, kind: str = "docker") -> None:
     with session_scope() as session:
         request = PushRequest("app:1", 5, "team/app", tag, "t", docker_host=docker_host)
         job, _ = create_job(session, request, actor="producer:t")
@@ -63,7 +63,9 @@ def queued_job(tag: str, docker_host: str | None, age: float) -> None:
     with session_scope() as session:
         # The row's last change: when it was queued (or retried).
         moment = utcnow() - timedelta(seconds=age)
-        session.execute(update(PushJob).where(PushJob.id == job_id).values(updated_at=moment))
+        session.execute(
+            update(PushJob).where(PushJob.id == job_id).values(updated_at=moment, source_kind=kind)
+        )
 
 
 def test_shared_state_from_the_database(state_db: None) -> None:
@@ -71,6 +73,8 @@ def test_shared_state_from_the_database(state_db: None) -> None:
     queued_job("a", None, 100)
     queued_job("b", None, 30)
     queued_job("c", "builder-1", 500)
+    # A copied source runs on the skopeo queue, whatever its host (worker.jobs.route_of).
+    queued_job("d", "builder-1", 50, kind="oci-layout")
     with session_scope() as session:
         add_subscription(
             session, "http://127.0.0.1:9/x", ["registry.health"], allow_private=True, actor="t"
@@ -92,6 +96,8 @@ def test_shared_state_from_the_database(state_db: None) -> None:
     assert state.queues["pushworker.builder-1"][0] == 1
     assert state.queues["pushworker.builder-1"][1] == pytest.approx(500, abs=1)
     assert state.queues["pushworker.builder-2"] == (0, 0.0)
+    assert state.queues["pushworker.skopeo"][0] == 1
+    assert state.queues["pushworker.skopeo"][1] == pytest.approx(50, abs=1)
     assert (state.webhooks_pending, state.webhooks_dead) == (1, 0)
     assert state.webhook_oldest_pending == pytest.approx(600, abs=1)
     assert state.beats[RECONCILE_TASK] == pytest.approx(now.timestamp() - 42, abs=0.01)
