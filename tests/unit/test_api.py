@@ -130,3 +130,17 @@ def test_a_query_parameter_the_route_does_not_declare_is_refused(sqlite_url: str
                 assert content["schema"] == {"$ref": "#/components/schemas/ErrorBody"}, (
                     method, path,
                 )  # fmt: skip
+
+
+def test_an_outcome_filter_names_a_recorded_outcome_or_is_refused(sqlite_url: str) -> None:
+    """An unknown outcome matched nothing and answered 200 with no events, which reads as "no
+    such events"; it is a 422 naming the outcomes the log records (the console says the same)."""
+    token, _ = create_token("outcome-auditor", "auditor", actor="operator:test")
+    with TestClient(create_app()) as client:
+        client.headers["Authorization"] = f"Bearer {token}"
+        for outcome in ("failed", "fallback"):
+            assert client.get(f"/v1/events?outcome={outcome}").status_code == 200
+        for bad in ("faild", "1.183382740308864e+165", "FAILED"):
+            answer = client.get(f"/v1/events?outcome={bad}&outcome=failed")
+            assert answer.status_code == 422, (bad, answer.text)
+            assert answer.json()["code"] == "invalid_input"

@@ -345,3 +345,10 @@ def test_a_refreshing_part_sends_an_ended_session_to_the_sign_in_page(client: Te
         "/console/fragments/overview", headers={"HX-Request": "true"}, follow_redirects=False
     )
     assert answer.status_code == 401 and answer.headers["HX-Redirect"] == "/console/signin"
+
+
+def test_an_unknown_outcome_filter_is_a_clear_error(client: TestClient) -> None:
+    sign_in(client, "auditor")
+    answer = client.get("/console/events?outcome=failed,faild")
+    assert answer.status_code == 422 and "unknown outcome &#39;faild&#39;" in answer.text
+    assert client.get("/console/events?outcome=failed,fallback").status_code == 200

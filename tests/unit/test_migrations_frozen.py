@@ -133,3 +133,11 @@ def test_frozen_copy_derives_outcomes_like_the_live_chain(
 ) -> None:
     """The ``outcome`` column the backfill derived is the one an append derives today."""
     assert HASH_CHAIN.derive_outcome(type, payload) == chain.derive_outcome(type, payload)
+
+
+def test_the_outcomes_a_filter_may_name_are_every_outcome_the_log_records() -> None:
+    """``chain.OUTCOMES`` (what the API, the console and ``pushctl events`` accept) is exactly
+    the set of values ``derive_outcome`` gives: no filter refuses a recorded outcome."""
+    derived = {*chain._OUTCOME_OF_SUFFIX.values(), *chain._OUTCOME_OF_TYPE.values()}
+    assert set(chain.OUTCOMES) == derived
+    assert chain.derive_outcome("registry.tested", {"ok": True}) in chain.OUTCOMES

@@ -58,6 +58,7 @@ from worker.jobs import (
 from worker.probe import check_registry, record_test
 from worker.registries import get_registry, list_registries
 from worker.store import events, queries
+from worker.store.chain import Outcome
 from worker.store.db import read_connection, read_scope, read_snapshot, session_scope
 from worker.store.models import JobStatus, PushJob, Registry
 from worker.tokens import Principal
@@ -397,7 +398,7 @@ def list_events(
     registry: Id | None = None,
     repository: Annotated[str | None, Query(max_length=255)] = None,
     type: Annotated[list[str] | None, Query(max_length=40)] = None,
-    outcome: Annotated[list[str] | None, Query(max_length=20)] = None,
+    outcome: Annotated[list[Outcome] | None, Query(max_length=20)] = None,
     actor: Annotated[str | None, Query(max_length=200)] = None,
     since: Moment = None,
     until: Moment = None,

@@ -29,6 +29,7 @@ from worker.cli.common import (
 from worker.core.errors import StorageError
 from worker.core.text import printable
 from worker.store import events, export, queries, retention, verify
+from worker.store.chain import OUTCOMES
 from worker.store.db import read_scope
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,7 +57,7 @@ def _filters(command: F) -> F:
             "--outcome",
             "outcomes",
             multiple=True,
-            type=click.Choice(["succeeded", "failed", "skipped", "cancelled", "fallback"]),
+            type=click.Choice(OUTCOMES),
             help="Only this outcome (repeatable).",
         ),
         click.option("--actor", type=TEXT, help="Only this actor, exactly (e.g. operator:alice)."),

@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 #: ``prev_hash`` of the very first event of a log.
 GENESIS_HASH = "0" * 64
@@ -34,6 +34,9 @@ _OUTCOME_OF_SUFFIX = {
     "cancelled": "cancelled",
 }
 _OUTCOME_OF_TYPE = {"fallback.applied": "fallback"}
+#: Every value the ``outcome`` column takes (None aside): what a filter on it may name.
+Outcome = Literal["cancelled", "failed", "fallback", "skipped", "succeeded"]
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
 
 
 def canonical_time(moment: datetime | str) -> str:

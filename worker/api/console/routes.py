@@ -41,6 +41,7 @@ from worker.registries import (
     update_registry,
 )
 from worker.store import events, export, queries
+from worker.store.chain import OUTCOMES
 from worker.store.db import read_scope, session_scope
 from worker.store.models import JobStatus, PushJob
 from worker.store.verify import verify
@@ -704,6 +705,11 @@ def _event_query(params: Any) -> tuple[queries.EventQuery, dict[str, str]]:
         raise ValidationError("cursor is not a cursor of this listing")
     types = [t.strip() for t in (text("type") or "").split(",") if t.strip()]
     outcomes = [o.strip() for o in (text("outcome") or "").split(",") if o.strip()]
+    unknown = sorted(set(outcomes) - set(OUTCOMES))
+    if unknown:
+        raise ValidationError(
+            f"unknown outcome {unknown[0]!r}; an event's outcome is one of {', '.join(OUTCOMES)}"
+        )
     query = queries.EventQuery(
         job_id=text("job", 36), registry_id=int(registry) if registry else None,
         repository=text("repository", 255), types=types or None, outcomes=outcomes or None,
