@@ -23,13 +23,31 @@ from celery.signals import (
 )
 
 from worker import metrics
+from worker.core.brokers import broker_kind, delayed_delivery_seconds
 from worker.core.errors import PushWorkerError
 from worker.core.logs import configure_logging, get_logger
 from worker.core.queues import STEP_TASK_PREFIX
 from worker.core.settings import DOCKER_HOSTS_ENV, WORKER_HOST_ENV, get_settings
 from worker.jobs import check_docker_host
 
-app = Celery("pushworker")
+
+class PushworkerCelery(Celery):  # type: ignore[misc]  # Celery is untyped
+    """Celery, with delays in whole seconds on RabbitMQ (``delayed_delivery_seconds``): a retry
+    or flow-control poll due in under a second would otherwise be refused by kombu's delayed
+    delivery, and the step's message lost until reconcile."""
+
+    def send_task(self, name: str, *args: Any, **options: Any) -> Any:
+        # Task.apply_async passes (name, args, kwargs) positionally and the delay by keyword.
+        if len(args) < 3 and broker_kind(str(self.conf.broker_url)) == "amqp":
+            seconds = delayed_delivery_seconds(
+                options.get("countdown"), options.get("eta"), self.now()
+            )
+            if seconds is not None:
+                options["countdown"], options["eta"] = seconds, None
+        return super().send_task(name, *args, **options)
+
+
+app: Celery = PushworkerCelery("pushworker")
 app.config_from_object("celeryconfig")
 # Every task module, imported when the worker starts (and when a producer publishes).
 app.conf.include = [

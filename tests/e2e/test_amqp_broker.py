@@ -39,6 +39,7 @@ from tests.e2e.test_faults import (
     events_of,
     test_a_step_that_keeps_killing_its_worker_fails_the_job,
     test_duplicate_deliveries_run_each_step_once,
+    test_registry_outage_fails_jobs_then_an_operator_retry_succeeds,
     test_worker_killed_mid_push_finishes_the_job_once,
 )
 from tests.e2e.test_poison_messages import CORPUS, QUEUE, SECRET, Raw, _recordable, rejections
@@ -71,6 +72,8 @@ __all__ = [
     "test_a_step_that_keeps_killing_its_worker_fails_the_job",
     "test_a_worker_killed_whole_mid_push_is_taken_over_by_the_next_start",
     "test_duplicate_deliveries_run_each_step_once",
+    # Retries wait in RabbitMQ's delayed-delivery queues (countdowns on quorum queues).
+    "test_registry_outage_fails_jobs_then_an_operator_retry_succeeds",
     "test_worker_killed_mid_push_finishes_the_job_once",
 ]
 

@@ -3,11 +3,19 @@ RabbitMQ, and an AMQP URL's password kept out of what the settings show."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 import pytest
 from celery import Celery
 from celery.utils.quorum_queues import detect_quorum_queues
 
-from worker.core.brokers import broker_kind, celery_broker_options, visibility_timeout
+from worker.core.brokers import (
+    broker_kind,
+    celery_broker_options,
+    delayed_delivery_seconds,
+    visibility_timeout,
+)
 from worker.core.errors import ValidationError
 from worker.core.settings import Settings, mask_url_password
 
@@ -125,3 +133,42 @@ def test_pushctl_config_never_shows_the_amqp_or_flow_redis_password() -> None:
     assert shown["broker_url"] == "amqp://pushworker:***@rabbit.internal:5672/pushworker"
     assert shown["flow_redis_url"] == "redis://:***@r:6379/4"
     assert not [value for value in shown.values() if PASSWORD in value or "redis-pw" in value]
+
+
+NOW = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("countdown", "eta", "seconds"),
+    [
+        (0.39, None, 1),  # kombu would truncate it to 0 and refuse it
+        (1.0, None, 1),
+        (1.2, None, 2),  # never earlier than asked
+        (300, None, 300),
+        (None, NOW + timedelta(seconds=0.2), 1),
+        (None, (NOW + timedelta(seconds=2.5)).isoformat(), 3),
+        (None, NOW - timedelta(seconds=5), None),  # already due: no delay
+        (0, None, None),
+        (-1, None, None),
+        (None, None, None),
+    ],
+)
+def test_delays_become_whole_seconds_rounded_up(
+    countdown: float | None, eta: datetime | str | None, seconds: int | None
+) -> None:
+    assert delayed_delivery_seconds(countdown, eta, NOW) == seconds
+
+
+def test_the_app_sends_sub_second_retries_to_rabbitmq_as_whole_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only on RabbitMQ: Redis' ETA handling takes fractions as they are."""
+    from tasks.app import PushworkerCelery
+
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(Celery, "send_task", lambda self, name, *a, **o: sent.append(o))
+    for url in (AMQP, "redis://r:6379/0"):
+        app = PushworkerCelery(broker=url)
+        app.send_task("pushworker.step.login", ["j", 5], {}, countdown=0.39, queue="pushworker")
+    assert [options["countdown"] for options in sent] == [1, 0.39]
+    assert sent[0]["eta"] is None and sent[0]["queue"] == "pushworker"

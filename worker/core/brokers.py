@@ -10,6 +10,7 @@ which.
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from typing import Any, Literal
 
 BrokerKind = Literal["redis", "amqp", "other"]
@@ -65,3 +66,24 @@ def celery_broker_options(url: str, push_timeout: float) -> dict[str, Any]:
             "broker_transport_options": {"visibility_timeout": visibility_timeout(push_timeout)}
         }
     return {}
+
+
+def delayed_delivery_seconds(
+    countdown: float | None, eta: datetime | str | None, now: datetime
+) -> int | None:
+    """The whole seconds a delayed message should wait in RabbitMQ, or None when it is not
+    delayed (no countdown or ETA, or one already due).
+
+    Celery's native delayed delivery (quorum queues) routes a message by the countdown's whole
+    seconds, truncated: under a second becomes 0, which kombu refuses ("countdown must be a
+    positive number") and Celery then drops the retry. Rounded up, a delay is never shorter than
+    asked, and at most a second longer.
+    """
+    if countdown:
+        seconds = float(countdown)
+    elif eta is not None:
+        when = datetime.fromisoformat(eta) if isinstance(eta, str) else eta
+        seconds = (when - now).total_seconds()
+    else:
+        return None
+    return math.ceil(seconds) if seconds > 0 else None
