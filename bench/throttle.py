@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 docker, config, cli_env, batch, proxy, endpoint, args.limit
                             )
                         else:
-                            cap = args.limit if side == "capped" else None
+                            cap = (args.cap or args.limit) if side == "capped" else None
                             registry_id = _registry_for(proxy, endpoint, cap)
                             flag = "0" if side == "off" else "1"
                             worker = bench.worker(
@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 LABELS = {
     "off": "worker, no flow control (as before flow control)",
     "adaptive": "worker, flow control, no cap configured (AIMD learns it)",
-    "capped": "worker, flow control, `--max-concurrent 4`",
+    "capped": "worker, flow control, `--max-concurrent` = the cap",
     "cli": "script: `docker tag && docker push`, 4 in parallel",
 }
 
@@ -410,7 +410,8 @@ def report(data: dict[str, Any]) -> list[str]:
         f"{args['jobs']} jobs per side and round, {args['rounds']} rounds (interleaved: {order}; "
         f"the order rotates each round); {args.get('size_mib', 1):g} MiB images (one layer); the "
         f"registry answers 429 (no Retry-After) to a push above {args['limit']} at once; worker "
-        f"concurrency {args['concurrency']} (one worker, prefork); docker CLI {data['docker']}.",
+        f"concurrency {args['concurrency']} (one worker, prefork); the capped side's cap "
+        f"{args.get('cap') or args['limit']}; docker CLI {data['docker']}.",
         "",
         "| side | goodput jobs/s, median (min-max) | succeeded | failed | 429s per round, median "
         "(min-max) | 429 share of all requests (pooled) | most pushes at once |",
@@ -500,6 +501,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--limit", type=int, default=4, help="pushes at once the registry takes")
     parser.add_argument("--size-mib", type=float, default=1.0, help="size of each image's layer")
+    parser.add_argument(
+        "--cap", type=int, default=None,
+        help="the capped side's --max-concurrent (default: the registry's --limit)",
+    )  # fmt: skip
     parser.add_argument("--sides", default=",".join(SIDES), help="which sides, comma-separated")
     common_arguments(parser)
     parser.set_defaults(concurrency=8)
