@@ -66,13 +66,13 @@ MiB = 1024 * 1024
 #: Every queue these tests (and the Redis modules' tests run here) consume.
 QUEUES = (QUEUE, f"{QUEUE}.{HOST}")
 
-# Run here, on the RabbitMQ worker, exactly as written for Redis.
+# Run here, on the RabbitMQ worker, exactly as written for Redis. The outage test's retries wait
+# in RabbitMQ's delayed-delivery queues (countdowns on quorum queues).
 __all__ = [
     "_known_host",
     "test_a_step_that_keeps_killing_its_worker_fails_the_job",
     "test_a_worker_killed_whole_mid_push_is_taken_over_by_the_next_start",
     "test_duplicate_deliveries_run_each_step_once",
-    # Retries wait in RabbitMQ's delayed-delivery queues (countdowns on quorum queues).
     "test_registry_outage_fails_jobs_then_an_operator_retry_succeeds",
     "test_worker_killed_mid_push_finishes_the_job_once",
 ]
