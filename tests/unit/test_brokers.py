@@ -172,3 +172,13 @@ def test_the_app_sends_sub_second_retries_to_rabbitmq_as_whole_seconds(
         app.send_task("pushworker.step.login", ["j", 5], {}, countdown=0.39, queue="pushworker")
     assert [options["countdown"] for options in sent] == [1, 0.39]
     assert sent[0]["eta"] is None and sent[0]["queue"] == "pushworker"
+
+
+def test_readyz_asks_an_amqp_broker_with_a_handshake() -> None:
+    """/readyz on RabbitMQ: a connection is made (kombu), not a Redis PING; nothing listening
+    on the port is a failure, which readyz reports as unavailable."""
+    from worker.api.routes import _ping_broker
+
+    _ping_broker("memory://")  # kombu's in-process transport: connects
+    with pytest.raises(OSError):
+        _ping_broker("amqp://guest:guest@127.0.0.1:1//")
