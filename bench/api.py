@@ -45,7 +45,9 @@ from bench.common import (
 from harness.stack import ROOT, free_port
 
 
-def _serve(env: dict[str, str], log_path: str) -> tuple[str, subprocess.Popen[bytes]]:
+def serve_api(env: dict[str, str], log_path: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """A real ``pushctl api serve`` process (one uvicorn process) with ``env``, once it answers
+    ``/healthz``: its base URL and the process."""
     port = free_port()
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from worker.tokens import create_token
 
         token, _ = create_token(f"bench-{bench.run_id}", "producer", actor="operator:bench")
-        url, process = _serve(bench.env, str(bench.workdir / "api.log"))
+        url, process = serve_api(bench.env, str(bench.workdir / "api.log"))
         if args.with_worker:
             bench.worker(concurrency=args.concurrency)
         http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)

@@ -27,19 +27,18 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 
+from bench.api import serve_api
 from bench.common import load_line, machine, write_section
 from bench.event_queries import (
     EVENTS_PER_JOB,
@@ -50,7 +49,7 @@ from bench.event_queries import (
     fill_postgres,
     job_uuid,
 )
-from harness.stack import ROOT, free_port
+from harness.stack import ROOT
 
 RESULTS = ROOT / "bench" / "results"
 #: The database's name; kept with ``--keep-database`` (its fill is the slow part).
@@ -227,28 +226,6 @@ def _health() -> None:
             )
 
 
-def _serve(env: dict[str, str], log: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    port = free_port()
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "api", "serve", "--port", str(port)],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                return base, process
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.terminate()
-    raise SystemExit(f"the API did not start; see {log}")
-
-
 def _sign_in(client: httpx.Client, token: str) -> None:
     form = client.get("/console/signin")
     nonce = re.search(r'name="csrf" value="([^"]+)"', form.text)
@@ -290,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "PUSHWORKER_SECRET_KEY": secret,
         "PUSHWORKER_LOG_FORMAT": "json",
     }
-    base, process = _serve(env, workdir / "api.log")
+    base, process = serve_api(env, str(workdir / "api.log"))
     load_before = load_line()
     rng = random.Random(20261130)
     jobs = args.events // EVENTS_PER_JOB

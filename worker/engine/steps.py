@@ -197,11 +197,27 @@ def _checked_refusal(
 
     Each carries both answers under ``observed`` (the registry's words, never the secret).
     """
+    return _asked_directly(
+        claim, lambda: ctx.http(credential).check_credentials(), AuthenticationError,
+        what=f"the Docker Engine reported that registry {ctx.registry.host}",
+    )  # fmt: skip
+
+
+def _asked_directly(
+    claim: RegistryError,
+    check: Callable[[], object],
+    refusal: type[RegistryError],
+    *,
+    what: str,
+) -> RegistryError:
+    """A refusal a tool reported (the Docker Engine, skopeo), checked by asking the registry
+    itself (``check``: its ``/v2/`` with the same credential). One mechanism for every side
+    that can fall back or fail a job on a refusal; see ``_checked_refusal``."""
     observed = {"engine": _brief(claim.message)}
     error: RegistryError
     try:
-        ctx.http(credential).check_credentials()
-    except AuthenticationError as answer:
+        check()
+    except refusal as answer:
         observed["registry"] = _brief(answer.message)
         error = claim
     except RegistryError as answer:
@@ -210,9 +226,9 @@ def _checked_refusal(
     else:
         observed["registry"] = "GET /v2/ accepted the credential"
         error = RegistryMisbehaved(
-            f"the Docker Engine reported that registry {ctx.registry.host} refused the "
-            f"credential ({_brief(claim.message)}), but the registry accepts it when asked "
-            "directly: the registry (or a proxy in front of it) misbehaved",
+            f"{what} refused the credential ({_brief(claim.message)}), but the registry "
+            "accepts it when asked directly: the registry (or a proxy in front of it) "
+            "misbehaved",
             hint="the step retries; if it keeps happening, look at the registry's logs",
         )
     error.observed = {**error.observed, **observed}
@@ -448,26 +464,10 @@ def _confirmed_copy(ctx: StepContext, credential: Credential | None, call: Calla
 
 
 def _checked_source_refusal(ctx: StepContext, claim: SourceAuthenticationFailed) -> RegistryError:
-    observed = {"engine": _brief(claim.message)}
-    error: RegistryError
-    try:
-        _check_source_credential(ctx)
-    except SourceAuthenticationFailed as answer:
-        observed["registry"] = _brief(answer.message)
-        error = claim
-    except RegistryError as answer:
-        observed["registry"] = _brief(f"{answer.code}: {answer.message}")
-        error = answer
-    else:
-        observed["registry"] = "GET /v2/ accepted the credential"
-        error = RegistryMisbehaved(
-            f"skopeo reported that source registry {_source_registry(ctx).host} refused the "
-            f"credential ({_brief(claim.message)}), but the registry accepts it when asked "
-            "directly: the registry (or a proxy in front of it) misbehaved",
-            hint="the step retries; if it keeps happening, look at the registry's logs",
-        )
-    error.observed = {**error.observed, **observed}
-    return error
+    return _asked_directly(
+        claim, lambda: _check_source_credential(ctx), SourceAuthenticationFailed,
+        what=f"skopeo reported that source registry {_source_registry(ctx).host}",
+    )  # fmt: skip
 
 
 Action = Callable[[StepContext], StepResult]

@@ -7,6 +7,7 @@ import re
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -571,16 +572,27 @@ def _test(registry_id: int, actor: str) -> None:
 
 @router.post("/registries/{registry_id}/test")
 async def test_registry(request: Request, registry_id: int) -> Response:
-    checked = await _action(request, "test_registries")
+    back = f"{PREFIX}/registries/{registry_id}" if _form_from_detail(request) else None
+    return await _registry_action(
+        request, "test_registries", lambda actor, _form: _test(registry_id, actor),
+        back or f"{PREFIX}/registries",
+    )  # fmt: skip
+
+
+async def _registry_action(
+    request: Request, action: str, act: Callable[[str, dict[str, str]], None], back: str
+) -> Response:
+    """A registry form: checked by ``_action`` (session, CSRF, role), then ``act(actor, form)``
+    in a thread; its error (never holding a secret) as a page, else back to ``back``."""
+    checked = await _action(request, action)
     if isinstance(checked, Response):
         return checked
-    session, _ = checked
+    session, form = checked
     try:
-        await run_in_threadpool(_test, registry_id, session.actor)
+        await run_in_threadpool(act, session.actor, form)
     except PushWorkerError as exc:
         return _error(request, session, exc)
-    back = f"{PREFIX}/registries/{registry_id}" if _form_from_detail(request) else None
-    return RedirectResponse(back or f"{PREFIX}/registries", status_code=303)
+    return RedirectResponse(back, status_code=303)
 
 
 def _form_from_detail(request: Request) -> bool:
@@ -666,28 +678,20 @@ def _replace_credential(registry_id: int, form: dict[str, str], actor: str) -> N
 
 @router.post("/registries/{registry_id}/edit")
 async def edit_registry(request: Request, registry_id: int) -> Response:
-    checked = await _action(request, "manage_registries")
-    if isinstance(checked, Response):
-        return checked
-    session, form = checked
-    try:
-        await run_in_threadpool(_edit, registry_id, _edit_spec(form), session.actor)
-    except PushWorkerError as exc:
-        return _error(request, session, exc)
-    return RedirectResponse(f"{PREFIX}/registries/{registry_id}", status_code=303)
+    return await _registry_action(
+        request, "manage_registries",
+        lambda actor, form: _edit(registry_id, _edit_spec(form), actor),
+        f"{PREFIX}/registries/{registry_id}",
+    )  # fmt: skip
 
 
 @router.post("/registries/{registry_id}/credential")
 async def replace_credential(request: Request, registry_id: int) -> Response:
-    checked = await _action(request, "manage_registries")
-    if isinstance(checked, Response):
-        return checked
-    session, form = checked
-    try:
-        await run_in_threadpool(_replace_credential, registry_id, form, session.actor)
-    except PushWorkerError as exc:
-        return _error(request, session, exc)  # its message never holds the secret
-    return RedirectResponse(f"{PREFIX}/registries/{registry_id}", status_code=303)
+    return await _registry_action(
+        request, "manage_registries",
+        lambda actor, form: _replace_credential(registry_id, form, actor),
+        f"{PREFIX}/registries/{registry_id}",
+    )  # fmt: skip
 
 
 # --- event log -------------------------------------------------------------------------------
