@@ -254,3 +254,47 @@ def test_right_credentials_in_the_hosts_files_are_not_used_either(
     assert head(tls, refused, "1") is None
     for digest in image.manifests.values():
         assert head(tls, refused, digest) is None
+
+
+def test_a_promotion_asked_through_the_http_api(e2e: E2E, sources_dir: Path) -> None:
+    """``POST /v1/pushes`` with a ``source`` on a real uvicorn process: a producer token scoped
+    to the destination alone is refused (a promotion reads with the source registry's
+    credential), one scoped to both gets a job that the skopeo worker carries out."""
+    from tests.e2e.test_api import start_api
+    from worker.tokens import create_token
+
+    image = write_oci_layout(sources_dir / "via-api", layer_bytes=16 * 1024)
+    repository = f"sources/api-{uuid.uuid4().hex[:8]}"
+    first = push("oci-layout:via-api", HARBOR_ID, repository)
+    assert first.status == "succeeded", first.error_message
+    suffix = uuid.uuid4().hex[:6]
+    narrow, _ = create_token(f"dest-only-{suffix}", "producer", actor="operator:e2e",
+                             registry_ids=[ALTERNATIVE_ID])  # fmt: skip
+    both, _ = create_token(f"both-{suffix}", "producer", actor="operator:e2e",
+                           registry_ids=[ALTERNATIVE_ID, HARBOR_ID])  # fmt: skip
+    body = {"source": f"registry:{HARBOR_ID}/{repository}:1", "registry_id": ALTERNATIVE_ID,
+            "repository": repository, "tag": "1"}  # fmt: skip
+    url, process = start_api(e2e.env, e2e.workdir / f"sources-api-{suffix}.log")
+    try:
+        refused = requests.post(
+            f"{url}/v1/pushes", json=body, timeout=30,
+            headers={"Authorization": f"Bearer {narrow}", "Idempotency-Key": f"n-{suffix}"},
+        )  # fmt: skip
+        assert refused.status_code == 403, refused.text
+        assert f"may not push to registry {HARBOR_ID}" in refused.json()["message"]
+        made = requests.post(
+            f"{url}/v1/pushes", json=body, timeout=30,
+            headers={"Authorization": f"Bearer {both}", "Idempotency-Key": f"b-{suffix}"},
+        )  # fmt: skip
+        assert made.status_code == 201, made.text
+        assert made.json()["source_kind"] == "registry"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    job = wait_for_job(made.json()["id"], timeout=180)
+    assert job.status == "succeeded", (job.error_code, job.error_message)
+    assert job.source_digest == image.index_digest == job.digest
+    assert head(e2e.stack.plain, repository, "1") == image.index_digest
+    with session_scope() as session:  # the refused request made no job
+        jobs = session.query(PushJob).filter(PushJob.repository == repository).all()
+        assert len(jobs) == 2
