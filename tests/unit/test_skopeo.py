@@ -254,7 +254,16 @@ def test_a_missing_binary_and_a_timeout() -> None:
 
 # --- the real binary, on local files only (no registry) -----------------------------------------
 
-needs_skopeo = pytest.mark.skipif(not os.path.exists("/usr/bin/skopeo"), reason="no skopeo")
+
+@pytest.fixture
+def _skopeo_installed() -> None:
+    """These tests run the real binary: a missing skopeo fails them (scripts/bootstrap
+    installs it as root on Debian), it never skips them."""
+    if not os.path.exists("/usr/bin/skopeo"):
+        pytest.fail("skopeo is missing: apt-get install skopeo (scripts/bootstrap does, as root)")
+
+
+needs_skopeo = pytest.mark.usefixtures("_skopeo_installed")
 
 
 @needs_skopeo
