@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -94,11 +98,20 @@ def browser() -> Iterator[WebDriver]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def wait(driver: WebDriver, seconds: float) -> WebDriverWait[WebDriver]:
+    """A wait that reads the page while it changes: htmx swaps the live parts every second and a
+    job that ends reloads its page, so an element found a moment ago may be gone when read."""
+    return WebDriverWait(
+        driver, seconds,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )  # fmt: skip
+
+
 def sign_in(driver: WebDriver, console: Console, role: str) -> None:
     driver.get(f"{console.url}/console/signin")
     driver.find_element(By.ID, "token").send_keys(console.tokens[role])
     driver.find_element(By.CSS_SELECTOR, "#signin button").click()
-    WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.ID, "who"))
+    wait(driver, 20).until(lambda d: d.find_elements(By.ID, "who"))
     cookie = driver.get_cookie("pushworker_console")
     assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert console.tokens[role] not in cookie["value"]
@@ -145,9 +158,7 @@ def test_a_pushed_job_appears_and_turns_succeeded_without_reloading(
     browser.execute_script("window.notReloaded = true;")
     job_id = push(image, requester)
     try:
-        WebDriverWait(browser, 120).until(
-            lambda d: "succeeded" in d.find_element(By.ID, "job-table").text
-        )
+        wait(browser, 120).until(lambda d: "succeeded" in d.find_element(By.ID, "job-table").text)
     except TimeoutException:
         shown = browser.find_element(By.ID, "job-table").text
         raise AssertionError(
@@ -176,9 +187,7 @@ def test_a_failed_job_is_retried_with_a_reason_after_its_credential_is_fixed(
     assert browser.find_element(By.ID, "job-status").text == "failed"
     browser.find_element(By.ID, "retry-reason").send_keys("Harbor password fixed")
     browser.find_element(By.CSS_SELECTOR, "#retry button").click()
-    WebDriverWait(browser, 120).until(
-        lambda d: d.find_element(By.ID, "job-status").text == "succeeded"
-    )
+    wait(browser, 120).until(lambda d: d.find_element(By.ID, "job-status").text == "succeeded")
     timeline = browser.find_element(By.ID, "timeline").text
     assert "job.retried" in timeline and "console:console-operator-" in timeline
 
@@ -228,7 +237,7 @@ def test_an_admin_replaces_a_broken_credential_in_the_console_then_a_retry_succe
         assert good not in page and "not-the-password" not in page  # never shown
         browser.find_element(By.ID, "new-password").send_keys(good)
         browser.find_element(By.CSS_SELECTOR, "#credential-form button").click()
-        WebDriverWait(browser, 60).until(
+        wait(browser, 60).until(
             lambda d: "by console:console-admin-" in d.find_element(By.ID, "last-test").text
         )
         last_test = browser.find_element(By.ID, "last-test").text
@@ -238,9 +247,7 @@ def test_an_admin_replaces_a_broken_credential_in_the_console_then_a_retry_succe
         browser.get(f"{console.url}/console/jobs/{job_id}")
         browser.find_element(By.ID, "retry-reason").send_keys("credential replaced in the console")
         browser.find_element(By.CSS_SELECTOR, "#retry button").click()
-        WebDriverWait(browser, 120).until(
-            lambda d: d.find_element(By.ID, "job-status").text == "succeeded"
-        )
+        wait(browser, 120).until(lambda d: d.find_element(By.ID, "job-status").text == "succeeded")
     browser.get(f"{console.url}/console/events?registry={HARBOR_ID}&type=registry.updated")
     events_text = browser.find_element(By.TAG_NAME, "main").text
     assert "console:console-admin-" in events_text and good not in browser.page_source
