@@ -17,6 +17,7 @@ import stat
 from collections.abc import Mapping
 
 from worker.core.errors import CredentialError
+from worker.core.paths import strictly_inside
 from worker.core.settings import SETTINGS_ENV_NAMES, Settings
 
 PREFIX_SETTING = "PUSHWORKER_CREDENTIAL_ENV_PREFIX"
@@ -110,11 +111,6 @@ def _credentials_dir(settings: Settings) -> str:
     return os.path.normpath(directory)
 
 
-def _inside(path: str, directory: str) -> bool:
-    """``path`` is strictly below ``directory`` (both absolute and normalised)."""
-    return path != directory and os.path.commonpath([path, directory]) == directory
-
-
 def _outside(path: str, settings: Settings) -> CredentialError:
     return CredentialError(
         f"credential reference file:{path!r} is outside the credentials directory "
@@ -132,7 +128,7 @@ def confined_path(path: str, settings: Settings) -> str:
             hint=f"use file:NAME for a file in {directory} ({DIR_SETTING})",
         )
     candidate = os.path.normpath(os.path.join(directory, path))  # an absolute path replaces it
-    if not _inside(candidate, directory):
+    if not strictly_inside(candidate, directory):
         raise _outside(path, settings)
     return candidate
 
@@ -146,7 +142,7 @@ def check_file_path(path: str, settings: Settings) -> None:
     candidate = confined_path(path, settings)
     if os.path.lexists(candidate):
         resolved = os.path.realpath(candidate)
-        if not _inside(resolved, os.path.realpath(_credentials_dir(settings))):
+        if not strictly_inside(resolved, os.path.realpath(_credentials_dir(settings))):
             raise _outside(path, settings)
 
 
@@ -156,7 +152,7 @@ def read_file(path: str, settings: Settings) -> str:
     candidate = confined_path(path, settings)
     root = os.path.realpath(_credentials_dir(settings))
     resolved = os.path.realpath(candidate)
-    if not _inside(resolved, root):
+    if not strictly_inside(resolved, root):
         raise _outside(path, settings)
     try:
         data = _read_regular(resolved, root, path, settings)
@@ -182,7 +178,7 @@ def _read_regular(resolved: str, root: str, path: str, settings: Settings) -> by
         # What was opened, not what was checked: a directory on the way swapped for a link
         # between the two would show here (Linux; elsewhere the checks above stand alone).
         opened = _opened_path(fd)
-        if opened is not None and not _inside(opened, root):
+        if opened is not None and not strictly_inside(opened, root):
             raise _outside(path, settings)
         data = b""
         while len(data) <= MAX_FILE_BYTES:

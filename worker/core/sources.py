@@ -31,6 +31,7 @@ import stat
 from dataclasses import dataclass
 
 from worker.core.errors import InvalidReference, SourceImageNotFound, ValidationError
+from worker.core.paths import strictly_inside
 from worker.core.reference import validate_repository, validate_tag
 from worker.core.settings import Settings
 from worker.core.text import CONTROL
@@ -204,11 +205,6 @@ def _sources_dir(settings: Settings) -> str:
     return os.path.normpath(directory)
 
 
-def _inside(path: str, directory: str) -> bool:
-    """``path`` is strictly below ``directory`` (both absolute and normalised)."""
-    return path != directory and os.path.commonpath([path, directory]) == directory
-
-
 def _outside(source: Source, settings: Settings) -> ValidationError:
     return ValidationError(
         f"source path {source.path!r} is outside the sources directory {settings.sources_dir}",
@@ -222,7 +218,7 @@ def confined_path(source: Source, settings: Settings) -> str:
         raise ValidationError(f"source {source} is not a file source")
     directory = _sources_dir(settings)
     candidate = os.path.normpath(os.path.join(directory, source.path))  # absolute replaces it
-    if not _inside(candidate, directory):
+    if not strictly_inside(candidate, directory):
         raise _outside(source, settings)
     return candidate
 
@@ -233,7 +229,7 @@ def check_path(source: Source, settings: Settings) -> None:
     candidate = confined_path(source, settings)
     if os.path.lexists(candidate):
         resolved = os.path.realpath(candidate)
-        if not _inside(resolved, os.path.realpath(_sources_dir(settings))):
+        if not strictly_inside(resolved, os.path.realpath(_sources_dir(settings))):
             raise _outside(source, settings)
 
 
@@ -243,7 +239,7 @@ def resolve_path(source: Source, settings: Settings) -> str:
     is outside or of another type, ``SourceImageNotFound`` when it is not there."""
     candidate = confined_path(source, settings)
     resolved = os.path.realpath(candidate)
-    if not _inside(resolved, os.path.realpath(_sources_dir(settings))):
+    if not strictly_inside(resolved, os.path.realpath(_sources_dir(settings))):
         raise _outside(source, settings)
     if ":" in resolved:
         # Checked in the spec already; a link inside the directory (or the directory itself)
