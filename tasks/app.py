@@ -14,21 +14,26 @@ from typing import Any
 import structlog
 from celery import Celery
 from celery.signals import (
+    beat_init,
     celeryd_after_setup,
     setup_logging,
     task_postrun,
     task_prerun,
     worker_init,
+    worker_process_init,
+    worker_process_shutdown,
     worker_ready,
 )
 
 from worker import metrics
+from worker.core import tracing
 from worker.core.brokers import broker_kind, delayed_delivery_seconds
-from worker.core.errors import PushWorkerError
+from worker.core.errors import PushWorkerError, ValidationError
 from worker.core.logs import configure_logging, get_logger
 from worker.core.queues import STEP_TASK_PREFIX
 from worker.core.settings import DOCKER_HOSTS_ENV, WORKER_HOST_ENV, get_settings
 from worker.jobs import check_docker_host
+from worker.producer import start_tracing
 
 
 class PushworkerCelery(Celery):  # type: ignore[misc]  # Celery is untyped
@@ -98,6 +103,35 @@ def _start_metrics(**_kwargs: object) -> None:
     if host := worker_host():
         structlog.contextvars.bind_contextvars(worker_host=host)
     metrics.install()
+
+
+@worker_init.connect
+def _check_tracing(**_kwargs: object) -> None:
+    # In the main process, before the pool forks: an OTEL_* value this installation cannot
+    # honour stops the worker at start, not every pool process at its first job.
+    try:
+        tracing.requested_here()
+    except ValidationError as error:
+        log.error("worker.tracing_refused", error=error.message, hint=error.hint)
+        raise SystemExit(2) from None
+
+
+@worker_process_init.connect
+def _trace_pool_process(**_kwargs: object) -> None:
+    # Each pool process after the fork (the batch processor's thread is its own), and a solo
+    # pool's only process; the main process only supervises and records no span.
+    start_tracing("worker")
+
+
+@worker_process_shutdown.connect
+def _flush_traces(**_kwargs: object) -> None:
+    # Pool processes end with os._exit, past atexit: the last job's spans are exported now.
+    tracing.shutdown()
+
+
+@beat_init.connect
+def _trace_beat(**_kwargs: object) -> None:
+    start_tracing("beat")
 
 
 @worker_ready.connect

@@ -15,9 +15,11 @@ from __future__ import annotations
 from celery import chain
 
 from tasks.app import app
+from worker.core import tracing
 from worker.core.queues import queue_for, step_task
 from worker.engine.steps import STEP_NAMES
 from worker.jobs import route_of
+from worker.producer import recorded_trace
 
 
 class CeleryDispatcher:
@@ -44,4 +46,8 @@ class CeleryDispatcher:
             for name in names
         ]
         signatures[0].set(task_id=message_id)
-        chain(*signatures).apply_async(queue=queue)
+        # Published by the worker of another job (the one that released the slot): the
+        # message carries the waiter's own trace, not that one's.
+        recorded = recorded_trace(job_id) if tracing.enabled() else None
+        with tracing.resumed(recorded, job_id, "flow.wake"):
+            chain(*signatures).apply_async(queue=queue)

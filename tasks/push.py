@@ -14,6 +14,7 @@ from celery import Task, chain
 from celery.exceptions import Ignore
 
 from tasks.app import app
+from worker.core import tracing
 from worker.core.logs import get_logger
 from worker.core.queues import queue_for, step_task
 from worker.engine.dispatch import get_dispatcher
@@ -21,6 +22,9 @@ from worker.engine.flow import WAKE_PREFIX
 from worker.engine.pipeline import Outcome, StepRunner, default_runner
 from worker.engine.steps import STEP_NAMES
 from worker.jobs import route_of
+from worker.producer import recorded_trace
+from worker.store.db import session_scope
+from worker.store.models import Registry
 
 log = get_logger("pushworker.tasks")
 
@@ -48,13 +52,15 @@ def _run(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]
 def _run_step(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]:
     runner = _runner()
     try:
-        outcome = runner.run(
-            step,
-            job_id,
-            registry_id,
-            delivery_retries=task.request.retries,
-            message_id=task.request.id,
-        )
+        with step_span(step, job_id, registry_id) as span:
+            outcome = runner.run(
+                step,
+                job_id,
+                registry_id,
+                delivery_retries=task.request.retries,
+                message_id=task.request.id,
+            )
+            tracing.set_attributes({"pushworker.step.next": outcome.action}, span)
     finally:
         _take_over(task, runner)
     if outcome.action == "retry":
@@ -64,6 +70,30 @@ def _run_step(task: Task, step: str, job_id: str, registry_id: int) -> dict[str,
         # Ends this chain quietly: the job's state and events already say why.
         raise Ignore()
     return {"job_id": job_id, "step": step, "registry_id": registry_id}
+
+
+def step_span(step: str, job_id: str, registry_id: int) -> Any:
+    """The span of one run of a step: inside the Celery task's span, around claim, act and
+    record. The job's events add to it (``worker.core.tracing.record_event``): the try, the
+    digest, the bytes pushed, the outcome, the error code."""
+    return tracing.span(
+        f"step {step}",
+        attributes={
+            tracing.JOB_ID: job_id, tracing.STEP: step, tracing.REGISTRY_ID: registry_id,
+            tracing.REGISTRY_HOST: _registry_host(registry_id) if tracing.enabled() else None,
+        },
+    )  # fmt: skip
+
+
+def _registry_host(registry_id: int) -> str | None:
+    """The registry's host, for the step's span (None when the database cannot say now: the
+    step finds out and records why)."""
+    try:
+        with session_scope() as session:
+            registry = session.get(Registry, registry_id)
+            return registry.host if registry is not None else None
+    except Exception:
+        return None
 
 
 def _step_task(step: str) -> Task:
@@ -107,16 +137,25 @@ def _take_over(task: Task, runner: StepRunner) -> None:
                 if queue is None or late or queue_for(*route_of(job_id)) != queue:
                     flow.wake_waiter(registry_id, waiter)
                     continue
-                with structlog.contextvars.bound_contextvars(
-                    job_id=job_id, registry_id=registry_id, step=step
+                # In the waiter's trace, not in the trace of the job that released the slot.
+                with (
+                    structlog.contextvars.bound_contextvars(
+                        job_id=job_id, registry_id=registry_id, step=step
+                    ),
+                    tracing.resumed(_traced(job_id), job_id, "flow.take_over"),
                 ):
-                    outcome = runner.run(
-                        step, job_id, registry_id, message_id=WAKE_PREFIX + uuid.uuid4().hex
-                    )
+                    with step_span(step, job_id, int(registry_id)):
+                        outcome = runner.run(
+                            step, job_id, registry_id, message_id=WAKE_PREFIX + uuid.uuid4().hex
+                        )
                     _follow_up(outcome, job_id, step, registry_id, queue)
             except Exception:
                 # The reservation's lease frees the slot; the waiter's own message goes on.
                 log.exception("flow.take_over_failed", job_id=job_id, step=step)
+
+
+def _traced(job_id: str) -> str | None:
+    return recorded_trace(job_id) if tracing.enabled() else None
 
 
 def _follow_up(outcome: Outcome, job_id: str, step: str, registry_id: int, queue: str) -> None:

@@ -7,14 +7,21 @@ reconcile task publishes it once the broker is back.
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
+from worker.core import tracing
 from worker.core.errors import ValidationError
 from worker.core.logs import get_logger
 from worker.engine.dispatch import get_dispatcher
 from worker.jobs import PushRequest, create_job
 from worker.store import events
 from worker.store.db import session_scope
+from worker.store.models import Event
 
 log = get_logger("pushworker.producer")
+
+#: The events that start a run of a job: the trace they were recorded in is the run's.
+RUN_STARTS = ("job.enqueued", "job.retried")
 
 
 def enqueue_push(
@@ -55,22 +62,75 @@ def enqueue_push(
     """
     if (source_image is None) == (source is None):
         raise ValidationError("give exactly one of source_image and source")
-    request = PushRequest(
-        source_image=source_image or "", source=source, registry_id=registry_id,
-        repository=repository, tag=tag,
-        requested_by=requested_by, fallback=fallback, idempotency_key=idempotency_key,
-        docker_host=docker_host, deadline=deadline,
-    )  # fmt: skip
-    with session_scope() as session:
-        job, created = create_job(session, request, actor=actor or f"producer:{requested_by}")
-        job_id, registry = job.id, job.effective_registry_id
-    if created:
-        publish(job_id, registry)
+    start_tracing("producer")
+    # The job's trace starts here (or continues the caller's): the job.enqueued event, the
+    # message's publish span and, through its headers, every step.
+    with tracing.span(
+        "pushworker.enqueue_push",
+        attributes={tracing.REGISTRY_ID: registry_id, tracing.REPOSITORY: repository},
+    ) as span:
+        request = PushRequest(
+            source_image=source_image or "", source=source, registry_id=registry_id,
+            repository=repository, tag=tag,
+            requested_by=requested_by, fallback=fallback, idempotency_key=idempotency_key,
+            docker_host=docker_host, deadline=deadline,
+        )  # fmt: skip
+        with session_scope() as session:
+            job, created = create_job(session, request, actor=actor or f"producer:{requested_by}")
+            job_id, registry = job.id, job.effective_registry_id
+        tracing.set_attributes({tracing.JOB_ID: job_id, "pushworker.job.created": created}, span)
+        if created:
+            _publish(job_id, registry)
     return job_id
 
 
 def publish(job_id: str, registry_id: int) -> bool:
-    """Send the job's chain to the broker; False (and a warning) when the broker is away."""
+    """Send the job's chain to the broker; False (and a warning) when the broker is away.
+
+    With tracing on, a chain published outside the job's trace (reconcile republishing it) is
+    published in the trace of the job's run (``recorded_trace``), so the job stays one trace.
+    """
+    recorded = recorded_trace(job_id) if tracing.enabled() else None
+    with tracing.resumed(recorded, job_id, "pushworker.republish"):
+        return _publish(job_id, registry_id)
+
+
+def recorded_trace(job_id: str) -> str | None:
+    """The trace the job's current run was started in: that of its newest ``job.enqueued`` or
+    ``job.retried`` event (None: not recorded, or the database cannot say now)."""
+    try:
+        with session_scope() as session:
+            row = session.scalars(
+                select(Event)
+                .where(Event.job_id == job_id, Event.type.in_(RUN_STARTS))
+                .order_by(Event.id.desc())
+                .limit(1)
+            ).first()
+    except Exception:  # tracing must never stop a publish
+        return None
+    found = getattr(row, "trace_id", None)
+    return found if isinstance(found, str) else None
+
+
+#: Whether this process hands its events to the tracing subscriber (a forked child inherits
+#: the subscription with the subscriber list).
+_events_traced = False
+
+
+def start_tracing(role: str) -> bool:
+    """Tracing on in this process when the ``OTEL_*`` variables ask for it (once; after any
+    fork): spans, the Celery instrumentation (the trace context in every message's headers),
+    and each event recorded as an event of the span current then. True when on."""
+    global _events_traced
+    if not tracing.configure(role, celery=True):
+        return False
+    if not _events_traced:
+        events.subscribe(tracing.record_event)
+        _events_traced = True
+    return True
+
+
+def _publish(job_id: str, registry_id: int) -> bool:
     try:
         get_dispatcher().start_chain(job_id, registry_id)
     except Exception as exc:  # kombu raises many types; every one means "not published"

@@ -27,6 +27,9 @@ READERS = {
     # COLUMNS is the terminal's convention for its width, which rich reads as well; pushctl
     # only asks whether it is there, to leave it in charge.
     "worker/cli/common.py": "COLUMNS, the terminal's width",
+    # The standard OTEL_* variables belong to OpenTelemetry, whose SDK reads them itself; the
+    # tracing module asks only whether they turn tracing on, with the SDK's own meaning.
+    "worker/core/tracing.py": "whether the OTEL_* variables turn tracing on",
 }
 _ENV_READS = frozenset({"environ", "environb", "getenv", "getenvb"})
 

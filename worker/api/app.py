@@ -14,9 +14,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from worker.api import console
 from worker.api.errors import ApiError, body, status_for
 from worker.api.routes import router
+from worker.api.tracing import TraceRequests
 from worker.core.errors import PushWorkerError, StorageError
 from worker.core.logs import configure_logging, get_logger
 from worker.core.settings import get_settings
+from worker.producer import start_tracing
 
 log = get_logger("pushworker.api")
 
@@ -78,6 +80,8 @@ def create_app() -> FastAPI:
     """The API (``uvicorn --factory worker.api:create_app``)."""
     settings = get_settings()
     configure_logging(settings.log_format)
+    # In the serving process (uvicorn's --factory: once in each of its worker processes).
+    start_tracing("api")
     app = FastAPI(
         title="pushworker",
         version="1",
@@ -142,4 +146,6 @@ def create_app() -> FastAPI:
 
     app.add_middleware(BodyLimit, limit=settings.api_max_body)
     app.add_middleware(console.SecurityHeaders)
+    # Outermost: the request's span covers every answer, a refusal of a too large body too.
+    app.add_middleware(TraceRequests)
     return app

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from worker.core.text import printable
+from worker.core.tracing import current_ids
 
 MASK = "***"
 #: Keys whose values are never written, wherever they appear in an event dict.
@@ -75,6 +76,19 @@ def drop_message_bodies(
     return event_dict
 
 
+def add_trace_ids(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Add ``trace_id`` and ``span_id`` of the span current where the line is written, when
+    there is one (tracing on, inside a job's span), so a log line leads to its trace. A line
+    that carries its own ``trace_id`` (an event's, as recorded) keeps it."""
+    ids = current_ids()
+    if ids is not None:
+        event_dict.setdefault("trace_id", ids[0])
+        event_dict.setdefault("span_id", ids[1])
+    return event_dict
+
+
 def escape_controls(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -125,6 +139,7 @@ def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> No
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_ids,
         redact,
     ]
     terminal: list[Any] = [] if use_json else [escape_controls]

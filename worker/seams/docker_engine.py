@@ -18,7 +18,9 @@ import docker
 import requests
 from docker import auth as docker_auth
 from docker.errors import APIError, DockerException, ImageNotFound
+from opentelemetry.trace import SpanKind
 
+from worker.core import tracing
 from worker.core.credentials import Credential
 from worker.core.errors import (
     AuthenticationError,
@@ -89,7 +91,7 @@ class DockerEngine:
         )
 
     def tag(self, source: str, target: TargetReference) -> None:
-        with _translated("tag"):
+        with _span("docker tag", target.host, target.repository), _translated("tag"):
             self._api.tag(source, target.name, target.tag, force=True)
 
     #: How long a login this engine accepted is trusted for the next job with the same
@@ -117,7 +119,7 @@ class DockerEngine:
             del self._logins[key]
 
     def _login(self, registry_host: str, credential: Credential) -> None:
-        with _translated("log in to", registry=registry_host):
+        with _span("docker login", registry_host), _translated("log in to", registry=registry_host):
             try:
                 self._api.login(
                     username=credential.username,
@@ -138,7 +140,10 @@ class DockerEngine:
         # An explicit, possibly empty, auth_config: docker-py falls back to host state on None.
         auth_config = credential.auth_config() if credential else {}
         try:
-            with _translated("push to", registry=target.host):
+            with (
+                _span("docker push", target.host, target.repository),
+                _translated("push to", registry=target.host),
+            ):
                 stream = self._api.push(
                     target.name, tag=target.tag, stream=True, decode=True, auth_config=auth_config
                 )
@@ -146,6 +151,16 @@ class DockerEngine:
         except AuthenticationError:
             self.forget_logins(target.host)
             raise
+
+
+def _span(name: str, registry_host: str, repository: str | None = None) -> Any:
+    """A client span of one daemon call about a registry: the host and repository only (the
+    call's auth_config is never an attribute)."""
+    return tracing.span(
+        name,
+        kind=SpanKind.CLIENT,
+        attributes={tracing.REGISTRY_HOST: registry_host, tracing.REPOSITORY: repository},
+    )
 
 
 def _connect(base_url: str | None, timeout: float) -> Any:
@@ -178,6 +193,7 @@ def _read_push_stream(
     progress.flush()
     if result is None:
         raise DockerError(f"the push of {target} ended without reporting a digest")
+    tracing.set_attributes({tracing.DIGEST: result.digest, tracing.BYTES_PUSHED: progress.pushed})
     return result
 
 
@@ -190,8 +206,16 @@ class _Progress:
         self._done: set[str] = set()
         self._last = 0.0
 
+    @property
+    def pushed(self) -> int:
+        """Bytes uploaded so far, over every layer (a layer the registry had counts none)."""
+        return sum(
+            total if layer in self._done else current
+            for layer, (current, total) in self._layers.items()
+        )
+
     def update(self, chunk: dict[str, Any]) -> None:
-        if self._callback is None or not chunk.get("id"):
+        if not chunk.get("id"):
             return
         layer = str(chunk["id"])
         status = str(chunk.get("status", ""))
@@ -200,6 +224,8 @@ class _Progress:
             self._layers[layer] = (int(detail.get("current", 0)), int(detail["total"]))
         if status in ("Pushed", "Layer already exists", "Mounted from"):
             self._done.add(layer)
+        if self._callback is None:
+            return
         now = time.monotonic()
         if now - self._last >= 0.5:
             self._last = now

@@ -17,8 +17,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from opentelemetry.trace import SpanKind
 from requests.auth import HTTPBasicAuth
 
+from worker.core import tracing
 from worker.core.credentials import Credential
 from worker.core.errors import (
     AuthenticationError,
@@ -93,6 +95,21 @@ class RegistryHTTP:
     # --- requests with error translation -------------------------------------------------------
 
     def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        # A client span per request: method, address, the URL without query or userinfo, the
+        # status. Never a header: the Authorization of a Basic or Bearer request is a secret.
+        with tracing.span(
+            method.upper(), kind=SpanKind.CLIENT, attributes=tracing.http_client_attributes(
+                method, url)
+        ) as span:  # fmt: skip
+            response = self._send(method, url, **kwargs)
+            tracing.set_attributes({"http.response.status_code": response.status_code}, span)
+            if response.status_code >= 400:
+                # As the semantic conventions say for a client, even for an expected answer (a
+                # 401 challenge before the credential is sent).
+                tracing.failed(span, str(response.status_code))
+            return response
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
         kwargs.setdefault("allow_redirects", False)
         try:

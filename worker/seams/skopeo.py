@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from worker.core import tracing
 from worker.core.credentials import Credential
 from worker.core.errors import (
     AuthenticationError,
@@ -103,7 +104,7 @@ class Skopeo:
     def manifest_digest(self, source: CopySource) -> str:
         """The digest of the top manifest ``source`` holds (an image index for a multi-arch
         image): the bytes skopeo reads, hashed here, so what is pinned is what is copied."""
-        with _call_dir() as call:
+        with _span("skopeo inspect", source, source.registry), _call_dir() as call:
             args = ["inspect", "--raw", "--retry-times", "0"]
             if source.registry is not None:
                 args += _access_flags(call, "", source.registry, side="src")
@@ -114,7 +115,7 @@ class Skopeo:
         """Copy ``source`` whole (every platform of an index, digests preserved) to
         ``docker://destination`` (``host/repository:tag`` or ``@digest``); the digest the
         destination now serves, as skopeo wrote it."""
-        with _call_dir() as call:
+        with _span("skopeo copy", source, access) as span, _call_dir() as call:
             args = ["copy", "--quiet", "--all", "--preserve-digests", "--retry-times", "0"]
             args += ["--digestfile", str(call / "digest")]
             if source.registry is not None:
@@ -124,8 +125,9 @@ class Skopeo:
                 call, [*args, str(source), f"docker://{destination}"], source=source, dest=access
             )
             digest = (call / "digest").read_text().strip()
-        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-            raise CopierError(f"skopeo copied to {destination} but reported no digest")
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                raise CopierError(f"skopeo copied to {destination} but reported no digest")
+            tracing.set_attributes({tracing.DIGEST: digest}, span)
         return digest
 
     def _invoke(
@@ -152,9 +154,24 @@ class Skopeo:
                 f"copying {source} did not finish within {self.timeout:.0f} s",
                 hint="the step retries; raise PUSHWORKER_PUSH_TIMEOUT for very large images",
             ) from None
+        tracing.set_attributes({"process.exit.code": code})
         if code != 0:
             raise classify_failure(err.decode(errors="replace"), source=source, dest=dest)
         return out
+
+
+def _span(name: str, source: CopySource, registry: RegistryAccess | None) -> Any:
+    """A span of one skopeo run: the source's transport, the registry written to (or read
+    from), never the command line (its paths are private, its flags name the auth files)."""
+    return tracing.span(
+        name,
+        attributes={
+            "process.executable.name": "skopeo",
+            "pushworker.source.transport": source.transport,
+            tracing.REGISTRY_HOST: registry.endpoint.host if registry else None,
+            tracing.REGISTRY_ID: registry.endpoint.id if registry else None,
+        },
+    )
 
 
 def _subprocess_runner(
