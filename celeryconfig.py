@@ -7,7 +7,7 @@ has one default and one validation wherever it is read.
 import math
 
 from worker.core.brokers import celery_broker_options
-from worker.core.queues import DEFAULT_QUEUE, WEBHOOK_QUEUE, WEBHOOK_TASK
+from worker.core.queues import DEFAULT_QUEUE, SEAL_TASK, WEBHOOK_QUEUE, WEBHOOK_TASK
 from worker.core.settings import get_settings as _get_settings
 
 # Underscored, as _push_timeout below: helpers of this file, not Celery settings.
@@ -60,6 +60,12 @@ beat_schedule = {
     "reconcile-unpublished-jobs": {
         "task": "pushworker.maintenance.reconcile",
         "schedule": _settings.reconcile_every,
+    },
+    # Seal the event log's chains (worker.store.seals): a chain's newest events are named by a
+    # seal within this many seconds.
+    "seal-event-log": {
+        "task": SEAL_TASK,
+        "schedule": _settings.seal_every,
     },
     "registry-health": {
         "task": "pushworker.health.check_registries",

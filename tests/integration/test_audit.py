@@ -26,20 +26,33 @@ from sqlalchemy import Connection, Table, delete, insert, select, text, update
 from worker.cli import cli
 from worker.core.errors import StorageError, ValidationError
 from worker.core.settings import get_settings
-from worker.store import chain, events, export, queries, retention, verify
+from worker.store import chain, events, export, queries, retention, seals, verify
 from worker.store.db import engine_for, read_snapshot, session_scope
-from worker.store.models import Event, EventCheckpoint, utcnow
+from worker.store.models import Event, EventCheckpoint, EventSeal, utcnow
 
 EVENTS = cast(Table, Event.__table__)
+
+
+def streams_in_lane(lane: int, count: int) -> list[str]:
+    """``count`` stream names whose events all go to ``lane``."""
+    found = (f"job/{n}" for n in itertools.count())
+    return list(itertools.islice((s for s in found if chain.lane_of(s) == lane), count))
+
+
+#: Three jobs that share one lane: their events form one chain, as every event did before the
+#: lanes, so a change anywhere shows in the links after it.
+SHARED_LANE = 7
+JOBS = [stream.removeprefix("job/") for stream in streams_in_lane(SHARED_LANE, 3)]
 
 
 def _append_many(count: int, *, streams: int = 3) -> list[int]:
     ids = []
     with session_scope() as session:
         for n in range(count):
+            job = JOBS[n % streams]
             row = events.append(
-                session, stream=f"job/{n % streams}", type="step.started", actor="worker:a",
-                job_id=str(n % streams), registry_id=5, payload={"reason": f"n{n}"},
+                session, stream=f"job/{job}", type="step.started", actor="worker:a",
+                job_id=job, registry_id=5, payload={"reason": f"n{n}"},
             )  # fmt: skip
             ids.append(row.id)
     return ids
@@ -75,7 +88,7 @@ def _problem(report: verify.VerifyReport) -> verify.Problem:
 def test_an_untouched_log_verifies(database_url: str) -> None:
     assert verify.verify().to_dict() == {
         "ok": True, "checked": 0, "first_id": None, "head_id": None, "head_hash": None,
-        "checkpoint": None, "problem_count": 0, "problems": [],
+        "heads": {}, "seal": None, "checkpoint": None, "problem_count": 0, "problems": [],
     }  # fmt: skip
     ids = _append_many(20)
     report = verify.verify()
@@ -129,13 +142,14 @@ def test_a_whole_jobs_history_deleted_is_caught(database_url: str) -> None:
     """What a per-job chain would miss: every event of one job gone."""
     ids = _append_many(9, streams=3)
     with attacker(database_url) as conn:
-        conn.execute(delete(EVENTS).where(EVENTS.c.job_id == "1"))
+        conn.execute(delete(EVENTS).where(EVENTS.c.job_id == JOBS[1]))
     problem = _problem(verify.verify())
     assert (problem.event_id, problem.kind) == (ids[2], "removed")
 
 
 def test_two_swapped_events_are_named(database_url: str) -> None:
-    """Rows swapped whole (hashes and all), so each still hashes right: the links tell."""
+    """Rows swapped whole (hashes and all): the id is hashed, so each is named as altered, and
+    the event after them follows a hash that now comes earlier in the order."""
     ids = _append_many(10)
     a, b = ids[3], ids[4]
     with attacker(database_url) as conn:
@@ -143,9 +157,59 @@ def test_two_swapped_events_are_named(database_url: str) -> None:
         conn.execute(update(EVENTS).where(EVENTS.c.id == b).values(id=a))
         conn.execute(update(EVENTS).where(EVENTS.c.id == -1).values(id=b))
     report = verify.verify()
-    problem = _problem(report)
-    assert (problem.event_id, problem.kind) == (a, "reordered")
-    assert {p.kind for p in report.problems} == {"reordered"}
+    assert [(p.event_id, p.kind) for p in report.problems] == [
+        (a, "altered"), (b, "altered"), (ids[5], "reordered")
+    ]  # fmt: skip
+
+
+def test_an_event_moved_to_another_lane_is_named(database_url: str) -> None:
+    ids = _append_many(4)
+    with attacker(database_url) as conn:
+        conn.execute(update(EVENTS).where(EVENTS.c.id == ids[3]).values(lane=SHARED_LANE + 1))
+    assert [(p.event_id, p.kind) for p in verify.verify().problems] == [(ids[3], "altered")]
+
+
+def test_a_job_alone_in_its_lane_deleted_whole_is_caught_by_the_seal(database_url: str) -> None:
+    """The one change a lane's links cannot show: every event of a lane's tail gone (here a
+    job alone in its lane). Once sealed, the seal names the lane's head, which must be there."""
+    lone = streams_in_lane(SHARED_LANE + 3, 1)[0]
+    _append_many(3)
+    with session_scope() as session:
+        lone_ids = [
+            events.append(session, stream=lone, type="t", actor="x", job_id=lone[4:]).id
+            for _ in range(3)
+        ]
+    sealed = seals.seal(actor="operator:a")
+    assert sealed.created and sealed.lanes == 2
+    _append_many(3)  # the other lane moves on after the seal
+    with attacker(database_url) as conn:
+        conn.execute(delete(EVENTS).where(EVENTS.c.stream == lone))
+    report = verify.verify()
+    assert [(p.event_id, p.kind) for p in report.problems] == [(lone_ids[-1], "sealed")]
+    assert f"seal {sealed.id}" in report.problems[0].message
+
+
+def test_a_seal_altered_or_removed_is_named(database_url: str) -> None:
+    _append_many(2)
+    first = seals.seal(actor="operator:a")
+    assert not seals.seal(actor="operator:a").created  # nothing moved: no new seal
+    _append_many(2)
+    second = seals.seal(actor="operator:a")
+    assert second.created and second.id == (first.id or 0) + 1
+    assert verify.verify(seal_anchors={second.id or 0: second.hash or ""}).ok
+    with attacker(database_url) as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execute(text("DROP TRIGGER IF EXISTS event_seals_no_delete"))
+        conn.execute(delete(EventSeal).where(EventSeal.id == second.id))
+    # The newest seal gone: only a seal kept elsewhere tells.
+    assert verify.verify().ok
+    report = verify.verify(seal_anchors={second.id or 0: second.hash or ""})
+    assert [p.kind for p in report.problems] == ["anchor"]
+    with attacker(database_url) as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execute(text("DROP TRIGGER IF EXISTS event_seals_no_update"))
+        conn.execute(update(EventSeal).where(EventSeal.id == first.id).values(heads={}))
+    assert [p.kind for p in verify.verify().problems] == ["seal"]
 
 
 def test_an_altered_and_rehashed_event_breaks_the_next_link(database_url: str) -> None:
@@ -203,7 +267,7 @@ def _hash_of(event_id: int) -> str:
 
 def test_a_log_broken_everywhere_is_reported_in_bounded_memory() -> None:
     """Every link broken: every problem counted, the first MAX_PROBLEMS kept, in order."""
-    checker = verify.ChainChecker(chain.GENESIS_HASH)
+    checker = verify.ChainChecker({})
     count = verify.MAX_PROBLEMS * 3
     for n in range(1, count + 1):
         record = {
@@ -268,7 +332,7 @@ def test_export_jsonl_round_trips_and_verifies(database_url: str) -> None:
     assert export.export(out, "jsonl") == 30
     records = [json.loads(line) for line in out.getvalue().splitlines()]
     assert list(records[0]) == list(queries.RECORD_FIELDS)
-    checker = verify.ChainChecker(chain.GENESIS_HASH)
+    checker = verify.ChainChecker({}, root=chain.GENESIS_HASH)
     for record in records:
         checker.feed(record)
     assert checker.finish().ok
@@ -282,9 +346,9 @@ def test_export_filters_like_queries(database_url: str) -> None:
         events.append(session, stream="registry/4", type="registry.tested", actor="operator:a",
                       registry_id=4, payload={"ok": False})  # fmt: skip
     out = io.StringIO()
-    query = queries.EventQuery(job_id="1")
+    query = queries.EventQuery(job_id=JOBS[1])
     assert export.export(out, "jsonl", query) == 3
-    assert {json.loads(line)["job_id"] for line in out.getvalue().splitlines()} == {"1"}
+    assert {json.loads(line)["job_id"] for line in out.getvalue().splitlines()} == {JOBS[1]}
     out = io.StringIO()
     query = queries.EventQuery(registry_id=4, outcomes=["failed"], actor="operator:a")
     assert export.export(out, "csv", query) == 1
@@ -324,12 +388,12 @@ def _age_all(url: str, days: int) -> None:
     # Re-write the log as it would have been written `days` ago, hashes and all.
     with attacker(url) as conn:
         conn.execute(delete(EVENTS))
-        prev = chain.GENESIS_HASH
+        prev: dict[int, str] = {}
         for row in rows:
             record = dict(row._mapping)
             record["time"] = record["time"].replace(year=record["time"].year - 1)
-            record["prev_hash"] = prev
-            record["hash"] = prev = chain.chain_hash(record)
+            record["prev_hash"] = prev.get(record["lane"], chain.GENESIS_HASH)
+            record["hash"] = prev[record["lane"]] = chain.chain_hash(record)
             conn.execute(insert(EVENTS).values(record))
 
 
@@ -411,8 +475,8 @@ def test_a_forged_checkpoint_does_not_verify(database_url: str) -> None:
         ))  # fmt: skip
     with engine_for(database_url).begin() as conn:
         conn.execute(delete(EVENTS).where(EVENTS.c.id <= ids[2]))  # the trigger lets it through
-    problem = _problem(verify.verify())
-    assert problem.kind == "checkpoint" and "not confirmed" in problem.message
+    problems = verify.verify().problems
+    assert any(p.kind == "checkpoint" and "not confirmed" in p.message for p in problems)
 
 
 def test_an_event_restored_below_a_checkpoint_is_named(database_url: str) -> None:
@@ -456,14 +520,14 @@ def _run(*args: str, code: int = 0) -> Any:
 
 def test_cli_verify_export_prune(database_url: str, tmp_path: Path) -> None:
     ids = _append_many(6)
-    assert _run("events", "--job", "1", "--json").stdout.count('"job_id": "1"') == 2
+    assert _run("events", "--job", JOBS[1], "--json").stdout.count(f'"job_id": "{JOBS[1]}"') == 2
     ok = _run("events", "verify")
     assert ok.stdout.startswith("ok: event log: 6 events") and f"head: {ids[-1]}:" in ok.stdout
     head = ok.stdout.split("head: ")[1].strip()
     assert _run("events", "verify", "--anchor", head).stdout.startswith("ok:")
 
     exported = tmp_path / "e.csv"
-    _run("events", "export", "--format", "csv", "--job", "2", "--output", str(exported))
+    _run("events", "export", "--format", "csv", "--job", JOBS[2], "--output", str(exported))
     assert len(list(csv.DictReader(exported.open()))) == 2
     jsonl = _run("events", "export", "--type", "step.started").stdout
     assert len(jsonl.splitlines()) == 6

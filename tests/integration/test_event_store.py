@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -106,8 +107,10 @@ def test_the_database_refuses_to_change_events(database_url: str, statement: str
 # --- the hash chain and the derived columns ---------------------------------------------------
 
 
-def test_every_event_links_to_the_one_before_it(database_url: str) -> None:
-    """One global chain in id order, across streams and transactions; each hash recomputes."""
+def test_every_event_links_to_the_one_before_it_in_its_lane(database_url: str) -> None:
+    """A chain per lane in id order, across streams and transactions; each hash recomputes; a
+    lane's first event links to the lanes' root (the genesis hash on a log that began with
+    lanes)."""
     with session_scope() as session:
         events.append(session, stream="job/a", type="job.enqueued", actor="x", job_id="a")
         events.append(session, stream="registry/5", type="registry.created", actor="x")
@@ -115,8 +118,11 @@ def test_every_event_links_to_the_one_before_it(database_url: str) -> None:
         events.append(session, stream="job/a", type="step.started", actor="x", job_id="a")
     with session_scope() as session:
         rows = queries.select_events(session)
-    assert rows[0].prev_hash == chain.GENESIS_HASH
-    assert [r.prev_hash for r in rows[1:]] == [r.hash for r in rows[:-1]]
+    assert chain.lane_of("job/a") != chain.lane_of("registry/5")
+    assert [r.lane for r in rows] == [chain.lane_of(r.stream) for r in rows]
+    job, registry = [r for r in rows if r.stream == "job/a"], rows[1]
+    assert job[0].prev_hash == registry.prev_hash == chain.GENESIS_HASH
+    assert job[1].prev_hash == job[0].hash
     for row in rows:
         assert row.hash == chain.chain_hash(queries.event_fields(row))
     assert len({r.hash for r in rows}) == len(rows)
@@ -135,10 +141,12 @@ def test_the_hash_covers_every_stored_field(database_url: str) -> None:
         ("payload", {"error_code": "y", "retry_in": 1.5}), ("repository", "r"),
         ("outcome", "succeeded"), ("prev_hash", "1" * 64),
         ("time", "2020-01-01T00:00:00+00:00"),
+        # the lanes' version also covers the id (an event cannot move in the order), the lane
+        # and the trace
+        ("id", fields["id"] + 1), ("lane", (fields["lane"] + 1) % chain.LANES),
+        ("trace_id", "0" * 31 + "1"),
     ]:  # fmt: skip
         assert chain.chain_hash({**fields, name: other}) != fields["hash"], name
-    # The id is not hashed: order is held by prev_hash (docs/event-log.md).
-    assert chain.chain_hash({**fields, "id": 999}) == fields["hash"]
 
 
 def test_payload_is_hashed_as_the_database_gives_it_back(database_url: str) -> None:
@@ -355,3 +363,97 @@ def test_migration_downgrades_and_upgrades_again(database_url: str) -> None:
     from worker.store import verify
 
     assert verify.verify(database_url).ok
+
+
+def _v1_log(url: str, count: int) -> list[dict[str, Any]]:
+    """A log as the global chain wrote it, before the lanes: at revision 0009, version-1 hashes,
+    each event linked to the one before it in id order."""
+    from alembic import command
+
+    from worker.store.migrate import alembic_config
+
+    engine_for(url).dispose()
+    command.downgrade(alembic_config(url), "0009")
+    written: list[dict[str, Any]] = []
+    prev = chain.GENESIS_HASH
+    with engine_for(url).begin() as conn:
+        for n in range(count):
+            record: dict[str, Any] = {
+                "id": n + 1, "stream": f"job/{n % 3}", "seq": n // 3 + 1, "job_id": None,
+                "time": datetime(2026, 1, 1, tzinfo=UTC), "type": "step.started",
+                "step": None, "registry_id": None, "attempt": None, "actor": "worker:old",
+                "payload": {"reason": f"n{n}"}, "repository": None, "outcome": None,
+                "prev_hash": prev,
+            }  # fmt: skip
+            record["hash"] = prev = chain.chain_hash(record)
+            conn.execute(
+                text(
+                    "INSERT INTO events (id, stream, seq, job_id, time, type, step, registry_id,"
+                    " attempt, actor, payload, repository, outcome, prev_hash, hash) VALUES (:id,"
+                    " :stream, :seq, :job_id, :time, :type, :step, :registry_id, :attempt, :actor,"
+                    " :payload, :repository, :outcome, :prev_hash, :hash)"
+                ),
+                {**record, "payload": json.dumps(record["payload"])},
+            )
+            written.append(record)
+        if conn.dialect.name == "postgresql":  # as if the sequence had given these ids
+            conn.execute(text("SELECT setval('events_id_seq', (SELECT max(id) FROM events))"))
+    engine_for(url).dispose()
+    command.upgrade(alembic_config(url), "head")
+    return written
+
+
+def test_an_existing_chain_is_migrated_to_lanes_untouched(database_url: str) -> None:
+    """Migration 0010 re-hashes nothing: the version-1 events keep their hashes and still verify
+    as one chain; every lane's first event links to the last of them (the epoch's root)."""
+    from worker.store import verify
+
+    old = _v1_log(database_url, 7)
+    with session_scope() as session:
+        stored = [(r.id, r.hash, r.lane) for r in queries.select_events(session)]
+    assert stored == [(r["id"], r["hash"], None) for r in old]
+    with session_scope() as session:
+        new = [
+            events.append(session, stream=stream, type="t", actor="worker:new")
+            for stream in ("job/0", "registry/1", "job/0")
+        ]
+    assert new[0].prev_hash == new[1].prev_hash == old[-1]["hash"]
+    assert new[2].prev_hash == new[0].hash and new[0].id > old[-1]["id"]
+    report = verify.verify(database_url)
+    assert report.ok, report.to_dict()
+    assert report.heads["v1"] == [old[-1]["id"], old[-1]["hash"]]
+    assert report.checked == 10
+
+
+def test_a_migrated_chain_cut_at_its_end_is_caught(database_url: str) -> None:
+    """The last version-1 event is the lanes' root, recorded by the migration: removing it (or
+    the whole version-1 tail) is named, even though no lane links to it yet."""
+    from tests.integration.test_audit import attacker
+    from worker.store import verify
+
+    old = _v1_log(database_url, 4)
+    with attacker(database_url) as conn:
+        conn.execute(text("DELETE FROM events WHERE id >= 3"))
+    problems = verify.verify(database_url).problems
+    assert [(p.event_id, p.kind) for p in problems] == [(old[-1]["id"], "sealed")]
+
+
+def test_an_event_in_the_old_chain_after_the_migration_is_named(database_url: str) -> None:
+    """A worker older than 0010 still running after it would write version-1 events."""
+    from tests.integration.test_audit import attacker
+    from worker.store import verify
+
+    old = _v1_log(database_url, 2)
+    record = {**old[-1], "id": 3, "seq": 9, "prev_hash": old[-1]["hash"]}
+    record["hash"] = chain.chain_hash(record)
+    with attacker(database_url) as conn:
+        conn.execute(
+            text(
+                "INSERT INTO events (id, stream, seq, job_id, time, type, actor, payload,"
+                " prev_hash, hash) VALUES (:id, :stream, :seq, :job_id, :time, :type, :actor,"
+                " :payload, :prev_hash, :hash)"
+            ),
+            {**record, "payload": json.dumps(record["payload"])},
+        )
+    problems = verify.verify(database_url).problems
+    assert [(p.event_id, p.kind) for p in problems] == [(3, "unexpected")]

@@ -28,7 +28,7 @@ from worker.cli.common import (
 )
 from worker.core.errors import StorageError
 from worker.core.text import printable
-from worker.store import events, export, queries, retention, verify
+from worker.store import events, export, queries, retention, seals, verify
 from worker.store.chain import OUTCOMES
 from worker.store.db import read_scope
 
@@ -126,15 +126,18 @@ def events_command(
         _out().print(_events_table(rows))
 
 
-def _anchor(text: str) -> tuple[int, str]:
-    event_id, sep, digest = text.partition(":")
+def _anchor(text: str) -> tuple[str, int, str]:
+    """``ID:HASH`` (an event) or ``seal:ID:HASH`` (a seal) -> (kind, id, hash)."""
+    kind, rest = ("seal", text[5:]) if text.lower().startswith("seal:") else ("event", text)
+    number, sep, digest = rest.partition(":")
     digest = digest.strip().lower()
-    event_id = event_id.strip()
-    if not sep or not (event_id.isascii() and event_id.isdigit()) or len(digest) != 64:
+    number = number.strip()
+    if not sep or not (number.isascii() and number.isdigit()) or len(digest) != 64:
         raise click.BadParameter(
-            f"{printable(text)!r} is not ID:SHA256 (as printed by `events verify`)"
+            f"{printable(text)!r} is not ID:SHA256 or seal:ID:SHA256 (as printed by "
+            "`events verify`)"
         )
-    return int(event_id), digest
+    return kind, int(number), digest
 
 
 @events_command.command("verify")
@@ -142,9 +145,9 @@ def _anchor(text: str) -> tuple[int, str]:
     "--anchor",
     "anchors",
     multiple=True,
-    metavar="ID:HASH",
-    help="An event id and hash recorded earlier (e.g. a previous head): it must still be there "
-    "with that hash. Repeatable.",
+    metavar="[seal:]ID:HASH",
+    help="A seal (seal:ID:HASH) or an event (ID:HASH) recorded earlier, as `verify` prints "
+    "them: it must still be there with that hash. Repeatable.",
 )
 @click.option(
     "--archive",
@@ -153,20 +156,25 @@ def _anchor(text: str) -> tuple[int, str]:
 )
 @_JSON
 def verify_command(anchors: tuple[str, ...], archive: Path | None, as_json: bool) -> None:
-    """Check the hash chain of the whole event log; name the first event that was altered,
-    removed or reordered.
+    """Check the hash chains of the whole event log and its seals; name the first event that
+    was altered, removed or reordered.
 
-    Exits 0 when the chain holds, 10 when it does not. Prints the head (id and hash): kept
-    somewhere else, it is an anchor for a later `verify --anchor`.
+    Exits 0 when the chains hold, 10 when they do not. Prints the latest seal (id and hash):
+    kept somewhere else, it is an anchor for a later `verify --anchor`, which then also
+    catches newest events cut off together with the newest seals.
 
     \b
     Example:
-      pushctl events verify --anchor "$(cat /secure/last-head)"   # ID:HASH
+      pushctl events verify --anchor "$(cat /secure/last-seal)"   # seal:ID:HASH
     """
     if archive is not None:
         report = verify.verify_archive(archive)
     else:
-        report = verify.verify(anchors=dict(_anchor(text) for text in anchors))
+        parsed = [_anchor(text) for text in anchors]
+        report = verify.verify(
+            anchors={n: h for kind, n, h in parsed if kind == "event"},
+            seal_anchors={n: h for kind, n, h in parsed if kind == "seal"},
+        )
     if as_json:
         _echo_json(report.to_dict())
     else:
@@ -184,8 +192,9 @@ def _print_report(report: verify.VerifyReport, archive: Path | None) -> None:
             f"(events up to {report.checkpoint['last_event_id']} pruned)"
         )
     span = f"events {report.first_id}..{report.head_id}" if report.checked else "no events"
+    chains = f" in {len(report.heads)} chain(s)" if report.heads else ""
     if report.ok:
-        click.echo(f"ok: {what}: {report.checked} {span}, chained from {start}")
+        click.echo(f"ok: {what}: {report.checked} {span}{chains}, chained from {start}")
     else:
         click.echo(f"FAILED: {what}: {report.problem_count} problem(s) in {report.checked} {span}")
         first = report.first_problem
@@ -196,8 +205,33 @@ def _print_report(report: verify.VerifyReport, archive: Path | None) -> None:
             click.echo(f"  also: {printable(problem.message)}")
         if report.problem_count > len(report.problems):
             click.echo(f"  ... and {report.problem_count - len(report.problems)} more")
+    if report.seal is not None:
+        click.echo(f"seal: seal:{report.seal['id']}:{report.seal['hash']}")
     if report.head_id is not None:
         click.echo(f"head: {report.head_id}:{report.head_hash}")
+
+
+@events_command.command("seal")
+@click.option("--actor", type=TEXT, help="Who seals (default: operator:<login>).")
+@_JSON
+def seal_command(actor: str | None, as_json: bool) -> None:
+    """Seal the heads of the log's chains now (beat does it every PUSHWORKER_SEAL_EVERY
+    seconds); nothing is written when no chain moved since the latest seal.
+
+    Prints the seal as seal:ID:HASH, an anchor for `events verify --anchor`.
+
+    \b
+    Example:
+      pushctl events seal --json
+    """
+    report = seals.seal(actor=events.operator_actor(actor))
+    if as_json:
+        _echo_json(report.to_dict())
+    elif report.id is None:
+        click.echo("nothing to seal: the event log is empty")
+    else:
+        state = "sealed" if report.created else "unchanged since"
+        click.echo(f"{state}: seal:{report.id}:{report.hash} ({report.lanes} chains)")
 
 
 @events_command.command("export")

@@ -111,6 +111,7 @@ def task_arguments(step_names: Iterable[str]) -> TaskArguments:
         **{queues.step_task(name): _step_arguments for name in step_names},
         queues.RECONCILE_TASK: _no_arguments,
         queues.HEALTH_TASK: _no_arguments,
+        queues.SEAL_TASK: _no_arguments,
         queues.WEBHOOK_TASK: _no_arguments,
     }
 

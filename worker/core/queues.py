@@ -13,6 +13,7 @@ SUBMIT_TASK = "pushworker.submit"
 #: Celery beat's periodic tasks.
 RECONCILE_TASK = "pushworker.maintenance.reconcile"
 HEALTH_TASK = "pushworker.health.check_registries"
+SEAL_TASK = "pushworker.maintenance.seal_events"
 #: Webhook deliveries: a queue of their own, so a slow receiver never delays a push.
 WEBHOOK_QUEUE = "pushworker.webhooks"
 WEBHOOK_TASK = "pushworker.webhooks.deliver"

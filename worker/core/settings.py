@@ -56,6 +56,7 @@ SETTINGS_ENV_NAMES = (
     "PUSHWORKER_SOURCES_DIR",
     "PUSHWORKER_SKOPEO",
     "PUSHWORKER_RECONCILE_EVERY",
+    "PUSHWORKER_SEAL_EVERY",
     "PUSHWORKER_RECONCILE_GRACE",
     "PUSHWORKER_HEALTH_EVERY",
     DOCKER_HOSTS_ENV,
@@ -137,6 +138,9 @@ class Settings:
     skopeo: str = DEFAULT_SKOPEO
     #: Seconds between Celery beat's reconcile runs (``PUSHWORKER_RECONCILE_EVERY``).
     reconcile_every: float = 60.0
+    #: Seconds between seals of the event log's chains (``PUSHWORKER_SEAL_EVERY``): how long
+    #: the newest events of a chain may go without a seal naming them (docs/event-log.md).
+    seal_every: float = 10.0
     #: Seconds a queued or stalled job may go unstarted before reconcile republishes it
     #: (``PUSHWORKER_RECONCILE_GRACE``).
     reconcile_grace: float = 60.0
@@ -221,6 +225,7 @@ class Settings:
             sources_dir=_text(env, "PUSHWORKER_SOURCES_DIR"),
             skopeo=_absolute(env, "PUSHWORKER_SKOPEO", DEFAULT_SKOPEO),
             reconcile_every=_seconds(env, "PUSHWORKER_RECONCILE_EVERY", 60, positive=True),
+            seal_every=_seconds(env, "PUSHWORKER_SEAL_EVERY", 10, positive=True),
             reconcile_grace=_seconds(env, "PUSHWORKER_RECONCILE_GRACE", 60),
             health_every=_seconds(env, "PUSHWORKER_HEALTH_EVERY", 300, positive=True),
             docker_hosts=_docker_hosts(env),

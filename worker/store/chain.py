@@ -1,10 +1,17 @@
-"""The event log's hash chain as pure functions: the canonical form of an event and its hash.
+"""The event log's hash chains as pure functions: the canonical form of an event, its hash, its
+lane.
 
 No session and no I/O: the recorder (``worker.store.events``) and the checker
 (``worker.store.verify``) both hash through here, so what is written and what is checked cannot
-drift apart. A change to what is hashed is a new ``CHAIN_VERSION``, never an edit of version 1:
-migration 0003 keeps its own frozen copy of version 1, and
-``tests/unit/test_migrations_frozen.py`` checks that the two still agree (docs/event-log.md).
+drift apart. A change to what is hashed is a new version, never an edit of an old one: migration
+0003 keeps its own frozen copy of version 1, and ``tests/unit/test_migrations_frozen.py`` checks
+that the two still agree (docs/event-log.md).
+
+Version 1 (events before migration 0010, ``lane`` NULL): one global chain in ``id`` order, every
+append serialised on one lock. Version 2: ``LANES`` chains; an event's lane is a function of its
+stream (a stream is always in one lane), its ``prev_hash`` is the previous event *of its lane*,
+and its hash also covers its ``id``, ``lane`` and ``trace_id``. Appenders of different lanes
+never wait for each other; seals (``worker.store.seals``) tie the lanes' heads together.
 """
 
 from __future__ import annotations
@@ -17,14 +24,24 @@ from typing import Any, Literal, get_args
 
 #: ``prev_hash`` of the very first event of a log.
 GENESIS_HASH = "0" * 64
-#: Version of the canonical form, part of what is hashed.
+#: Version 1 of the canonical form (the global chain), part of what is hashed.
 CHAIN_VERSION = 1
-#: The fields an event's hash covers, besides the version (``id`` and ``hash`` are not hashed:
+#: The fields a version-1 hash covers, besides the version (``id`` and ``hash`` are not hashed:
 #: the order is held by ``prev_hash``, see docs/event-log.md).
 HASHED_FIELDS = (
     "stream", "seq", "job_id", "time", "type", "step", "registry_id", "attempt", "actor",
     "payload", "repository", "outcome", "prev_hash",
 )  # fmt: skip
+#: Version 2: the lanes.
+LANE_CHAIN_VERSION = 2
+#: What a version-2 hash covers besides version 1's: the id (an event cannot be moved, not even
+#: between lanes), the lane and the trace the event was recorded in.
+LANE_HASHED_FIELDS = (*HASHED_FIELDS, "id", "lane", "trace_id")
+#: How many lanes: enough that concurrent jobs rarely share one (two jobs in one lane wait for
+#: each other's commit), few enough that a seal holding every lane's head stays small.
+LANES = 64
+#: The name of version 1's single chain wherever lanes are named (checkpoints, reports).
+V1_LANE = "v1"
 
 #: Event type suffixes (and a few whole types) -> the indexed ``outcome`` column.
 _OUTCOME_OF_SUFFIX = {
@@ -48,12 +65,28 @@ def canonical_time(moment: datetime | str) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def lane_of(stream: str) -> int:
+    """The lane every event of ``stream`` goes to: stable, spread evenly over ``LANES``."""
+    digest = hashlib.sha256(stream.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:4], "big") % LANES
+
+
+def lane_name(lane: int | None) -> str:
+    """How a lane is named in checkpoints, seals and reports: ``"v1"`` or its number."""
+    return V1_LANE if lane is None else str(lane)
+
+
 def canonical_json(record: Mapping[str, Any]) -> bytes:
     """The bytes an event's hash is taken over: its hashed fields as JSON with sorted keys, no
-    whitespace, ASCII only, the time as ISO UTC with microseconds."""
-    body = {name: record[name] for name in HASHED_FIELDS}
+    whitespace, ASCII only, the time as ISO UTC with microseconds. A record with a ``lane`` is
+    version 2, one without (or with None) version 1."""
+    if record.get("lane") is None:
+        body = {name: record[name] for name in HASHED_FIELDS}
+        body["v"] = CHAIN_VERSION
+    else:
+        body = {name: record.get(name) for name in LANE_HASHED_FIELDS}
+        body["v"] = LANE_CHAIN_VERSION
     body["time"] = canonical_time(record["time"])
-    body["v"] = CHAIN_VERSION
     return json.dumps(
         body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode("ascii")

@@ -1,11 +1,12 @@
 """The append-only event log's recorder: ``append`` (reading is ``worker.store.queries``; verify,
-export and retention are ``worker.store.verify``, ``export`` and ``retention``).
+export, retention and seals are ``worker.store.verify``, ``export``, ``retention``, ``seals``).
 
-Every event is a link of one global hash chain, in ``id`` order: its ``hash`` is the SHA-256 of
-its canonical JSON (``worker.store.chain``). Writers are serialised so that the chain stays a
-line: SQLite takes its write lock at the start of every transaction (``worker.store.db``),
-PostgreSQL takes a transaction-level advisory lock here, in ``append``, held until the
-transaction ends. See docs/event-log.md.
+Every event is a link of the hash chain of its lane (``worker.store.chain``): its ``hash`` is the
+SHA-256 of its canonical JSON, which holds the hash of the lane's previous event. Appenders of one
+lane are serialised so that its chain stays a line: SQLite takes its write lock at the start of
+every transaction (``worker.store.db``), PostgreSQL takes a transaction-level advisory lock on
+the lane here, in ``append``, held until the transaction ends. Appenders of different lanes do
+not wait for each other. See docs/event-log.md.
 
 Every appended event is also one structlog line with the same fields, written after the
 transaction that stored it commits (a rolled-back event is not logged as if it happened), and
@@ -31,8 +32,9 @@ from sqlalchemy.orm import Session
 from worker.core.errors import EventConflict, ValidationError
 from worker.core.logs import get_logger
 from worker.core.settings import get_settings
-from worker.store.chain import GENESIS_HASH, chain_hash, derive_outcome
-from worker.store.models import Event, EventCheckpoint, PushJob, utcnow
+from worker.core.tracing import current_trace_id
+from worker.store.chain import chain_hash, derive_outcome, lane_name, lane_of
+from worker.store.models import Event, EventCheckpoint, EventEpoch, PushJob, utcnow
 from worker.store.queries import event_fields
 
 log = get_logger("pushworker.events")
@@ -55,7 +57,7 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
         "task_name", "queue", "content_type", "body_bytes", "message_id",
         # retention (events.pruned)
         "first_event_id", "last_event_id", "last_hash", "count", "cutoff", "archived_to",
-        "archive_sha256",
+        "archive_sha256", "heads_sha256",
         # flow control (step.waiting, registry.throttled / registry.unthrottled, limits)
         "ahead", "holders", "limit", "effective_limit", "previous_limit", "max_concurrent",
         "rate_per_second", "deadline_at",
@@ -74,8 +76,11 @@ ALLOWED_PAYLOAD_KEYS = frozenset(
     }
 )  # fmt: skip
 
-#: The key of the PostgreSQL advisory lock that serialises appends ("pushevnt").
+#: The key of the PostgreSQL advisory lock of the log's housekeeping ("pushevnt"): retention and
+#: seals take it, one at a time; appenders never do.
 CHAIN_LOCK_KEY = int.from_bytes(b"pushevnt", "big")
+#: The first key of a lane's advisory lock (the second is the lane): "pwln" as a signed int4.
+LANE_LOCK_CLASS = int.from_bytes(b"pwln", "big", signed=True)
 #: The stream of the log's own housekeeping (retention).
 AUDIT_STREAM = "audit"
 
@@ -104,71 +109,131 @@ def _login_name() -> str:
         return "unknown"
 
 
-def lock_chain(session: Session) -> None:
-    """Serialise appenders on PostgreSQL until this transaction ends (SQLite: already done).
-
-    Taken at every append (it is re-entrant): a savepoint rolled back releases it.
-    """
-    if session.get_bind().dialect.name != "postgresql":
-        return
+def _locked(session: Session, statement: str, params: dict[str, int]) -> None:
     try:
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
+        session.execute(text(statement), params)
     except DBAPIError as exc:
         if getattr(exc.orig, "sqlstate", None) in ("40P01", "40001", "55P03"):
-            # A deadlock with a writer that holds the chain and waits for a row this transaction
+            # A deadlock with a writer that holds the lock and waits for a row this transaction
             # locked: retryable, like a sequence clash.
             raise EventConflict("the event chain is busy (deadlock); try again") from None
         raise
 
 
-def _checkpoint_head(session: Session) -> tuple[int | None, str]:
-    """The latest checkpoint's ``(last_event_id, last_hash)``, or the genesis hash."""
+def lock_chain(session: Session) -> None:
+    """Serialise the log's housekeeping (retention, seals) on PostgreSQL until this transaction
+    ends (SQLite: already done). Appends do not take it."""
+    if session.get_bind().dialect.name == "postgresql":
+        _locked(session, "SELECT pg_advisory_xact_lock(:key)", {"key": CHAIN_LOCK_KEY})
+
+
+def lock_lane(session: Session, lane: int) -> None:
+    """Serialise the appenders of ``lane`` on PostgreSQL until this transaction ends (SQLite:
+    already done). Re-entrant: a transaction appending twice to a lane takes it twice."""
+    if session.get_bind().dialect.name == "postgresql":
+        _locked(
+            session,
+            "SELECT pg_advisory_xact_lock(:cls, :lane)",
+            {"cls": LANE_LOCK_CLASS, "lane": lane},
+        )
+
+
+def lanes_root(session: Session) -> str:
+    """The hash every lane's first event links to (``EventEpoch``, written by migration 0010).
+
+    Read only when a lane has no event yet (at most once per lane of a database), so it is not
+    cached: a restored database must never be chained to another one's root.
+    """
+    found = session.scalar(select(EventEpoch.v1_last_hash).where(EventEpoch.version == 2))
+    if found is None:
+        raise ValidationError(
+            "the event log has no lanes' root (event_epochs): run `pushctl db upgrade`"
+        )
+    return str(found)
+
+
+def _checkpoint_head(session: Session, lane: int) -> tuple[int | None, str] | None:
+    """Where ``lane`` resumes after retention pruned all its events: the latest checkpoint's
+    head of the lane, or None."""
     checkpoint = session.execute(
-        select(EventCheckpoint.last_event_id, EventCheckpoint.last_hash)
+        select(EventCheckpoint.heads, EventCheckpoint.last_event_id)
         .order_by(EventCheckpoint.id.desc())
         .limit(1)
     ).first()
-    if checkpoint is not None:
-        return int(checkpoint[0]), str(checkpoint[1])
-    return None, GENESIS_HASH
+    if checkpoint is None:
+        return None
+    heads = checkpoint[0] or {}
+    head = heads.get(lane_name(lane))
+    return (int(head[0]), str(head[1])) if head else None
+
+
+def _newest_checkpoint_id(session: Session) -> int:
+    return int(session.scalar(select(func.max(EventCheckpoint.last_event_id))) or 0)
 
 
 @dataclass(frozen=True)
 class _AppendState:
     last_seq: int
-    head_id: int | None
-    head_hash: str
+    head_hash: str | None
     job_repository: str | None
+    #: PostgreSQL: the id the sequence gave this event. SQLite: the newest id (or None).
+    next_or_newest_id: int | None
 
 
-def _state_query() -> Select[Any]:
-    """What an append reads, in one round trip: the stream's last seq, the chain's head, and
-    the repository of the job (for the indexed ``repository`` column)."""
+def _state_query(dialect: str) -> Select[Any]:
+    """What an append reads, in one round trip: the stream's last seq, its lane's head, the
+    repository of the job (for the indexed ``repository`` column) and the event's id (hashed,
+    so taken before the insert: PostgreSQL's sequence, or SQLite's newest id)."""
     events, jobs = Event.__table__, PushJob.__table__
-    newest = select(events.c.id, events.c.hash).order_by(events.c.id.desc()).limit(1).subquery()
+    head = (
+        select(events.c.hash)
+        .where(events.c.lane == bindparam("lane"))
+        .order_by(events.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    ident: Any = (
+        func.nextval("events_id_seq")
+        if dialect == "postgresql"
+        else select(func.max(events.c.id)).scalar_subquery()
+    )
     return select(
         select(func.max(events.c.seq))
         .where(events.c.stream == bindparam("stream"))
         .scalar_subquery(),
-        select(newest.c.id).scalar_subquery(),
-        select(newest.c.hash).scalar_subquery(),
+        head,
         select(jobs.c.repository).where(jobs.c.id == bindparam("job_id")).scalar_subquery(),
+        ident,
     )
 
 
-# Built once: SQLAlchemy memoises a statement's cache key on the statement object, so a
-# statement built per call pays for its key (a walk of the whole tree) every time. Appends are
-# the hottest path there is (about ten per job).
-_STATE_QUERY = _state_query()
+# Built once per dialect: SQLAlchemy memoises a statement's cache key on the statement object,
+# so a statement built per call pays for its key (a walk of the whole tree) every time. Appends
+# are the hottest path there is (about ten per job).
+_STATE_QUERIES = {dialect: _state_query(dialect) for dialect in ("postgresql", "sqlite")}
 _INSERT_EVENT = insert(Event)
 
 
-def _append_state(session: Session, stream: str, job_id: str | None) -> _AppendState:
-    row = session.connection().execute(_STATE_QUERY, {"stream": stream, "job_id": job_id}).one()
-    last_seq, head_id, head_hash, job_repository = row
-    if head_id is None:
-        head_id, head_hash = _checkpoint_head(session)
-    return _AppendState(int(last_seq or 0), head_id, str(head_hash), job_repository)
+def _append_state(session: Session, stream: str, lane: int, job_id: str | None) -> _AppendState:
+    connection = session.connection()
+    query = _STATE_QUERIES[connection.dialect.name]
+    row = connection.execute(query, {"stream": stream, "lane": lane, "job_id": job_id}).one()
+    last_seq, head_hash, job_repository, ident = row
+    return _AppendState(
+        int(last_seq or 0),
+        None if head_hash is None else str(head_hash),
+        job_repository,
+        None if ident is None else int(ident),
+    )
+
+
+def _lane_head(session: Session, lane: int, found: str | None) -> str:
+    """The hash the lane's next event links to: its newest event's, else where retention left
+    it, else the lanes' root."""
+    if found is not None:
+        return found
+    resumed = _checkpoint_head(session, lane)
+    return resumed[1] if resumed is not None else lanes_root(session)
 
 
 def _checked_payload(payload: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -296,32 +361,36 @@ def append(
     payload = _checked_payload(payload)
     columns = _stored_columns(stream, type, actor, job_id, step, registry_id, attempt)
     named_repository = _named_repository(payload)
-    # This transaction's other changes take their row locks before the chain lock, not while
+    lane = lane_of(columns["stream"])
+    # This transaction's other changes take their row locks before the lane's lock, not while
     # holding it, which keeps lock waits one-way in the common case.
     session.flush()
-    lock_chain(session)
-    state = _append_state(session, columns["stream"], columns["job_id"])
-    values: dict[str, Any] = {
-        **columns, "seq": state.last_seq + 1, "time": utcnow(), "payload": payload,
-        "repository": named_repository or state.job_repository,
-        "outcome": derive_outcome(columns["type"], payload), "prev_hash": state.head_hash,
-    }  # fmt: skip
-    values["hash"] = chain_hash(values)
+    lock_lane(session, lane)
+    state = _append_state(session, columns["stream"], lane, columns["job_id"])
     connection = session.connection()
     if connection.dialect.name == "sqlite":
         # SQLite would reuse the id of a deleted newest row (retention): ids only go up.
-        values["id"] = (state.head_id or 0) + 1
+        newest = state.next_or_newest_id
+        event_id = (newest if newest is not None else _newest_checkpoint_id(session)) + 1
+    else:
+        assert state.next_or_newest_id is not None, "nextval gives an id"
+        event_id = state.next_or_newest_id
+    values: dict[str, Any] = {
+        **columns, "id": event_id, "seq": state.last_seq + 1, "time": utcnow(),
+        "payload": payload, "repository": named_repository or state.job_repository,
+        "outcome": derive_outcome(columns["type"], payload),
+        "prev_hash": _lane_head(session, lane, state.head_hash), "lane": lane,
+        "trace_id": current_trace_id(),
+    }  # fmt: skip
+    values["hash"] = chain_hash(values)
     try:
         # A Core insert, not a unit-of-work flush: an event is written once and never changed,
         # so the ORM's change tracking would be pure cost on the hottest path.
-        inserted = connection.execute(_INSERT_EVENT, values)
+        connection.execute(_INSERT_EVENT, values)
     except IntegrityError:
         raise EventConflict(
             f"another writer appended event {values['seq']} of {stream} first"
         ) from None
-    key = inserted.inserted_primary_key
-    assert key is not None, "an insert of one row has a primary key"
-    values["id"] = key[0]
     row = Event(**values)  # transient: a record of what was written, for logs and callers
     session.info.setdefault("pending_event_logs", []).append(row)
     return row

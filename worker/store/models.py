@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -188,11 +189,12 @@ class Event(Base):
     ``stream`` is ``job/<uuid>``, ``registry/<id>`` or ``audit``; ``seq`` numbers the events of
     one stream from 1, and ``UNIQUE(stream, seq)`` turns two concurrent writers into a key clash.
 
-    Every event is a link of one global hash chain in ``id`` order: ``hash`` is the SHA-256 of the
-    event's canonical JSON, which includes ``prev_hash``, the hash of the event before it (see
-    ``worker.store.chain.chain_hash`` and docs/event-log.md). ``repository`` and ``outcome`` are
-    derived
-    from the payload and the type when the event is appended, so that they can be indexed.
+    Every event is a link of a hash chain in ``id`` order: ``hash`` is the SHA-256 of the event's
+    canonical JSON, which includes ``prev_hash``, the hash of the event before it in its chain
+    (see ``worker.store.chain`` and docs/event-log.md). Events before migration 0010 form one
+    global chain (``lane`` NULL); later ones the chain of their ``lane``, a function of the stream.
+    ``repository`` and ``outcome`` are derived from the payload and the type when the event is
+    appended, so that they can be indexed.
     """
 
     __tablename__ = "events"
@@ -217,6 +219,8 @@ class Event(Base):
         Index("ix_events_actor_id", "actor", "id"),
         Index("ix_events_repository_id", "repository", "id"),
         Index("ix_events_type_id", "type", "id"),
+        # A lane's head, read by every append (migration 0010).
+        Index("ix_events_lane_id", "lane", "id"),
     )
 
     id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
@@ -234,10 +238,15 @@ class Event(Base):
     repository: Mapped[str | None] = mapped_column(String(255))
     #: ``succeeded``, ``failed``, ``skipped``, ``cancelled``, ``fallback`` or None (see events).
     outcome: Mapped[str | None] = mapped_column(String(20))
-    #: The hash of the event before this one in ``id`` order (or of the latest checkpoint).
+    #: The hash of the event before this one in its chain (or of the latest checkpoint).
     prev_hash: Mapped[str] = mapped_column(String(64))
     #: SHA-256 (hex) of this event's canonical JSON, ``prev_hash`` included.
     hash: Mapped[str] = mapped_column(String(64))
+    #: The chain this event is a link of (``worker.store.chain.lane_of(stream)``); None: the
+    #: version-1 global chain of the events recorded before migration 0010.
+    lane: Mapped[int | None] = mapped_column(SmallInteger)
+    #: The OpenTelemetry trace the event was recorded in (32 hex digits), if tracing was on.
+    trace_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class EventCheckpoint(Base):
@@ -265,6 +274,48 @@ class EventCheckpoint(Base):
     archive_sha256: Mapped[str | None] = mapped_column(String(64))
     time: Mapped[datetime] = mapped_column(default=utcnow)
     actor: Mapped[str] = mapped_column(String(200))
+    #: ``{lane name: [id, hash]}``: each chain's last pruned event, where its remaining events
+    #: start (this checkpoint's and every earlier one's). None: a checkpoint from before the
+    #: lanes, whose ``last_event_id``/``last_hash`` are the global chain's.
+    heads: Mapped[dict[str, list[Any]] | None] = mapped_column(JSON)
+
+
+class EventEpoch(Base):
+    """Where the version-1 global chain ended and the lanes began (written once, by migration
+    0010): every lane's first event links to ``v1_last_hash``.
+
+    Append-only (triggers). The lanes' root is read from here, never recomputed from the events,
+    so a version-1 tail removed later cannot become the root of a new lane unnoticed.
+    """
+
+    __tablename__ = "event_epochs"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The last version-1 event (None: the log had none).
+    v1_last_id: Mapped[int | None] = mapped_column(EventId)
+    v1_last_hash: Mapped[str] = mapped_column(String(64))
+
+
+class EventSeal(Base):
+    """The heads of every lane at one moment, chained to the seal before it (docs/event-log.md).
+
+    A lane's tail cannot be cut off below a seal without the seal noticing: verify finds every
+    head of the latest seal in the log with its hash. Seals are written by one writer at a time
+    (``worker.store.seals``), never by appenders, so they cost appends nothing.
+    """
+
+    __tablename__ = "event_seals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))
+    #: ``{lane name: [id, hash]}``: each lane's newest event when the seal was taken.
+    heads: Mapped[dict[str, list[Any]]] = mapped_column(JSON)
+    #: The hash of the seal before this one (the genesis hash for the first).
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    #: SHA-256 of the seal's canonical JSON (``worker.store.seals.seal_hash``).
+    hash: Mapped[str] = mapped_column(String(64))
 
 
 class ApiToken(Base):

@@ -20,7 +20,7 @@ PAGE_SIZE = 2000
 #: the same keys).
 RECORD_FIELDS = (
     "id", "stream", "seq", "job_id", "time", "type", "step", "registry_id", "attempt", "actor",
-    "payload", "repository", "outcome", "prev_hash", "hash",
+    "payload", "repository", "outcome", "prev_hash", "hash", "lane", "trace_id",
 )  # fmt: skip
 
 
@@ -68,8 +68,9 @@ class EventQuery:
         """Oldest first (or newest first): in id order, which is the chain's; in time order
         when the query has a time bound and no ``after_id``.
 
-        The two orders agree (an event's time is taken under the chain's lock) unless the hosts'
-        clocks disagree; ordering a time range by time lets the database read it straight from
+        The two orders agree within a lane (an event's id and time are taken under its lane's
+        lock) unless the hosts' clocks disagree, and across lanes to within the moments two
+        appends overlapped; ordering a time range by time lets the database read it straight from
         a time index and stop at ``limit``, where id order would make SQLite scan the table.
         """
         query = select(Event).where(*self.clauses())
@@ -165,5 +166,5 @@ def event_fields(row: Event) -> dict[str, Any]:
         "time": row.time.isoformat(), "type": row.type, "step": row.step,
         "registry_id": row.registry_id, "attempt": row.attempt, "actor": row.actor,
         "payload": row.payload, "repository": row.repository, "outcome": row.outcome,
-        "prev_hash": row.prev_hash, "hash": row.hash,
+        "prev_hash": row.prev_hash, "hash": row.hash, "lane": row.lane, "trace_id": row.trace_id,
     }  # fmt: skip

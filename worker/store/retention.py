@@ -17,12 +17,18 @@ from sqlalchemy import delete, func, select
 from worker.core.errors import StorageError, ValidationError
 from worker.core.settings import get_settings
 from worker.store import events
-from worker.store.chain import GENESIS_HASH
 from worker.store.db import engine_for, read_snapshot, session_scope
 from worker.store.export import jsonl_line
 from worker.store.models import Event, EventCheckpoint, utcnow
 from worker.store.queries import EventQuery, iter_records
-from worker.store.verify import ChainChecker, VerifyReport, read_checkpoints
+from worker.store.verify import (
+    ChainChecker,
+    VerifyReport,
+    checkpoint_heads,
+    heads_digest,
+    read_checkpoints,
+    read_epoch,
+)
 
 
 @dataclass(frozen=True)
@@ -90,9 +96,8 @@ def prune(
             )
         query = EventQuery(after_id=start)
         records = (r for r in iter_records(connection, query) if r["id"] <= last_id)
-        checker = ChainChecker(
-            latest.last_hash if latest is not None else GENESIS_HASH, prev_id=start or None
-        )
+        epoch = read_epoch(connection)
+        checker = ChainChecker(checkpoint_heads(latest), root=epoch.v1_last_hash)
         partial = archive.with_name(archive.name + ".partial") if archive is not None else None
         sha = _write_segment(records, checker, partial)
     segment = checker.finish()
@@ -103,7 +108,8 @@ def prune(
                 f"refusing to prune: the chain does not verify ({first.message if first else ''})",
                 hint="run `pushctl events verify` and investigate before pruning",
             )
-        return _commit_prune(url, cutoff, latest, segment, archive, partial, sha, actor)
+        heads = {lane: [head[0], head[1]] for lane, head in checker.heads.items()}
+        return _commit_prune(url, cutoff, latest, segment, heads, archive, partial, sha, actor)
     finally:
         if partial is not None:
             partial.unlink(missing_ok=True)
@@ -136,6 +142,7 @@ def _commit_prune(
     cutoff: datetime,
     latest: Any,
     segment: VerifyReport,
+    heads: dict[str, list[Any]],
     archive: Path | None,
     partial: Path | None,
     sha: str | None,
@@ -171,6 +178,7 @@ def _commit_prune(
                     first_event_id=segment.first_id, last_event_id=segment.head_id,
                     last_hash=segment.head_hash, count=segment.checked, cutoff=cutoff,
                     archived_to=archived_to, archive_sha256=sha, time=utcnow(), actor=actor,
+                    heads=heads,
                 )
             )  # fmt: skip
             session.flush()
@@ -187,6 +195,7 @@ def _commit_prune(
                     "cutoff": cutoff.isoformat(),
                     "archived_to": archived_to,
                     "archive_sha256": sha,
+                    "heads_sha256": heads_digest(heads),
                 },
             )
             event_id = pruned.id

@@ -21,10 +21,11 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from worker.core.errors import ValidationError
-from worker.store.chain import GENESIS_HASH, chain_hash
+from worker.store.chain import GENESIS_HASH, V1_LANE, chain_hash, lane_name
 from worker.store.db import read_snapshot
-from worker.store.models import EventCheckpoint
+from worker.store.models import EventCheckpoint, EventEpoch
 from worker.store.queries import EventQuery, iter_records
+from worker.store.seals import read_seals, seal_hash
 
 #: How many problems a report keeps (it counts them all).
 MAX_PROBLEMS = 100
@@ -37,7 +38,8 @@ class Problem:
     """One place where the chain does not hold, named by the event where it shows."""
 
     event_id: int | None
-    #: ``altered``, ``removed``, ``reordered``, ``unexpected``, ``checkpoint``, ``anchor``
+    #: ``altered``, ``removed``, ``reordered``, ``unexpected``, ``checkpoint``, ``anchor``,
+    #: ``sealed`` (an event a seal names is gone or changed), ``seal`` (a seal was altered)
     kind: str
     message: str
 
@@ -51,6 +53,10 @@ class VerifyReport:
     first_id: int | None = None
     head_id: int | None = None
     head_hash: str | None = None
+    #: Each chain's last record checked: ``{lane name: [id, hash]}``.
+    heads: dict[str, list[Any]] = field(default_factory=dict)
+    #: The latest seal, as checked (None: the log has none yet).
+    seal: dict[str, Any] | None = None
     #: The checkpoint the remaining chain starts from (None: from the genesis hash).
     checkpoint: dict[str, Any] | None = None
     problems: list[Problem] = field(default_factory=list)
@@ -71,34 +77,51 @@ class VerifyReport:
             "first_id": self.first_id,
             "head_id": self.head_id,
             "head_hash": self.head_hash,
+            "heads": self.heads,
+            "seal": self.seal,
             "checkpoint": self.checkpoint,
             "problem_count": self.problem_count,
             "problems": [problem.to_dict() for problem in self.problems],
         }
 
 
-class ChainChecker:
-    """Feeds on records in id order and finds where the chain does not hold.
+#: Where a chain starts: ``(id of the event it follows, or None; that event's hash)``.
+Head = tuple[int | None, str]
 
-    Per record: its fields must hash to its stored ``hash`` (else *altered*), and its
-    ``prev_hash`` must be the previous record's ``hash`` (else the link is broken). A broken link
-    is *reordered* when ``prev_hash`` names another record of the log (a recent one, or one that
-    comes later), and *removed* when it names none: the record it followed is gone (or was
-    altered and re-hashed). After a problem the checker resynchronises on the stored hash, so
-    that every separate change is reported.
+
+class ChainChecker:
+    """Feeds on records in id order and finds where the chains do not hold.
+
+    Each lane (and version 1's global chain, ``"v1"``) is checked on its own. Per record: its
+    fields must hash to its stored ``hash`` (else *altered*; a version-2 hash covers the id and
+    the lane too, so an event moved in the order or to another lane is altered), and its
+    ``prev_hash`` must be the hash of its lane's previous record (else the link is broken). A
+    broken link is *reordered* when ``prev_hash`` names another record of the log (a recent one,
+    or one that comes later), and *removed* when it names none: the record it followed is gone
+    (or was altered and re-hashed). After a problem the checker resynchronises on the stored
+    hash, so that every separate change is reported.
+
+    ``heads``: where each chain starts (a checkpoint's heads); a lane not in it starts at
+    ``root`` (the lanes' root), version 1 at the genesis hash. ``heads`` None: accept whatever
+    each chain's first record follows (an archive read on its own); ``first_prevs`` says what.
     """
 
     def __init__(
         self,
-        expected_prev: str | None,
+        heads: Mapping[str, Head] | None,
         *,
-        prev_id: int | None = None,
+        root: str | None = None,
         anchors: Mapping[int, str] | None = None,
+        sealed: Mapping[int, tuple[str, str]] | None = None,
     ) -> None:
-        #: None: accept whatever the first record follows (an archive read on its own).
-        self.expected = expected_prev
-        self.prev_id = prev_id
-        self.first_prev: str | None = None
+        self.open = heads is None
+        #: ``{event id: (hash, what sealed it)}``: events a seal or the epoch names, which must
+        #: be in the log with that hash (unless retention pruned them).
+        self.sealed = dict(sealed or {})
+        self.heads: dict[str, Head] = dict(heads or {})
+        self.root = root
+        #: Each chain's first record's ``prev_hash`` (what an archive starts from).
+        self.first_prevs: dict[str, str] = {}
         self.anchors = dict(anchors or {})
         self.report = VerifyReport()
         self._recent: OrderedDict[str, int] = OrderedDict()
@@ -107,15 +130,26 @@ class ChainChecker:
         self._found: list[tuple[int, int, str, str]] = []
         self._count = 0
 
+    def _start(self, lane: str, prev: str) -> Head:
+        if self.open:
+            return (None, prev)
+        if lane == V1_LANE:
+            return (None, GENESIS_HASH)
+        return (None, self.root if self.root is not None else GENESIS_HASH)
+
     def feed(self, record: Mapping[str, Any]) -> None:
         event_id = int(record["id"])
         stored, prev = str(record["hash"]), str(record["prev_hash"])
+        lane = lane_name(record.get("lane"))
         report = self.report
         if report.first_id is None:
             report.first_id = event_id
-            self.first_prev = prev
-            if self.expected is None:
-                self.expected = prev
+        if lane not in self.first_prevs:
+            self.first_prevs[lane] = prev
+        head = self.heads.get(lane)
+        if head is None:
+            head = self._start(lane, prev)
+        prev_id, expected = head
         report.checked += 1
         if chain_hash(record) != stored:
             self.add(
@@ -124,10 +158,14 @@ class ChainChecker:
                 f"event {event_id} ({record['type']}) was altered: its fields do not hash to its "
                 "stored hash",
             )
-        elif prev != self.expected:
-            self._broken_link(event_id, prev)
+        elif prev != expected:
+            self._broken_link(event_id, prev, prev_id)
         if event_id in self.anchors and self.anchors.pop(event_id) != stored:
             self.add(event_id, "anchor", f"event {event_id} does not have its anchored hash")
+        if event_id in self.sealed:
+            sealed_hash, by = self.sealed.pop(event_id)
+            if sealed_hash != stored:
+                self.add(event_id, "sealed", f"event {event_id} does not have the hash {by} names")
         later = self._pending.pop(stored, None)
         if later is not None:
             moved, _ = later
@@ -139,20 +177,21 @@ class ChainChecker:
         self._recent[stored] = event_id
         if len(self._recent) > _RECENT_HASHES:
             self._recent.popitem(last=False)
-        self.expected, self.prev_id = stored, event_id
+        self.heads[lane] = (event_id, stored)
         report.head_id, report.head_hash = event_id, stored
+        report.heads[lane] = [event_id, stored]
 
-    def _broken_link(self, event_id: int, prev: str) -> None:
+    def _broken_link(self, event_id: int, prev: str, prev_id: int | None) -> None:
         earlier = self._recent.get(prev)
         if earlier is not None:
             self.add(
                 event_id,
                 "reordered",
                 f"event {event_id} is out of order: it follows event {earlier}, "
-                f"not event {self.prev_id}",
+                f"not event {prev_id}",
             )
         else:
-            self._pending[prev] = (event_id, self.prev_id)
+            self._pending[prev] = (event_id, prev_id)
             if len(self._pending) > _RECENT_HASHES:  # reorders are local: settle the oldest
                 oldest = next(iter(self._pending))
                 self._removed(*self._pending.pop(oldest))
@@ -184,6 +223,15 @@ class ChainChecker:
             if anchors_before is None or event_id > anchors_before:
                 self.add(event_id, "anchor", f"anchored event {event_id} is not in the log")
         self.anchors.clear()
+        for event_id, (_, by) in sorted(self.sealed.items()):
+            if anchors_before is None or event_id > anchors_before:
+                self.add(
+                    event_id,
+                    "sealed",
+                    f"event {event_id}, which {by} names, is not in the log (the tail of its "
+                    "chain was cut off)",
+                )
+        self.sealed.clear()
         ordered = sorted(self._found, reverse=True)
         self.report.problem_count = self._count
         self.report.problems = [
@@ -214,23 +262,105 @@ def read_checkpoints(connection: Connection) -> list[Any]:
     return list(connection.execute(select(table).order_by(table.c.id)))
 
 
-def verify(url: str | None = None, *, anchors: Mapping[int, str] | None = None) -> VerifyReport:
-    """Check the whole chain that remains in the database, in one snapshot.
+def checkpoint_heads(checkpoint: Any) -> dict[str, Head]:
+    """Where each chain resumes after ``checkpoint`` (none: from the start). A checkpoint from
+    before the lanes names only the version-1 chain's head."""
+    if checkpoint is None:
+        return {}
+    if checkpoint.heads is None:
+        return {V1_LANE: (int(checkpoint.last_event_id), str(checkpoint.last_hash))}
+    return {lane: (int(head[0]), str(head[1])) for lane, head in checkpoint.heads.items()}
 
-    ``anchors``: ``{event id: hash}`` recorded elsewhere earlier (``verify`` prints the head);
-    each must still be there with that hash, unless retention pruned it. This is what catches a
-    log whose newest events were cut off, or one re-hashed from end to end.
+
+def heads_digest(heads: Mapping[str, Any] | None) -> str | None:
+    """SHA-256 of a checkpoint's heads as canonical JSON (what its ``events.pruned`` records)."""
+    if heads is None:
+        return None
+    body = {lane: [int(head[0]), str(head[1])] for lane, head in heads.items()}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """Where version 1 ended and the lanes began (``EventEpoch``)."""
+
+    v1_last_id: int | None
+    v1_last_hash: str
+
+
+def read_epoch(connection: Connection) -> Epoch:
+    table = EventEpoch.__table__
+    row = connection.execute(select(table).where(table.c.version == 2)).first()
+    if row is None:
+        raise ValidationError(
+            "the event log has no lanes' root (event_epochs): run `pushctl db upgrade`"
+        )
+    return Epoch(row.v1_last_id, row.v1_last_hash)
+
+
+def _seal_fields(seal: Any) -> dict[str, Any]:
+    return {"id": seal.id, "hash": seal.hash, "time": seal.time.isoformat(), "actor": seal.actor,
+            "lanes": len(seal.heads)}  # fmt: skip
+
+
+def check_seals(checker: ChainChecker, seals: list[Any]) -> None:
+    """Each seal hashes to its stored hash and links to the one before it; no lane's head goes
+    back. The latest seal's heads are handed to ``checker``: they must be in the log."""
+    prev_hash: str = GENESIS_HASH
+    previous_heads: dict[str, list[Any]] = {}
+    for seal in seals:
+        record = {
+            "id": seal.id,
+            "time": seal.time,
+            "heads": seal.heads,
+            "prev_hash": seal.prev_hash,
+        }
+        if seal_hash(record) != seal.hash:
+            checker.add(None, "seal", f"seal {seal.id} was altered: it does not hash to its hash")
+        elif seal.prev_hash != prev_hash:
+            checker.add(
+                None, "seal", f"seal {seal.id} does not follow the seal before it (one is missing)"
+            )
+        for lane, head in previous_heads.items():
+            now = seal.heads.get(lane)
+            if now is None or int(now[0]) < int(head[0]):
+                checker.add(None, "seal", f"seal {seal.id} takes lane {lane} back")
+        prev_hash, previous_heads = seal.hash, seal.heads
+    if seals:
+        latest = seals[-1]
+        for lane, head in latest.heads.items():
+            checker.sealed[int(head[0])] = (str(head[1]), f"seal {latest.id} (lane {lane})")
+
+
+def verify(
+    url: str | None = None,
+    *,
+    anchors: Mapping[int, str] | None = None,
+    seal_anchors: Mapping[int, str] | None = None,
+) -> VerifyReport:
+    """Check every chain that remains in the database, and the seals, in one snapshot.
+
+    ``anchors``: ``{event id: hash}`` recorded elsewhere earlier; each must still be there with
+    that hash, unless retention pruned it. ``seal_anchors``: ``{seal id: hash}`` likewise (what
+    ``verify`` prints): a seal kept elsewhere catches a log whose newest events were cut off
+    together with its newest seals, or one re-hashed from end to end.
     """
     with read_snapshot(url) as connection:
         checkpoints = read_checkpoints(connection)
         latest = checkpoints[-1] if checkpoints else None
         start = latest.last_event_id if latest is not None else None
+        epoch = read_epoch(connection)
+        sealed: dict[int, tuple[str, str]] = {}
+        if epoch.v1_last_id is not None:
+            sealed[epoch.v1_last_id] = (epoch.v1_last_hash, "the lanes' root (event_epochs)")
         checker = ChainChecker(
-            latest.last_hash if latest is not None else GENESIS_HASH,
-            prev_id=start,
-            anchors=anchors,
+            checkpoint_heads(latest), root=epoch.v1_last_hash, anchors=anchors, sealed=sealed
         )
-        confirmations: set[tuple[Any, Any]] = set()
+        seals = read_seals(connection)
+        check_seals(checker, seals)
+        _check_seal_anchors(checker, seals, seal_anchors or {})
+        confirmations: set[tuple[Any, Any, Any]] = set()
         for record in iter_records(connection, EventQuery()):
             if latest is not None and record["id"] <= latest.last_event_id:
                 checker.add(
@@ -240,18 +370,45 @@ def verify(url: str | None = None, *, anchors: Mapping[int, str] | None = None) 
                     f"event up to {latest.last_event_id}",
                 )
                 continue
+            if record["lane"] is None and record["id"] > (epoch.v1_last_id or 0):
+                checker.add(
+                    record["id"],
+                    "unexpected",
+                    f"event {record['id']} is in the version-1 chain but was recorded after the "
+                    "lanes began (written by a worker older than migration 0010?)",
+                )
+                continue
             checker.feed(record)
             if record["type"] == "events.pruned":
                 payload = record["payload"] or {}
-                confirmations.add((payload.get("last_event_id"), payload.get("last_hash")))
+                confirmations.add(
+                    (
+                        payload.get("last_event_id"),
+                        payload.get("last_hash"),
+                        payload.get("heads_sha256"),
+                    )
+                )
         _check_checkpoints(checker, checkpoints, confirmations)
         report = checker.finish(anchors_before=start)
         report.checkpoint = _checkpoint_fields(latest) if latest is not None else None
+        report.seal = _seal_fields(seals[-1]) if seals else None
         return report
 
 
+def _check_seal_anchors(
+    checker: ChainChecker, seals: list[Any], seal_anchors: Mapping[int, str]
+) -> None:
+    by_id = {seal.id: seal.hash for seal in seals}
+    for seal_id, expected in sorted(seal_anchors.items()):
+        found = by_id.get(seal_id)
+        if found is None:
+            checker.add(None, "anchor", f"anchored seal {seal_id} is not in the log")
+        elif found != expected:
+            checker.add(None, "anchor", f"seal {seal_id} does not have its anchored hash")
+
+
 def _check_checkpoints(
-    checker: ChainChecker, checkpoints: list[Any], confirmations: set[tuple[Any, Any]]
+    checker: ChainChecker, checkpoints: list[Any], confirmations: set[tuple[Any, Any, Any]]
 ) -> None:
     previous = 0
     for checkpoint in checkpoints:
@@ -264,7 +421,8 @@ def _check_checkpoints(
         previous = checkpoint.last_event_id
     if checkpoints:
         latest = checkpoints[-1]
-        if (latest.last_event_id, latest.last_hash) not in confirmations:
+        confirmed = (latest.last_event_id, latest.last_hash, heads_digest(latest.heads))
+        if confirmed not in confirmations:
             checker.add(
                 None,
                 "checkpoint",
@@ -274,8 +432,8 @@ def _check_checkpoints(
 
 
 def verify_archive(path: Path, url: str | None = None) -> VerifyReport:
-    """Check a retention archive: its own chain, and that it ends where a checkpoint of the
-    database says the pruned events ended (and starts where the one before it ended)."""
+    """Check a retention archive: its own chains, and that each starts where the checkpoint
+    before it left that chain and ends where its own checkpoint says."""
     digest = hashlib.sha256()
     checker = ChainChecker(None)
     try:
@@ -293,21 +451,41 @@ def verify_archive(path: Path, url: str | None = None) -> VerifyReport:
     report = checker.report
     with read_snapshot(url) as connection:
         checkpoints = read_checkpoints(connection)
-    matching = [c for c in checkpoints if c.last_hash == report.head_hash]
+        epoch = read_epoch(connection)
+    matching = [
+        c
+        for c in checkpoints
+        if (c.last_event_id, c.last_hash) == (report.head_id, report.head_hash)
+    ]
     if not matching:
         checker.add(None, "checkpoint", f"{path} does not end where any checkpoint ends")
         return checker.finish()
     index = checkpoints.index(matching[0])
     checkpoint = checkpoints[index]
     report.checkpoint = _checkpoint_fields(checkpoint)
-    before = checkpoints[index - 1].last_hash if index > 0 else GENESIS_HASH
-    if checker.first_prev != before:
-        checker.add(
-            report.first_id,
-            "removed",
-            f"{path} does not start where the previous checkpoint ended: events are missing "
-            f"before event {report.first_id}",
-        )
+    before = checkpoint_heads(checkpoints[index - 1] if index > 0 else None)
+    for lane, first_prev in checker.first_prevs.items():
+        start = before.get(lane)
+        if start is not None:
+            expected = start[1]
+        else:
+            expected = GENESIS_HASH if lane == V1_LANE else epoch.v1_last_hash
+        if first_prev != expected:
+            checker.add(
+                report.first_id,
+                "removed",
+                f"{path} does not start where the previous checkpoint left chain {lane}: events "
+                "are missing before it",
+            )
+    after = checkpoint_heads(checkpoint)
+    for lane, (event_id, event_hash) in report.heads.items():
+        if after.get(lane) != (event_id, event_hash):
+            checker.add(
+                event_id,
+                "checkpoint",
+                f"{path} ends chain {lane} at event {event_id}; checkpoint {checkpoint.id} "
+                "does not",
+            )
     if report.first_id != checkpoint.first_event_id or report.checked != checkpoint.count:
         checker.add(
             None,

@@ -1,0 +1,123 @@
+"""The event log's chain splits into lanes; seals; the trace id of each event.
+
+- ``events`` gains ``lane`` (the chain an event is a link of; NULL for the events that exist now,
+  which stay the version-1 global chain exactly as they were hashed: nothing is re-hashed) and
+  ``trace_id``; ``ix_events_lane_id`` finds a lane's head.
+- ``event_epochs``: one row, version 2, naming the last version-1 event and its hash: the root
+  every lane's first event links to. Written here, once, from what the log holds now (or from
+  the latest retention checkpoint when every event was pruned).
+- ``event_checkpoints.heads``: where each chain's remaining events start after retention.
+- ``event_seals``: the lanes' heads, chained; written by ``pushctl events seal`` and beat.
+- Epochs and seals are append-only like the events (triggers refuse UPDATE and DELETE; on
+  PostgreSQL TRUNCATE too).
+
+Revision ID: 0010
+Revises: 0009
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0010"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+EVENT_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+GENESIS_HASH = "0" * 64
+_APPEND_ONLY = ("event_epochs", "event_seals")
+
+
+def _postgres() -> bool:
+    return bool(op.get_bind().dialect.name == "postgresql")
+
+
+def upgrade() -> None:
+    op.add_column("events", sa.Column("lane", sa.SmallInteger(), nullable=True))
+    op.add_column("events", sa.Column("trace_id", sa.String(length=32), nullable=True))
+    op.create_index("ix_events_lane_id", "events", ["lane", "id"], unique=False)
+    op.add_column("event_checkpoints", sa.Column("heads", sa.JSON(), nullable=True))
+    op.create_table(
+        "event_epochs",
+        sa.Column("version", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("v1_last_id", EVENT_ID, nullable=True),
+        sa.Column("v1_last_hash", sa.String(length=64), nullable=False),
+        sa.PrimaryKeyConstraint("version"),
+    )
+    op.create_table(
+        "event_seals",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("time", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("actor", sa.String(length=200), nullable=False),
+        sa.Column("heads", sa.JSON(), nullable=False),
+        sa.Column("prev_hash", sa.String(length=64), nullable=False),
+        sa.Column("hash", sa.String(length=64), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    bind = op.get_bind()
+    last = bind.execute(sa.text("SELECT id, hash FROM events ORDER BY id DESC LIMIT 1")).first()
+    if last is None:
+        last = bind.execute(
+            sa.text(
+                "SELECT last_event_id, last_hash FROM event_checkpoints ORDER BY id DESC LIMIT 1"
+            )
+        ).first()
+    last_id, last_hash = (last[0], last[1]) if last is not None else (None, GENESIS_HASH)
+    bind.execute(
+        sa.text(
+            "INSERT INTO event_epochs (version, started_at, v1_last_id, v1_last_hash) "
+            "VALUES (2, CURRENT_TIMESTAMP, :id, :hash)"
+        ),
+        {"id": last_id, "hash": last_hash},
+    )
+    _guard(bind)
+
+
+def _guard(bind: sa.engine.Connection) -> None:
+    if _postgres():
+        op.execute(
+            """
+            CREATE FUNCTION event_records_append_only() RETURNS trigger AS $$
+            BEGIN
+                RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP;
+            END;
+            $$ LANGUAGE plpgsql
+            """
+        )
+        for table in _APPEND_ONLY:
+            for action in ("UPDATE", "DELETE"):
+                op.execute(
+                    f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
+                    "FOR EACH ROW EXECUTE FUNCTION event_records_append_only()"
+                )
+            op.execute(
+                f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+                "FOR EACH STATEMENT EXECUTE FUNCTION event_records_append_only()"
+            )
+        return
+    for table in _APPEND_ONLY:
+        for action in ("UPDATE", "DELETE"):
+            op.execute(
+                f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {action} refused'); END"
+            )
+
+
+def downgrade() -> None:
+    for table in _APPEND_ONLY:
+        for action in ("update", "delete", "truncate"):
+            if _postgres():
+                op.execute(f"DROP TRIGGER IF EXISTS {table}_no_{action} ON {table}")
+            elif action != "truncate":
+                op.execute(f"DROP TRIGGER IF EXISTS {table}_no_{action}")
+    if _postgres():
+        op.execute("DROP FUNCTION IF EXISTS event_records_append_only()")
+    op.drop_table("event_seals")
+    op.drop_table("event_epochs")
+    # Plain DROP COLUMN (SQLite 3.35+), not a batch copy of the tables: the triggers of 0003
+    # name these tables, and SQLite refuses to rename a table a trigger depends on.
+    op.drop_index("ix_events_lane_id", table_name="events")
+    op.execute("ALTER TABLE event_checkpoints DROP COLUMN heads")
+    op.execute("ALTER TABLE events DROP COLUMN trace_id")
+    op.execute("ALTER TABLE events DROP COLUMN lane")
