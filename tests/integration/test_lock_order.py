@@ -1,7 +1,8 @@
-"""On PostgreSQL, the pipeline never waits for a row while it holds the event chain's lock.
+"""On PostgreSQL, the pipeline never waits for a row while it holds a lock of the event log's
+lanes.
 
-An operator's cancel locks the job row and then waits for the chain (its ``job.cancelled``
-event); a record transaction that held the chain and then waited for the job row would deadlock
+An operator's cancel locks the job row and then waits for the job's lane (its ``job.cancelled``
+event); a record transaction that held the lane and then waited for the job row would deadlock
 with it. Every transaction of the pipeline therefore changes its rows first and appends after.
 """
 
@@ -20,8 +21,9 @@ from worker.core.settings import Settings
 from worker.engine.steps import STEP_NAMES, Action, StepContext, StepResult
 from worker.jobs import PushRequest, create_job
 from worker.registries import RegistrySpec, create_registry
+from worker.store.chain import LANES
 from worker.store.db import session_scope
-from worker.store.events import CHAIN_LOCK_KEY
+from worker.store.events import LANE_LOCK_CLASS
 from worker.store.models import PushJob
 from worker.store.verify import verify
 
@@ -52,7 +54,7 @@ def _lock_waiters(url: str, timeout: float) -> list[int]:
 
 
 @pytest.mark.parametrize("step", STEP_NAMES)
-def test_a_record_transaction_waiting_for_the_job_row_holds_no_chain_lock(
+def test_a_record_transaction_waiting_for_the_job_row_holds_no_lane_lock(
     postgres_url: str, step: str
 ) -> None:
     with session_scope() as session:
@@ -89,10 +91,14 @@ def test_a_record_transaction_waiting_for_the_job_row_holds_no_chain_lock(
             )
             locked.set()
             # Only the last step's record transaction changes the job row and so waits here;
-            # while it waits, it must not be holding the chain.
+            # while it waits, it must not be holding any lane (the job's, a registry's).
             waiting = _lock_waiters(postgres_url, 10 if step == STEP_NAMES[-1] else 1)
             chain_free = other.execute(
-                text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY}
+                text(
+                    "SELECT bool_and(pg_try_advisory_xact_lock(:cls, lane))"
+                    " FROM generate_series(0, :last) AS lane"
+                ),
+                {"cls": LANE_LOCK_CLASS, "last": LANES - 1},
             ).scalar()
             other.rollback()
         worker.join(20)
@@ -100,7 +106,7 @@ def test_a_record_transaction_waiting_for_the_job_row_holds_no_chain_lock(
         locked.set()
         worker.join(20)
         holder.dispose()
-    assert chain_free is True, f"the chain lock was held while waiting (waiters: {waiting})"
+    assert chain_free is True, f"a lane's lock was held while waiting (waiters: {waiting})"
     assert outcome and outcome[0].action == ("stop" if step == STEP_NAMES[-1] else "continue")
     if step == STEP_NAMES[-1]:
         assert waiting, "the last step's record transaction changes the job row"
