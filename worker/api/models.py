@@ -90,6 +90,10 @@ class EventOut(BaseModel):
     outcome: str | None
     prev_hash: str
     hash: str
+    #: The chain the event is a link of (docs/event-log.md); None: recorded before the lanes.
+    lane: int | None
+    #: The OpenTelemetry trace the event was recorded in, when tracing was on.
+    trace_id: str | None
 
     @classmethod
     def of(cls, row: Event) -> EventOut:
@@ -97,7 +101,8 @@ class EventOut(BaseModel):
             id=row.id, stream=row.stream, seq=row.seq, job_id=row.job_id, time=row.time,
             type=row.type, step=row.step, registry_id=row.registry_id, attempt=row.attempt,
             actor=row.actor, payload=dict(row.payload or {}), repository=row.repository,
-            outcome=row.outcome, prev_hash=row.prev_hash, hash=row.hash,
+            outcome=row.outcome, prev_hash=row.prev_hash, hash=row.hash, lane=row.lane,
+            trace_id=row.trace_id,
         )  # fmt: skip
 
 
