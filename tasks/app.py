@@ -112,8 +112,12 @@ def _check_tracing(**_kwargs: object) -> None:
     try:
         tracing.requested_here()
     except ValidationError as error:
-        log.error("worker.tracing_refused", error=error.message, hint=error.hint)
-        raise SystemExit(2) from None
+        _refuse_tracing(error)
+
+
+def _refuse_tracing(error: ValidationError) -> None:
+    log.error("worker.tracing_refused", error=error.message, hint=error.hint)
+    raise SystemExit(2) from None
 
 
 @worker_process_init.connect
@@ -131,7 +135,10 @@ def _flush_traces(**_kwargs: object) -> None:
 
 @beat_init.connect
 def _trace_beat(**_kwargs: object) -> None:
-    start_tracing("beat")
+    try:
+        start_tracing("beat")
+    except ValidationError as error:
+        _refuse_tracing(error)  # Celery would log a receiver's error and go on untraced
 
 
 @worker_ready.connect

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from celery import Task, chain
 from celery.exceptions import Ignore
+from sqlalchemy import select
 
 from tasks.app import app
 from worker.core import tracing
@@ -23,7 +24,7 @@ from worker.engine.pipeline import Outcome, StepRunner, default_runner
 from worker.engine.steps import STEP_NAMES
 from worker.jobs import route_of
 from worker.producer import recorded_trace
-from worker.store.db import session_scope
+from worker.store.db import read_connection
 from worker.store.models import Registry
 
 log = get_logger("pushworker.tasks")
@@ -89,11 +90,14 @@ def _registry_host(registry_id: int) -> str | None:
     """The registry's host, for the step's span (None when the database cannot say now: the
     step finds out and records why)."""
     try:
-        with session_scope() as session:
-            registry = session.get(Registry, registry_id)
-            return registry.host if registry is not None else None
+        # A read connection: one indexed select, without the SQLite write lock of a session.
+        with read_connection() as connection:
+            host = connection.execute(
+                select(Registry.host).where(Registry.id == registry_id)
+            ).scalar_one_or_none()
     except Exception:
         return None
+    return str(host) if host is not None else None
 
 
 def _step_task(step: str) -> Task:

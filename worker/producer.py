@@ -15,7 +15,7 @@ from worker.core.logs import get_logger
 from worker.engine.dispatch import get_dispatcher
 from worker.jobs import PushRequest, create_job
 from worker.store import events
-from worker.store.db import session_scope
+from worker.store.db import read_connection, session_scope
 from worker.store.models import Event
 
 log = get_logger("pushworker.producer")
@@ -98,17 +98,20 @@ def publish(job_id: str, registry_id: int) -> bool:
 def recorded_trace(job_id: str) -> str | None:
     """The trace the job's current run was started in: that of its newest ``job.enqueued`` or
     ``job.retried`` event (None: not recorded, or the database cannot say now)."""
+    column = Event.__table__.c.get("trace_id")
+    if column is None:
+        return None  # an event log from before trace ids were recorded (migration 0010)
     try:
-        with session_scope() as session:
-            row = session.scalars(
-                select(Event)
+        # A read connection: no SQLite write lock for a read on the way to a publish.
+        with read_connection() as connection:
+            found = connection.execute(
+                select(column)
                 .where(Event.job_id == job_id, Event.type.in_(RUN_STARTS))
                 .order_by(Event.id.desc())
                 .limit(1)
-            ).first()
+            ).scalar_one_or_none()
     except Exception:  # tracing must never stop a publish
         return None
-    found = getattr(row, "trace_id", None)
     return found if isinstance(found, str) else None
 
 

@@ -22,10 +22,18 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from requests.adapters import BaseAdapter
-from requests.structures import CaseInsensitiveDict
 
-from tasks.push import step_span
+from tests.support.stub_seams import (
+    DIGEST,
+    HOST,
+    PASSWORD,
+    SOURCE,
+    TOKEN,
+    StubDockerApi,
+    StubRegistry,
+    TracedChain,
+    stub_http,
+)
 from worker.api.app import create_app
 from worker.core import tracing
 from worker.core.credentials import Credential, Secret
@@ -38,19 +46,13 @@ from worker.engine.steps import STEP_NAMES
 from worker.producer import enqueue_push, publish
 from worker.registries import RegistrySpec, create_registry
 from worker.seams.docker_engine import DockerEngine
-from worker.seams.registry_http import RegistryEndpoint, RegistryHTTP
+from worker.seams.registry_http import RegistryEndpoint
 from worker.seams.skopeo import CopySource, RegistryAccess, Skopeo
 from worker.store.db import session_scope
 from worker.store.models import PushJob
 from worker.store.queries import select_events
 from worker.tokens import create_token
 
-HOST = "reg.example.com:10443"
-PASSWORD = "pw-Kx81-never-in-a-span"
-TOKEN = "bearer-Qz55-never-in-a-span"
-SOURCE = "app:build"
-DIGEST = "sha256:" + "d" * 64
-IMAGE_ID = "sha256:" + "1" * 64
 OTEL_NAMES = (
     "OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL",
@@ -123,80 +125,6 @@ def test_off_without_variables_the_api_is_a_no_op(no_otel: None) -> None:
 
 
 # --- a job's spans, with the real seams in front of stand-ins ----------------------------------
-
-
-class StubDockerApi:
-    """What docker-py's APIClient answers, for ``DockerEngine(api=...)``."""
-
-    def __init__(self) -> None:
-        self.tags: set[str] = {SOURCE}
-        self._auth_configs: Any = None
-
-    def inspect_image(self, reference: str) -> dict[str, Any]:
-        return {"Id": IMAGE_ID, "RepoTags": sorted(self.tags), "RepoDigests": []}
-
-    def tag(self, source: str, name: str, tag: str, force: bool = False) -> None:
-        self.tags.add(f"{name}:{tag}")
-
-    def login(self, **_kwargs: Any) -> dict[str, str]:
-        return {"Status": "Login Succeeded"}
-
-    def push(self, name: str, **_kwargs: Any) -> Iterator[dict[str, Any]]:
-        yield {"id": "layer1", "status": "Pushing", "progressDetail": {"current": 4, "total": 9}}
-        yield {"id": "layer1", "status": "Pushed"}
-        yield {"aux": {"Tag": "v1", "Digest": DIGEST, "Size": 524}}
-
-
-class StubRegistry(BaseAdapter):
-    """A registry that asks for a Bearer token (from its realm, with Basic credentials) and
-    serves the pushed tag at ``DIGEST``."""
-
-    #: The password the registry takes.
-    password = PASSWORD
-
-    def send(  # type: ignore[override]  # the transport options do not matter here
-        self, request: requests.PreparedRequest, **_kwargs: Any
-    ) -> requests.Response:
-        url = str(request.url)
-        auth = str(request.headers.get("Authorization", ""))
-        basic = "Basic " + base64.b64encode(f"u:{self.password}".encode()).decode()
-        if "/token" in url:
-            status, headers, body = (200, {}, json.dumps({"token": TOKEN})) if auth == basic else (
-                401, {}, "")  # fmt: skip
-        elif auth != f"Bearer {TOKEN}":
-            challenge = f'Bearer realm="https://{HOST}/token",service="reg"'
-            status, headers, body = 401, {"WWW-Authenticate": challenge}, ""
-        else:
-            status, headers, body = 200, {"Docker-Content-Digest": DIGEST}, ""
-        response = requests.Response()
-        response.status_code, response.url, response.request = status, url, request
-        response.headers = CaseInsensitiveDict(headers)
-        response._content = body.encode()
-        return response
-
-    def close(self) -> None:
-        return None
-
-
-def stub_http(endpoint: RegistryEndpoint, credential: Credential | None, timeout: float) -> Any:
-    client = RegistryHTTP(endpoint, credential, timeout=timeout)
-    client.http.mount("https://", StubRegistry())
-    return client
-
-
-@dataclasses.dataclass
-class TracedChain:
-    """Runs a job's chain in process as the Celery tasks would: each step in its step span."""
-
-    runner: StepRunner | None = None
-
-    def start_chain(self, job_id: str, registry_id: int) -> None:
-        assert self.runner is not None
-        for step in STEP_NAMES:
-            with step_span(step, job_id, registry_id):
-                outcome = self.runner.run(step, job_id, registry_id)
-            if outcome.action == "stop":
-                return
 
 
 @pytest.fixture
