@@ -4,10 +4,18 @@ The policy (this module) decides; where the counters live is a seam
 (``worker.seams.protocols.FlowState``, Redis in ``worker.seams.limiter``), so every worker on every
 host sees the same slots.
 
-- **Slots**: the push step holds one of its registry's slots while it runs (a lease renewed every
-  third of ``PUSHWORKER_FLOW_LEASE``; a dead worker's slot frees when its lease runs out). The
-  limit is the registry's ``max_concurrent``, lowered by the adaptive cap below. A registry with
-  no cap still takes a slot (with no limit), so the concurrency a 429 arrived at is known.
+- **Slots**: the push step holds one of its registry's slots for its upload only (``upload``):
+  taken after the step's claim has committed and its image was inspected, right before the
+  engine's (or skopeo's) first request, and released as soon as that call returns, after the
+  registry's last write and before the step checks the digest the registry serves and records
+  its outcome; the registry counts nothing else. Whether a slot is free is asked before the
+  claim (``admit``), so a step that would wait is not claimed and its wait is not a try; a slot
+  taken by someone else between that answer and the upload (the claim and the inspect take
+  tens of milliseconds) gives the claim back and waits (``SlotTaken``). The lease is renewed
+  every third of ``PUSHWORKER_FLOW_LEASE`` while the upload runs; a dead worker's slot frees
+  when its lease runs out, and every other way out of the upload releases it. The limit is the
+  registry's ``max_concurrent``, lowered by the adaptive cap below. A registry with no cap still
+  takes a slot (with no limit), so the concurrency a 429 arrived at is known.
 - **Rate**: login and push each count one request against ``rate_per_second`` (a moving window
   of the ``limits`` library). It paces step starts, not every HTTP request the engine makes.
 - **Waiting**: a step refused a slot or a request is not run and not counted as a try: the task
@@ -41,13 +49,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from worker.core.errors import FlowStateUnavailable
+from worker.core.errors import FlowStateUnavailable, RegistryThrottled
 from worker.core.logs import get_logger
 from worker.core.settings import Settings
+from worker.seams.limiter import SlotGrant
 from worker.seams.protocols import FlowState
 from worker.store.models import PushJob, Registry
 
@@ -77,8 +86,6 @@ Waker = Callable[[str, str, int, str], None]
 @dataclass(frozen=True)
 class Admission:
     granted: bool
-    #: The slot's holder id, to renew and release (None: the step takes no slot).
-    holder: str | None = None
     countdown: float = 0.0
     reason: str = ""
     ahead: int = 0
@@ -108,6 +115,27 @@ class CapChange:
             "max_concurrent": self.max_concurrent,
             "reason": self.reason,
         }
+
+
+@dataclass
+class Upload:
+    """What one step's ``upload`` did with its registry's slot, for the step's runner."""
+
+    #: Whether the step asked for its slot. One that never did (the registry served the tag
+    #: already, or the step failed before its upload) leaves its place in the queue, and a slot
+    #: kept for it, to the next waiter.
+    asked: bool = False
+    #: The limit's changes its upload met, to record once the slot is free.
+    changes: list[CapChange] = field(default_factory=list)
+
+
+class SlotTaken(Exception):  # control flow, as dramatiq's Retry: not an error
+    """The slot a step was told was free before its claim went to another step before its
+    upload: the step gives its claim back and waits (``admission`` says how long and why)."""
+
+    def __init__(self, admission: Admission) -> None:
+        super().__init__(admission.reason)
+        self.admission = admission
 
 
 def deadline_of(job: PushJob, settings: Settings) -> datetime:
@@ -156,36 +184,24 @@ class FlowControl:
     def admit(
         self, registry: Registry, job_id: str, step: str, *, message_id: str | None = None
     ) -> Admission:
-        """Take a slot (push) and a request of the rate (login, push), or say how long to wait.
-        ``message_id``: the delivering message's id (a first delivery's), to know a wake."""
-        holder: str | None = None
+        """Before a step's claim: whether its registry has a slot for it now (push; asked, not
+        taken: ``upload`` takes it) and a request of the rate (login, push, taken), or how long
+        to wait. ``message_id``: the delivering message's id (a first delivery's), to know a
+        wake."""
         limit = self.limit(registry)
         wake = message_id is not None and message_id.startswith(WAKE_PREFIX)
         if step in SLOT_STEPS:
-            holder = f"{job_id}:{step}:{uuid.uuid4().hex[:12]}"
             grant = self.state.acquire(
-                registry.id, holder, f"{job_id}:{step}",
+                registry.id, f"{job_id}:{step}:ask", f"{job_id}:{step}",
                 UNLIMITED if limit is None else limit,
                 lease=self.settings.flow_lease, waiter_ttl=self._waiter_ttl(), wake=wake,
+                take=False,
             )  # fmt: skip
             if not grant.granted:
-                return Admission(
-                    False,
-                    countdown=self._poll(grant.ahead, limit),
-                    reason=f"registry {registry.id} at its limit of {limit}, {grant.ahead} ahead",
-                    ahead=grant.ahead,
-                    holders=grant.holders,
-                    limit=limit,
-                    first=grant.first_refusal,
-                    woken=wake,
-                    kind="slot",
-                )
+                return self._refused(registry, grant, limit, wake=wake)
         if step in RATE_STEPS and registry.rate_per_second:
             wait = self.state.take_request(registry.id, registry.rate_per_second)
             if wait > 0:
-                if holder is not None:
-                    # Not handed over: the rate, not the slot, is what is short now.
-                    self.release(registry, holder, hand_over=False)
                 return Admission(
                     False,
                     countdown=wait + self.rng.uniform(0, 0.1),
@@ -196,7 +212,49 @@ class FlowControl:
                     ),
                     kind="rate",
                 )
-        return Admission(True, holder=holder, limit=limit)
+        return Admission(True, limit=limit)
+
+    def _refused(
+        self, registry: Registry, grant: SlotGrant, limit: int | None, *, wake: bool
+    ) -> Admission:
+        return Admission(
+            False,
+            countdown=self._poll(grant.ahead, limit),
+            reason=f"registry {registry.id} at its limit of {limit}, {grant.ahead} ahead",
+            ahead=grant.ahead,
+            holders=grant.holders,
+            limit=limit,
+            first=grant.first_refusal,
+            woken=wake,
+            kind="slot",
+        )
+
+    @contextmanager
+    def upload(self, registry: Registry, job_id: str, step: str, use: Upload) -> Iterator[None]:
+        """Hold one of the registry's slots while the body runs: the requests the registry
+        counts as a push (the engine's or skopeo's upload, up to its manifest), and nothing
+        before or after them. Taken on entry (``SlotTaken`` if it went to someone else since
+        ``admit`` said it was free); released on every way out, handed over to the first
+        waiter. A confirmed 429 in the body, or its success, adjusts the limit while the slot
+        is still held (the concurrency it met); ``use`` says that the step asked and keeps the
+        limit's changes for the caller to record once the slot is free."""
+        use.asked = True
+        limit = self.limit(registry)
+        holder = f"{job_id}:{step}:{uuid.uuid4().hex[:12]}"
+        grant = self.state.acquire(
+            registry.id, holder, f"{job_id}:{step}", UNLIMITED if limit is None else limit,
+            lease=self.settings.flow_lease, waiter_ttl=self._waiter_ttl(),
+        )  # fmt: skip
+        if not grant.granted:
+            raise SlotTaken(self._refused(registry, grant, limit, wake=False))
+        with self.holding(registry, holder):
+            try:
+                yield
+            except RegistryThrottled as throttled:
+                if type(throttled) is RegistryThrottled:  # not a subclass (a source's 429)
+                    use.changes.extend(_quietly(self.on_throttled, registry, throttled.message))
+                raise
+            use.changes.extend(_quietly(self.on_success, registry))
 
     def forget(self, registry: Registry, job_id: str, step: str) -> None:
         """The job stops waiting (it failed, moved, or its step is done or runs elsewhere): its
@@ -206,11 +264,11 @@ class FlowControl:
         if self.wake is not None:
             self.release(registry, "")  # no holder: only hands free slots over
 
-    def release(self, registry: Registry, holder: str, *, hand_over: bool = True) -> None:
+    def release(self, registry: Registry, holder: str) -> None:
         """Free the slot and hand it over: reserve it for the registry's first waiter and
         publish that waiter's step now (with no way to publish, a plain release)."""
         try:
-            if not hand_over or self.wake is None:
+            if self.wake is None:
                 self.state.release(registry.id, holder)
                 return
             limit = self.limit(registry)
@@ -357,3 +415,13 @@ class FlowControl:
 
     def _now(self) -> float:
         return self.clock()
+
+
+def _quietly(function: Callable[..., CapChange | None], *args: object) -> list[CapChange]:
+    """A limit adjustment whose failure (Redis away) must not fail the step: the limit stays."""
+    try:
+        change = function(*args)
+    except FlowStateUnavailable as exc:
+        log.warning("flow.unavailable", error=exc.message)
+        return []
+    return [] if change is None else [change]

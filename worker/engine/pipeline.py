@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Literal, TypeVar
 
 from sqlalchemy import update
@@ -42,7 +43,15 @@ from worker.core.logs import get_logger
 from worker.core.settings import Settings, get_settings
 from worker.engine.dispatch import Dispatcher, StepWaker
 from worker.engine.fallback import final_auth_error, plan_fallback
-from worker.engine.flow import SLOT_STEPS, Admission, CapChange, FlowControl, deadline_of
+from worker.engine.flow import (
+    SLOT_STEPS,
+    Admission,
+    CapChange,
+    FlowControl,
+    SlotTaken,
+    Upload,
+    deadline_of,
+)
 from worker.engine.liveness import claim_is_dead, owner_of_this_process
 from worker.engine.retry import retry_delay, should_retry
 from worker.engine.steps import (
@@ -80,10 +89,19 @@ class _Claimed:
     job: PushJob
     registry: Registry
     tries: int
-    #: The registry slot this step holds while it acts (flow control), if any.
-    holder: str | None = None
     #: The registry a promotion reads from (``registry`` sources), checked like the target.
     source_registry: Registry | None = None
+    #: The claim row as it was before this claim took it (None: there was none), to give the
+    #: claim back when the step must wait after all (``SlotTaken``).
+    before: _ClaimRow | None = None
+
+
+@dataclass(frozen=True)
+class _ClaimRow:
+    status: str
+    attempts: int
+    owner: str | None
+    lease_expires_at: datetime | None
 
 
 @dataclass
@@ -138,6 +156,13 @@ class StepRunner:
             return Outcome("stop", reason=error.message)
         if isinstance(claimed, Outcome):
             return claimed
+        slotted = self.flow is not None and step in SLOT_STEPS
+        use = Upload()
+        upload = (
+            partial(self.flow.upload, claimed.registry, job_id, step, use)
+            if self.flow is not None and slotted
+            else nullcontext
+        )
         context = StepContext(
             job=claimed.job,
             registry=claimed.registry,
@@ -148,26 +173,24 @@ class StepRunner:
             attempt=claimed.tries,
             copier=self.copier_factory,
             source_registry=claimed.source_registry,
-        )
-        holding = (
-            self.flow.holding(claimed.registry, claimed.holder) if self.flow else nullcontext()
+            upload=upload,
         )
         try:
-            with holding:
-                try:
-                    result = self.step(step).action(context)
-                except RegistryThrottled as throttled:
-                    # Counted while this step still holds its slot: the concurrency it met.
-                    if self.flow is not None and type(throttled) is RegistryThrottled:
-                        change = self._flow_call(
-                            self.flow.on_throttled, claimed.registry, throttled.message
-                        )
-                        self._record_cap_change(change, actor)
-                    raise
-                if self.flow is not None and step in SLOT_STEPS:
-                    # Also while the slot is held: an increase needs the limit to have been met.
-                    change = self._flow_call(self.flow.on_success, claimed.registry)
+            try:
+                result = self.step(step).action(context)
+            finally:
+                # The slot is free by now: the limit changes its upload met (a 429, a success
+                # at the limit) are recorded, and a step that never asked for it gives its
+                # place in the queue on.
+                for change in use.changes:
                     self._record_cap_change(change, actor)
+                if slotted and not use.asked:
+                    self._forget(claimed.registry, job_id, step)
+        except SlotTaken as taken:
+            wait = taken.admission
+            return _with_conflict_retry(
+                lambda: self._give_back(step, job_id, registry_id, claimed, wait, actor)
+            )
         except PushWorkerError as exc:
             failure = exc
             return _with_conflict_retry(
@@ -243,21 +266,18 @@ class StepRunner:
             admission = self._admit(note, job, registry, step, message_id)
             if isinstance(admission, Outcome):
                 return admission
-            holder = admission.holder if admission else None
-            try:
-                claimed = self._claim_step(session, note, run, job, registry, step, actor)
-            except BaseException:
-                self._release(registry, holder)
-                raise
+            before = None if run is None else _ClaimRow(
+                run.status, run.attempts, run.owner, run.lease_expires_at
+            )  # fmt: skip
+            claimed = self._claim_step(session, note, run, job, registry, step, actor)
             if isinstance(claimed, Outcome):
-                self._release(registry, holder)
                 return claimed
             return _Claimed(
                 job=job,
                 registry=registry,
                 tries=claimed,
-                holder=holder,
                 source_registry=source_registry,
+                before=before,
             )
 
     def _claim_step(
@@ -299,8 +319,9 @@ class StepRunner:
         step: str,
         message_id: str | None = None,
     ) -> Admission | Outcome | None:
-        """Flow control before the claim: a slot and a request of the rate, or a wait (re-queued
-        with a countdown, recorded once per wait, not a try), or the deadline passed."""
+        """Flow control before the claim: a free slot (asked: the upload takes it) and a
+        request of the rate, or a wait (re-queued with a countdown, recorded once per wait,
+        not a try), or the deadline passed."""
         if self.flow is None or not self.flow.applies(step):
             return None
         try:
@@ -310,6 +331,22 @@ class StepRunner:
             return Outcome("retry", self._delay(1), unavailable.code)
         if admission.granted:
             return admission
+        return self._wait(note, job, registry, step, admission)
+
+    def _wait(
+        self,
+        note: _Recorder,
+        job: PushJob,
+        registry: Registry,
+        step: str,
+        admission: Admission,
+        *,
+        given_back: int | None = None,
+    ) -> Outcome:
+        """A step refused by flow control waits: re-queued with a countdown (``step.waiting``
+        recorded on the first refusal of a wait, and always for a claim ``given_back``: its
+        try number), or fails its job past its deadline."""
+        assert self.flow is not None
         if utcnow() >= deadline_of(job, self.settings):
             error = ThrottledPastDeadline(
                 f"job waited for registry {registry.id} until its deadline: {admission.reason}",
@@ -326,8 +363,14 @@ class StepRunner:
         if admission.first and admission.kind == "rate":
             note("step.waiting", None, reason=admission.reason, limit=admission.limit,
                  rate_per_second=registry.rate_per_second)  # fmt: skip
-        elif admission.first:
-            note("step.waiting", None, reason=admission.reason, ahead=admission.ahead,
+        elif admission.first or given_back is not None:
+            reason = admission.reason
+            if given_back is not None:
+                reason += (
+                    "; the slot free when this step was claimed was taken before its upload: "
+                    f"try {given_back} given back, not counted"
+                )
+            note("step.waiting", given_back, reason=reason, ahead=admission.ahead,
                  holders=admission.holders, limit=admission.limit)  # fmt: skip
         # A long fallback countdown still looks at the deadline on time.
         left = (deadline_of(job, self.settings) - utcnow()).total_seconds()
@@ -339,9 +382,41 @@ class StepRunner:
         if self.flow is not None and registry is not None and step in SLOT_STEPS:
             self._flow_call(self.flow.forget, registry, job_id, step)
 
-    def _release(self, registry: Registry, holder: str | None) -> None:
-        if self.flow is not None and holder is not None:
-            self.flow.release(registry, holder)
+    def _give_back(
+        self,
+        step: str,
+        job_id: str,
+        registry_id: int,
+        claimed: _Claimed,
+        admission: Admission,
+        actor: str,
+    ) -> Outcome:
+        """The slot ``admit`` found free went to another step before this one's upload: the
+        claim goes back as it was (the try does not count) and the step waits like any step
+        refused a slot, its ``step.waiting`` closing the ``step.started`` of the try it gave
+        back."""
+        with session_scope() as session:
+            before, tries = claimed.before, claimed.tries
+            session.execute(
+                update(StepRun)
+                .where(
+                    StepRun.job_id == job_id, StepRun.step == step,
+                    StepRun.registry_id == registry_id,
+                    StepRun.status == StepStatus.RUNNING.value, StepRun.attempts == tries,
+                )
+                .values(
+                    status=StepStatus.FAILED.value if before is None else before.status,
+                    attempts=0 if before is None else before.attempts,
+                    owner=None if before is None else before.owner,
+                    lease_expires_at=None if before is None else before.lease_expires_at,
+                )
+                .execution_options(synchronize_session=False)
+            )  # fmt: skip
+            job = claims.load_job(session, job_id)
+            if job is None:
+                raise JobNotFound(f"job {job_id} vanished while its step {step} waited")
+            note = _Recorder(session, job_id, step, registry_id, actor)
+            return self._wait(note, job, claimed.registry, step, admission, given_back=tries)
 
     def _flow_call(self, function: Callable[..., T], *args: object) -> T | None:
         """A flow-control bookkeeping call whose failure must not fail the step."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -71,6 +72,9 @@ class StepContext:
     copier: Callable[[], ImageCopier] = default_copier
     #: The registry a promotion reads from, loaded and checked with the claim.
     source_registry: Registry | None = None
+    #: Held around the requests the registry counts as a push, and nothing else (flow control's
+    #: slot, ``worker.engine.flow.FlowControl.upload``).
+    upload: Callable[[], AbstractContextManager[object]] = nullcontext
 
     def source(self) -> Source:
         """The job's source, parsed again from what the job stores."""
@@ -161,7 +165,10 @@ def push(ctx: StepContext) -> StepResult:
     if served:
         payload = {"reference": str(target), "digest": served}
         return StepResult(payload, noop="the registry already serves this tag at the local digest")
-    result = _confirmed(ctx, credential, lambda: engine.push(target, credential, ctx.on_progress))
+    with ctx.upload():
+        result = _confirmed(
+            ctx, credential, lambda: engine.push(target, credential, ctx.on_progress)
+        )
     remote = http.manifest_digest(target.repository, target.tag)
     if remote != result.digest:
         raise PushVerificationFailed(
@@ -428,13 +435,15 @@ def _push_copy(ctx: StepContext) -> StepResult:
     if source.kind is SourceKind.REGISTRY:
         # Read by digest: whatever the source's tag names by now, the pinned image is copied.
         copy = _copy_source(ctx, source, pinned)
-        copied = _confirmed_copy(ctx, credential, lambda: copier.copy(copy, str(target), access))
+        with ctx.upload():
+            copied = _confirmed_copy(
+                ctx, credential, lambda: copier.copy(copy, str(target), access)
+            )
     else:
         # A file can change after the pin: it is first copied under its pinned digest (skopeo
         # refuses when the digest differs, and the tag is untouched), then tagged from there.
         by_digest = f"{target.name}@{pinned}"
         local = _copy_source(ctx, source)
-        _confirmed_copy(ctx, credential, lambda: copier.copy(local, by_digest, access))
         stored = CopySource("docker", by_digest, access)
 
         def tag_stored() -> str:
@@ -443,7 +452,9 @@ def _push_copy(ctx: StepContext) -> StepResult:
             except SourceAuthenticationFailed as refused:  # its "source" is the destination
                 raise AuthenticationError(refused.message, hint=refused.hint) from None
 
-        copied = _confirmed(ctx, credential, tag_stored)
+        with ctx.upload():
+            _confirmed_copy(ctx, credential, lambda: copier.copy(local, by_digest, access))
+            copied = _confirmed(ctx, credential, tag_stored)
     remote = http.manifest_digest(target.repository, target.tag)
     if copied != pinned or remote != pinned:
         raise PushVerificationFailed(

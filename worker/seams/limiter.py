@@ -4,8 +4,10 @@ Three things per registry, all under ``pushworker:flow:<registry_id>:``:
 
 - ``slots``: a ZSET of holder -> lease expiry (Redis' own clock). ``acquire`` is one Lua script:
   drop expired leases, then grant if fewer than ``cap`` remain, so check-and-add is atomic
-  across processes. A holder renews its lease while its push runs; a worker that dies stops
-  renewing and its slot frees when the lease runs out: never leaked.
+  across processes. With ``take=False`` it only answers whether it would grant (the pipeline
+  asks before a step's claim, and takes the slot after it, right before the upload). A holder
+  renews its lease while its upload runs; a worker that dies stops renewing and its slot frees
+  when the lease runs out: never leaked.
 - ``waiters``: a ZSET of waiter -> first time it was refused, and ``seen``: waiter -> last time it
   asked. A refusal says how many live waiters came before (the "3 ahead" an operator sees) and
   whether this is the waiter's first refusal of this wait; a waiter that stops asking is dropped.
@@ -67,7 +69,8 @@ end
 )
 
 # KEYS: slots, waiters, seen. ARGV: holder, waiter, cap, lease, waiter_ttl, now (-1: Redis TIME),
-# wake ('1': a wake message, which takes the waiter's reservation or a free slot, never waits).
+# wake ('1': a wake message, which takes the waiter's reservation or a free slot, never waits),
+# ask ('1': only say whether the slot would be granted now; nothing is taken).
 # Returns {granted (0/1), holders, ahead, first_refusal (0/1)}.
 _ACQUIRE = (
     _EXPIRE
@@ -85,6 +88,9 @@ local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
 local kept = redis.call('ZSCORE', KEYS[1], reserved)
 local holders = redis.call('ZCARD', KEYS[1])
 if mine or kept or holders < cap then
+  if ARGV[8] == '1' then
+    return {1, holders, 0, 0}
+  end
   redis.call('ZREM', KEYS[1], reserved)
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[2])
@@ -234,11 +240,15 @@ class RedisFlowState:
         waiter_ttl: float,
         now: float | None = None,
         wake: bool = False,
+        take: bool = True,
     ) -> SlotGrant:
         """A slot for ``holder``: its waiter's reservation, or a free one under ``cap``; else a
-        place in the queue (not for a ``wake`` message: the waiter's own message waits)."""
+        place in the queue (not for a ``wake`` message: the waiter's own message waits).
+        ``take=False`` only asks: the answer a take would get now, with nothing taken (a
+        reservation stays its waiter's, a free slot stays free), the queue kept as a refusal
+        keeps it."""
         args = [holder, waiter, cap, lease, waiter_ttl, -1 if now is None else now]
-        args.append("1" if wake else "")
+        args += ["1" if wake else "", "" if take else "1"]
         answer = cast(list[int], self._call(self._acquire, list(_keys(registry_id)), args))
         granted, holders, ahead, first = (int(value) for value in answer)
         return SlotGrant(bool(granted), holders, ahead, bool(first))

@@ -71,6 +71,7 @@ class FlowState(Protocol):
         waiter_ttl: float,
         now: float | None = None,
         wake: bool = False,
+        take: bool = True,
     ) -> SlotGrant: ...
 
     def hand_over(
