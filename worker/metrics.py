@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from worker.core.logs import get_logger
-from worker.core.queues import DEFAULT_QUEUE, HEALTH_TASK, RECONCILE_TASK, SKOPEO_QUEUE, queue_for
+from worker.core.queues import (
+    DEFAULT_QUEUE,
+    HEALTH_TASK,
+    RECONCILE_TASK,
+    SEAL_TASK,
+    SKOPEO_QUEUE,
+    queue_for,
+)
 from worker.core.settings import METRICS_DIR_ENV, METRICS_PORT_ENV, Settings, get_settings
 from worker.core.sources import SourceKind
 from worker.store import events, heartbeats, queries
@@ -302,7 +309,7 @@ _FILE_KINDS = frozenset({"counter", "gauge", "histogram", "summary"})
 # --- what every worker shares, read at scrape time -----------------------------------------------
 
 #: Beat's periodic tasks whose last run is exported (and checked by ``pushctl doctor``).
-BEAT_TASKS = (RECONCILE_TASK, HEALTH_TASK)
+BEAT_TASKS = (RECONCILE_TASK, HEALTH_TASK, SEAL_TASK)
 #: A registry's status before its first health check is recorded.
 UNKNOWN = "unknown"
 REGISTRY_STATUSES = ("healthy", "unhealthy", "credentials_failing", UNKNOWN)
@@ -311,7 +318,11 @@ _PENDING, _DEAD = "pending", "dead"  # worker.webhooks.DeliveryStatus
 
 def beat_intervals(settings: Settings) -> dict[str, float]:
     """Seconds between two runs of each of beat's tasks, as this deployment schedules them."""
-    return {RECONCILE_TASK: settings.reconcile_every, HEALTH_TASK: settings.health_every}
+    return {
+        RECONCILE_TASK: settings.reconcile_every,
+        HEALTH_TASK: settings.health_every,
+        SEAL_TASK: settings.seal_every,
+    }
 
 
 @dataclass

@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from worker import doctor
 from worker.cli import cli
-from worker.core.queues import HEALTH_TASK, RECONCILE_TASK
+from worker.core.queues import HEALTH_TASK, RECONCILE_TASK, SEAL_TASK
 from worker.core.settings import get_settings
 from worker.doctor import FAIL, OK, WARN, Finding
 from worker.jobs import PushRequest, create_job
@@ -74,6 +74,7 @@ def beat_both(at: datetime | None = None) -> None:
     with session_scope() as session:
         heartbeats.beat(session, RECONCILE_TASK, "worker:h:1", at=at)
         heartbeats.beat(session, HEALTH_TASK, "worker:h:1", at=at)
+        heartbeats.beat(session, SEAL_TASK, "worker:h:1", at=at)
 
 
 def rotate_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,7 +210,7 @@ def test_beat_never_recorded_fails(sqlite_url: str) -> None:
     with session_scope() as session:
         found = doctor.check_beat(session, get_settings(), utcnow())
     assert [(f.name, f.status) for f in found] == [
-        ("beat reconcile", FAIL), ("beat check_registries", FAIL),
+        ("beat reconcile", FAIL), ("beat check_registries", FAIL), ("beat seal_events", FAIL),
     ]  # fmt: skip
     assert found[0].detail == "no run recorded (scheduled every 60 s)"
 
@@ -228,6 +229,7 @@ def test_beat_by_age_against_the_interval(
             session, RECONCILE_TASK, "worker:h:7", at=now - timedelta(seconds=reconcile_age)
         )
         heartbeats.beat(session, HEALTH_TASK, "worker:h:7", at=now - timedelta(seconds=30))
+        heartbeats.beat(session, SEAL_TASK, "worker:h:7", at=now - timedelta(seconds=5))
     with session_scope() as session:
         found = by_name(doctor.check_beat(session, get_settings(), now))
     assert found["beat reconcile"].status == status
@@ -242,24 +244,27 @@ def test_a_run_overwrites_the_heartbeat(sqlite_url: str) -> None:
     assert heartbeats.record(RECONCILE_TASK, "worker:h:2") is True
     with session_scope() as session:
         runs = heartbeats.last_runs(session)
-    assert sorted(runs) == sorted([RECONCILE_TASK, HEALTH_TASK])
+    assert sorted(runs) == sorted([RECONCILE_TASK, HEALTH_TASK, SEAL_TASK])
     assert runs[RECONCILE_TASK].actor == "worker:h:2" and runs[RECONCILE_TASK].at > earlier
     assert runs[HEALTH_TASK].at == earlier
 
 
 def test_beats_tasks_record_their_heartbeat_after_a_run(sqlite_url: str) -> None:
     from tasks.health import check_registries
-    from tasks.maintenance import reconcile
+    from tasks.maintenance import reconcile, seal_events
 
     # Called directly, a Celery task runs here, as a worker runs it (no registry to check).
     assert reconcile() == {"republished": [], "deferred": [], "waiting": 0}
     assert check_registries() == {}
+    # Nothing recorded yet: no seal to take (the log is empty).
+    assert seal_events() == {"id": None, "hash": None, "created": False, "lanes": 0}
     with session_scope() as session:
         runs = heartbeats.last_runs(session)
-        assert sorted(runs) == sorted([RECONCILE_TASK, HEALTH_TASK])
+        assert sorted(runs) == sorted([RECONCILE_TASK, HEALTH_TASK, SEAL_TASK])
         assert all(run.actor.startswith("worker:") for run in runs.values())
         found = by_name(doctor.check_beat(session, get_settings(), utcnow()))
-    assert [found[n].status for n in ("beat reconcile", "beat check_registries")] == [OK, OK]
+    names = ("beat reconcile", "beat check_registries", "beat seal_events")
+    assert [found[n].status for n in names] == [OK, OK, OK]
 
 
 def test_heartbeat_not_recorded_when_the_database_is_away(tmp_path: Path) -> None:
@@ -392,8 +397,8 @@ def test_run_all_ok(sqlite_url: str) -> None:
     assert [f for f in findings if f.status != OK] == []
     assert [f.name for f in findings] == [
         "database", "migrations", "broker", "queue pushworker", "queue pushworker.webhooks",
-        "queue pushworker.skopeo", "beat reconcile", "beat check_registries", "secret key",
-        "credentials", "registry 5",
+        "queue pushworker.skopeo", "beat reconcile", "beat check_registries",
+        "beat seal_events", "secret key", "credentials", "registry 5",
     ]  # fmt: skip
     assert doctor.exit_code(findings) == 0
 

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import update
 
-from worker.core.queues import HEALTH_TASK, RECONCILE_TASK
+from worker.core.queues import HEALTH_TASK, RECONCILE_TASK, SEAL_TASK
 from worker.core.settings import get_settings
 from worker.jobs import PushRequest, create_job
 from worker.metrics import Metrics, SharedState, StateCollector, read_state
@@ -102,7 +102,7 @@ def test_shared_state_from_the_database(state_db: None) -> None:
     assert state.webhook_oldest_pending == pytest.approx(600, abs=1)
     assert state.beats[RECONCILE_TASK] == pytest.approx(now.timestamp() - 42, abs=0.01)
     assert state.beats[HEALTH_TASK] == 0
-    assert state.intervals == {RECONCILE_TASK: 60.0, HEALTH_TASK: 300.0}
+    assert state.intervals == {RECONCILE_TASK: 60.0, HEALTH_TASK: 300.0, SEAL_TASK: 10.0}
     assert state.registries == {4: "unknown", 5: "credentials_failing"}
 
     scraped = scrape(StateCollector(lambda: state))
