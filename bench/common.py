@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,11 +49,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 REPORT = DOCS / "benchmarks.md"
 RESULTS = ROOT / "bench" / "results"
-#: Debian's docker.io client (20.10, the daemon's version); /usr/local/bin/docker is a 28.x one.
+#: Debian's docker.io client (20.10, the daemon's version). Only ``machine()`` still uses it, to
+#: ask the daemon its version; the baseline of a comparison is ``newest_docker_cli()``.
 DOCKER_CLI = "/usr/bin/docker"
+#: Where a ``docker`` CLI may be besides the directories of PATH.
+DOCKER_CLI_DIRS = ("/usr/local/bin", "/usr/bin")
 #: The Redis database of the benchmarks' broker (the e2e tests use 11, the default is 0).
 BROKER_DB = 7
 BENCH_REGISTRY_ID = 1
+#: Registry record ids of the private registries: the TLS one keeps id 1 (what every benchmark
+#: used so far), the plain-HTTP one is 2.
+REGISTRY_IDS = {"tls": 1, "plain": 2}
+REGISTRY_KINDS = ("tls", "plain")
 MiB = 2**20
 
 
@@ -60,7 +69,8 @@ MiB = 2**20
 
 class PrivateRegistry:
     """A registry of this benchmark's own: the stack's TLS registry configuration (its server
-    certificate, CA and htpasswd user) on a free port, storing into the work directory.
+    certificate, CA and htpasswd user) on a free port, storing into the work directory; with
+    ``plain=True`` the stack's plain-HTTP registry's instead (its htpasswd user, no TLS).
 
     The end-to-end tests stop and start the stack's registries (outage tests) and others push
     to them; a private instance keeps those out of the measurements and its storage goes away
@@ -69,33 +79,52 @@ class PrivateRegistry:
     with the stack's CA.
     """
 
-    def __init__(self, stack: dict[str, str], workdir: Path) -> None:
-        self.tls = Stack(stack).tls
-        state = Path(stack["PUSHWORKER_STACK_TLS_CA"]).parent
-        self.dir = workdir / "registry"
+    def __init__(
+        self, stack: dict[str, str], workdir: Path, *, plain: bool = False,
+        log_level: str = "warn",
+    ) -> None:  # fmt: skip
+        self.plain = plain
+        # ``tls`` names the stack registry whose user this copy takes (the attribute's name is
+        # older than the plain variant; bench.throttle reads it).
+        self.tls = Stack(stack).plain if plain else Stack(stack).tls
+        tls_state = Path(stack["PUSHWORKER_STACK_TLS_CA"]).parent
+        state = tls_state.parent / "plain-registry" if plain else tls_state
+        self.dir = workdir / ("registry-plain" if plain else "registry")
         self.dir.mkdir()
         shutil.copy(state / "htpasswd", self.dir / "htpasswd")
         self.port = free_port()
+        http: dict[str, Any] = {"addr": f"127.0.0.1:{self.port}", "secret": uuid.uuid4().hex}
+        if not plain:
+            http["tls"] = {
+                "certificate": str(state / "server.crt"), "key": str(state / "server.key"),
+            }  # fmt: skip
         config = {
             "version": 0.1,
-            "log": {"level": "warn"},
+            "log": {"level": log_level},
             "storage": {"filesystem": {"rootdirectory": str(self.dir / "data")}},
-            "http": {
-                "addr": f"127.0.0.1:{self.port}",
-                "secret": uuid.uuid4().hex,
-                "tls": {"certificate": str(state / "server.crt"), "key": str(state / "server.key")},
-            },
+            "http": http,
             "auth": {"htpasswd": {"realm": "pushworker-bench", "path": str(self.dir / "htpasswd")}},
         }
         (self.dir / "config.yml").write_text(json.dumps(config))  # JSON is YAML
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def kind(self) -> str:
+        return "plain" if self.plain else "tls"
+
+    @property
     def endpoint(self) -> Endpoint:
         return Endpoint(
             host=f"127.0.0.1:{self.port}", user=self.tls.user, password=self.tls.password,
-            ca_file=self.tls.ca_file,
+            ca_file=None if self.plain else self.tls.ca_file,
         )  # fmt: skip
+
+    def describe(self) -> str:
+        scheme = "plain HTTP" if self.plain else "TLS"
+        return (
+            f"{self.kind}: {self.endpoint.url} (htpasswd, {scheme}; a private instance of the "
+            f"stack's {'plain-HTTP' if self.plain else 'TLS'} registry)"
+        )
 
     def start(self, timeout: float = 30) -> PrivateRegistry:
         import requests
@@ -112,7 +141,7 @@ class PrivateRegistry:
                 break
             try:
                 answer = requests.get(
-                    f"{self.endpoint.url}/v2/", verify=self.tls.ca_file or True, timeout=2
+                    f"{self.endpoint.url}/v2/", verify=self.endpoint.ca_file or True, timeout=2
                 )
                 if answer.status_code == 401:
                     return self
@@ -148,11 +177,19 @@ class Bench:
     database: str  # "sqlite" or "postgres"
     api: docker.APIClient
     run_id: str
+    #: The first of ``registries`` (what benchmarks with one registry use).
     registry: PrivateRegistry
     keep: bool = False
     code: str = ""
     workers: list[CeleryProcess] = field(default_factory=list)
     _pg_database: str | None = None
+    #: Every private registry of this run by kind ("tls", "plain"); record ids in REGISTRY_IDS.
+    registries: dict[str, PrivateRegistry] = field(default_factory=dict)
+
+    @property
+    def pg_database(self) -> str | None:
+        """The PostgreSQL database of this run (None on SQLite)."""
+        return self._pg_database
 
     def sweep_images(self) -> None:
         """Remove every image this run made or tagged (names carry the run id), retrying once:
@@ -200,7 +237,8 @@ class Bench:
         for worker in self.workers:
             worker.stop()
         self.sweep_images()
-        self.registry.stop()
+        for registry in {id(r): r for r in [self.registry, *self.registries.values()]}.values():
+            registry.stop()
         redis.Redis.from_url(self.broker_url).flushdb()
         from worker.store.db import engine_for
 
@@ -213,9 +251,13 @@ class Bench:
             print(f"bench: kept {self.workdir}", file=sys.stderr)
 
 
-def setup(name: str, args: argparse.Namespace) -> Bench:
-    """A fresh database and broker database, migrated, with one registry record (the stack's TLS
-    registry, id 1) whose credential is stored encrypted, as operators store Harbor's."""
+def setup(
+    name: str, args: argparse.Namespace, registries: Sequence[str] = ("tls",),
+    *, registry_log_level: str = "warn",
+) -> Bench:  # fmt: skip
+    """A fresh database and broker database, migrated, with a registry record for each private
+    registry asked for (``tls``: a copy of the stack's TLS registry, id 1; ``plain``: of its
+    plain-HTTP one, id 2) whose credential is stored encrypted, as operators store Harbor's."""
     from cryptography.fernet import Fernet
 
     try:
@@ -254,14 +296,25 @@ def setup(name: str, args: argparse.Namespace) -> Bench:
     from worker.store.migrate import upgrade
 
     upgrade(database_url)
-    private = PrivateRegistry(stack, workdir).start()
-    endpoint = private.endpoint
-    _add_registry(endpoint)
+    started: dict[str, PrivateRegistry] = {}
+    try:
+        for kind in registries:
+            private = PrivateRegistry(
+                stack, workdir, plain=kind == "plain", log_level=registry_log_level
+            )
+            started[kind] = private.start()
+            _add_registry(private.endpoint, REGISTRY_IDS[kind], "bench" if kind == "tls" else
+                          f"bench-{kind}")  # fmt: skip
+    except BaseException:
+        for private in started.values():
+            private.stop()
+        raise
+    first = started[registries[0]]
     api = docker.APIClient(base_url=stack["DOCKER_HOST"], version="auto")
     return Bench(
-        name=name, stack=stack, workdir=workdir, env=env, endpoint=endpoint,
+        name=name, stack=stack, workdir=workdir, env=env, endpoint=first.endpoint,
         database=args.database, api=api, run_id=run_id, keep=args.keep, code=_commit(),
-        registry=private, _pg_database=pg_database,
+        registry=first, _pg_database=pg_database, registries=started,
     )  # fmt: skip
 
 
@@ -277,17 +330,19 @@ def _log_to(path: Path) -> None:
         sys.stderr = saved
 
 
-def _add_registry(endpoint: Endpoint) -> None:
+def _add_registry(
+    endpoint: Endpoint, registry_id: int = BENCH_REGISTRY_ID, name: str = "bench"
+) -> None:
     from worker.registries import RegistrySpec, create_registry
     from worker.store.db import session_scope
 
     ca = Path(endpoint.ca_file).read_text() if endpoint.ca_file else None
     spec = RegistrySpec(
-        name="bench", url=endpoint.url, kind="harbor" if ca else "generic",
+        name=name, url=endpoint.url, kind="harbor" if ca else "generic",
         username=endpoint.user, secret=endpoint.password, ca_cert=ca, insecure=ca is None,
     )  # fmt: skip
     with session_scope() as session:
-        create_registry(session, spec, registry_id=BENCH_REGISTRY_ID)
+        create_registry(session, spec, registry_id=registry_id)
 
 
 def _pg_admin_url(stack: dict[str, str]) -> str:
@@ -375,8 +430,12 @@ class CpuMeter:
     def __init__(self, bench: Bench, worker: CeleryProcess | None = None) -> None:
         self.worker = worker
         self.dockerd = _stack_pid(bench.stack, "dockerd")
-        process = bench.registry.process
-        self.registry = process.pid if process is not None else None
+        # Every private registry of the run: a benchmark runs one of them at a time.
+        self.registries = [
+            r.process.pid
+            for r in (bench.registries.values() or [bench.registry])
+            if r.process is not None
+        ]
 
     def snapshot(self) -> dict[str, float]:
         times = os.times()
@@ -386,13 +445,48 @@ class CpuMeter:
             "worker": sum(cpu_seconds(p) for p in self.worker.pids()) if self.worker else 0.0,
             "worker_main": cpu_seconds(self.worker.pid) if self.worker else 0.0,
             "dockerd": cpu_seconds(self.dockerd) if self.dockerd else 0.0,
-            "registry": cpu_seconds(self.registry) if self.registry else 0.0,
+            "registry": sum(cpu_seconds(pid) for pid in self.registries),
         }
         return snap
 
     @staticmethod
     def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         return {key: after[key] - before[key] for key in before}
+
+
+class RssSampler:
+    """Peak RSS of each of the worker's processes (main and pool), sampled every ``interval``
+    seconds (50 ms by default), and the peak of their sum."""
+
+    def __init__(self, worker: CeleryProcess, interval: float = 0.05) -> None:
+        self.worker = worker
+        self.interval = interval
+        self.peaks: dict[int, int] = {}
+        self.peak_sum = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        total = 0
+        for pid in self.worker.pids():
+            rss = rss_bytes(pid)
+            total += rss
+            self.peaks[pid] = max(self.peaks.get(pid, 0), rss)
+        self.peak_sum = max(self.peak_sum, total)
 
 
 # --- jobs: enqueue, wait, read their events ----------------------------------------------------
@@ -518,21 +612,26 @@ class JobWatcher:
         self.engine.dispose()
 
 
-def enqueue(source_image: str, repository: str, tag: str = "v1") -> JobTiming:
+def enqueue(
+    source_image: str, repository: str, tag: str = "v1", registry_id: int = BENCH_REGISTRY_ID
+) -> JobTiming:
     """One producer call (``worker.producer.enqueue_push``), timed."""
     from worker.producer import enqueue_push
 
     started = time.time()
     job_id = enqueue_push(
-        source_image=source_image, registry_id=BENCH_REGISTRY_ID, repository=repository,
+        source_image=source_image, registry_id=registry_id, repository=repository,
         tag=tag, requested_by="bench",
     )  # fmt: skip
     return JobTiming(job_id, started, time.time())
 
 
-def run_one(watcher: JobWatcher, source_image: str, repository: str) -> JobTiming:
+def run_one(
+    watcher: JobWatcher, source_image: str, repository: str,
+    registry_id: int = BENCH_REGISTRY_ID,
+) -> JobTiming:  # fmt: skip
     """Enqueue one job, wait for it, and read its events."""
-    timing = enqueue(source_image, repository)
+    timing = enqueue(source_image, repository, registry_id=registry_id)
     watcher.wait([timing.job_id])
     watcher.fill_events([timing])
     return timing
@@ -612,18 +711,109 @@ def target_references(api: docker.APIClient, sources: Iterable[str]) -> list[str
 # --- the docker CLI, as a script would use it -------------------------------------------------
 
 
-class DockerCLI:
-    """``/usr/bin/docker --config <private dir>``: its login state is its own."""
+@dataclass(frozen=True)
+class CliBinary:
+    """One ``docker`` CLI executable and the client version it reports."""
 
-    def __init__(self, bench: Bench) -> None:
-        self.config = bench.workdir / "docker-config"
+    path: str
+    version: str
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        return version_key(self.version)
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.version})"
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """``28.2.2`` -> (28, 2, 2); ``20.10.24+dfsg1`` -> (20, 10, 24)."""
+    found = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", version.strip())
+    return tuple(int(part or 0) for part in found.groups()) if found else (0,)
+
+
+def docker_clis() -> list[CliBinary]:
+    """Every distinct ``docker`` executable in PATH's directories, /usr/local/bin and /usr/bin
+    (symlinks and /bin -> /usr/bin counted once), with its client version."""
+    directories = [*os.environ.get("PATH", "").split(os.pathsep), *DOCKER_CLI_DIRS]
+    found: dict[str, CliBinary] = {}
+    for directory in directories:
+        candidate = Path(directory or ".") / "docker"
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        real = str(candidate.resolve())
+        if real in found:
+            continue
+        version = cli_version(str(candidate))
+        if version:
+            found[real] = CliBinary(str(candidate), version)
+    return list(found.values())
+
+
+def cli_version(path: str) -> str:
+    """The client version ``docker --version`` prints (it asks no daemon); "" if it fails."""
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=20
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    found = re.search(r"version ([0-9][^,\s]*)", out)
+    return found.group(1) if found else ""
+
+
+def newest_docker_cli() -> CliBinary:
+    """The newest ``docker`` CLI on this machine: the one a user would run (here 28.x, 1.3-2.5x
+    faster per push than Debian's 20.10), so the baseline a comparison must beat."""
+    clis = docker_clis()
+    if not clis:
+        raise SystemExit("no docker CLI found in PATH, /usr/local/bin or /usr/bin")
+    return max(clis, key=lambda cli: cli.key)
+
+
+def chosen_cli(path: str | None) -> CliBinary:
+    """``--docker-cli PATH`` if given, else the newest CLI on the machine."""
+    if not path:
+        return newest_docker_cli()
+    version = cli_version(path)
+    if not version:
+        raise SystemExit(f"--docker-cli {path}: not a docker CLI that answers --version")
+    return CliBinary(path, version)
+
+
+def baseline_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--docker-cli`` and ``--registry``, for the benchmarks that compare with the CLI."""
+    parser.add_argument(
+        "--docker-cli", metavar="PATH", default=None,
+        help="the docker CLI of the baseline (default: the newest one in PATH, /usr/local/bin "
+        "and /usr/bin)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--registry", choices=["tls", "plain", "both"], default="both",
+        help="push to a private copy of the stack's TLS registry, of its plain-HTTP one, or to "
+        "both, interleaved (default)",
+    )  # fmt: skip
+
+
+def registry_kinds(choice: str) -> tuple[str, ...]:
+    return REGISTRY_KINDS if choice == "both" else (choice,)
+
+
+class DockerCLI:
+    """``docker --config <private dir>`` (the chosen CLI): its login state is its own."""
+
+    def __init__(
+        self, bench: Bench, binary: CliBinary | None = None, endpoint: Endpoint | None = None
+    ) -> None:
+        self.binary = binary or newest_docker_cli()
+        self.endpoint = endpoint or bench.endpoint
+        self.config = bench.workdir / f"docker-config-{self.endpoint.host.replace(':', '-')}"
         self.config.mkdir(exist_ok=True)
         self.env = {**os.environ, "DOCKER_HOST": bench.stack["DOCKER_HOST"]}
-        self.endpoint = bench.endpoint
 
     def _run(self, *args: str, stdin: str | None = None) -> None:
         result = subprocess.run(
-            [DOCKER_CLI, "--config", str(self.config), *args], input=stdin, text=True,
+            [self.binary.path, "--config", str(self.config), *args], input=stdin, text=True,
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         if result.returncode != 0:
@@ -780,18 +970,25 @@ def _fingerprint() -> str:
     return f"sha256 {digest.hexdigest()[:12]}"
 
 
-def machine_lines(bench: Bench, load_before: str, load_after: str) -> list[str]:
+def machine_lines(
+    bench: Bench, load_before: str, load_after: str, cli: CliBinary | None = None
+) -> list[str]:
     info = machine()
-    return [
+    registries = [r.describe() for r in bench.registries.values()] or [bench.registry.describe()]
+    lines = [
         f"- machine: {info['host']}, {info['cpu']}, {info['memory']}, Linux {info['kernel']}, "
         f"Python {info['python']}, Docker Engine {info['docker']} (storage driver of the stack's "
         "private dockerd: vfs)",
         f"- code: {bench.code}; database: {bench.database}; broker: Redis db "
-        f"{bench.broker_url.rsplit('/', 1)[-1]}; registry: {bench.endpoint.url} (htpasswd, "
-        "TLS, a private instance of the stack TLS registry)",
-        f"- load before: {load_before}",
-        f"- load after: {load_after}",
+        f"{bench.broker_url.rsplit('/', 1)[-1]}; registries: {'; '.join(registries)}",
     ]
+    if cli is not None:
+        others = ", ".join(str(c) for c in docker_clis() if c.path != cli.path)
+        lines.append(
+            f"- baseline CLI: `{cli.path}` {cli.version}"
+            + (f" (also on this machine: {others})" if others else "")
+        )
+    return [*lines, f"- load before: {load_before}", f"- load after: {load_after}"]
 
 
 def command_line() -> str:

@@ -1,17 +1,21 @@
 """Benchmarks 1 and 2: per-job time of the pipeline against ``docker tag && docker push``.
 
     eval "$(scripts/stack env)"; .venv/bin/python -m bench.pushes [--jobs 10] [--rounds 3]
+        [--registry tls|plain|both] [--database sqlite|postgres] [--docker-cli PATH]
 
 1. New pushes: distinct images of 1 MiB (and ``--large-mib``, 50 MiB by default), each through
    the whole pipeline (enqueue -> four sub-tasks -> events -> digest verified), timed from the
    producer's call to the ``job.succeeded`` event, one job at a time; against a shell loop doing
-   ``docker tag SRC DST && docker push DST`` per image after one ``docker login``.
+   ``docker tag SRC DST && docker push DST`` per image after one ``docker login``, with the
+   newest ``docker`` CLI on the machine (or ``--docker-cli``).
 2. Re-pushes: the same images again, which the registry already holds (a new job each, same
    repository and tag); against the same CLI commands, run again.
 
-Rounds are interleaved: pipeline batch, CLI batch, pipeline batch... The CLI pushes its own
-images (distinct from the pipeline's), so that every "new" push is new to the registry. The
-per-job distributions are plotted to docs/benchmark-pushes.png.
+Both against a private copy of the stack's TLS registry and of its plain-HTTP one (``--registry
+both``, the default). Rounds are interleaved: pipeline batch, CLI batch, then the other
+registry, with the order of sides and registries alternating from round to round. The CLI
+pushes its own images (distinct from the pipeline's), so that every "new" push is new to the
+registry. Every figure comes with the spread of its per-round values.
 """
 
 from __future__ import annotations
@@ -25,21 +29,24 @@ from typing import Any
 
 from bench.common import (
     EXPECTED_NEW,
+    REGISTRY_IDS,
     CpuMeter,
     DockerCLI,
     JobTiming,
     JobWatcher,
     MiB,
     Stats,
+    baseline_arguments,
+    chosen_cli,
     command_line,
     common_arguments,
     load_line,
     machine_lines,
     make_images,
+    median_per_round,
     ms,
-    paired_round_ratios,
     phase,
-    ratio_range,
+    registry_kinds,
     remove_images,
     repository_of,
     run_one,
@@ -78,7 +85,9 @@ def pipeline_record(round_no: int, timing: JobTiming, expected: list[str]) -> di
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = load_line()
-    bench = setup("pushes", args)
+    kinds = registry_kinds(args.registry)
+    binary = chosen_cli(args.docker_cli)
+    bench = setup("pushes", args, kinds)
     created: list[str] = []
     try:
         with phase("images"):
@@ -88,26 +97,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "new": (small, args.jobs),
                 "large": (large, args.large_jobs),
             }
-            images: dict[tuple[str, str, int], list[str]] = {}
-            for scenario, (size, count) in plan.items():
-                if count <= 0:
-                    continue
-                for side in ("p", "c"):
-                    for round_no in range(args.rounds):
-                        prefix = f"{bench.run_id}-{scenario}-{side}{round_no}"
-                        refs = make_images(bench.api, prefix, count, size)
-                        images[(scenario, side, round_no)] = refs
-                        created += refs
-            warm = make_images(bench.api, f"{bench.run_id}-warm", args.warmup + 1, small)
-            created += warm
+            images: dict[tuple[str, str, int, str], list[str]] = {}
+            for kind in kinds:
+                for scenario, (size, count) in plan.items():
+                    if count <= 0:
+                        continue
+                    for side in ("p", "c"):
+                        for round_no in range(args.rounds):
+                            prefix = f"{bench.run_id}-{kind}-{scenario}-{side}{round_no}"
+                            refs = make_images(bench.api, prefix, count, size)
+                            images[(scenario, side, round_no, kind)] = refs
+                            created += refs
+            warm = {
+                kind: make_images(bench.api, f"{bench.run_id}-{kind}-warm", args.warmup + 1, small)
+                for kind in kinds
+            }
+            created += [ref for refs in warm.values() for ref in refs]
         worker = bench.worker(concurrency=args.concurrency)
         watcher = JobWatcher(bench.database_url)
-        cli = DockerCLI(bench)
-        login_seconds = cli.login()
+        clis = {kind: DockerCLI(bench, binary, bench.registries[kind].endpoint) for kind in kinds}
+        login_seconds = {kind: cli.login() for kind, cli in clis.items()}
         with phase("warm-up (not measured)"):
-            for source in warm[:-1]:
-                run_one(watcher, source, repository_of(source))
-            cli.tag_and_push(warm[-1], cli.target(warm[-1]))
+            for kind in kinds:
+                for source in warm[kind][:-1]:
+                    run_one(watcher, source, repository_of(source), REGISTRY_IDS[kind])
+                clis[kind].tag_and_push(warm[kind][-1], clis[kind].target(warm[kind][-1]))
 
         pipeline: dict[str, list[dict[str, Any]]] = {"new": [], "large": [], "repush": []}
         baseline: dict[str, list[dict[str, Any]]] = {"new": [], "large": [], "repush": []}
@@ -121,43 +135,62 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             delta = CpuMeter.delta(before, meter.snapshot())
             cpu.setdefault(key, []).append({k: v / count for k, v in delta.items()})
 
-        def pipeline_batch(scenario: str, sources: list[str], round_no: int) -> None:
+        def pipeline_batch(scenario: str, kind: str, sources: list[str], round_no: int) -> None:
             expected = EXPECTED_REPUSH if scenario == "repush" else EXPECTED_NEW
-            with measured_cpu(f"{scenario}/pipeline", len(sources)):
-                timings = [run_one(watcher, source, repository_of(source)) for source in sources]
+            with measured_cpu(f"{kind}/{scenario}/pipeline", len(sources)):
+                timings = [
+                    run_one(watcher, source, repository_of(source), REGISTRY_IDS[kind])
+                    for source in sources
+                ]
             for timing in timings:
-                pipeline[scenario].append(pipeline_record(round_no, timing, expected))
+                record = pipeline_record(round_no, timing, expected)
+                pipeline[scenario].append({**record, "registry": kind})
 
-        def cli_batch(scenario: str, sources: list[str], round_no: int) -> None:
-            with measured_cpu(f"{scenario}/cli", len(sources)):
+        def cli_batch(scenario: str, kind: str, sources: list[str], round_no: int) -> None:
+            cli = clis[kind]
+            with measured_cpu(f"{kind}/{scenario}/cli", len(sources)):
                 for source in sources:
                     tag_s, push_s = cli.tag_and_push(source, cli.target(source))
-                    baseline[scenario].append(
-                        {"round": round_no, "total": tag_s + push_s, "tag": tag_s, "push": push_s}
-                    )
+                    baseline[scenario].append({
+                        "round": round_no, "registry": kind, "total": tag_s + push_s,
+                        "tag": tag_s, "push": push_s,
+                    })  # fmt: skip
+
+        def pair(scenario: str, kind: str, images_of: str, round_no: int) -> None:
+            """One batch of each side; which goes first alternates from round to round, so
+            that neither always runs right after the other's uploads."""
+            p_sources = images[(images_of, "p", round_no, kind)]
+            c_sources = images[(images_of, "c", round_no, kind)]
+            if round_no % 2 == 0:
+                pipeline_batch(scenario, kind, p_sources, round_no)
+                cli_batch(scenario, kind, c_sources, round_no)
+            else:
+                cli_batch(scenario, kind, c_sources, round_no)
+                pipeline_batch(scenario, kind, p_sources, round_no)
 
         for round_no in range(args.rounds):
+            order = kinds if round_no % 2 == 0 else tuple(reversed(kinds))
             with phase(f"round {round_no + 1}/{args.rounds}"):
-                for scenario in ("new", "large"):
-                    if (scenario, "p", round_no) not in images:
-                        continue
-                    pipeline_batch(scenario, images[(scenario, "p", round_no)], round_no)
-                    cli_batch(scenario, images[(scenario, "c", round_no)], round_no)
-                # The images this round pushed as new: the registry holds them now.
-                pipeline_batch("repush", images[("new", "p", round_no)], round_no)
-                cli_batch("repush", images[("new", "c", round_no)], round_no)
+                for kind in order:
+                    for scenario in ("new", "large"):
+                        if (scenario, "p", round_no, kind) in images:
+                            pair(scenario, kind, scenario, round_no)
+                    # The images this round pushed as new: the registry holds them now.
+                    pair("repush", kind, "new", round_no)
         digests_ok = _verify_digests(watcher, pipeline)
         watcher.close()
         worker_log_bytes = worker.log_path.stat().st_size
         return {
             "args": vars(args),
+            "registries": list(kinds),
+            "cli_binary": {"path": binary.path, "version": binary.version},
             "cli_login": login_seconds,
             "pipeline": pipeline,
             "cli": baseline,
             "cpu": cpu,
             "digests_verified": digests_ok,
             "worker_log_bytes": worker_log_bytes,
-            "report": lambda after: machine_lines(bench, load_before, after),
+            "report": lambda after: machine_lines(bench, load_before, after, binary),
         }
     finally:
         remove_images(bench.api, target_references(bench.api, created))
@@ -182,7 +215,8 @@ def _verify_digests(watcher: JobWatcher, pipeline: dict[str, list[dict[str, Any]
     return len(ids)
 
 
-GOALS = {"new": 1.0, "large": 1.0, "repush": 0.5}
+#: Issue 19's goals, against the newest CLI: pipeline / CLI at most this.
+GOALS = {"new": 1.0, "large": 1.0, "repush": 0.6}
 LABELS = {
     "new": "new push, {size} MiB",
     "large": "new push, {large} MiB",
@@ -190,43 +224,75 @@ LABELS = {
 }
 
 
+def _round_medians(records: list[dict[str, Any]], key: str = "total") -> dict[int, float]:
+    return median_per_round([(r["round"], r[key]) for r in records])
+
+
+def spread(values: list[float] | dict[int, float], scale: float = 1000, digits: int = 1) -> str:
+    """``min..max`` of per-round values (ms by default)."""
+    seq = list(values.values()) if isinstance(values, dict) else values
+    return f"{min(seq) * scale:.{digits}f}..{max(seq) * scale:.{digits}f}"
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per registry and benchmark: medians over all jobs, per-round medians and ratios."""
+    args = results["args"]
+    rows = []
+    for kind in results.get("registries", ["tls"]):
+        for scenario in ("new", "large", "repush"):
+            p_records = [
+                r for r in results["pipeline"][scenario] if r.get("registry", "tls") == kind
+            ]
+            c_records = [r for r in results["cli"][scenario] if r.get("registry", "tls") == kind]
+            if not p_records or not c_records:
+                continue
+            p_rounds, c_rounds = _round_medians(p_records), _round_medians(c_records)
+            ratios = [p_rounds[r] / c_rounds[r] for r in p_rounds if r in c_rounds]
+            p = Stats.of([r["total"] for r in p_records])
+            c = Stats.of([r["total"] for r in c_records])
+            rows.append({
+                "registry": kind, "scenario": scenario,
+                "label": LABELS[scenario].format(size=args["size_mib"], large=args["large_mib"]),
+                "jobs": p.n, "pipeline": p.median, "pipeline_rounds": p_rounds,
+                "cli": c.median, "cli_rounds": c_rounds, "ratio": p.median / c.median,
+                "ratio_rounds": ratios, "goal": GOALS[scenario],
+            })  # fmt: skip
+    return rows
+
+
 def report(results: dict[str, Any]) -> list[str]:
     args = results["args"]
+    cli = results["cli_binary"]
+    logins = ", ".join(f"{k} {ms(v)} ms" for k, v in results["cli_login"].items())
     lines = [
         f"Command: `{command_line()}`",
         "",
         *results["report"](load_line()),
-        f"- {args['rounds']} interleaved rounds; per round and side {args['jobs']} x "
-        f"{args['size_mib']} MiB and {args['large_jobs']} x {args['large_mib']} MiB new pushes, "
-        f"then the {args['jobs']} small images again (re-push); worker concurrency "
-        f"{args['concurrency']}, jobs one at a time; {args['warmup']} warm-up jobs not counted",
+        f"- {args['rounds']} interleaved rounds (which side and which registry goes first "
+        f"alternates); per round, registry and side {args['jobs']} x {args['size_mib']} MiB "
+        f"and {args['large_jobs']} x {args['large_mib']} MiB new pushes, then the "
+        f"{args['jobs']} small images again (re-push); worker concurrency "
+        f"{args['concurrency']}, jobs one at a time; {args['warmup']} warm-up jobs per registry "
+        "not counted",
         "- pipeline: `enqueue_push()` to the `job.succeeded` event (stamped in the last step's "
         "transaction); every job's events checked, and its digest verified by the push step "
         f"({results['digests_verified']} jobs)",
-        f"- CLI: `docker tag && docker push` per image after one `docker login` "
-        f"({ms(results['cli_login'])} ms, not counted)",
+        f"- CLI: `{cli['path']} tag && {cli['path']} push` ({cli['version']}) per image after "
+        f"one `docker login` per registry ({logins}, not counted)",
+        "- median over every job of the run; in brackets the spread: min..max of the per-round "
+        "medians (and of the per-round ratios)",
         "",
-        "| benchmark | jobs/side | pipeline median (min-max) ms | CLI median (min-max) ms "
-        "| ratio | ratio per round | goal |",
+        "| registry | benchmark | jobs/side | pipeline ms (rounds) | CLI ms (rounds) "
+        "| ratio (rounds) | goal |",
         "|---|---|---|---|---|---|---|",
     ]
-    for scenario in ("new", "large", "repush"):
-        p_records, c_records = results["pipeline"][scenario], results["cli"][scenario]
-        if not p_records or not c_records:
-            continue
-        p = Stats.of([r["total"] for r in p_records])
-        c = Stats.of([r["total"] for r in c_records])
-        ratio = p.median / c.median
-        rounds = paired_round_ratios(
-            [(r["round"], r["total"]) for r in p_records],
-            [(r["round"], r["total"]) for r in c_records],
-        )
-        goal = GOALS[scenario]
-        label = LABELS[scenario].format(size=args["size_mib"], large=args["large_mib"])
+    for row in summary_rows(results):
+        met = "met" if row["ratio"] <= row["goal"] else "not met"
         lines.append(
-            f"| {label} | {p.n} | {p.ms()} ({p.range_ms()}) | {c.ms()} ({c.range_ms()}) "
-            f"| **{ratio:.2f}** | {ratio_range(rounds)} | ≤ {goal} "
-            f"{'met' if ratio <= goal else 'not met'} |"
+            f"| {row['registry']} | {row['label']} | {row['jobs']} | {ms(row['pipeline'])} "
+            f"({spread(row['pipeline_rounds'])}) | {ms(row['cli'])} ({spread(row['cli_rounds'])}) "
+            f"| **{row['ratio']:.2f}** ({spread(row['ratio_rounds'], 1, 2)}) "
+            f"| ≤ {row['goal']} {met} |"
         )
     lines += [
         "",
@@ -235,48 +301,50 @@ def report(results: dict[str, Any]) -> list[str]:
         "`step.started` and `job.succeeded`, i.e. Celery handing on and the claim/record "
         "transactions around the steps):",
         "",
-        "| benchmark | enqueue call | enqueue → 1st step | resolve | login | tag | push | hops "
-        "| CLI tag | CLI push |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| registry | benchmark | enqueue call | enqueue → 1st step | resolve | login | tag "
+        "| push | hops | CLI tag | CLI push |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for scenario in ("new", "large", "repush"):
-        p_records, c_records = results["pipeline"][scenario], results["cli"][scenario]
-        if not p_records or not c_records:
-            continue
 
-        def med(values: list[float]) -> str:
-            return ms(statistics.median(values))
+    def med(values: list[float]) -> str:
+        return ms(statistics.median(values))
 
-        steps = [med([r["steps"][s] for r in p_records]) for s in STEPS]
-        label = LABELS[scenario].format(size=args["size_mib"], large=args["large_mib"])
-        lines.append(
-            f"| {label} | {med([r['enqueue_call'] for r in p_records])} "
-            f"| {med([r['to_first_step'] for r in p_records])} | {' | '.join(steps)} "
-            f"| {med([r['between_steps'] for r in p_records])} "
-            f"| {med([r['tag'] for r in c_records])} | {med([r['push'] for r in c_records])} |"
-        )
+    for kind in results.get("registries", ["tls"]):
+        for scenario in ("new", "large", "repush"):
+            p_records = [
+                r for r in results["pipeline"][scenario] if r.get("registry", "tls") == kind
+            ]
+            c_records = [r for r in results["cli"][scenario] if r.get("registry", "tls") == kind]
+            if not p_records or not c_records:
+                continue
+            steps = [med([r["steps"][s] for r in p_records]) for s in STEPS]
+            label = LABELS[scenario].format(size=args["size_mib"], large=args["large_mib"])
+            lines.append(
+                f"| {kind} | {label} | {med([r['enqueue_call'] for r in p_records])} "
+                f"| {med([r['to_first_step'] for r in p_records])} | {' | '.join(steps)} "
+                f"| {med([r['between_steps'] for r in p_records])} "
+                f"| {med([r['tag'] for r in c_records])} | {med([r['push'] for r in c_records])} |"
+            )
     lines += [
         "",
         "CPU per job (ms, median over batches; `producer` is this benchmark's process: the "
-        "enqueue call and its polling for the job's end; dockerd and the registry are shared "
+        "enqueue call and its polling for the job's end; dockerd and the registries are shared "
         "with whatever else runs on the stack):",
         "",
-        "| benchmark | side | worker (of which main process) | producer | docker CLI | dockerd "
-        "| registry | total |",
-        "|---|---|---|---|---|---|---|---|",
+        "| registry | benchmark | side | worker (of which main process) | producer | docker CLI "
+        "| dockerd | registry | total |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, batches in results["cpu"].items():
-        scenario, side = key.split("/")
+        kind, scenario, side = key.split("/")
         label = LABELS[scenario].format(size=args["size_mib"], large=args["large_mib"])
         parts = ["worker", "producer", "cli", "dockerd", "registry"]
         meds = {p: statistics.median([b[p] for b in batches]) for p in parts}
         total = statistics.median([sum(b[p] for p in parts) for b in batches])
-        cells = " | ".join(ms(meds[p]) if meds[p] > 0.0005 else "-" for p in parts)
+        cells = [ms(meds[p]) if meds[p] > 0.0005 else "-" for p in parts]
         if meds["worker"] > 0.0005:
-            main_ms = ms(statistics.median([b["worker_main"] for b in batches]))
-            cells = cells.replace(ms(meds["worker"]), f"{ms(meds['worker'])} ({main_ms})", 1)
-        lines.append(f"| {label} | {side} | {cells} | {ms(total)} |")
-    lines += ["", "![per-job times, pipeline vs CLI](benchmark-pushes.png)"]
+            cells[0] += f" ({ms(statistics.median([b['worker_main'] for b in batches]))})"
+        lines.append(f"| {kind} | {label} | {side} | {' | '.join(cells)} | {ms(total)} |")
     return lines
 
 
@@ -288,15 +356,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large-mib", type=int, default=50)
     parser.add_argument("--large-jobs", type=int, default=2, help="0: no large images")
     parser.add_argument("--warmup", type=int, default=4, help="pipeline jobs before measuring")
+    parser.add_argument("--plot", action="store_true",
+                        help="also redraw docs/benchmark-pushes.png")  # fmt: skip
     common_arguments(parser)
+    baseline_arguments(parser)
     args = parser.parse_args(argv)
+    if args.rounds < 3:
+        print("bench: fewer than 3 rounds give no honest spread", file=sys.stderr)
     results = run(args)
     lines = report(results)
-    write_section("Benchmarks 1 and 2: pushes and re-pushes", lines, print_only=args.no_report)
+    write_section(
+        f"Benchmarks 1 and 2: pushes and re-pushes against {results['cli_binary']['path']} "
+        f"{results['cli_binary']['version']}, {args.database}, registry {args.registry}",
+        lines, print_only=args.no_report,
+    )  # fmt: skip
     data = {k: v for k, v in results.items() if k != "report"}
     path = save_results("pushes", data)
     print(f"bench: raw results in {path}", file=sys.stderr)
-    if not args.no_report:
+    if args.plot:
         from bench.plot import plot_pushes
 
         print(f"bench: plot {plot_pushes(data)}", file=sys.stderr)

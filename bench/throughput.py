@@ -1,14 +1,16 @@
-"""Benchmarks 3 and 6: throughput of 200 jobs at worker concurrency 4 against the sequential CLI
-loop, and the worker's memory meanwhile.
+"""Benchmarks 3 and 6: throughput of 40 jobs at worker concurrency 4 against four parallel CLI
+loops, and the worker's memory meanwhile.
 
-    eval "$(scripts/stack env)"; .venv/bin/python -m bench.throughput [--jobs 200] [--rounds 2]
+    eval "$(scripts/stack env)"; .venv/bin/python -m bench.throughput [--jobs 40] [--rounds 3]
+        [--registry tls|plain|both] [--database sqlite|postgres] [--docker-cli PATH]
 
-Per round (interleaved): the pipeline gets ``--jobs`` distinct 1 MiB images enqueued at once
-(a loop of ``enqueue_push()`` calls) and is timed from the first call to the last
-``job.succeeded`` event; the CLI loop pushes as many other images one after the other
-(``docker tag && docker push``); and, for context, the same loop run four at a time (what
-``xargs -P4`` would do). While the pipeline runs, the resident memory (RSS) of each worker
-process is sampled every 50 ms: the report gives each process's peak.
+Per round and registry (interleaved, orders alternating): the pipeline gets ``--jobs`` distinct
+1 MiB images enqueued at once (a loop of ``enqueue_push()`` calls) and is timed from the first
+call to the last ``job.succeeded`` event; the baseline pushes as many other images with
+``--cli-parallel`` (4) loops of ``docker tag && docker push`` at once (what ``xargs -P4`` would
+do), with the newest ``docker`` CLI on the machine (or ``--docker-cli``);
+``--cli-sequential`` adds one plain loop for context. While the pipeline runs, the resident
+memory (RSS) of each worker process is sampled every 50 ms: the report gives each process's peak.
 """
 
 from __future__ import annotations
@@ -16,19 +18,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bench.common import (
     EXPECTED_NEW,
+    REGISTRY_IDS,
     CpuMeter,
     DockerCLI,
     JobTiming,
     JobWatcher,
     MiB,
+    RssSampler,
     Stats,
+    baseline_arguments,
+    chosen_cli,
     command_line,
     common_arguments,
     enqueue,
@@ -37,6 +42,7 @@ from bench.common import (
     make_images,
     ms,
     phase,
+    registry_kinds,
     remove_images,
     repository_of,
     rss_bytes,
@@ -45,112 +51,95 @@ from bench.common import (
     target_references,
     write_section,
 )
-from harness.worker import CeleryProcess
-
-
-class RssSampler:
-    """Peak RSS of each of the worker's processes (main and pool), sampled every 50 ms."""
-
-    def __init__(self, worker: CeleryProcess) -> None:
-        self.worker = worker
-        self.peaks: dict[int, int] = {}
-        self.peak_sum = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self._sample()
-
-    def _sample(self) -> None:
-        total = 0
-        for pid in self.worker.pids():
-            rss = rss_bytes(pid)
-            total += rss
-            self.peaks[pid] = max(self.peaks.get(pid, 0), rss)
-        self.peak_sum = max(self.peak_sum, total)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = load_line()
-    bench = setup("throughput", args)
+    kinds = registry_kinds(args.registry)
+    binary = chosen_cli(args.docker_cli)
+    bench = setup("throughput", args, kinds)
     created: list[str] = []
     try:
-        sides = ["pipeline", "cli"] + (["cli_parallel"] if args.cli_parallel else [])
-        plan = [
-            (side, r)
-            for r in range(args.rounds)
-            for side in sides
-            if side != "cli_parallel" or r == 0  # context, not a comparison: one round
-        ]
+        sides = ["pipeline", "cli_parallel"] + (["cli"] if args.cli_sequential else [])
+        plan = [(side, r, kind) for r in range(args.rounds) for kind in kinds for side in sides]
         with phase(f"images ({len(plan)} x {args.jobs} x {args.size_mib} MiB)"):
+            size = args.size_mib * MiB
             images = {
-                (side, r): make_images(
-                    bench.api, f"{bench.run_id}-tp-{side}{r}", args.jobs, args.size_mib * MiB
+                (side, r, kind): make_images(
+                    bench.api, f"{bench.run_id}-tp-{kind}-{side}{r}", args.jobs, size
                 )
-                for side, r in plan
+                for side, r, kind in plan
             }
-            warm = make_images(bench.api, f"{bench.run_id}-tp-warm", args.warmup + 1, MiB)
-            for refs in [*images.values(), warm]:
+            warm = {
+                kind: make_images(bench.api, f"{bench.run_id}-tp-{kind}-warm", args.warmup + 1, MiB)
+                for kind in kinds
+            }
+            for refs in [*images.values(), *warm.values()]:
                 created += refs
         worker = bench.worker(concurrency=args.concurrency)
         idle_rss = {pid: rss_bytes(pid) for pid in worker.pids()}
         watcher = JobWatcher(bench.database_url)
-        cli = DockerCLI(bench)
-        cli.login()
+        clis = {kind: DockerCLI(bench, binary, bench.registries[kind].endpoint) for kind in kinds}
+        for cli in clis.values():
+            cli.login()
         meter = CpuMeter(bench, worker)
         with phase("warm-up (not measured)"):
-            timings = [enqueue(s, repository_of(s)) for s in warm[:-1]]
-            watcher.wait([t.job_id for t in timings])
-            cli.tag_and_push(warm[-1], cli.target(warm[-1]))
+            for kind in kinds:
+                timings = [
+                    enqueue(s, repository_of(s), registry_id=REGISTRY_IDS[kind])
+                    for s in warm[kind][:-1]
+                ]
+                watcher.wait([t.job_id for t in timings])
+                clis[kind].tag_and_push(warm[kind][-1], clis[kind].target(warm[kind][-1]))
         warm_rss = {pid: rss_bytes(pid) for pid in worker.pids()}
+
+        def pipeline_round(kind: str, round_no: int) -> dict[str, Any]:
+            sources = images[("pipeline", round_no, kind)]
+            before = meter.snapshot()
+            with RssSampler(worker) as rss:
+                started = time.time()
+                timings = [
+                    enqueue(s, repository_of(s), registry_id=REGISTRY_IDS[kind]) for s in sources
+                ]
+                enqueued = time.time()
+                watcher.wait([t.job_id for t in timings], poll=0.05)
+            cpu = CpuMeter.delta(before, meter.snapshot())
+            watcher.fill_events(timings)
+            _check(timings)
+            ends = [t.first("job.succeeded") for t in timings]
+            return {
+                "seconds": max(ends) - started,
+                "enqueue_seconds": enqueued - started,
+                "enqueue_calls": [t.enqueue_returned - t.enqueue_started for t in timings],
+                "job_latency": [t.total for t in timings],
+                "completions": [end - started for end in ends],
+                "rss_peaks": {str(pid): peak for pid, peak in rss.peaks.items()},
+                "rss_peak_sum": rss.peak_sum,
+                "cpu_per_job": {k: v / len(timings) for k, v in cpu.items()},
+            }
 
         rounds: list[dict[str, Any]] = []
         for round_no in range(args.rounds):
-            result: dict[str, Any] = {"round": round_no}
-            with phase(f"round {round_no + 1}/{args.rounds}: pipeline"):
-                sources = images[("pipeline", round_no)]
-                before = meter.snapshot()
-                with RssSampler(worker) as rss:
-                    started = time.time()
-                    timings = [enqueue(s, repository_of(s)) for s in sources]
-                    enqueued = time.time()
-                    watcher.wait([t.job_id for t in timings], poll=0.05)
-                cpu = CpuMeter.delta(before, meter.snapshot())
-                watcher.fill_events(timings)
-                _check(timings)
-                ends = [t.first("job.succeeded") for t in timings]
-                result["pipeline"] = {
-                    "seconds": max(ends) - started,
-                    "enqueue_seconds": enqueued - started,
-                    "enqueue_calls": [t.enqueue_returned - t.enqueue_started for t in timings],
-                    "job_latency": [t.total for t in timings],
-                    "completions": [end - started for end in ends],
-                    "rss_peaks": {str(pid): peak for pid, peak in rss.peaks.items()},
-                    "rss_peak_sum": rss.peak_sum,
-                    "cpu_per_job": {k: v / len(timings) for k, v in cpu.items()},
-                }
-            with phase(f"round {round_no + 1}/{args.rounds}: CLI loop"):
-                result["cli"] = _cli_round(cli, images[("cli", round_no)], 1, meter)
-            if ("cli_parallel", round_no) in images:
-                with phase(f"round {round_no + 1}/{args.rounds}: CLI, {args.cli_parallel} at once"):
-                    result["cli_parallel"] = _cli_round(
-                        cli, images[("cli_parallel", round_no)], args.cli_parallel, meter
-                    )
-            rounds.append(result)
+            # Registry order and side order alternate from round to round.
+            for kind in kinds if round_no % 2 == 0 else tuple(reversed(kinds)):
+                result: dict[str, Any] = {"round": round_no, "registry": kind}
+                order = sides if round_no % 2 == 0 else list(reversed(sides))
+                for side in order:
+                    label = f"round {round_no + 1}/{args.rounds}, {kind}: {side}"
+                    with phase(label):
+                        if side == "pipeline":
+                            result[side] = pipeline_round(kind, round_no)
+                        else:
+                            parallel = args.cli_parallel if side == "cli_parallel" else 1
+                            result[side] = _cli_round(
+                                clis[kind], images[(side, round_no, kind)], parallel, meter
+                            )
+                rounds.append(result)
         watcher.close()
         return {
             "args": vars(args),
+            "registries": list(kinds),
+            "cli_binary": {"path": binary.path, "version": binary.version},
             "rounds": rounds,
             "idle_rss": {str(k): v for k, v in idle_rss.items()},
             "warm_rss": {str(k): v for k, v in warm_rss.items()},
@@ -158,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "completions": {
                 side: [r[side]["completions"] for r in rounds if side in r] for side in sides
             },
-            "report": lambda after: machine_lines(bench, load_before, after),
+            "report": lambda after: machine_lines(bench, load_before, after, binary),
         }
     finally:
         remove_images(bench.api, target_references(bench.api, created))
@@ -201,43 +190,50 @@ def report(results: dict[str, Any]) -> list[str]:
     args = results["args"]
     rounds = results["rounds"]
     jobs = args["jobs"]
-    sides = [s for s in ("pipeline", "cli", "cli_parallel") if s in rounds[0]]
-
-    def having(side: str) -> list[dict[str, Any]]:
-        return [r for r in rounds if side in r]
-
+    cli = results["cli_binary"]
+    sides = [s for s in ("pipeline", "cli_parallel", "cli") if s in rounds[0]]
     names = {
         "pipeline": f"pipeline, concurrency {args['concurrency']}",
-        "cli": "CLI loop, sequential (the baseline)",
-        "cli_parallel": f"CLI loop, {args['cli_parallel']} at once (context; "
-        f"{len(having('cli_parallel'))} round(s))",
+        "cli_parallel": f"CLI, {args['cli_parallel']} parallel loops (the baseline)",
+        "cli": "CLI loop, sequential (context)",
     }
+
+    def spread(values: list[float], digits: int = 2) -> str:
+        return f"{min(values):.{digits}f}..{max(values):.{digits}f}"
+
     lines = [
         f"Command: `{command_line()}`",
         "",
         *results["report"](load_line()),
-        f"- {args['rounds']} interleaved rounds of {jobs} distinct {args['size_mib']} MiB images "
-        "per side; pipeline timed from the first `enqueue_push()` to the last `job.succeeded`, "
-        "all jobs enqueued at once; every job's events checked",
+        f"- {args['rounds']} interleaved rounds per registry (side order and registry order "
+        f"alternate) of {jobs} distinct {args['size_mib']} MiB images per side; pipeline timed "
+        "from the first `enqueue_push()` to the last `job.succeeded`, all jobs enqueued at once "
+        "by one producer loop; every job's events checked",
+        f"- baseline: `{cli['path']} tag && {cli['path']} push` ({cli['version']}), "
+        f"{args['cli_parallel']} loops at once (what `xargs -P{args['cli_parallel']}` does), "
+        "from the first start to the last push's end",
+        "- seconds: median of the rounds (min..max of the rounds); speed-up = baseline seconds / "
+        "side seconds, of the medians (per-round speed-ups min..max)",
         "",
-        "| side | seconds per round, median (min-max) | jobs/s (median) | speed-up vs CLI loop "
-        "(median; per round) | goal |",
-        "|---|---|---|---|---|",
+        "| registry | side | seconds (rounds) | jobs/s | speed-up vs parallel CLI (rounds) "
+        "| goal |",
+        "|---|---|---|---|---|---|",
     ]
-    cli_seconds = [r["cli"]["seconds"] for r in rounds]
-    for side in sides:
-        seconds = [r[side]["seconds"] for r in having(side)]
-        speedups = [r["cli"]["seconds"] / r[side]["seconds"] for r in having(side)]
-        med = statistics.median(seconds)
-        goal = ""
-        if side == "pipeline":
-            speedup = statistics.median(cli_seconds) / med
-            goal = "≥ 2x " + ("met" if speedup >= 2 else "not met")
-        lines.append(
-            f"| {names[side]} | {med:.1f} ({min(seconds):.1f}-{max(seconds):.1f}) "
-            f"| {jobs / med:.2f} | **{statistics.median(cli_seconds) / med:.2f}x** "
-            f"({', '.join(f'{x:.2f}' for x in speedups)}) | {goal} |"
-        )
+    for kind in results.get("registries", ["tls"]):
+        of_kind = [r for r in rounds if r.get("registry", "tls") == kind]
+        base = [r["cli_parallel"]["seconds"] for r in of_kind]
+        for side in sides:
+            seconds = [r[side]["seconds"] for r in of_kind]
+            speedups = [r["cli_parallel"]["seconds"] / r[side]["seconds"] for r in of_kind]
+            med = statistics.median(seconds)
+            speedup = statistics.median(base) / med
+            goal = ""
+            if side == "pipeline":
+                goal = "≥ 1.0x " + ("met" if speedup >= 1.0 else "not met")
+            lines.append(
+                f"| {kind} | {names[side]} | {med:.2f} ({spread(seconds)}) | {jobs / med:.2f} "
+                f"| **{speedup:.2f}x** ({spread(speedups)}) | {goal} |"
+            )
     latency = Stats.of([x for r in rounds for x in r["pipeline"]["job_latency"]])
     calls = Stats.of([x for r in rounds for x in r["pipeline"]["enqueue_calls"]])
     enqueue_s = statistics.median([r["pipeline"]["enqueue_seconds"] for r in rounds])
@@ -245,7 +241,7 @@ def report(results: dict[str, Any]) -> list[str]:
         "",
         f"Under this load, a job's latency (enqueue → `job.succeeded`, queueing included) is "
         f"p50 {latency.ms()} ms, p90 {latency.ms('p90')} ms, max {latency.ms('maximum')} ms; "
-        f"enqueueing the {jobs} jobs took {enqueue_s:.1f} s, one `enqueue_push()` call p50 "
+        f"enqueueing the {jobs} jobs took {enqueue_s:.2f} s, one `enqueue_push()` call p50 "
         f"{calls.ms()} ms, p99 {calls.ms('p99')} ms (the worker writing to the same database "
         "meanwhile).",
         "",
@@ -257,10 +253,9 @@ def report(results: dict[str, Any]) -> list[str]:
     ]
     for side in sides:
         parts = ["worker", "producer", "cli", "dockerd", "registry"]
-        meds = {
-            p: statistics.median([r[side]["cpu_per_job"][p] for r in having(side)]) for p in parts
-        }
-        main = statistics.median([r[side]["cpu_per_job"]["worker_main"] for r in having(side)])
+        having = [r for r in rounds if side in r]
+        meds = {p: statistics.median([r[side]["cpu_per_job"][p] for r in having]) for p in parts}
+        main = statistics.median([r[side]["cpu_per_job"]["worker_main"] for r in having])
         cells = [ms(meds[p]) if meds[p] > 0.0005 else "-" for p in parts]
         if meds["worker"] > 0.0005:
             cells[0] = f"{ms(meds['worker'])} ({ms(main)})"
@@ -291,34 +286,41 @@ def report(results: dict[str, Any]) -> list[str]:
     lines += [
         f"| **all worker processes together** | {sum(results['idle_rss'].values()) / mib:.1f} "
         f"| {sum(results['warm_rss'].values()) / mib:.1f} | **{peak_sum:.1f}** |",
-        "",
-        "![jobs finished over time](benchmark-throughput.png)",
     ]
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size-mib", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument(
-        "--cli-parallel",
-        type=int,
-        default=4,
-        help="also run the CLI loop this many at once (0: not)",
-    )
+        "--cli-parallel", type=int, default=4,
+        help="the baseline: this many CLI loops at once (default 4, the worker's concurrency)",
+    )  # fmt: skip
+    parser.add_argument("--cli-sequential", action="store_true",
+                        help="also time one sequential CLI loop per round (context)")  # fmt: skip
+    parser.add_argument("--plot", action="store_true",
+                        help="also redraw docs/benchmark-throughput.png")  # fmt: skip
     common_arguments(parser)
+    baseline_arguments(parser)
     args = parser.parse_args(argv)
+    if args.rounds < 3:
+        print("bench: fewer than 3 rounds give no honest spread", file=sys.stderr)
     results = run(args)
     lines = report(results)
-    write_section("Benchmarks 3 and 6: throughput and worker memory", lines,
-                  print_only=args.no_report)  # fmt: skip
+    write_section(
+        f"Benchmarks 3 and 6: throughput and worker memory against "
+        f"{results['cli_binary']['path']} {results['cli_binary']['version']}, {args.database}, "
+        f"registry {args.registry}",
+        lines, print_only=args.no_report,
+    )  # fmt: skip
     data = {k: v for k, v in results.items() if k != "report"}
     path = save_results("throughput", data)
     print(f"bench: raw results in {path}", file=sys.stderr)
-    if not args.no_report:
+    if args.plot:
         from bench.plot import plot_throughput
 
         print(f"bench: plot {plot_throughput(data)}", file=sys.stderr)
