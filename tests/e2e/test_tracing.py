@@ -13,6 +13,7 @@ session's worker, which has no tracing, takes none of these jobs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -65,6 +66,8 @@ def e2e(
         OTEL_SERVICE_NAME="pushworker-e2e",
         # Spans leave a process within a fifth of a second (the default waits 5 s).
         OTEL_BSP_SCHEDULE_DELAY="200",
+        # Room for a registry to come back between two tries (the retry test).
+        PUSHWORKER_MAX_ATTEMPTS="5", PUSHWORKER_RETRY_BASE="2", PUSHWORKER_RETRY_MAX="5",
     )  # fmt: skip
     redis.Redis.from_url(url).flushdb()
     dispatcher = BrokerDispatcher(url)
@@ -277,6 +280,50 @@ def test_a_job_that_falls_back_is_one_trace_across_both_registries(
     assert push["attributes"]["pushworker.digest"] == job.digest
     assert children(push, spans, "docker push")
     assert_no_secret(spans, wrong, e2e.stack.tls.password, e2e.stack.plain.password)
+    assert_events_name_the_trace(job_id, root["trace_id"])
+
+
+def wait_for_event(job_id: str, type: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope() as session:
+            if any(e.type == type for e in select_events(session, job_id=job_id)):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} recorded no {type} within {timeout} s")
+
+
+def test_a_retried_step_stays_in_the_jobs_trace(
+    e2e: E2E, receiver: OtlpReceiver, image: str
+) -> None:
+    """Registry 5 down: the login's first try fails and is retried; the registry back, a later
+    try succeeds. Every try is a span of the job's one trace, each retry under the task run of
+    the try before (Celery publishes the retry from there)."""
+    repository = repo()
+    e2e.stack.service("down", "tls-registry")
+    try:
+        job_id = enqueue_push(
+            source_image=image, registry_id=HARBOR_ID, repository=repository, tag="v1",
+            requested_by="tracing-e2e",
+        )  # fmt: skip
+        wait_for_event(job_id, "step.failed")
+    finally:
+        e2e.stack.service("up", "tls-registry")
+    job = wait_for_job(job_id)
+    assert job.status == "succeeded"
+    spans = trace_of(receiver, job_id, steps_done(HARBOR_ID))
+    (root,) = [s for s in spans if s["name"] == "pushworker.enqueue_push"]
+    tries = sorted(step_spans(spans, "login", HARBOR_ID), key=lambda s: int(s["start"]))
+    assert len(tries) >= 2
+    assert [t["attributes"]["pushworker.attempt"] for t in tries] == list(range(1, len(tries) + 1))
+    for failed, retried in itertools.pairwise(tries):
+        assert failed["attributes"]["error.type"] == "registry_unavailable"
+        assert failed["status"]["code"] == "STATUS_CODE_ERROR"
+        assert failed["attributes"]["pushworker.step.next"] == "retry"
+        run_of_failed = by_id(spans)[failed["parent_span_id"]]
+        assert run_of_failed in ancestors(retried, spans)
+    assert tries[-1]["attributes"]["pushworker.outcome"] == "succeeded"
+    assert root in ancestors(tries[-1], spans)
     assert_events_name_the_trace(job_id, root["trace_id"])
 
 
