@@ -98,14 +98,11 @@ def publish(job_id: str, registry_id: int) -> bool:
 def recorded_trace(job_id: str) -> str | None:
     """The trace the job's current run was started in: that of its newest ``job.enqueued`` or
     ``job.retried`` event (None: not recorded, or the database cannot say now)."""
-    column = Event.__table__.c.get("trace_id")
-    if column is None:
-        return None  # an event log from before trace ids were recorded (migration 0010)
     try:
         # A read connection: no SQLite write lock for a read on the way to a publish.
         with read_connection() as connection:
             found = connection.execute(
-                select(column)
+                select(Event.trace_id)
                 .where(Event.job_id == job_id, Event.type.in_(RUN_STARTS))
                 .order_by(Event.id.desc())
                 .limit(1)

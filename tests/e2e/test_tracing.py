@@ -167,9 +167,7 @@ def assert_no_secret(spans: list[Span], *secrets: str) -> None:
 def assert_events_name_the_trace(job_id: str, trace_id: str) -> None:
     """Every event of the job carries the trace's id (an auditor's way from the log to it)."""
     with session_scope() as session:
-        recorded = [
-            (e.type, getattr(e, "trace_id", None)) for e in select_events(session, job_id=job_id)
-        ]
+        recorded = [(e.type, e.trace_id) for e in select_events(session, job_id=job_id)]
     assert recorded, "the job has events"
     assert {found for _, found in recorded} == {trace_id}, recorded
 

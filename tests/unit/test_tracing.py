@@ -187,6 +187,18 @@ def everything(span: ReadableSpan) -> str:
     )
 
 
+def test_off_a_job_records_no_trace_id(no_otel: None, chain: TracedChain) -> None:
+    """Without OTEL_* variables a whole job runs with no span recorded: its events name no
+    trace."""
+    job_id = push_job()
+    assert not tracing.enabled()
+    with session_scope() as session:
+        recorded = select_events(session, job_id=job_id)
+        job = session.get(PushJob, job_id)
+    assert job is not None and job.status == "succeeded"
+    assert len(recorded) == 10 and {e.trace_id for e in recorded} == {None}
+
+
 def test_a_job_is_one_span_tree_with_its_steps_and_their_calls(
     spans: InMemorySpanExporter, chain: TracedChain
 ) -> None:
@@ -396,7 +408,7 @@ def test_a_republished_job_continues_the_trace_of_its_run(
         set_dispatcher(None)
     with session_scope() as session:
         (enqueued,) = select_events(session, job_id=job_id)
-    job_trace = getattr(enqueued, "trace_id", None)
+    job_trace = enqueued.trace_id
     assert job_trace is not None
     assert published == [job_trace, job_trace]
     (republish,) = named(list(spans.get_finished_spans()), "pushworker.republish")
