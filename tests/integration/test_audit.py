@@ -546,3 +546,80 @@ def test_cli_verify_export_prune(database_url: str, tmp_path: Path) -> None:
     assert f"first: event {last} (step.started) was altered" in failed.stdout
     report = json.loads(_run("events", "verify", "--json", code=StorageError.exit_code).stdout)
     assert report["problems"][0]["event_id"] == last
+
+
+# --- signed seals -------------------------------------------------------------------------------
+
+
+def _seal_row(conn: Connection, seal_id: int) -> dict[str, Any]:
+    table = cast(Table, EventSeal.__table__)
+    return dict(conn.execute(select(table).where(table.c.id == seal_id)).one()._mapping)
+
+
+def _unguard_seals(conn: Connection) -> None:
+    if conn.dialect.name == "sqlite":
+        for action in ("update", "delete"):
+            conn.execute(text(f"DROP TRIGGER IF EXISTS event_seals_no_{action}"))
+
+
+def test_seals_are_signed_with_a_key_derived_from_the_secret_key(database_url: str) -> None:
+    _append_many(3)
+    sealed = seals.seal(actor="operator:a")
+    report = verify.verify()
+    assert report.ok and report.seal is not None
+    assert report.seal["signature"] == "verified"
+    with attacker(database_url) as conn:
+        row = _seal_row(conn, sealed.id or 0)
+    secret = get_settings().secret_key
+    assert row["signature"] and row["key_id"] and secret
+    # Neither the secret key nor the derived key is what is stored.
+    assert secret not in (row["signature"], row["key_id"])
+
+
+def test_a_rehashed_seal_without_the_key_does_not_verify(database_url: str) -> None:
+    """Someone with the database and this code cuts a lane's tail and re-seals what is left:
+    the hash and the links hold, the signature cannot be made without the key."""
+    ids = _append_many(4)
+    sealed = seals.seal(actor="operator:a")
+    with attacker(database_url) as conn:
+        _unguard_seals(conn)
+        conn.execute(delete(EVENTS).where(EVENTS.c.id == ids[-1]))
+        row = _seal_row(conn, sealed.id or 0)
+        heads = {lane: [ids[-2], _hash_of_row(conn, ids[-2])] for lane in row["heads"]}
+        forged = {**row, "heads": heads}
+        forged["hash"] = seals.seal_hash(forged)
+        conn.execute(
+            update(EventSeal)
+            .where(EventSeal.id == sealed.id)
+            .values(heads=heads, hash=forged["hash"])
+        )
+    problems = verify.verify().problems
+    assert [p.kind for p in problems] == ["seal"]
+    assert "does not carry a valid signature" in problems[0].message
+    # The same forgery with the signature removed: an unsigned latest seal where the key is.
+    with attacker(database_url) as conn:
+        _unguard_seals(conn)
+        conn.execute(
+            update(EventSeal).where(EventSeal.id == sealed.id).values(signature=None, key_id=None)
+        )
+    problems = verify.verify().problems
+    assert [p.kind for p in problems] == ["seal"] and "unsigned" in problems[0].message
+
+
+def test_a_seal_signed_with_another_key_is_reported_not_failed(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a key rotation the old seals cannot be checked here: said, not counted as forged."""
+    from cryptography.fernet import Fernet
+
+    _append_many(2)
+    seals.seal(actor="operator:a")
+    monkeypatch.setenv("PUSHWORKER_SECRET_KEY", Fernet.generate_key().decode())
+    get_settings.cache_clear()
+    report = verify.verify()
+    assert report.ok and report.seal is not None
+    assert report.seal["signature"] == "not checked: signed with another key"
+
+
+def _hash_of_row(conn: Connection, event_id: int) -> str:
+    return str(_row(conn, event_id)["hash"])

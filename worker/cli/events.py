@@ -206,7 +206,10 @@ def _print_report(report: verify.VerifyReport, archive: Path | None) -> None:
         if report.problem_count > len(report.problems):
             click.echo(f"  ... and {report.problem_count - len(report.problems)} more")
     if report.seal is not None:
-        click.echo(f"seal: seal:{report.seal['id']}:{report.seal['hash']}")
+        click.echo(
+            f"seal: seal:{report.seal['id']}:{report.seal['hash']} "
+            f"(signature {report.seal['signature']})"
+        )
     if report.head_id is not None:
         click.echo(f"head: {report.head_id}:{report.head_hash}")
 

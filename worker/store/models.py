@@ -316,6 +316,12 @@ class EventSeal(Base):
     prev_hash: Mapped[str] = mapped_column(String(64))
     #: SHA-256 of the seal's canonical JSON (``worker.store.seals.seal_hash``).
     hash: Mapped[str] = mapped_column(String(64))
+    #: HMAC-SHA256 of ``hash`` with a key derived from the secret key (``worker.core.signing``):
+    #: someone who can write the database but lacks the key cannot forge a seal. None: sealed
+    #: where no secret key was configured.
+    signature: Mapped[str | None] = mapped_column(String(64))
+    #: Which key signed it (a fingerprint, not the key), so a rotated key is told from a forgery.
+    key_id: Mapped[str | None] = mapped_column(String(16))
 
 
 class ApiToken(Base):

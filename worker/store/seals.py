@@ -5,7 +5,8 @@ hash names "the log as it is now". A seal does: it records each lane's newest ev
 hash) and the hash of the seal before it, and is hashed itself. ``verify`` then finds every head
 of the latest seal in the log with its hash, so a lane's tail cannot be cut off below it, and
 the seal's hash is the one value to keep elsewhere (``verify --anchor seal:ID:HASH``): every
-seal is also a log line with its hash, which shipped logs keep.
+seal is also a log line with its hash, which shipped logs keep. Seals are signed with a key
+derived from the secret key (``worker.core.signing``), which the database does not hold.
 
 One writer at a time (the housekeeping lock, shared with retention); appenders never wait for a
 seal. A seal is taken only when some lane moved since the previous one.
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from worker.core.logs import get_logger
 from worker.core.settings import get_settings
+from worker.core.signing import seal_key
 from worker.store import events
 from worker.store.chain import GENESIS_HASH, LANES, canonical_time, lane_name
 from worker.store.db import engine_for, session_scope
@@ -111,7 +113,13 @@ def seal(*, actor: str, url: str | None = None) -> SealReport:
             "prev_hash": previous.hash if previous is not None else GENESIS_HASH,
         }
         record["hash"] = seal_hash(record)
-        session.add(EventSeal(actor=actor, **record))
+        key = seal_key(get_settings().secret_key)
+        signature = key.sign(record["hash"]) if key is not None else None
+        session.add(
+            EventSeal(
+                actor=actor, signature=signature, key_id=key.key_id if key else None, **record
+            )
+        )
     log.info("events.sealed", seal_id=record["id"], seal_hash=record["hash"], lanes=len(heads))
     return SealReport(record["id"], record["hash"], True, len(heads))
 

@@ -21,6 +21,8 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from worker.core.errors import ValidationError
+from worker.core.settings import get_settings
+from worker.core.signing import SealKey, seal_key
 from worker.store.chain import GENESIS_HASH, V1_LANE, chain_hash, lane_name
 from worker.store.db import read_snapshot
 from worker.store.models import EventCheckpoint, EventEpoch
@@ -299,16 +301,31 @@ def read_epoch(connection: Connection) -> Epoch:
     return Epoch(row.v1_last_id, row.v1_last_hash)
 
 
-def _seal_fields(seal: Any) -> dict[str, Any]:
-    return {"id": seal.id, "hash": seal.hash, "time": seal.time.isoformat(), "actor": seal.actor,
-            "lanes": len(seal.heads)}  # fmt: skip
+def _signature_state(seal: Any, key: SealKey | None) -> str:
+    if seal.signature is None:
+        return "unsigned"
+    if key is None:
+        return "not checked: no secret key here"
+    if seal.key_id != key.key_id:
+        return "not checked: signed with another key"
+    return "verified"
 
 
-def check_seals(checker: ChainChecker, seals: list[Any]) -> None:
-    """Each seal hashes to its stored hash and links to the one before it; no lane's head goes
-    back. The latest seal's heads are handed to ``checker``: they must be in the log."""
+def _seal_fields(seal: Any, key: SealKey | None) -> dict[str, Any]:
+    return {
+        "id": seal.id, "hash": seal.hash, "time": seal.time.isoformat(), "actor": seal.actor,
+        "lanes": len(seal.heads), "signature": _signature_state(seal, key),
+    }  # fmt: skip
+
+
+def check_seals(checker: ChainChecker, seals: list[Any], key: SealKey | None = None) -> None:
+    """Each seal hashes to its stored hash, links to the one before it and (when this process
+    holds the key that signed it) carries a valid signature; no seal after a signed one is
+    unsigned; no lane's head goes back. The latest seal's heads are handed to ``checker``: they
+    must be in the log."""
     prev_hash: str = GENESIS_HASH
     previous_heads: dict[str, list[Any]] = {}
+    signed_before: int | None = None
     for seal in seals:
         record = {
             "id": seal.id,
@@ -322,11 +339,37 @@ def check_seals(checker: ChainChecker, seals: list[Any]) -> None:
             checker.add(
                 None, "seal", f"seal {seal.id} does not follow the seal before it (one is missing)"
             )
+        if (
+            key is not None
+            and _signature_state(seal, key) == "verified"
+            and not key.verifies(seal.hash, seal.signature)
+        ):
+            checker.add(
+                None,
+                "seal",
+                f"seal {seal.id} does not carry a valid signature: it was forged or re-hashed",
+            )
+        if seal.signature is None and signed_before is not None:
+            checker.add(
+                None,
+                "seal",
+                f"seal {seal.id} is unsigned, after seal {signed_before} was signed: forged?",
+            )
+        if seal.signature is not None:
+            signed_before = seal.id
         for lane, head in previous_heads.items():
             now = seal.heads.get(lane)
             if now is None or int(now[0]) < int(head[0]):
                 checker.add(None, "seal", f"seal {seal.id} takes lane {lane} back")
         prev_hash, previous_heads = seal.hash, seal.heads
+    if seals and key is not None and seals[-1].signature is None:
+        checker.add(
+            None,
+            "seal",
+            f"the latest seal ({seals[-1].id}) is unsigned although a secret key is configured "
+            "here: a worker with the key signs every seal it takes, so it was forged (or the "
+            "workers run without PUSHWORKER_SECRET_KEY)",
+        )
     if seals:
         latest = seals[-1]
         for lane, head in latest.heads.items():
@@ -358,7 +401,8 @@ def verify(
             checkpoint_heads(latest), root=epoch.v1_last_hash, anchors=anchors, sealed=sealed
         )
         seals = read_seals(connection)
-        check_seals(checker, seals)
+        key = seal_key(get_settings().secret_key)
+        check_seals(checker, seals, key)
         _check_seal_anchors(checker, seals, seal_anchors or {})
         confirmations: set[tuple[Any, Any, Any]] = set()
         for record in iter_records(connection, EventQuery()):
@@ -391,7 +435,7 @@ def verify(
         _check_checkpoints(checker, checkpoints, confirmations)
         report = checker.finish(anchors_before=start)
         report.checkpoint = _checkpoint_fields(latest) if latest is not None else None
-        report.seal = _seal_fields(seals[-1]) if seals else None
+        report.seal = _seal_fields(seals[-1], key) if seals else None
         return report
 
 

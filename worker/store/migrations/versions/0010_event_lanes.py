@@ -7,7 +7,8 @@
   every lane's first event links to. Written here, once, from what the log holds now (or from
   the latest retention checkpoint when every event was pruned).
 - ``event_checkpoints.heads``: where each chain's remaining events start after retention.
-- ``event_seals``: the lanes' heads, chained; written by ``pushctl events seal`` and beat.
+- ``event_seals``: the lanes' heads, chained, signed with a key derived from the secret key;
+  written by ``pushctl events seal`` and beat.
 - Epochs and seals are append-only like the events (triggers refuse UPDATE and DELETE; on
   PostgreSQL TRUNCATE too).
 
@@ -53,6 +54,8 @@ def upgrade() -> None:
         sa.Column("heads", sa.JSON(), nullable=False),
         sa.Column("prev_hash", sa.String(length=64), nullable=False),
         sa.Column("hash", sa.String(length=64), nullable=False),
+        sa.Column("signature", sa.String(length=64), nullable=True),
+        sa.Column("key_id", sa.String(length=16), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     bind = op.get_bind()
