@@ -55,11 +55,13 @@ import redis
 
 from bench.common import (
     Bench,
+    CpuMeter,
     JobWatcher,
     MiB,
     PrivateRegistry,
     command_line,
     common_arguments,
+    cpu_seconds,
     load_line,
     machine_lines,
     make_images,
@@ -68,6 +70,8 @@ from bench.common import (
     setup,
     write_section,
 )
+from bench.slot_phases import read as read_trace
+from bench.slot_phases import slot_phases
 from harness.stack import RegistryEndpoint
 from tests.support.throttleproxy import ThrottleProxy
 
@@ -207,28 +211,38 @@ def _job_times(watcher: JobWatcher, job_ids: list[str], wall: float, limit: int)
 
     from worker.store.models import Event
 
-    events: dict[str, list[tuple[str, str | None, float]]] = {job_id: [] for job_id in job_ids}
+    events: dict[str, list[tuple[str, str | None, float, int | None]]] = {
+        job_id: [] for job_id in job_ids
+    }
     with Session(watcher.engine) as session:
         for start in range(0, len(job_ids), 500):
             rows = session.execute(
-                select(Event.job_id, Event.type, Event.step, Event.time)
+                select(Event.job_id, Event.type, Event.step, Event.time, Event.attempt)
                 .where(Event.job_id.in_(job_ids[start : start + 500]))
                 .order_by(Event.id)
             )
-            for job_id, type_, step, moment in rows:
-                events[str(job_id)].append((str(type_), step, moment.timestamp()))
-    waits, pushes, tries, failed_try_seconds = [], [], [], 0.0
+            for job_id, type_, step, moment, attempt in rows:
+                events[str(job_id)].append((str(type_), step, moment.timestamp(), attempt))
+    waits, pushes, tries, failed_try_seconds, given_back = [], [], [], 0.0, 0
     for job_events in events.values():
-        pushed = [(t, moment) for t, step, moment in job_events if step == "push"]
-        starts = [moment for t, moment in pushed if t == "step.started"]
-        ends = [moment for t, moment in pushed if t in ("step.succeeded", "step.failed")]
-        tries.append(len(starts))
-        for begun, ended in zip(starts, ends, strict=False):
-            if any(t == "step.failed" and m == ended for t, m in pushed):
-                failed_try_seconds += ended - begun
-        done = [m for t, m in pushed if t == "step.succeeded"]
+        pushed = [(t, moment, attempt) for t, step, moment, attempt in job_events if step == "push"]
+        # A try ends with its outcome, or with a wait that gave its claim back (the slot went to
+        # another step between the claim and the upload): not a try, it does not count.
+        starts = [moment for t, moment, _ in pushed if t == "step.started"]
+        returned = sum(t == "step.waiting" and a is not None for t, _, a in pushed)
+        given_back += returned
+        tries.append(len(starts) - returned)
+        begun: float | None = None
+        for t, moment, attempt in pushed:
+            if t == "step.started":
+                begun = moment
+            elif t == "step.failed" and begun is not None:
+                failed_try_seconds += moment - begun
+            if t in ("step.succeeded", "step.failed") or (t == "step.waiting" and attempt):
+                begun = None
+        done = [m for t, m, _ in pushed if t == "step.succeeded"]
         tag_ends = ("step.succeeded", "step.skipped")
-        tagged = [m for t, step, m in job_events if step == "tag" and t in tag_ends]
+        tagged = [m for t, step, m, _ in job_events if step == "tag" and t in tag_ends]
         if done and starts and tagged:
             last_start = max(m for m in starts if m <= done[-1])
             pushes.append(done[-1] - last_start)
@@ -238,6 +252,7 @@ def _job_times(watcher: JobWatcher, job_ids: list[str], wall: float, limit: int)
         "wait_median": statistics.median(waits) if waits else 0.0,
         "wait_mean": statistics.fmean(waits) if waits else 0.0,
         "push_tries": sum(tries),
+        "claims_given_back": given_back,
         "failed_try_seconds": failed_try_seconds,
         "occupancy": sum(pushes) / (wall * limit),
     }
@@ -302,6 +317,38 @@ def _cli_side(
     return outcome
 
 
+class _Cpu:
+    """CPU used from now until ``used()``: the machine's busy share (both cores, every process
+    on it, this side's and anyone else's) and the CPU seconds of each party of a push (the
+    worker's processes, dockerd, the throttled registry, this process: producer, proxy and
+    sampler; the docker CLI processes it ran)."""
+
+    def __init__(self, bench: Bench, registry: PrivateRegistry, worker: Any = None) -> None:
+        self.meter = CpuMeter(bench, worker)
+        # The throttled registry (the meter knows the benchmark's own registries, idle here).
+        self.registry = registry.process.pid if registry.process is not None else 0
+        self.before, self.machine = self._snapshot(), _cpu_times()
+
+    def _snapshot(self) -> dict[str, float]:
+        return {**self.meter.snapshot(), "registry": cpu_seconds(self.registry)}
+
+    def used(self) -> dict[str, Any]:
+        after, machine = self._snapshot(), _cpu_times()
+        busy = (machine[0] - self.machine[0]) / max(machine[1] - self.machine[1], 1)
+        parties = ("worker", "dockerd", "registry", "producer", "cli")
+        return {
+            "cpu_busy": busy,
+            "cpu": {party: after[party] - self.before[party] for party in parties},
+        }
+
+
+def _cpu_times() -> tuple[int, int]:
+    """The machine's CPU time so far (all cores, in clock ticks): busy, and busy plus idle."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def _docker_cli() -> tuple[str, str]:
     """The newest docker CLI on PATH (several may be installed), and its version."""
     found: list[tuple[tuple[int, ...], str, str]] = []
@@ -348,27 +395,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 proxy = ThrottleProxy(host, int(port), limit=args.limit)
                 proxy.start()
                 load = load_line()
+                trace = bench.workdir / f"trace-{side}{round_no}" if args.trace else None
                 try:
                     with phase(f"round {round_no + 1}: {side}"):
                         batch = images[(side, round_no)]
                         if side == "cli":
+                            cpu = _Cpu(bench, plain)
                             outcome = _cli_side(
                                 docker, config, cli_env, batch, proxy, endpoint, args.limit
                             )
+                            outcome.update(cpu.used())
                         else:
                             cap = (args.cap or args.limit) if side == "capped" else None
                             registry_id = _registry_for(proxy, endpoint, cap)
                             flag = "0" if side == "off" else "1"
+                            env = {"PUSHWORKER_FLOW_CONTROL": flag}
+                            if trace is not None:
+                                trace.mkdir()
+                                env["BENCH_SLOT_TRACE"] = str(trace)
                             worker = bench.worker(
+                                "bench.slot_trace" if trace else "tasks.app",
                                 concurrency=args.concurrency, label=f"{side}{round_no}",
-                                extra_env={"PUSHWORKER_FLOW_CONTROL": flag},
+                                extra_env=env,
                             )  # fmt: skip
                             try:
+                                cpu = _Cpu(bench, plain, worker)
                                 outcome = _pipeline_side(
                                     bench, watcher, batch, registry_id, proxy, args.limit
                                 )
+                                outcome.update(cpu.used())
                             finally:
                                 worker.stop()
+                            if trace is not None:
+                                outcome.update(slot_phases(read_trace(trace), proxy.timeline))
                     outcome["round"] = round_no
                     outcome["load"] = load
                     results[side].append(outcome)
@@ -465,6 +524,20 @@ def report(data: dict[str, Any]) -> list[str]:
                 f"{med('push_tries') / args['jobs']:.2f} | {med('failed_try_seconds'):.1f} |"
             )
         lines.append(row)
+    given_back = [
+        f"{side} " + ", ".join(str(r["claims_given_back"]) for r in rounds)
+        for side, rounds in results.items()
+        if rounds and "claims_given_back" in rounds[0]
+    ]
+    if given_back:
+        lines += [
+            "",
+            "Push claims given back per round (the slot free when a step was claimed went to "
+            "another before its upload; the step waited, the try not counted): "
+            + "; ".join(given_back),
+        ]
+    lines += _slot_lines(results)
+    lines += _cpu_lines(results)
     off = results.get("off", [])
     for side in ("adaptive", "capped", "cli"):
         mine = results.get(side, [])
@@ -495,6 +568,86 @@ def report(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _cpu_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """CPU per succeeded job by party, and the machine's busy share, per side."""
+    measured = {side: rounds for side, rounds in results.items() if rounds and "cpu" in rounds[0]}
+    if not measured:
+        return []
+    lines = [
+        "",
+        "CPU (medians over rounds): ms per succeeded job of each party, all of them, and the "
+        "machine's busy share (both cores, every process, anyone's) while the side ran.",
+        "",
+        "| side | worker | dockerd | registry | benchmark process (proxy, producer) | docker CLI "
+        "| all | machine busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    parties = ("worker", "dockerd", "registry", "producer", "cli")
+    for side, rounds in measured.items():
+
+        def per_job(party: str | None, rounds: list[dict[str, Any]] = rounds) -> str:
+            values = [
+                (sum(r["cpu"].values()) if party is None else r["cpu"][party])
+                / max(r["succeeded"], 1)
+                for r in rounds
+            ]
+            return f"{1000 * statistics.median(values):.0f}"
+
+        busy = statistics.median(r["cpu_busy"] for r in rounds)
+        cells = " | ".join(per_job(party) for party in parties)
+        lines.append(f"| {side} | {cells} | {per_job(None)} | {100 * busy:.0f}% |")
+    return lines
+
+
+def _slot_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """With ``--trace``: where the time between a slot's acquire and its release went (means
+    per push the registry let in, medians over rounds), and how long a slot handed over stayed
+    reserved before its waiter took it."""
+    traced = {
+        side: rounds for side, rounds in results.items() if rounds and "slot_held" in rounds[0]
+    }
+    if not traced:
+        return []
+    lines = [
+        "",
+        "Where a held slot's time went (`--trace`: bench/slot_trace.py in the worker, joined with "
+        "the proxy's clock; means per push the registry let in, medians over rounds, ms): from "
+        "the slot's acquire to the engine's push call, to the registry opening the push (its "
+        "first blob upload), open, from the registry closing it (manifest PUT answered) to the "
+        "call's return, to the slot's release; then each hand-over's reservation until its "
+        "waiter took the slot; and the polls that found no slot (refused asks before a claim, "
+        "or refused takes: before the claim in the code that takes the slot there, else a slot "
+        "gone between the claim and the upload).",
+        "",
+        "| side | pushes traced | held | acquire to call | call to open | open | close to return "
+        "| return to release | open / held | hand-overs per round | reserved per hand-over, "
+        "mean (median) | reservations never taken | refused asks / takes per job |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for side, rounds in traced.items():
+
+        def ms(key: str, rounds: list[dict[str, Any]] = rounds) -> str:
+            return f"{1000 * statistics.median(float(r[key]) for r in rounds):.0f}"
+
+        def per_job(key: str, rounds: list[dict[str, Any]] = rounds) -> str:
+            values = [r.get(key, 0) / max(r.get("slot_jobs", 0), 1) for r in rounds]
+            return f"{statistics.median(values):.2f}"
+
+        share = statistics.median(
+            r["slot_open_seconds"] / max(r["slot_held_seconds"], 1e-9) for r in rounds
+        )
+        lines.append(
+            f"| {side} | {sum(r['slot_pushes'] for r in rounds)} | {ms('slot_held')} | "
+            f"{ms('slot_acquire_to_call')} | {ms('slot_call_to_open')} | {ms('slot_open')} | "
+            f"{ms('slot_close_to_return')} | {ms('slot_return_to_free')} | {100 * share:.0f}% | "
+            f"{statistics.median(r['slot_handovers'] for r in rounds):.0f} | "
+            f"{ms('slot_handover_gap')} ({ms('slot_handover_gap_median')}) | "
+            f"{sum(r['slot_untaken_reservations'] for r in rounds)} | "
+            f"{per_job('slot_refused_asks')} / {per_job('slot_refused_takes')} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200, help="jobs per side and round")
@@ -506,6 +659,10 @@ def main(argv: list[str] | None = None) -> None:
         help="the capped side's --max-concurrent (default: the registry's --limit)",
     )  # fmt: skip
     parser.add_argument("--sides", default=",".join(SIDES), help="which sides, comma-separated")
+    parser.add_argument(
+        "--trace", action="store_true",
+        help="run the worker as bench.slot_trace and report where each held slot's time went",
+    )  # fmt: skip
     common_arguments(parser)
     parser.set_defaults(concurrency=8)
     args = parser.parse_args(argv)
