@@ -202,6 +202,44 @@ def check_broker(settings: Settings, broker: Broker, timeout: float) -> Finding:
     return Finding("broker", OK, f"{shown}: reachable")
 
 
+def ping_redis(url: str, timeout: float) -> None:
+    """PING the Redis at ``url`` within ``timeout`` seconds; raises when it does not answer."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def check_flow_control(
+    settings: Settings, timeout: float, ping: Callable[[str, float], None] = ping_redis
+) -> Finding:
+    """``flow control``: off, or its Redis (where every worker's registry limits are kept)
+    answers. A worker that cannot reach it refuses to push to a limited registry."""
+    if not settings.flow_control:
+        return Finding(
+            "flow control", OK, "off (PUSHWORKER_FLOW_CONTROL=0): registry limits are not enforced"
+        )
+    url = settings.flow_redis_url
+    if url is None:  # settings refuse to load in that case; said here should that change
+        return Finding("flow control", FAIL, "no Redis for the registry limits",
+                       "set PUSHWORKER_FLOW_REDIS_URL")  # fmt: skip
+    shown = mask_url_password(url)
+    where = "the broker's Redis" if url == settings.broker_url else shown
+    try:
+        ping(url, timeout)
+    except Exception as exc:  # redis-py raises many types; each means "not reachable"
+        return Finding(
+            "flow control", FAIL,
+            f"{where}: no answer within {timeout:g} s ({type(exc).__name__}); pushes to "
+            "registries with limits wait until it answers",
+            "check PUSHWORKER_FLOW_REDIS_URL (or the broker's URL) and that Redis runs",
+        )  # fmt: skip
+    return Finding("flow control", OK, f"{where}: reachable (registry limits)")
+
+
 @dataclass(frozen=True)
 class OptionalQueue:
     """A queue that needs a worker only while something uses it: ``needed`` says whether
@@ -460,6 +498,7 @@ def run(
     broker: Broker | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     now: Callable[[], datetime] = utcnow,
+    flow_ping: Callable[[str, float], None] = ping_redis,
 ) -> list[Finding]:
     """Every check, in order; never raises."""
     settings = settings or get_settings()
@@ -481,6 +520,7 @@ def run(
         later = [_not_checked(n, because) for n in ("beat", "credentials", "registries")]
     broker_found = check_broker(settings, broker, timeout)
     found.append(broker_found)
+    found.append(check_flow_control(settings, timeout, flow_ping))
     queues = expected_queues(settings)
     if broker_found.status == OK:
         found += check_queues(

@@ -393,12 +393,14 @@ def healthy_deployment() -> None:
 
 def test_run_all_ok(sqlite_url: str) -> None:
     healthy_deployment()
-    findings = doctor.run(broker=FakeBroker(consumers=HEALTHY_BROKER), timeout=0.5)
+    findings = doctor.run(
+        broker=FakeBroker(consumers=HEALTHY_BROKER), timeout=0.5, flow_ping=lambda url, t: None
+    )
     assert [f for f in findings if f.status != OK] == []
     assert [f.name for f in findings] == [
-        "database", "migrations", "broker", "queue pushworker", "queue pushworker.webhooks",
-        "queue pushworker.skopeo", "beat reconcile", "beat check_registries",
-        "beat seal_events", "secret key", "credentials", "registry 5",
+        "database", "migrations", "broker", "flow control", "queue pushworker",
+        "queue pushworker.webhooks", "queue pushworker.skopeo", "beat reconcile",
+        "beat check_registries", "beat seal_events", "secret key", "credentials", "registry 5",
     ]  # fmt: skip
     assert doctor.exit_code(findings) == 0
 
@@ -462,3 +464,41 @@ def test_command_never_prints_a_secret(sqlite_url: str, monkeypatch: pytest.Monk
 def test_bad_timeout_is_a_usage_error() -> None:
     code, output = invoke("--timeout", "nan")
     assert code == 2 and "--timeout" in output
+
+
+# --- flow control --------------------------------------------------------------------------------
+
+
+def test_flow_control_off_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PUSHWORKER_FLOW_CONTROL", "0")
+    get_settings.cache_clear()
+    found = doctor.check_flow_control(get_settings(), 0.5)
+    assert (found.status, found.detail) == (
+        OK, "off (PUSHWORKER_FLOW_CONTROL=0): registry limits are not enforced"
+    )  # fmt: skip
+
+
+def test_flow_control_redis_away_fails_and_says_which(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis of its own (RabbitMQ as broker), with a password, that nothing answers on."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("PUSHWORKER_BROKER_URL", "amqp://u:brokerpw@127.0.0.1:1/v")
+    monkeypatch.setenv("PUSHWORKER_FLOW_REDIS_URL", f"redis://:flowpw@127.0.0.1:{port}/3")
+    get_settings.cache_clear()
+    found = doctor.check_flow_control(get_settings(), 0.5)
+    assert found.status == FAIL
+    assert f"127.0.0.1:{port}/3: no answer within 0.5 s (ConnectionError)" in found.detail
+    assert "flowpw" not in found.detail and found.fix and "PUSHWORKER_FLOW_REDIS_URL" in found.fix
+
+
+def test_flow_control_on_the_brokers_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PUSHWORKER_BROKER_URL", "redis://127.0.0.1:6379/4")
+    monkeypatch.delenv("PUSHWORKER_FLOW_REDIS_URL", raising=False)
+    get_settings.cache_clear()
+    pinged: list[str] = []
+    found = doctor.check_flow_control(get_settings(), 0.5, lambda url, t: pinged.append(url))
+    assert pinged == ["redis://127.0.0.1:6379/4"]
+    assert (found.status, found.detail) == (OK, "the broker's Redis: reachable (registry limits)")
