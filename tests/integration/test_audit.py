@@ -286,7 +286,15 @@ def test_a_log_broken_everywhere_is_reported_in_bounded_memory() -> None:
 # --- concurrent writers -------------------------------------------------------------------------
 
 
-def _writer(url: str, name: str, start: Any, transactions: int, per_transaction: int) -> None:
+def _writer(
+    url: str,
+    name: str,
+    start: Any,
+    transactions: int,
+    per_transaction: int,
+    streams: list[str] | None = None,
+    pause: float = 0.02,
+) -> None:
     os.environ["PUSHWORKER_DATABASE_URL"] = url
     get_settings.cache_clear()
     engine_for(url).connect().close()
@@ -294,11 +302,12 @@ def _writer(url: str, name: str, start: Any, transactions: int, per_transaction:
     for t in range(transactions):
         with session_scope() as session:
             for n in range(per_transaction):
+                stream = streams[t % len(streams)] if streams else f"job/{name}-{t % 3}"
                 events.append(
-                    session, stream=f"job/{name}-{t % 3}", type="step.progress", actor=name,
+                    session, stream=stream, type="step.progress", actor=name,
                     payload={"bytes_pushed": n},
                 )  # fmt: skip
-        time.sleep(0.02)  # a worker does other things between two transactions
+        time.sleep(pause)  # a worker does other things between two transactions
 
 
 def test_concurrent_writers_in_several_processes_keep_one_chain(database_url: str) -> None:
@@ -321,6 +330,33 @@ def test_concurrent_writers_in_several_processes_keep_one_chain(database_url: st
         actors = [row.actor for row in queries.select_events(session)]
     switches = sum(1 for a, b in itertools.pairwise(actors) if a != b)
     assert switches > 4, "the writers did not overlap"
+
+
+def test_writers_of_one_lane_in_several_processes_keep_its_chain(database_url: str) -> None:
+    """Four processes append without pause to different streams of one lane: each waits for the
+    lane's lock and must then read the head the one before it committed (on PostgreSQL, a read
+    in a snapshot taken before the lock was granted would link to a stale head)."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(4)
+    lane_streams = streams_in_lane(SHARED_LANE + 5, 8)
+    processes = [
+        context.Process(
+            target=_writer,
+            args=(database_url, f"w{n}", start, 25, 2, lane_streams[2 * n : 2 * n + 2], 0.0),
+        )
+        for n in range(4)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    report = verify.verify()
+    assert report.ok, report.to_dict()
+    assert report.checked == 4 * 25 * 2 and list(report.heads) == [str(SHARED_LANE + 5)]
+    with session_scope() as session:
+        actors = [row.actor for row in queries.select_events(session)]
+    assert sum(1 for a, b in itertools.pairwise(actors) if a != b) > 4, "no overlap"
 
 
 # --- export -------------------------------------------------------------------------------------

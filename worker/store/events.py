@@ -109,11 +109,15 @@ def _login_name() -> str:
         return "unknown"
 
 
+#: Deadlock, serialisation failure, lock not available: nothing was written, try again.
+_RETRYABLE = ("40P01", "40001", "55P03")
+
+
 def _locked(session: Session, statement: str, params: dict[str, int]) -> None:
     try:
         session.execute(text(statement), params)
     except DBAPIError as exc:
-        if getattr(exc.orig, "sqlstate", None) in ("40P01", "40001", "55P03"):
+        if getattr(exc.orig, "sqlstate", None) in _RETRYABLE:
             # A deadlock with a writer that holds the lock and waits for a row this transaction
             # locked: retryable, like a sequence clash.
             raise EventConflict("the event chain is busy (deadlock); try again") from None
@@ -125,17 +129,6 @@ def lock_chain(session: Session) -> None:
     ends (SQLite: already done). Appends do not take it."""
     if session.get_bind().dialect.name == "postgresql":
         _locked(session, "SELECT pg_advisory_xact_lock(:key)", {"key": CHAIN_LOCK_KEY})
-
-
-def lock_lane(session: Session, lane: int) -> None:
-    """Serialise the appenders of ``lane`` on PostgreSQL until this transaction ends (SQLite:
-    already done). Re-entrant: a transaction appending twice to a lane takes it twice."""
-    if session.get_bind().dialect.name == "postgresql":
-        _locked(
-            session,
-            "SELECT pg_advisory_xact_lock(:cls, :lane)",
-            {"cls": LANE_LOCK_CLASS, "lane": lane},
-        )
 
 
 def lanes_root(session: Session) -> str:
@@ -180,10 +173,11 @@ class _AppendState:
     next_or_newest_id: int | None
 
 
-def _state_query(dialect: str) -> Select[Any]:
-    """What an append reads, in one round trip: the stream's last seq, its lane's head, the
-    repository of the job (for the indexed ``repository`` column) and the event's id (hashed,
-    so taken before the insert: PostgreSQL's sequence, or SQLite's newest id)."""
+def _sqlite_state_query() -> Select[Any]:
+    """What an append reads on SQLite, in one round trip: the stream's last seq, its lane's
+    head, the repository of the job (for the indexed ``repository`` column) and the newest id
+    (the event's id is hashed, so it is known before the insert). PostgreSQL reads the same
+    through ``pushworker_append_state`` (migration 0010), with its lane's lock and ``nextval``."""
     events, jobs = Event.__table__, PushJob.__table__
     head = (
         select(events.c.hash)
@@ -192,32 +186,41 @@ def _state_query(dialect: str) -> Select[Any]:
         .limit(1)
         .scalar_subquery()
     )
-    ident: Any = (
-        func.nextval("events_id_seq")
-        if dialect == "postgresql"
-        else select(func.max(events.c.id)).scalar_subquery()
-    )
     return select(
         select(func.max(events.c.seq))
         .where(events.c.stream == bindparam("stream"))
         .scalar_subquery(),
         head,
         select(jobs.c.repository).where(jobs.c.id == bindparam("job_id")).scalar_subquery(),
-        ident,
+        select(func.max(events.c.id)).scalar_subquery(),
     )
 
 
-# Built once per dialect: SQLAlchemy memoises a statement's cache key on the statement object,
-# so a statement built per call pays for its key (a walk of the whole tree) every time. Appends
-# are the hottest path there is (about ten per job).
-_STATE_QUERIES = {dialect: _state_query(dialect) for dialect in ("postgresql", "sqlite")}
+# Built once: SQLAlchemy memoises a statement's cache key on the statement object, so a
+# statement built per call pays for its key (a walk of the whole tree) every time. Appends are
+# the hottest path there is (about ten per job).
+_SQLITE_STATE = _sqlite_state_query()
 _INSERT_EVENT = insert(Event)
 
 
+#: PostgreSQL: the lane's lock and the state query in one round trip (migration 0010).
+_LOCKED_STATE = text("SELECT * FROM pushworker_append_state(:cls, :lane, :stream, :job_id)")
+
+
 def _append_state(session: Session, stream: str, lane: int, job_id: str | None) -> _AppendState:
+    """What an append reads, under its lane's lock (taken here on PostgreSQL; SQLite's write
+    lock is already held)."""
     connection = session.connection()
-    query = _STATE_QUERIES[connection.dialect.name]
-    row = connection.execute(query, {"stream": stream, "lane": lane, "job_id": job_id}).one()
+    params = {"stream": stream, "lane": lane, "job_id": job_id}
+    if connection.dialect.name == "postgresql":
+        try:
+            row = connection.execute(_LOCKED_STATE, {**params, "cls": LANE_LOCK_CLASS}).one()
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) in _RETRYABLE:
+                raise EventConflict("the event chain is busy (deadlock); try again") from None
+            raise
+    else:
+        row = connection.execute(_SQLITE_STATE, params).one()
     last_seq, head_hash, job_repository, ident = row
     return _AppendState(
         int(last_seq or 0),
@@ -365,7 +368,6 @@ def append(
     # This transaction's other changes take their row locks before the lane's lock, not while
     # holding it, which keeps lock waits one-way in the common case.
     session.flush()
-    lock_lane(session, lane)
     state = _append_state(session, columns["stream"], lane, columns["job_id"])
     connection = session.connection()
     if connection.dialect.name == "sqlite":

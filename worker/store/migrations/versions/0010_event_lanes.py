@@ -9,6 +9,9 @@
 - ``event_checkpoints.heads``: where each chain's remaining events start after retention.
 - ``event_seals``: the lanes' heads, chained, signed with a key derived from the secret key;
   written by ``pushctl events seal`` and beat.
+- PostgreSQL: ``pushworker_append_state``, what an append reads, after taking its lane's lock,
+  in one round trip instead of two (the lock, then a read in a snapshot taken after it: each
+  statement of a PL/pgSQL function takes its own snapshot in READ COMMITTED).
 - Epochs and seals are append-only like the events (triggers refuse UPDATE and DELETE; on
   PostgreSQL TRUNCATE too).
 
@@ -75,6 +78,29 @@ def upgrade() -> None:
         {"id": last_id, "hash": last_hash},
     )
     _guard(bind)
+    if _postgres():
+        op.execute(APPEND_STATE_FUNCTION)
+
+
+#: Takes the lane's advisory lock (held until the transaction ends), then reads in a snapshot
+#: taken after the lock: the stream's last seq, the lane's head, the job's repository, and the
+#: event's id from the sequence. Parameters and columns are prefixed: PL/pgSQL would otherwise
+#: take ``lane`` or ``repository`` for a column and a parameter at once.
+APPEND_STATE_FUNCTION = """
+CREATE FUNCTION pushworker_append_state(
+    p_class integer, p_lane integer, p_stream text, p_job_id text
+) RETURNS TABLE (o_last_seq integer, o_head_hash varchar, o_repository varchar, o_id bigint)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_class, p_lane);
+    RETURN QUERY SELECT
+        (SELECT max(e.seq) FROM events e WHERE e.stream = p_stream),
+        (SELECT e.hash FROM events e WHERE e.lane = p_lane ORDER BY e.id DESC LIMIT 1),
+        (SELECT j.repository FROM push_jobs j WHERE j.id = p_job_id),
+        nextval('events_id_seq');
+END
+$$
+"""
 
 
 def _guard(bind: sa.engine.Connection) -> None:
@@ -116,6 +142,7 @@ def downgrade() -> None:
                 op.execute(f"DROP TRIGGER IF EXISTS {table}_no_{action}")
     if _postgres():
         op.execute("DROP FUNCTION IF EXISTS event_records_append_only()")
+        op.execute("DROP FUNCTION IF EXISTS pushworker_append_state(integer, integer, text, text)")
     op.drop_table("event_seals")
     op.drop_table("event_epochs")
     # Plain DROP COLUMN (SQLite 3.35+), not a batch copy of the tables: the triggers of 0003
