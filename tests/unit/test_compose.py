@@ -21,11 +21,17 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 PUSHWORKER_SERVICES = ("migrate", "worker", "copier", "webhooks", "beat", "api")
+RABBITMQ_OVERRIDE = ROOT / "deploy" / "compose.rabbitmq.yml"
 #: Read by something other than pushworker's code: Compose itself, docker-py, prometheus_client.
-EXTERNAL_SETTINGS = {"COMPOSE_PROFILES", "DOCKER_HOST", "PROMETHEUS_MULTIPROC_DIR"}
+EXTERNAL_SETTINGS = {"COMPOSE_PROFILES", "COMPOSE_FILE", "DOCKER_HOST", "PROMETHEUS_MULTIPROC_DIR"}
 
 
-def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def compose(
+    *args: str,
+    env: dict[str, str] | None = None,
+    files: tuple[Path, ...] = (COMPOSE_FILE,),
+    env_file: Path = ENV_EXAMPLE,
+) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.fail(
@@ -39,9 +45,9 @@ def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         "HOME": os.environ.get("HOME", "/tmp"),
         **(env or {}),
     }
+    chosen = [arg for path in files for arg in ("-f", str(path))]
     return subprocess.run(
-        [binary, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
-         "--env-file", str(ENV_EXAMPLE), *args],
+        [binary, "--project-directory", str(ROOT), *chosen, "--env-file", str(env_file), *args],
         capture_output=True, text=True, env=clean, cwd=ROOT, timeout=120,
     )  # fmt: skip
 
@@ -71,7 +77,7 @@ def config() -> dict[str, Any]:
 def test_the_services(config: dict[str, Any]) -> None:
     assert set(config["services"]) == {
         "redis", "postgres", "migrate", "worker", "copier", "webhooks", "beat", "api",
-        "registry-htpasswd", "registry",
+        "registry-htpasswd", "registry", "rabbitmq",
     }  # fmt: skip
 
 
@@ -201,6 +207,75 @@ def test_the_trial_registry_uses_htpasswd(config: dict[str, Any]) -> None:
     assert "htpasswd -Bbc /auth/htpasswd" in " ".join(maker["entrypoint"])
 
 
+def test_rabbitmq_is_a_profile_that_outlasts_the_longest_push(config: dict[str, Any]) -> None:
+    """The `rabbitmq` service (profile rabbitmq) keeps its data under a fixed node name, is
+    checked with rabbitmq-diagnostics, and lets a consumer hold a message longer than a push
+    may run with its hard time limit: a shorter consumer_timeout closes the channel mid-push."""
+    rabbitmq = config["services"]["rabbitmq"]
+    assert rabbitmq["profiles"] == ["rabbitmq"]
+    assert rabbitmq["hostname"] == "rabbitmq"
+    assert "rabbitmq-data:/var/lib/rabbitmq:rw" in rabbitmq["volumes"]
+    assert rabbitmq["healthcheck"]["test"][:2] == ["CMD", "rabbitmq-diagnostics"]
+    assert rabbitmq["ports"] == ["127.0.0.1:16672:5672/tcp"]
+    environment = rabbitmq["environment"]
+    assert environment["RABBITMQ_DEFAULT_VHOST"] == "pushworker"
+    args = environment["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"].split()
+    consumer_timeout_ms = int(args[args.index("consumer_timeout") + 1])
+    push_timeout = float(config["services"]["worker"]["environment"]["PUSHWORKER_PUSH_TIMEOUT"])
+    assert consumer_timeout_ms > (push_timeout + 60) * 1000
+
+
+def rabbitmq_env_file(tmp_path: Path) -> Path:
+    """.env.example with RabbitMQ chosen as its comments say: COMPOSE_FILE uncommented, the
+    profile added, a secret key."""
+    text = ENV_EXAMPLE.read_text()
+    assert "\n#COMPOSE_FILE=docker-compose.yml:deploy/compose.rabbitmq.yml\n" in text
+    text = text.replace("\n#COMPOSE_FILE=", "\nCOMPOSE_FILE=")
+    text = text.replace("\nCOMPOSE_PROFILES=trial\n", "\nCOMPOSE_PROFILES=trial,rabbitmq\n")
+    text = text.replace("\nPUSHWORKER_SECRET_KEY=\n", "\nPUSHWORKER_SECRET_KEY=a-key\n")
+    path = tmp_path / "rabbitmq.env"
+    path.write_text(text)
+    return path
+
+
+def test_rabbitmq_as_the_broker_is_chosen_in_the_env_file(tmp_path: Path) -> None:
+    """With .env.example's COMPOSE_FILE line, every pushworker service publishes to and consumes
+    from the `rabbitmq` service, with its user, password, vhost and port, and waits for it; flow
+    control keeps the compose file's Redis, in a database of its own."""
+    result = compose("config", files=(), env_file=rabbitmq_env_file(tmp_path))
+    assert result.returncode == 0, result.stderr
+    services = yaml_to_data(result.stdout)["services"]
+    rabbitmq = services["rabbitmq"]["environment"]
+    port = services["rabbitmq"]["ports"][0].split(":")[1]
+    expected = (
+        f"amqp://{rabbitmq['RABBITMQ_DEFAULT_USER']}:{rabbitmq['RABBITMQ_DEFAULT_PASS']}"
+        f"@127.0.0.1:{port}/{rabbitmq['RABBITMQ_DEFAULT_VHOST']}"
+    )
+    assert rabbitmq["RABBITMQ_DEFAULT_PASS"] == "change-me-rabbitmq"
+    for name in PUSHWORKER_SERVICES:
+        environment = services[name]["environment"]
+        assert environment["PUSHWORKER_BROKER_URL"] == expected, name
+        assert environment["PUSHWORKER_FLOW_REDIS_URL"] == (
+            "redis://:change-me-redis@127.0.0.1:16379/1"
+        ), name
+        if name != "migrate":  # migrations need the database only
+            assert services[name]["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
+
+
+def test_rabbitmq_as_the_broker_needs_its_password() -> None:
+    result = compose(
+        "config", "--quiet", env={"PUSHWORKER_SECRET_KEY": "a-key"},
+        files=(COMPOSE_FILE, RABBITMQ_OVERRIDE),
+    )  # fmt: skip
+    assert result.returncode == 0  # .env.example sets one
+    blank = compose(
+        "config", "--quiet", env={"PUSHWORKER_SECRET_KEY": "a-key", "RABBITMQ_PASSWORD": ""},
+        files=(COMPOSE_FILE, RABBITMQ_OVERRIDE),
+    )  # fmt: skip
+    assert blank.returncode != 0
+    assert "set RABBITMQ_PASSWORD in .env" in blank.stderr
+
+
 def test_missing_secrets_are_named() -> None:
     result = compose("config", "--quiet")
     assert result.returncode != 0
@@ -265,7 +340,7 @@ def test_dockerfile_practice() -> None:
     assert users and "root" not in users[-1] and users[-1] != "USER 0"
     assert any(line.startswith("HEALTHCHECK ") for line in runtime)
     text = "\n".join(lines)
-    assert "pip install --no-deps -r requirements.lock" in text
+    assert re.search(r"pip install --no-deps -r \S*requirements\.lock", text)
     assert "pip check" in text
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert next(line for line in ignored if not line.startswith("#")) == "*"
@@ -273,6 +348,46 @@ def test_dockerfile_practice() -> None:
     copied = set(re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M))
     sources = {source for group in copied for source in group.split()}
     assert sources <= allowed, f"COPY of files .dockerignore leaves out: {sources - allowed}"
+
+
+def test_the_dockerfile_builds_on_the_official_image_and_on_a_debian_base() -> None:
+    """The base image contract (docs/deploy.md, "The base image"): only `python3` is called
+    (Debian has no `python`); skopeo is installed only where the base lacks it, so a base that
+    holds it needs no package index; no `# syntax=` line (BuildKit would fetch that frontend from
+    Docker Hub); wheels come from wheelhouse/*.whl when the context has them; and a code change
+    rebuilds one layer of the runtime stage (the copy of the virtualenv comes last)."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    instructions = re.sub(r"\\\n", " ", "\n".join(
+        line for line in text.splitlines() if not line.lstrip().startswith("#")
+    )).splitlines()  # fmt: skip
+    runs = [line for line in instructions if line.startswith("RUN ")]
+    assert not [run for run in runs if re.search(r"(?<![\w/.-])python(?![\w.-])", run)]
+    installs = [run for run in runs if "apt-get install" in run]
+    assert installs and all(run.startswith("RUN command -v skopeo ") for run in installs)
+    assert "COPY requirements.lock wheelhouse/*.whl /wheelhouse/" in instructions
+    assert [line for line in instructions if line.strip()][-1] == (
+        "COPY --from=build /opt/pushworker /opt/pushworker"
+    )
+
+
+def test_the_offline_build_names_no_package_host() -> None:
+    """Where packages come from is the machine's configuration, read when the images are built
+    (scripts/compose-image): no mirror, index or URL is written in the build's files."""
+    files = [ROOT / "Dockerfile", ROOT / "scripts" / "compose-image"]
+    files += [path for path in (ROOT / "deploy" / "debian").rglob("*") if path.is_file()]
+    for path in files:
+        text = path.read_text()
+        url = re.search(r"\b(https?|ftp)://[\w.-]+", text)
+        assert url is None, f"{path.relative_to(ROOT)} names {url.group(0)}"
+        for host in (
+            "debian.org",
+            "pypi.org",
+            "pythonhosted.org",
+            "registry-1.docker",
+            "hub.docker",
+        ):
+            assert host not in text, f"{path.relative_to(ROOT)} names {host!r}"
 
 
 def test_every_dependency_is_pinned_at_an_accepted_version() -> None:
