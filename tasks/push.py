@@ -4,9 +4,9 @@ list. Each takes (job_id, registry_id) and nothing secret; its name is
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from functools import lru_cache
 from typing import Any
 
 import structlog
@@ -18,13 +18,14 @@ from tasks.app import app
 from worker.core import tracing
 from worker.core.logs import get_logger
 from worker.core.queues import queue_for, step_task
+from worker.core.settings import get_settings
 from worker.engine.dispatch import get_dispatcher
 from worker.engine.flow import WAKE_PREFIX
 from worker.engine.pipeline import Outcome, StepRunner, default_runner
 from worker.engine.steps import STEP_NAMES
 from worker.jobs import route_of
 from worker.producer import recorded_trace
-from worker.store.db import read_connection
+from worker.store.db import default_engine, read_connection, reader_for
 from worker.store.models import Registry
 
 log = get_logger("pushworker.tasks")
@@ -35,13 +36,33 @@ log = get_logger("pushworker.tasks")
 TAKE_OVER_BUDGET = 30.0
 
 
-@lru_cache(maxsize=1)
+_RUNNER_LOCK = threading.Lock()
+_built: list[StepRunner] = []
+
+
 def _runner() -> StepRunner:
-    runner = default_runner(get_dispatcher())
-    if runner.flow is not None and runner.flow.wake is not None:
-        # A released slot's next holder runs here (``_take_over``), not behind the queue.
-        runner.flow.keep_handed = True
-    return runner
+    """The process's step runner, built once (by the warm-up thread, or the first task: the
+    lock keeps the two from building one each)."""
+    if _built:
+        return _built[0]
+    with _RUNNER_LOCK:
+        if not _built:
+            runner = default_runner(get_dispatcher())
+            if runner.flow is not None and runner.flow.wake is not None:
+                # A released slot's next holder runs here (``_take_over``), not behind the queue.
+                runner.flow.keep_handed = True
+            _built.append(runner)
+    return _built[0]
+
+
+def warm_up() -> None:
+    """What a fresh pool process's first job would otherwise pay for (100 ms and more): the
+    step runner (Docker and registry clients, TLS contexts, credential key) and a first pooled
+    connection to the database on each of its engines (the pragmas of SQLite's run on connect;
+    nothing is begun, so no lock is taken)."""
+    _runner()
+    with default_engine().connect(), reader_for(get_settings().database_url).connect():
+        pass
 
 
 def _run(task: Task, step: str, job_id: str, registry_id: int) -> dict[str, Any]:
