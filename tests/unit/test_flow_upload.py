@@ -10,16 +10,19 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+import sqlite3
 import time
 from typing import Any, cast
 
 import pytest
 
+import worker.engine.pipeline as pipeline
 from tests.support.fakes import FakeEngine, FakeHttp, FakeWorld
 from tests.unit.test_flow import HOST, SOURCE, _job, _runner, _types, registry_5, state
 from worker.core.credentials import Credential
 from worker.core.errors import DatabaseUnavailable, RegistryThrottled, RegistryUnavailable
 from worker.core.reference import TargetReference
+from worker.core.settings import get_settings
 from worker.engine.flow import FlowControl
 from worker.engine.pipeline import Outcome, StepRunner
 from worker.seams.docker_engine import LocalImage, ProgressCallback, PushResult
@@ -44,6 +47,20 @@ def _recorded(job_id: str, step: str, type_: str) -> bool:
         return any(row.step == step for row in rows)
 
 
+def _write_locked() -> bool:
+    """Whether some transaction holds SQLite's write lock now (as every write transaction of
+    the worker does from its start): another connection cannot begin one at once."""
+    path = get_settings().database_url.removeprefix("sqlite:///")
+    connection = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        connection.close()  # closing rolls the empty transaction back
+    return False
+
+
 class RecordingState(RedisFlowState):
     """The real Redis state; each ask, take and release written down, with whether the push's
     claim (``step.started``) and its outcome (``step.succeeded``) were committed by then."""
@@ -54,8 +71,11 @@ class RecordingState(RedisFlowState):
 
     def acquire(self, *args: Any, **kwargs: Any) -> SlotGrant:
         grant = super().acquire(*args, **kwargs)
-        kind = "take" if kwargs.get("take", True) else "ask"
-        self.log.append((kind, _recorded(self.job_id, "push", "step.started")))
+        if kwargs.get("take", True):
+            self.log.append(("take", _recorded(self.job_id, "push", "step.started")))
+        else:
+            self.log.append(("ask", _recorded(self.job_id, "push", "step.started")))
+            self.log.append(("write lock held", _write_locked()))
         return grant
 
     def hand_over(self, registry_id: int, holder: str, *args: Any, **kwargs: Any) -> list[str]:
@@ -150,6 +170,7 @@ def test_the_slot_is_taken_after_the_claim_commits_and_freed_before_the_digest_c
     assert runner.run("push", job_id, 5).action == "stop"
     assert log == [
         ("ask", False),  # before the claim: no step.started yet
+        ("write lock held", False),  # Redis is not waited for inside a write transaction
         ("inspect",),
         ("take", True),  # the claim's transaction committed before the slot was taken
         ("push",),
@@ -259,6 +280,30 @@ def test_no_way_out_of_a_push_leaves_its_slot_held(
         assert expected in _types(job_id)[-2:]
     assert _held(state) == []
     assert state.acquire(5, "next", "next-job", 1, lease=30, waiter_ttl=30).granted
+
+
+def test_a_poll_that_only_waits_again_writes_nothing(
+    registry_5: None, state: RedisFlowState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push refused a slot records its wait once; its next polls, refused again, open no
+    write transaction at all (a read, and Redis asked outside any lock)."""
+    job_id = _job()
+    runner, _, _, _, _ = _recording_runner(state, job_id)
+    assert state.acquire(5, "other", "other-job", 1, lease=30, waiter_ttl=30).granted
+    assert runner.run("push", job_id, 5).action == "retry"
+    assert _types(job_id)[-1] == "step.waiting"
+    writes: list[str] = []
+    original = session_scope
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        writes.append("write transaction")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "session_scope", counted)
+    for _ in range(3):
+        assert runner.run("push", job_id, 5).action == "retry"
+    assert writes == []
+    assert _types(job_id).count("step.waiting") == 1
 
 
 def test_a_slot_taken_between_the_claim_and_the_upload_gives_the_claim_back(

@@ -3,9 +3,12 @@
 A step goes through three phases:
 
 1. claim (one transaction): memo check, job state check, then a claim row in ``step_runs`` and a
-   ``step.started`` event. A step never acts without having recorded that it started.
+   ``step.started`` event. A step never acts without having recorded that it started. Flow
+   control (``worker.engine.flow``) is asked just before, outside the transaction, so that no
+   one waits for Redis while holding the database's write lock, and a step that must wait is
+   not claimed.
 2. act (no transaction): the step's action from ``worker.engine.steps``, talking to Docker and the
-   registry.
+   registry; the push holds its registry's slot around its upload alone (``StepContext.upload``).
 3. record (one transaction): the outcome, with retry and fallback decided by
    ``worker.engine.retry`` and ``worker.engine.fallback``.
 
@@ -68,7 +71,7 @@ from worker.seams.limiter import RedisFlowState
 from worker.seams.protocols import ContainerEngine, ImageCopier
 from worker.seams.registry_http import shared_client
 from worker.store import claims, events, queries
-from worker.store.db import session_scope
+from worker.store.db import read_scope, session_scope
 from worker.store.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 
 log = get_logger("pushworker.pipeline")
@@ -143,8 +146,11 @@ class StepRunner:
         # Only a first delivery can be a wake message (a retried one is the waiter's own).
         wake_id = message_id if delivery_retries == 0 else None
         try:
+            asked = self._ask_first(step, job_id, registry_id, wake_id)
+            if isinstance(asked, Outcome):
+                return asked
             claimed = _with_conflict_retry(
-                lambda: self._claim(step, job_id, registry_id, actor, wake_id)
+                lambda: self._claim(step, job_id, registry_id, actor, wake_id, asked)
             )
         except DatabaseUnavailable:
             # Nothing recorded, nothing done: try the whole step again later.
@@ -208,8 +214,61 @@ class StepRunner:
 
     # --- phase 1 --------------------------------------------------------------------------------
 
+    def _ask_first(
+        self, step: str, job_id: str, registry_id: int, message_id: str | None
+    ) -> Admission | Outcome | None:
+        """Flow control's answer, asked before the claim's transaction: Redis is not waited for
+        while that transaction holds the database's write lock (SQLite's is one for everyone),
+        and a poll that only waits again writes nothing at all. None: not asked (no flow
+        control for this step, or it will not run: the claim says why, and asks itself if the
+        state changed meanwhile); an Admission: granted, or refused with something to record
+        (the first refusal of a wait, the deadline); an Outcome: the wait, nothing recorded."""
+        if self.flow is None or not self.flow.applies(step):
+            return None
+        with read_scope() as session:
+            view = claims.load_for_claim(session, job_id, step, registry_id)
+            job, registry = view.job, view.registry
+            if job is None or registry is None or not self._would_run(session, view, step):
+                return None
+            try:
+                admission = self.flow.admit(registry, job_id, step, message_id=message_id)
+            except FlowStateUnavailable as unavailable:
+                log.warning("step.deferred", job_id=job_id, step=step, reason=unavailable.message)
+                return Outcome("retry", self._delay(1), unavailable.code)
+            if admission.granted or admission.first or utcnow() >= deadline_of(job, self.settings):
+                return admission
+            if admission.woken:
+                return Outcome("stop", reason="woken, no slot free: " + admission.reason)
+            return self._countdown(job, admission)
+
+    def _would_run(self, session: Session, view: claims.ClaimView, step: str) -> bool:
+        """What the claim checks before it asks flow control, read without taking any lock."""
+        job, run, registry = view.job, view.run, view.registry
+        assert job is not None and registry is not None
+        if run is not None and run.status == StepStatus.SUCCEEDED:
+            return False
+        if JobStatus(job.status).is_final or job.effective_registry_id != registry.id:
+            return False
+        if (
+            step in SLOT_STEPS
+            and run is not None
+            and run.status == StepStatus.RUNNING
+            and not claim_is_dead(run, utcnow())
+        ):
+            return False
+        if target_refusal(registry, registry.id) is not None:
+            return False
+        source = job.source_registry_id
+        return source is None or target_refusal(session.get(Registry, source), source) is None
+
     def _claim(
-        self, step: str, job_id: str, registry_id: int, actor: str, message_id: str | None = None
+        self,
+        step: str,
+        job_id: str,
+        registry_id: int,
+        actor: str,
+        message_id: str | None = None,
+        asked: Admission | None = None,
     ) -> _Claimed | Outcome:
         with session_scope() as session:
             view = claims.load_for_claim(session, job_id, step, registry_id)
@@ -263,7 +322,12 @@ class StepRunner:
                     _mark_failed(job, refusal)
                     note("job.failed", None, **refusal.to_payload())
                     return Outcome("stop", reason=refusal.code)
-            admission = self._admit(note, job, registry, step, message_id)
+            if asked is None:
+                admission = self._admit(note, job, registry, step, message_id)
+            elif asked.granted:
+                admission = asked
+            else:
+                admission = self._wait(note, job, registry, step, asked)
             if isinstance(admission, Outcome):
                 return admission
             before = None if run is None else _ClaimRow(
@@ -372,7 +436,11 @@ class StepRunner:
                 )
             note("step.waiting", given_back, reason=reason, ahead=admission.ahead,
                  holders=admission.holders, limit=admission.limit)  # fmt: skip
-        # A long fallback countdown still looks at the deadline on time.
+        return self._countdown(job, admission)
+
+    def _countdown(self, job: PushJob, admission: Admission) -> Outcome:
+        """The wait of a step refused by flow control: its countdown, cut so that a long one
+        still looks at the deadline on time."""
         left = (deadline_of(job, self.settings) - utcnow()).total_seconds()
         countdown = min(admission.countdown, max(left, 0.0) + 0.5)
         return Outcome("retry", countdown, "waiting: " + admission.reason)
