@@ -104,5 +104,22 @@ def slot_phases(
         slot_refused_asks=sum(not r.get("granted") for r in asked),
         slot_refused_takes=len(refused_takes),
         slot_jobs=len({_job_of(r["holder"]) for r in acquires}),
+        **_lock_summary(records),
     )
     return summary
+
+
+def _lock_summary(records: list[dict[str, Any]]) -> dict[str, float]:
+    """SQLite's write lock over the run: seconds waited for it and held, summed over every
+    transaction, and the share of the traced span during which some process held it."""
+    locks = [r for r in records if r["kind"] == "lock"]
+    if not locks:
+        return {"lock_wait_seconds": 0.0, "lock_hold_seconds": 0.0, "lock_held_share": 0.0}
+    span = max(r["t2"] for r in locks) - min(r["t0"] for r in locks)
+    held = sum(r["t2"] - r["t1"] for r in locks)
+    return {
+        "lock_wait_seconds": sum(r["t1"] - r["t0"] for r in locks),
+        "lock_hold_seconds": held,
+        "lock_held_share": held / span if span > 0 else 0.0,
+        "lock_transactions": float(len(locks)),
+    }

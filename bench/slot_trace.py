@@ -13,7 +13,9 @@ every process of the machine, so the lines join the benchmark's proxy timeline):
 - ``claim``, ``record``: the runner's claim and record transactions;
 - ``inspect``, ``push``: the Docker Engine's image inspect and push (with the target's
   repository, which is how the proxy names a push);
-- ``head``: the registry HTTP API's manifest HEAD (the digest checks).
+- ``head``: the registry HTTP API's manifest HEAD (the digest checks);
+- ``lock``: SQLite's write lock, which every write transaction takes up front: when the wait
+  for it began (``t0``), when it was taken (``t1``) and freed (``t2``).
 
 ``bench/slot_phases.py`` turns those lines and the proxy's timeline into where the time between
 a slot's acquire and its release went. Nothing in ``worker/`` or ``tasks/`` changes on disk.
@@ -29,10 +31,14 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Engine
+
 import worker.engine.pipeline as pipeline
 import worker.seams.docker_engine as docker_engine
 import worker.seams.limiter as limiter
 import worker.seams.registry_http as registry_http
+import worker.store.db as db
 from tasks.app import app
 
 TRACE_DIR = os.environ.get("BENCH_SLOT_TRACE")
@@ -71,7 +77,32 @@ def _traced(
     return wrap
 
 
+_lock: list[float] = []
+
+
+def _lock_taken(take: Callable[[Any], None]) -> Callable[[Any], None]:
+    """SQLite's write lock (every write transaction takes it up front): when this process
+    began to wait for it and when it had it; ``_lock_freed`` writes the line at the commit or
+    rollback that frees it."""
+
+    def wrapper(raw: Any) -> None:
+        started = time.monotonic()
+        take(raw)
+        _lock[:] = [started, time.monotonic()]
+
+    return wrapper
+
+
+def _lock_freed(*_args: Any) -> None:
+    if _lock:
+        _write({"kind": "lock", "t0": _lock[0], "t1": _lock[1], "t2": time.monotonic()})
+        _lock.clear()
+
+
 def _patch() -> None:
+    db._take_write_lock = _lock_taken(db._take_write_lock)  # type: ignore[assignment]
+    sa_event.listen(Engine, "commit", _lock_freed)
+    sa_event.listen(Engine, "rollback", _lock_freed)
     state = limiter.RedisFlowState
     state.acquire = _traced(  # type: ignore[method-assign]
         "acquire",

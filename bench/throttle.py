@@ -645,7 +645,29 @@ def _slot_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
             f"{sum(r['slot_untaken_reservations'] for r in rounds)} | "
             f"{per_job('slot_refused_asks')} / {per_job('slot_refused_takes')} |"
         )
+    lines += [
+        "",
+        "SQLite's write lock (every write transaction takes it first; medians over rounds): "
+        + "; ".join(_lock_text(side, rounds) for side, rounds in results.items() if rounds),
+    ]
     return lines
+
+
+def _lock_text(side: str, rounds: list[dict[str, Any]]) -> str:
+    if not all(r.get("lock_transactions") for r in rounds):
+        return f"{side} -"
+
+    def med(key: str, per_job: bool = False) -> float:
+        return statistics.median(
+            float(r[key]) / (max(r["succeeded"], 1) if per_job else 1) for r in rounds
+        )
+
+    return (
+        f"{side} held {100 * med('lock_held_share'):.0f}% of the time, "
+        f"{med('lock_transactions', True):.1f} transactions per job, waited "
+        f"{1000 * med('lock_wait_seconds', True):.0f} ms and held "
+        f"{1000 * med('lock_hold_seconds', True):.0f} ms per job"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
