@@ -14,6 +14,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: a virtualenv holding the pinned dependencies and the project's wheel --------------
 FROM ${PYTHON_IMAGE} AS build
+# Named, so that scripts/compose-image can remove this stage's images from earlier builds.
+LABEL org.opencontainers.image.title="pushworker-build"
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
