@@ -43,6 +43,11 @@ TAG = "e2e-compose"  # the project's image: pushworker:e2e-compose
 REGISTRY_ID = 5
 CA_IN_CONTAINER = "/run/pushworker-e2e/ca.crt"
 STEPS = ("resolve_credentials", "login", "tag", "push")
+#: The machine's own HOME, read before any test gives the process a throwaway one: the script's
+#: pip reads the machine's pip configuration there too, and its cache lives under it.
+MACHINE_HOME = os.environ.get("HOME", str(Path.home()))
+
+pytestmark = [pytest.mark.docker, pytest.mark.compose]
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +63,7 @@ def images(stack: Stack) -> dict[str, Any]:
         [str(SCRIPT), "--docker-host", stack.docker_host, "--tag", f"pushworker:{TAG}",
          "--services", "redis,postgres,rabbitmq"],
         capture_output=True, text=True, timeout=1800, check=False,
+        env={**os.environ, "HOME": MACHINE_HOME},
     )  # fmt: skip
     assert result.returncode == 0, f"scripts/compose-image failed:\n{result.stderr[-4000:]}"
     built: dict[str, Any] = json.loads(result.stdout)
