@@ -223,13 +223,16 @@ def _job_times(watcher: JobWatcher, job_ids: list[str], wall: float, limit: int)
             )
             for job_id, type_, step, moment, attempt in rows:
                 events[str(job_id)].append((str(type_), step, moment.timestamp(), attempt))
-    waits, pushes, tries, failed_try_seconds, given_back = [], [], [], 0.0, 0
+    waits, pushes, tries, failed_try_seconds, given_back, skips = [], [], [], 0.0, 0, 0
     for job_events in events.values():
         pushed = [(t, moment, attempt) for t, step, moment, attempt in job_events if step == "push"]
         # A try ends with its outcome, or with a wait that gave its claim back (the slot went to
         # another step between the claim and the upload): not a try, it does not count.
         starts = [moment for t, moment, _ in pushed if t == "step.started"]
         returned = sum(t == "step.waiting" and a is not None for t, _, a in pushed)
+        # A delivery that found the push done or running (a waiter's own message after the
+        # releasing process ran its push): a transaction and an event, nothing pushed.
+        skips += sum(t == "step.skipped" for t, _, _ in pushed)
         given_back += returned
         tries.append(len(starts) - returned)
         begun: float | None = None
@@ -253,6 +256,7 @@ def _job_times(watcher: JobWatcher, job_ids: list[str], wall: float, limit: int)
         "wait_mean": statistics.fmean(waits) if waits else 0.0,
         "push_tries": sum(tries),
         "claims_given_back": given_back,
+        "push_skips": skips,
         "failed_try_seconds": failed_try_seconds,
         "occupancy": sum(pushes) / (wall * limit),
     }
@@ -536,6 +540,18 @@ def report(data: dict[str, Any]) -> list[str]:
             "another before its upload; the step waited, the try not counted): "
             + "; ".join(given_back),
         ]
+    skipped = [
+        f"{side} {statistics.median(r['push_skips'] / max(r['jobs'], 1) for r in rounds):.2f}"
+        for side, rounds in results.items()
+        if rounds and "push_skips" in rounds[0]
+    ]
+    if skipped:
+        lines += [
+            "",
+            "Push deliveries skipped per job (median over rounds; the push done or running "
+            "already, e.g. a waiter's own message after the releasing process ran its push: a "
+            "transaction and a `step.skipped` event each): " + "; ".join(skipped),
+        ]
     lines += _slot_lines(results)
     lines += _cpu_lines(results)
     off = results.get("off", [])
@@ -557,6 +573,7 @@ def report(data: dict[str, Any]) -> list[str]:
             "for the whole run, pushes as long as off's): "
             + ", ".join(f"{bound:.2f}x" for bound in bounds),
         ]
+        lines += _cpu_bound_lines(results)
     lines += ["", *data["machine"]]
     for side, rounds in results.items():
         lines.append(f"- load at the start of each {side} round: "
@@ -597,6 +614,31 @@ def _cpu_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         cells = " | ".join(per_job(party) for party in parties)
         lines.append(f"| {side} | {cells} | {per_job(None)} | {100 * busy:.0f}% |")
     return lines
+
+
+def _cpu_bound_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Where the machine's CPU, not the registry, bounds goodput (busy throughout), a side can
+    do at most as much better than off as it needs less CPU per job: off's CPU per succeeded
+    job / its own, per round (the share of the machine each side gets being equal)."""
+    off = results.get("off", [])
+    if not off or not all("cpu" in r for r in off):
+        return []
+    parts = []
+    for side in ("adaptive", "capped", "cli"):
+        mine = results.get(side, [])
+        if not mine or not all("cpu" in r for r in mine):
+            continue
+        bounds = [
+            (sum(o["cpu"].values()) / max(o["succeeded"], 1))
+            / max(sum(m["cpu"].values()) / max(m["succeeded"], 1), 1e-9)
+            for m, o in zip(mine, off, strict=False)
+        ]
+        parts.append(f"{side} " + ", ".join(f"{bound:.2f}x" for bound in bounds))
+    return [
+        "",
+        "Bound where the CPU binds instead (the machine busy throughout): off's CPU per "
+        "succeeded job / the side's, per round: " + "; ".join(parts),
+    ]
 
 
 def _slot_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
