@@ -78,6 +78,10 @@ class RecordingState(RedisFlowState):
             self.log.append(("write lock held", _write_locked()))
         return grant
 
+    def forget_waiter(self, registry_id: int, waiter: str) -> None:
+        self.log.append(("forget", _write_locked()))
+        super().forget_waiter(registry_id, waiter)
+
     def hand_over(self, registry_id: int, holder: str, *args: Any, **kwargs: Any) -> list[str]:
         self._released(holder)
         return super().hand_over(registry_id, holder, *args, **kwargs)
@@ -304,6 +308,20 @@ def test_a_poll_that_only_waits_again_writes_nothing(
         assert runner.run("push", job_id, 5).action == "retry"
     assert writes == []
     assert _types(job_id).count("step.waiting") == 1
+
+
+def test_a_delivery_of_a_push_done_already_leaves_the_queue_after_its_skip_is_committed(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    """A waiter's own message, due after its push ran elsewhere, records its skip and leaves
+    the registry's queue; Redis is told with no write transaction open."""
+    job_id = _job()
+    runner, _, _, _, log = _recording_runner(state, job_id)
+    assert runner.run("push", job_id, 5).action == "stop"
+    log.clear()
+    assert runner.run("push", job_id, 5).action == "stop"
+    assert _types(job_id)[-1] == "step.skipped"
+    assert ("forget", False) in log and ("forget", True) not in log
 
 
 def test_a_slot_taken_between_the_claim_and_the_upload_gives_the_claim_back(

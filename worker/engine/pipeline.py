@@ -270,6 +270,24 @@ class StepRunner:
         message_id: str | None = None,
         asked: Admission | None = None,
     ) -> _Claimed | Outcome:
+        # A step that will not run leaves its registry's queue once its skip is committed:
+        # Redis is not waited for while the transaction holds the write lock.
+        leaving: list[Registry | None] = []
+        claimed = self._claim_in(step, job_id, registry_id, actor, message_id, asked, leaving)
+        for registry in leaving:
+            self._forget(registry, job_id, step)
+        return claimed
+
+    def _claim_in(
+        self,
+        step: str,
+        job_id: str,
+        registry_id: int,
+        actor: str,
+        message_id: str | None,
+        asked: Admission | None,
+        leaving: list[Registry | None],
+    ) -> _Claimed | Outcome:
         with session_scope() as session:
             view = claims.load_for_claim(session, job_id, step, registry_id)
             job, run = view.job, view.run
@@ -282,16 +300,16 @@ class StepRunner:
                     run.attempts,
                     reason="already succeeded for this job and registry",
                 )
-                self._forget(view.registry, job_id, step)
+                leaving.append(view.registry)
                 return Outcome("stop" if self._is_last(step) else "continue", reason="memo")
             if JobStatus(job.status).is_final:
                 note("step.skipped", None, reason=f"the job is {job.status}")
-                self._forget(view.registry, job_id, step)
+                leaving.append(view.registry)
                 return Outcome("stop", reason=f"job {job.status}")
             if job.effective_registry_id != registry_id:
                 reason = f"superseded: the job moved to registry {job.effective_registry_id}"
                 note("step.skipped", None, reason=reason)
-                self._forget(view.registry, job_id, step)
+                leaving.append(view.registry)
                 return Outcome("stop", reason="superseded")
             if (
                 self.flow is not None
