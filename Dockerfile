@@ -22,11 +22,13 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # Dependencies first: this layer is rebuilt only when the lock changes, not on every code edit.
 # --no-deps: exactly the pinned closure, nothing resolved at build time.
-# Where the wheels come from: pip's index, or, when the build context holds wheelhouse/*.whl,
-# those alone (no index). scripts/compose-image puts them there, downloaded on the host with the
-# host's own pip configuration, for engines that reach no index; the pattern matches nothing in
-# a plain `docker build .`. The pip.conf belongs to this stage only.
-COPY requirements.lock wheelhouse/*.whl /wheelhouse/
+# Where the wheels come from: pip's index, or, when the build context has a wheelhouse/
+# directory of wheels, those alone (no index). scripts/compose-image puts them there, downloaded
+# on the host with the host's own pip configuration, for engines that reach no index. In a plain
+# `docker build .` the pattern matches nothing, which both builders allow beside a file that
+# exists (a pattern under a missing directory, wheelhouse/*.whl, BuildKit refuses). The
+# directory's contents land in /wheelhouse. The pip.conf belongs to this stage only.
+COPY requirements.lock wheelhouse* /wheelhouse/
 RUN if ls /wheelhouse/*.whl >/dev/null 2>&1; then \
       printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' > /etc/pip.conf; \
     fi \

@@ -354,7 +354,7 @@ def test_the_dockerfile_builds_on_the_official_image_and_on_a_debian_base() -> N
     """The base image contract (docs/deploy.md, "The base image"): only `python3` is called
     (Debian has no `python`); skopeo is installed only where the base lacks it, so a base that
     holds it needs no package index; no `# syntax=` line (BuildKit would fetch that frontend from
-    Docker Hub); wheels come from wheelhouse/*.whl when the context has them; and a code change
+    Docker Hub); wheels come from wheelhouse/ when the context has it; and a code change
     rebuilds one layer of the runtime stage (the copy of the virtualenv comes last)."""
     text = (ROOT / "Dockerfile").read_text()
     assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
@@ -365,7 +365,7 @@ def test_the_dockerfile_builds_on_the_official_image_and_on_a_debian_base() -> N
     assert not [run for run in runs if re.search(r"(?<![\w/.-])python(?![\w.-])", run)]
     installs = [run for run in runs if "apt-get install" in run]
     assert installs and all(run.startswith("RUN command -v skopeo ") for run in installs)
-    assert "COPY requirements.lock wheelhouse/*.whl /wheelhouse/" in instructions
+    assert "COPY requirements.lock wheelhouse* /wheelhouse/" in instructions
     assert [line for line in instructions if line.strip()][-1] == (
         "COPY --from=build /opt/pushworker /opt/pushworker"
     )

@@ -129,7 +129,7 @@ def test_the_staged_context_is_what_dockerignore_admits_plus_the_wheels(
     script: ModuleType, tmp_path: Path
 ) -> None:
     """The copy holds the Dockerfile, .dockerignore, each path the .dockerignore admits (no
-    caches) and the wheels as wheelhouse/*.whl; the repository itself gets no wheelhouse."""
+    caches) and the wheels in wheelhouse/; the repository itself gets no wheelhouse."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "demo-1.0-py3-none-any.whl").write_bytes(b"wheel")
@@ -148,4 +148,4 @@ def test_the_staged_context_is_what_dockerignore_admits_plus_the_wheels(
     assert not list(context.rglob("__pycache__"))
     assert not (ROOT / "wheelhouse").exists()
     # The build sees them: its .dockerignore admits them.
-    assert "!wheelhouse/*.whl" in (context / ".dockerignore").read_text().splitlines()
+    assert "!wheelhouse*" in (context / ".dockerignore").read_text().splitlines()
