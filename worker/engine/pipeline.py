@@ -3,10 +3,10 @@
 A step goes through three phases:
 
 1. claim (one transaction): memo check, job state check, then a claim row in ``step_runs`` and a
-   ``step.started`` event. A step never acts without having recorded that it started. Flow
-   control (``worker.engine.flow``) is asked just before, outside the transaction, so that no
-   one waits for Redis while holding the database's write lock, and a step that must wait is
-   not claimed.
+   ``step.started`` event. A step never acts without having recorded that it started. Whether
+   the push's registry has a slot for it (``worker.engine.flow``) is asked just before, outside
+   the transaction, so that no one waits for Redis while holding the database's write lock; a
+   step that must wait is not claimed.
 2. act (no transaction): the step's action from ``worker.engine.steps``, talking to Docker and the
    registry; the push holds its registry's slot around its upload alone (``StepContext.upload``).
 3. record (one transaction): the outcome, with retry and fallback decided by
@@ -217,13 +217,14 @@ class StepRunner:
     def _ask_first(
         self, step: str, job_id: str, registry_id: int, message_id: str | None
     ) -> Admission | Outcome | None:
-        """Flow control's answer, asked before the claim's transaction: Redis is not waited for
-        while that transaction holds the database's write lock (SQLite's is one for everyone),
-        and a poll that only waits again writes nothing at all. None: not asked (no flow
-        control for this step, or it will not run: the claim says why, and asks itself if the
+        """Flow control's answer for a step that takes a registry slot (the push), asked before
+        the claim's transaction: Redis is not waited for while that transaction holds the
+        database's write lock (SQLite's is one for everyone), and a poll that only waits again
+        writes nothing at all. None: not asked (a step without a slot, whose rate, if any, the
+        claim asks for; or a step that will not run: the claim says why, and asks itself if the
         state changed meanwhile); an Admission: granted, or refused with something to record
         (the first refusal of a wait, the deadline); an Outcome: the wait, nothing recorded."""
-        if self.flow is None or not self.flow.applies(step):
+        if self.flow is None or step not in SLOT_STEPS:
             return None
         with read_scope() as session:
             view = claims.load_for_claim(session, job_id, step, registry_id)
