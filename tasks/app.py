@@ -127,22 +127,6 @@ def _trace_pool_process(**_kwargs: object) -> None:
     start_tracing("worker")
 
 
-@worker_process_init.connect
-def _warm_pool_process(**_kwargs: object) -> None:
-    # A fresh pool process (at start, or replacing one that died or reached its task limit)
-    # would build its clients and open its database connections during its first job. In a
-    # thread: process init must end within Celery's timeout whatever the database does.
-    def run() -> None:
-        from tasks.push import warm_up
-
-        try:
-            warm_up()
-        except Exception:  # the first job builds what is missing, and says what fails
-            log.warning("worker.warm_up_failed", exc_info=True)
-
-    threading.Thread(target=run, name="pushworker-warm-up", daemon=True).start()
-
-
 @worker_process_shutdown.connect
 def _flush_traces(**_kwargs: object) -> None:
     # Pool processes end with os._exit, past atexit: the last job's spans are exported now.

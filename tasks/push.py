@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from celery import Task, chain
 from celery.exceptions import Ignore
+from celery.signals import worker_process_init
 from sqlalchemy import select
 
 from tasks.app import app
@@ -53,6 +54,20 @@ def _runner() -> StepRunner:
                 runner.flow.keep_handed = True
             _built.append(runner)
     return _built[0]
+
+
+@worker_process_init.connect
+def _warm_pool_process(**_kwargs: object) -> None:
+    # A fresh pool process (at start, or replacing one that died or reached its task limit)
+    # would build its clients and open its database connections during its first job. In a
+    # thread: process init must end within Celery's timeout whatever the database does.
+    def run() -> None:
+        try:
+            warm_up()
+        except Exception:  # the first job builds what is missing, and says what fails
+            log.warning("worker.warm_up_failed", exc_info=True)
+
+    threading.Thread(target=run, name="pushworker-warm-up", daemon=True).start()
 
 
 def warm_up() -> None:

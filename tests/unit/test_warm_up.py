@@ -1,5 +1,5 @@
 """A fresh pool process warms up in the background: its step runner is built and its database
-connections are open before its first job asks for them (tasks/app.py, tasks/push.py)."""
+connections are open before its first job asks for them (tasks/push.py)."""
 
 from __future__ import annotations
 
@@ -37,8 +37,6 @@ def test_warm_up_builds_the_runner_and_opens_the_connections(
 def test_a_new_pool_process_warms_up_in_a_thread(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.app
-
     monkeypatch.setattr(tasks.push, "_built", [])
     worker_process_init.send(sender=None)
     deadline = time.monotonic() + 10
@@ -51,8 +49,6 @@ def test_a_failing_warm_up_is_logged_not_raised(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The database away at start: the pool process lives on; its first job says what fails."""
-    import tasks.app
-
     monkeypatch.setenv("PUSHWORKER_DATABASE_URL", "postgresql+psycopg://u@127.0.0.1:1/none")
     get_settings.cache_clear()
     monkeypatch.setattr(tasks.push, "_built", [])
