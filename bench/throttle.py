@@ -1,7 +1,7 @@
 """Benchmark 7: pushes to a registry that throttles above 4 concurrent pushes (issue 15).
 
     eval "$(scripts/stack env)"; .venv/bin/python -m bench.throttle [--jobs 200] [--rounds 3] \
-        [--size-mib 1] [--concurrency 8] [--sides off,adaptive,capped,cli]
+        [--size-mib 1] [--concurrency 8] [--sides off,adaptive,capped,cli] [--trace]
 
 A private plain registry behind ``ThrottleProxy`` (tests/support/throttleproxy.py), which answers
 ``429 TOOMANYREQUESTS`` (no Retry-After, as Harbor does) to a push that would make more than
@@ -32,7 +32,14 @@ Where the time goes, measured rather than guessed:
 - ``occupancy``: the successful tries' push seconds / (wall x limit), the share of the
   registry's capacity that did useful work. A controller that only removes 429s can at most
   turn the rest into pushes, so 1 / occupancy bounds its gain when the registry's limit, not the
-  machine, bounds goodput.
+  machine, bounds goodput;
+- CPU: each party's CPU seconds per succeeded job (the worker's processes, dockerd, the
+  throttled registry, this process with its proxy, the docker CLI) and the machine's busy
+  share: where the CPU binds, off's CPU per job / a side's bounds that side's gain;
+- with ``--trace`` (the worker runs as bench/slot_trace.py): where each held slot's time went,
+  from its take to its release around the proxy's open and close of the push, how long a slot
+  handed over stayed reserved, the polls refused, and SQLite's write lock
+  (bench/slot_phases.py).
 
 Nothing is asserted.
 """
