@@ -35,7 +35,7 @@ from harness.worker import CeleryProcess
 from tests.e2e.conftest import ALTERNATIVE_ID, E2E, HARBOR_ID, password_of, wait_for_job
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.monitoring import PROMETHEUS_OWN, names_read
-from worker.core.queues import HEALTH_TASK, RECONCILE_TASK
+from worker.core.queues import HEALTH_TASK, RECONCILE_TASK, SEAL_TASK
 from worker.core.settings import get_settings
 from worker.producer import enqueue_push
 from worker.registries import RegistrySpec, create_registry, remove_registry
@@ -47,7 +47,9 @@ HOST = "monitoring-host"
 QUEUE = f"pushworker.{HOST}"
 DOWN_ID, CAPPED_ID, THROTTLING_ID = 81, 82, 83
 #: Beat's intervals in this module: short, so that a real beat runs each task within seconds.
-BEAT_ENV = {"PUSHWORKER_RECONCILE_EVERY": "2", "PUSHWORKER_HEALTH_EVERY": "4"}
+BEAT_ENV = {
+    "PUSHWORKER_RECONCILE_EVERY": "2", "PUSHWORKER_HEALTH_EVERY": "4", "PUSHWORKER_SEAL_EVERY": "2",
+}  # fmt: skip
 
 
 @dataclass
@@ -260,15 +262,15 @@ def test_doctor_finds_every_part_running(
             runs = heartbeats.last_runs(session)
         return all(
             task in runs and runs[task].at.timestamp() > started
-            for task in (RECONCILE_TASK, HEALTH_TASK)
+            for task in (RECONCILE_TASK, HEALTH_TASK, SEAL_TASK)
         )
 
-    wait_until(beat_ran, 90, "beat's reconcile and health runs")
+    wait_until(beat_ran, 90, "beat's reconcile, health and seal runs")
     code, data = doctor(monitoring.env, "--timeout", "5")
     found = by_name(data)
     expected_ok = [
         "database", "migrations", "broker", "secret key", "credentials", "beat reconcile",
-        "beat check_registries", "registry 4", "registry 5",
+        "beat check_registries", "beat seal_events", "registry 4", "registry 5",
     ]  # fmt: skip
     for name in expected_ok:
         assert found[name]["status"] == "ok", found[name]
