@@ -310,13 +310,23 @@ def test_a_retried_step_stays_in_the_jobs_trace(
         e2e.stack.service("up", "tls-registry")
     job = wait_for_job(job_id)
     assert job.status == "succeeded"
-    spans = trace_of(receiver, job_id, steps_done(HARBOR_ID))
-    (root,) = [s for s in spans if s["name"] == "pushworker.enqueue_push"]
     with session_scope() as session:
         failed_step = next(
             e.step for e in select_events(session, job_id=job_id) if e.type == "step.failed"
         )
     assert failed_step in ("login", "push")
+    steps_in = steps_done(HARBOR_ID)
+
+    def retried_and_done(spans: list[Span]) -> bool:
+        # The failed try's span (the push's with its daemon call) arrives before the retry's:
+        # wait for the try that succeeded too.
+        return steps_in(spans) and any(
+            t["attributes"].get("pushworker.outcome") == "succeeded"
+            for t in step_spans(spans, failed_step, HARBOR_ID)
+        )
+
+    spans = trace_of(receiver, job_id, retried_and_done)
+    (root,) = [s for s in spans if s["name"] == "pushworker.enqueue_push"]
     tries = sorted(step_spans(spans, failed_step, HARBOR_ID), key=lambda s: int(s["start"]))
     assert len(tries) >= 2
     assert [t["attributes"]["pushworker.attempt"] for t in tries] == list(range(1, len(tries) + 1))
