@@ -8,17 +8,15 @@ the deliveries that report it all travel through RabbitMQ.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.conftest import ALTERNATIVE_ID, E2E, HARBOR_ID
+from tests.e2e.conftest import E2E
 from tests.e2e.test_amqp_broker import e2e
 from tests.e2e.test_api import (
-    ROLES,
     ApiServer,
-    start_api,
+    serving_api,
     test_a_push_through_the_api_is_pushed_and_followed_to_its_end,
 )
 from tests.e2e.test_webhooks import (
@@ -27,7 +25,6 @@ from tests.e2e.test_webhooks import (
     test_a_push_produces_a_signed_job_succeeded_delivery,
     test_a_receiver_answering_500_then_200_gets_two_attempts,
 )
-from worker.tokens import create_token
 
 __all__ = [
     "e2e",
@@ -42,18 +39,6 @@ __all__ = [
 @pytest.fixture(scope="module")
 def api_server(e2e: E2E) -> Iterator[ApiServer]:
     """``test_api``'s server, on this module's RabbitMQ environment."""
-    suffix = uuid.uuid4().hex[:6]
-    tokens: dict[str, str] = {}
-    names: dict[str, str] = {}
-    for role in ROLES:
-        names[role] = f"e2e-amqp-{role}-{suffix}"
-        scope = [HARBOR_ID, ALTERNATIVE_ID] if role == "producer" else None
-        tokens[role], _ = create_token(names[role], role, actor="operator:e2e", registry_ids=scope)
-    log_path = e2e.workdir / f"api-{suffix}.log"
     assert e2e.env["PUSHWORKER_BROKER_URL"].startswith("amqp://")
-    url, process = start_api(e2e.env, log_path)
-    try:
-        yield ApiServer(url, tokens, names, log_path, process)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with serving_api(e2e, "e2e-amqp") as server:
+        yield server

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,13 +67,14 @@ def start_api(env: dict[str, str], log_path: Path) -> tuple[str, subprocess.Pope
     raise AssertionError(f"the API did not answer within 60 s:\n{log_path.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def api_server(e2e: E2E) -> Iterator[ApiServer]:
+@contextmanager
+def serving_api(e2e: E2E, prefix: str = "e2e") -> Iterator[ApiServer]:
+    """A token of each role and ``pushctl api serve`` on ``e2e``'s environment."""
     suffix = uuid.uuid4().hex[:6]
     tokens: dict[str, str] = {}
     names: dict[str, str] = {}
     for role in ROLES:
-        names[role] = f"e2e-{role}-{suffix}"
+        names[role] = f"{prefix}-{role}-{suffix}"
         scope = [HARBOR_ID, ALTERNATIVE_ID] if role == "producer" else None
         tokens[role], _ = create_token(names[role], role, actor="operator:e2e", registry_ids=scope)
     log_path = e2e.workdir / f"api-{suffix}.log"
@@ -82,6 +84,12 @@ def api_server(e2e: E2E) -> Iterator[ApiServer]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def api_server(e2e: E2E) -> Iterator[ApiServer]:
+    with serving_api(e2e) as server:
+        yield server
 
 
 def _push_body(image: str, repository: str, **extra: object) -> dict[str, object]:
