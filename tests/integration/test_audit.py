@@ -310,19 +310,25 @@ def _writer(
         time.sleep(pause)  # a worker does other things between two transactions
 
 
-def test_concurrent_writers_in_several_processes_keep_one_chain(database_url: str) -> None:
-    """Four processes append at once (several events per transaction, shared streams)."""
+def _run_writers(database_url: str, arguments: list[tuple[Any, ...]]) -> None:
+    """One ``_writer`` process per entry of ``arguments`` (its arguments after the name and
+    the start barrier), started together; each must exit cleanly."""
     context = multiprocessing.get_context("spawn")
-    start = context.Barrier(4)
+    start = context.Barrier(len(arguments))
     processes = [
-        context.Process(target=_writer, args=(database_url, f"w{n}", start, 10, 2))
-        for n in range(4)
+        context.Process(target=_writer, args=(database_url, f"w{n}", start, *extra))
+        for n, extra in enumerate(arguments)
     ]
     for process in processes:
         process.start()
     for process in processes:
         process.join(120)
         assert process.exitcode == 0
+
+
+def test_concurrent_writers_in_several_processes_keep_one_chain(database_url: str) -> None:
+    """Four processes append at once (several events per transaction, shared streams)."""
+    _run_writers(database_url, [(10, 2)] * 4)
     report = verify.verify()
     assert report.ok, report.to_dict()
     assert report.checked == 4 * 10 * 2
@@ -336,21 +342,8 @@ def test_writers_of_one_lane_in_several_processes_keep_its_chain(database_url: s
     """Four processes append without pause to different streams of one lane: each waits for the
     lane's lock and must then read the head the one before it committed (on PostgreSQL, a read
     in a snapshot taken before the lock was granted would link to a stale head)."""
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(4)
     lane_streams = streams_in_lane(SHARED_LANE + 5, 8)
-    processes = [
-        context.Process(
-            target=_writer,
-            args=(database_url, f"w{n}", start, 25, 2, lane_streams[2 * n : 2 * n + 2], 0.0),
-        )
-        for n in range(4)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(120)
-        assert process.exitcode == 0
+    _run_writers(database_url, [(25, 2, lane_streams[2 * n : 2 * n + 2], 0.0) for n in range(4)])
     report = verify.verify()
     assert report.ok, report.to_dict()
     assert report.checked == 4 * 25 * 2 and list(report.heads) == [str(SHARED_LANE + 5)]

@@ -18,9 +18,7 @@ import gzip
 import json
 import socket
 import subprocess
-import sys
 import threading
-import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,7 +32,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.serving import kill, start_listening
+
 TRACES_PATH = "/v1/traces"
 
 
@@ -163,26 +162,14 @@ class OtlpReceiver:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> OtlpReceiver:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.otlp_receiver", "--port", str(self.port),
-             "--record", str(self.record)],
-            cwd=ROOT,
+        self.process = start_listening(
+            "tests.support.otlp_receiver", self.port, "--record", str(self.record),
+            what="OTLP receiver",
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError("the OTLP receiver exited at start") from None
-                time.sleep(0.05)
-        raise RuntimeError(f"the OTLP receiver did not listen on {self.port}")
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        kill(self.process)
         self.process = None
 
     def spans(self) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ import argparse
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +23,8 @@ from typing import Any
 
 from standardwebhooks import Webhook, WebhookVerificationError
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.serving import kill, start_listening
+
 MODES = ("ok", "fail-first", "hang", "hang-first")
 
 
@@ -124,27 +124,14 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/hooks/push"
 
     def start(self, mode: str = "ok") -> Receiver:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.webhook_receiver", "--port", str(self.port),
-             "--secret-file", str(self.secret_file), "--record", str(self.record),
-             "--mode", mode],
-            cwd=ROOT,
+        self.process = start_listening(
+            "tests.support.webhook_receiver", self.port, "--secret-file", str(self.secret_file),
+            "--record", str(self.record), "--mode", mode, what="webhook receiver",
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError("the webhook receiver exited at start") from None
-                time.sleep(0.05)
-        raise RuntimeError(f"the webhook receiver did not listen on {self.port}")
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        kill(self.process)
         self.process = None
 
     def lines(self) -> list[dict[str, Any]]:

@@ -21,7 +21,8 @@ import getpass
 import json
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,13 +114,14 @@ def _login_name() -> str:
 _RETRYABLE = ("40P01", "40001", "55P03")
 
 
-def _locked(session: Session, statement: str, params: dict[str, int]) -> None:
+@contextmanager
+def _lock_waits_retryable() -> Iterator[None]:
+    """A deadlock with a writer that holds a lock this statement waits for (and waits for a row
+    this transaction locked) is retryable, like a sequence clash: ``EventConflict``."""
     try:
-        session.execute(text(statement), params)
+        yield
     except DBAPIError as exc:
         if getattr(exc.orig, "sqlstate", None) in _RETRYABLE:
-            # A deadlock with a writer that holds the lock and waits for a row this transaction
-            # locked: retryable, like a sequence clash.
             raise EventConflict("the event chain is busy (deadlock); try again") from None
         raise
 
@@ -128,7 +130,8 @@ def lock_chain(session: Session) -> None:
     """Serialise the log's housekeeping (retention, seals) on PostgreSQL until this transaction
     ends (SQLite: already done). Appends do not take it."""
     if session.get_bind().dialect.name == "postgresql":
-        _locked(session, "SELECT pg_advisory_xact_lock(:key)", {"key": CHAIN_LOCK_KEY})
+        with _lock_waits_retryable():
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
 
 
 def lanes_root(session: Session) -> str:
@@ -213,12 +216,8 @@ def _append_state(session: Session, stream: str, lane: int, job_id: str | None) 
     connection = session.connection()
     params = {"stream": stream, "lane": lane, "job_id": job_id}
     if connection.dialect.name == "postgresql":
-        try:
+        with _lock_waits_retryable():
             row = connection.execute(_LOCKED_STATE, {**params, "cls": LANE_LOCK_CLASS}).one()
-        except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) in _RETRYABLE:
-                raise EventConflict("the event chain is busy (deadlock); try again") from None
-            raise
     else:
         row = connection.execute(_SQLITE_STATE, params).one()
     last_seq, head_hash, job_repository, ident = row
