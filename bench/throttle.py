@@ -269,6 +269,15 @@ def _job_times(watcher: JobWatcher, job_ids: list[str], wall: float, limit: int)
     }
 
 
+def _superseded(worker_log: Path) -> int:
+    """Deliveries of a waiter's own message that stopped on arrival, its job ended by a
+    hand-over's run (``step.superseded`` in the worker's log): no transaction, no event."""
+    try:
+        return worker_log.read_text(errors="replace").count("step.superseded")
+    except OSError:
+        return 0
+
+
 def _side(jobs: int, failed: int, wall: float, proxy: ThrottleProxy) -> dict[str, Any]:
     requests = len(proxy.seen)
     return {
@@ -429,6 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 concurrency=args.concurrency, label=f"{side}{round_no}",
                                 extra_env=env,
                             )  # fmt: skip
+                            worker_log = bench.workdir / f"worker-{side}{round_no}.log"
                             try:
                                 cpu = _Cpu(bench, plain, worker)
                                 outcome = _pipeline_side(
@@ -437,6 +447,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 outcome.update(cpu.used())
                             finally:
                                 worker.stop()
+                            outcome["push_superseded"] = _superseded(worker_log)
                             if trace is not None:
                                 outcome.update(slot_phases(read_trace(trace), proxy.timeline))
                     outcome["round"] = round_no
@@ -558,6 +569,18 @@ def report(data: dict[str, Any]) -> list[str]:
             "Push deliveries skipped per job (median over rounds; the push done or running "
             "already, e.g. a waiter's own message after the releasing process ran its push: a "
             "transaction and a `step.skipped` event each): " + "; ".join(skipped),
+        ]
+    superseded = [
+        f"{side} {statistics.median(r['push_superseded'] / max(r['jobs'], 1) for r in rounds):.2f}"
+        for side, rounds in results.items()
+        if rounds and "push_superseded" in rounds[0]
+    ]
+    if superseded:
+        lines += [
+            "",
+            "Push deliveries stopped on arrival per job (median over rounds; a waiter's own "
+            "message whose job a hand-over's run ended, `step.superseded` in the worker's log: "
+            "one Redis call, no transaction, no event): " + "; ".join(superseded),
         ]
     lines += _slot_lines(results)
     lines += _cpu_lines(results)

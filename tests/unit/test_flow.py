@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.fakes import FakeWorld, InlineDispatcher, fake_runner
-from worker.core.errors import RegistryThrottled
+from worker.core.errors import PushVerificationFailed, RegistryThrottled, RegistryUnavailable
 from worker.core.settings import Settings
 from worker.engine.flow import WAKE_PREFIX, FlowControl
 from worker.engine.pipeline import StepRunner
@@ -443,6 +443,83 @@ def test_a_released_slot_can_be_kept_for_the_releasing_process_to_run(
     # Its own release handed the slot on to the third job, again to this process.
     assert runner.flow.take_handed() == [(5, f"{third}:push")]
     assert published == []
+
+
+def _waiting_behind_a_hand_over(
+    world: FakeWorld, state: RedisFlowState, own: str
+) -> tuple[StepRunner, str, str]:
+    """A job whose push waits under its own message id ``own``, then a released slot handed
+    over to it: the runner, the job and the wake message's id."""
+    runner, _ = _runner(world, state)
+    woken: list[tuple[str, str, int, str]] = []
+    assert runner.flow is not None
+    runner.flow.wake = lambda *args: woken.append(args)
+    job_id = _job()
+    for step in ("resolve_credentials", "login", "tag"):
+        assert runner.run(step, job_id, 5).action == "continue"
+    assert state.acquire(5, "other", "other-job", 1, lease=30, waiter_ttl=30).granted
+    assert runner.run("push", job_id, 5, message_id=own).action == "retry"
+    registry = Registry(id=5, name="r5", url=f"https://{HOST}", host=HOST, max_concurrent=1)
+    runner.flow.release(registry, "other")
+    assert [(j, s) for j, s, _, _ in woken] == [(job_id, "push")]
+    return runner, job_id, woken[0][3]
+
+
+@pytest.mark.parametrize("ending", ["succeeded", "failed"])
+def test_the_waiters_own_message_stops_unrecorded_once_a_hand_over_ended_its_job(
+    registry_5: None, state: RedisFlowState, ending: str
+) -> None:
+    """The message a waiter was re-queued under arrives after the hand-over's run (a wake
+    message, or a take-over) ended the job: it stops without a transaction and without a
+    ``step.skipped`` (issue 15: 0.81 such deliveries a job, each a transaction). Only that
+    message, and once: another delivery of the ended step records its skip as before."""
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    if ending == "failed":  # not retryable: the job fails at once
+        world.push_errors[HOST] = [PushVerificationFailed("digest mismatch")]
+        world.push_errors[HOST][0].retryable = False
+    runner, job_id, wake = _waiting_behind_a_hand_over(world, state, own="own-1")
+    assert runner.run("push", job_id, 5, message_id=wake).action == "stop"
+    assert _types(job_id)[-1] == f"job.{ending}"
+    before = _types(job_id)
+    outcome = runner.run("push", job_id, 5, delivery_retries=1, message_id="own-1")
+    assert (outcome.action, outcome.reason) == ("stop", "superseded by a hand-over")
+    assert _types(job_id) == before
+    # The mark was taken: a duplicate of that message, or any other, records its skip.
+    for message in ("own-1", "another"):
+        assert runner.run("push", job_id, 5, delivery_retries=1, message_id=message).action == (
+            "stop"
+        )
+    assert _types(job_id)[len(before) :] == ["step.skipped", "step.skipped"]
+
+
+def test_the_waiters_own_message_stays_while_the_hand_overs_run_goes_on(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    """A hand-over's run that ends in a retry leaves the job going on: the waiter's own message
+    is not marked, and runs the step (its next try) like any delivery."""
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    world.push_errors[HOST] = [RegistryUnavailable("connection reset")]
+    runner, job_id, wake = _waiting_behind_a_hand_over(world, state, own="own-2")
+    assert runner.run("push", job_id, 5, message_id=wake).action == "retry"
+    outcome = runner.run("push", job_id, 5, delivery_retries=1, message_id="own-2")
+    assert outcome.action == "stop"
+    types = _types(job_id)
+    assert types[-3:] == ["step.started", "step.succeeded", "job.succeeded"]
+    assert world.pushes.count(world.pushes[-1]) == 2  # the failed try and this one
+
+
+def test_only_a_hand_overs_run_marks_the_waiters_message(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    """The waiter's own message taking the slot itself marks nothing: a stray duplicate of it
+    still records its skip."""
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, job_id, _ = _waiting_behind_a_hand_over(world, state, own="own-3")
+    assert runner.run("push", job_id, 5, delivery_retries=1, message_id="own-3").action == "stop"
+    before = _types(job_id)
+    assert before[-1] == "job.succeeded"
+    assert runner.run("push", job_id, 5, delivery_retries=2, message_id="own-3").action == "stop"
+    assert _types(job_id)[len(before) :] == ["step.skipped"]
 
 
 def test_a_slot_reserved_for_a_step_that_will_not_run_goes_to_the_next_waiter(

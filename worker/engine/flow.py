@@ -29,7 +29,10 @@ host sees the same slots.
   a holder). A wake message that finds no slot for it stops quietly: it never waits, its
   waiter's own message does. A reservation not taken within ``_reservation()`` seconds frees
   the slot and drops that waiter from the queue. The waiter's own message asks again after
-  ``PUSHWORKER_FLOW_POLL`` per round of pushes ahead of it (see ``_poll``).
+  ``PUSHWORKER_FLOW_POLL`` per round of pushes ahead of it (see ``_poll``). When the hand-over's
+  run ends the job (succeeded, failed, moved to a fallback), that own message has nothing left
+  to do: it is marked (``supersede``) and stops on arrival without a database transaction;
+  while the job goes on (a retry), it stays the waiter's safety net.
 - **AIMD**: a 429 halves the registry's effective limit (from the concurrency it arrived at, at
   most once per ``DECREASE_COOLDOWN`` seconds after the last decrease, floor 1); each success
   met while the limit was full adds 1/limit, so the limit grows by one per "limit" such
@@ -182,12 +185,19 @@ class FlowControl:
     # --- admission -------------------------------------------------------------------------------
 
     def admit(
-        self, registry: Registry, job_id: str, step: str, *, message_id: str | None = None
+        self,
+        registry: Registry,
+        job_id: str,
+        step: str,
+        *,
+        message_id: str | None = None,
+        requeued_as: str | None = None,
     ) -> Admission:
         """Before a step's claim: whether its registry has a slot for it now (push; asked, not
         taken: ``upload`` takes it) and a request of the rate (login, push, taken), or how long
         to wait. ``message_id``: the delivering message's id (a first delivery's), to know a
-        wake."""
+        wake. ``requeued_as``: the id the step is re-queued under if it must wait (the
+        delivering message's own), kept for ``supersede``."""
         limit = self.limit(registry)
         wake = message_id is not None and message_id.startswith(WAKE_PREFIX)
         if step in SLOT_STEPS:
@@ -195,7 +205,7 @@ class FlowControl:
                 registry.id, f"{job_id}:{step}:ask", f"{job_id}:{step}",
                 UNLIMITED if limit is None else limit,
                 lease=self.settings.flow_lease, waiter_ttl=self._waiter_ttl(), wake=wake,
-                take=False,
+                take=False, message_id=None if wake else requeued_as,
             )  # fmt: skip
             if not grant.granted:
                 return self._refused(registry, grant, limit, wake=wake)
@@ -287,6 +297,16 @@ class FlowControl:
                 self.handed.append((registry.id, waiter))
             else:
                 self.wake_waiter(registry.id, waiter)
+
+    def supersede(self, registry: Registry, job_id: str, step: str) -> None:
+        """A hand-over's run (a wake message, or a take-over) ended the waiter's job: the
+        message the waiter was re-queued under will only find it ended, so it is marked to stop
+        on arrival (``superseded``) instead of opening a transaction to record a skip."""
+        self.state.supersede(registry.id, f"{job_id}:{step}", ttl=self._waiter_ttl())
+
+    def superseded(self, registry: Registry, job_id: str, step: str, message_id: str) -> bool:
+        """True, once, for the waiter's message a hand-over's run made pointless."""
+        return self.state.take_superseded(registry.id, f"{job_id}:{step}", message_id)
 
     def take_handed(self) -> list[tuple[int, str]]:
         """The (registry id, waiter) pairs released slots were reserved for since the last call."""

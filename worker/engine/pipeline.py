@@ -48,6 +48,7 @@ from worker.engine.dispatch import Dispatcher, StepWaker
 from worker.engine.fallback import final_auth_error, plan_fallback
 from worker.engine.flow import (
     SLOT_STEPS,
+    WAKE_PREFIX,
     Admission,
     CapChange,
     FlowControl,
@@ -146,7 +147,7 @@ class StepRunner:
         # Only a first delivery can be a wake message (a retried one is the waiter's own).
         wake_id = message_id if delivery_retries == 0 else None
         try:
-            asked = self._ask_first(step, job_id, registry_id, wake_id)
+            asked = self._ask_first(step, job_id, registry_id, wake_id, message_id)
             if isinstance(asked, Outcome):
                 return asked
             claimed = _with_conflict_retry(
@@ -199,23 +200,49 @@ class StepRunner:
             )
         except PushWorkerError as exc:
             failure = exc
-            return _with_conflict_retry(
+            outcome = _with_conflict_retry(
                 lambda: self._record_failure(step, job_id, registry_id, failure, actor)
             )
+            return self._ended_by_hand_over(outcome, claimed.registry, job_id, step, wake_id)
         except Exception as exc:
             log.exception("step.crashed", job_id=job_id, step=step)
             crash = PushWorkerError(f"step {step} crashed: {type(exc).__name__}")
-            return _with_conflict_retry(
+            outcome = _with_conflict_retry(
                 lambda: self._record_failure(step, job_id, registry_id, crash, actor)
             )
-        return _with_conflict_retry(
+            return self._ended_by_hand_over(outcome, claimed.registry, job_id, step, wake_id)
+        outcome = _with_conflict_retry(
             lambda: self._record_success(step, job_id, registry_id, result, actor)
         )
+        return self._ended_by_hand_over(outcome, claimed.registry, job_id, step, wake_id)
+
+    def _ended_by_hand_over(
+        self, outcome: Outcome, registry: Registry, job_id: str, step: str, wake_id: str | None
+    ) -> Outcome:
+        """A hand-over's run (a wake message, or a take-over: ``WAKE_PREFIX`` ids) that ended
+        its job leaves the message the waiter was re-queued under nothing to do: marked, it
+        stops on arrival (``_ask_first``) instead of recording a skip. A run that goes on (a
+        retry) leaves it as it is: it is the job's safety net if what carries the job on is
+        lost."""
+        if (
+            self.flow is not None
+            and outcome.action == "stop"
+            and step in SLOT_STEPS
+            and wake_id is not None
+            and wake_id.startswith(WAKE_PREFIX)
+        ):
+            self._flow_call(self.flow.supersede, registry, job_id, step)
+        return outcome
 
     # --- phase 1 --------------------------------------------------------------------------------
 
     def _ask_first(
-        self, step: str, job_id: str, registry_id: int, message_id: str | None
+        self,
+        step: str,
+        job_id: str,
+        registry_id: int,
+        wake_id: str | None,
+        message_id: str | None = None,
     ) -> Admission | Outcome | None:
         """Flow control's answer for a step that takes a registry slot (the push), asked before
         the claim's transaction: Redis is not waited for while that transaction holds the
@@ -223,16 +250,29 @@ class StepRunner:
         writes nothing at all. None: not asked (a step without a slot, whose rate, if any, the
         claim asks for; or a step that will not run: the claim says why, and asks itself if the
         state changed meanwhile); an Admission: granted, or refused with something to record
-        (the first refusal of a wait, the deadline); an Outcome: the wait, nothing recorded."""
+        (the first refusal of a wait, the deadline); an Outcome: the wait, nothing recorded;
+        or the stop of a waiter's message a hand-over's run made pointless (``supersede``),
+        nothing recorded either. ``wake_id``: the message's id when it may be a wake;
+        ``message_id``: its id in any case (the waiter's, if it is re-queued)."""
         if self.flow is None or step not in SLOT_STEPS:
             return None
         with read_scope() as session:
             view = claims.load_for_claim(session, job_id, step, registry_id)
             job, registry = view.job, view.registry
-            if job is None or registry is None or not self._would_run(session, view, step):
+            if job is None or registry is None:
+                return None
+            if not self._would_run(session, view, step):
+                if message_id is not None and self._flow_call(
+                    self.flow.superseded, registry, job_id, step, message_id
+                ):
+                    log.info("step.superseded", job_id=job_id, step=step,
+                             reason="a hand-over's run ended the job")  # fmt: skip
+                    return Outcome("stop", reason="superseded by a hand-over")
                 return None
             try:
-                admission = self.flow.admit(registry, job_id, step, message_id=message_id)
+                admission = self.flow.admit(
+                    registry, job_id, step, message_id=wake_id, requeued_as=message_id
+                )
             except FlowStateUnavailable as unavailable:
                 log.warning("step.deferred", job_id=job_id, step=step, reason=unavailable.message)
                 return Outcome("retry", self._delay(1), unavailable.code)

@@ -20,6 +20,11 @@ Three things per registry, all under ``pushworker:flow:<registry_id>:``:
   waiter from the queue (it stopped answering; if it is alive, its next ask puts it back).
 - ``aimd``: the adaptive cap (a float), when it last changed and when it last went down,
   replaced only by compare-and-set so two workers reacting to the same 429 lower it once.
+- ``message:<waiter>``: the id of the message a refused waiter was re-queued under (its own
+  message, due after its countdown), kept by the refusal. When a hand-over's run ends the
+  waiter's job, ``supersede`` moves it to ``superseded:<waiter>``; that message, when it comes,
+  finds the mark (``take_superseded``) and stops without touching the database. Both expire
+  with the waiter's TTL: a mark nobody takes only costs the delivery the database's answer.
 
 The request rate is the ``limits`` library's moving window on the same Redis.
 Redis errors become ``worker.core.errors.BrokerUnavailable``-style ``FlowStateUnavailable``.
@@ -68,9 +73,10 @@ end
 """
 )
 
-# KEYS: slots, waiters, seen. ARGV: holder, waiter, cap, lease, waiter_ttl, now (-1: Redis TIME),
-# wake ('1': a wake message, which takes the waiter's reservation or a free slot, never waits),
-# ask ('1': only say whether the slot would be granted now; nothing is taken).
+# KEYS: slots, waiters, seen, message. ARGV: holder, waiter, cap, lease, waiter_ttl, now (-1:
+# Redis TIME), wake ('1': a wake message, which takes the waiter's reservation or a free slot,
+# never waits), ask ('1': only say whether the slot would be granted now; nothing is taken),
+# message id ('' for none: the refused message, kept in KEYS[4] for the waiter's TTL).
 # Returns {granted (0/1), holders, ahead, first_refusal (0/1)}.
 _ACQUIRE = (
     _EXPIRE
@@ -106,6 +112,9 @@ redis.call('ZADD', KEYS[3], now, ARGV[2])
 local ttl = math.ceil(tonumber(ARGV[5]) * 1000) + 1000
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
+if ARGV[9] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[9], 'PX', ttl)
+end
 return {0, holders, redis.call('ZRANK', KEYS[2], ARGV[2]), first}
 """
 )
@@ -158,6 +167,26 @@ end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
 return 1
+"""
+
+# KEYS: message, superseded. ARGV: ttl (ms). Moves the waiter's kept message id to its mark.
+# Returns the message id, or nil when none was kept.
+_SUPERSEDE = """
+local id = redis.call('GET', KEYS[1])
+if id then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], id, 'PX', tonumber(ARGV[1]))
+end
+return id
+"""
+
+# KEYS: superseded. ARGV: message id. Takes the mark if it names this message: 1, else 0.
+_TAKE_SUPERSEDED = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 """
 
 # KEYS: aimd. ARGV: expected cap ('' for none), new cap ('' to clear), the concurrency a 429
@@ -215,6 +244,14 @@ def _aimd_key(registry_id: int) -> str:
     return f"{PREFIX}:{registry_id}:aimd"
 
 
+def _message_key(registry_id: int, waiter: str) -> str:
+    return f"{PREFIX}:{registry_id}:message:{waiter}"
+
+
+def _superseded_key(registry_id: int, waiter: str) -> str:
+    return f"{PREFIX}:{registry_id}:superseded:{waiter}"
+
+
 class RedisFlowState:
     """The Redis implementation of ``worker.seams.protocols.FlowState``."""
 
@@ -227,6 +264,8 @@ class RedisFlowState:
         self._renew = self._client.register_script(_RENEW)
         self._swap = self._client.register_script(_SWAP_CAP)
         self._hand_over = self._client.register_script(_HAND_OVER)
+        self._supersede = self._client.register_script(_SUPERSEDE)
+        self._take_superseded = self._client.register_script(_TAKE_SUPERSEDED)
         self._limiter: MovingWindowRateLimiter | None = None
 
     def acquire(
@@ -241,15 +280,18 @@ class RedisFlowState:
         now: float | None = None,
         wake: bool = False,
         take: bool = True,
+        message_id: str | None = None,
     ) -> SlotGrant:
         """A slot for ``holder``: its waiter's reservation, or a free one under ``cap``; else a
         place in the queue (not for a ``wake`` message: the waiter's own message waits).
         ``take=False`` only asks: the answer a take would get now, with nothing taken (a
         reservation stays its waiter's, a free slot stays free), the queue kept as a refusal
-        keeps it."""
+        keeps it. ``message_id``: the asking message, kept as the waiter's if it is refused
+        (it is re-queued under that id), for ``supersede``."""
         args = [holder, waiter, cap, lease, waiter_ttl, -1 if now is None else now]
-        args += ["1" if wake else "", "" if take else "1"]
-        answer = cast(list[int], self._call(self._acquire, list(_keys(registry_id)), args))
+        args += ["1" if wake else "", "" if take else "1", message_id or ""]
+        keys = [*_keys(registry_id), _message_key(registry_id, waiter)]
+        answer = cast(list[int], self._call(self._acquire, keys, args))
         granted, holders, ahead, first = (int(value) for value in answer)
         return SlotGrant(bool(granted), holders, ahead, bool(first))
 
@@ -290,6 +332,19 @@ class RedisFlowState:
         self._call(lambda: self._client.zrem(waiters, waiter))
         self._call(lambda: self._client.zrem(seen, waiter))
         self._call(lambda: self._client.zrem(slots, RESERVED + waiter))
+
+    def supersede(self, registry_id: int, waiter: str, *, ttl: float) -> str | None:
+        """The waiter's step has run to its end elsewhere: mark the message it was last
+        re-queued under (for ``ttl`` seconds) so that it stops when it comes; its id, or None
+        when no refused message was kept."""
+        keys = [_message_key(registry_id, waiter), _superseded_key(registry_id, waiter)]
+        answer = self._call(self._supersede, keys, [math.ceil(ttl * 1000)])
+        return answer.decode() if isinstance(answer, bytes) else answer
+
+    def take_superseded(self, registry_id: int, waiter: str, message_id: str) -> bool:
+        """True, once, for the message ``supersede`` marked for this waiter."""
+        keys = [_superseded_key(registry_id, waiter)]
+        return bool(self._call(self._take_superseded, keys, [message_id]))
 
     def holders(self, registry_id: int, *, now: float | None = None) -> int:
         """Holders whose lease has not run out."""
