@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.fakes import FakeWorld, fake_runner, wrap_action
-from worker.core.errors import AuthenticationError, RegistryUnavailable
+from worker.core.errors import AuthenticationError, CredentialError, RegistryUnavailable
 from worker.core.settings import Settings
 from worker.engine.steps import STEP_NAMES, STEPS, Action, Step, StepContext, StepResult
 from worker.jobs import PushRequest, cancel_job, create_job
@@ -399,3 +399,78 @@ def test_a_login_retried_after_a_failure_asks_the_registry_again(
     world.login_errors.pop(HARBOR)
     assert runner.run("login", job_id, 5).action == "continue"
     assert world.login_reuse == [True, False]
+
+
+# --- a local step: claimed, run and recorded in one transaction ---------------------------------
+
+
+def test_resolving_credentials_is_one_transaction_and_records_as_before(
+    registries: None, world: FakeWorld
+) -> None:
+    """The local step (``Step.local``) commits its claim, ``step.started``, result and
+    ``step.succeeded`` together: one transaction where a step that talks to a daemon or a
+    registry takes two (claim, then record). Its claim row and events are those of any step."""
+    assert [s.name for s in STEPS if s.local] == ["resolve_credentials"]
+    job_id = _queued_job()
+    from sqlalchemy import event
+
+    from worker.store.db import default_engine
+
+    runner, _ = fake_runner(world, Settings.from_env())
+    commits: list[str] = []
+
+    def count(_connection: object) -> None:
+        commits.append("commit")
+
+    event.listen(default_engine(), "commit", count)
+    try:
+        assert runner.run("resolve_credentials", job_id, 5).action == "continue"
+        local = len(commits)
+        assert runner.run("login", job_id, 5).action == "continue"
+        remote = len(commits) - local
+    finally:
+        event.remove(default_engine(), "commit", count)
+    assert (local, remote) == (1, 2)
+    _, types = job_and_types(job_id)
+    assert types == ["job.enqueued"] + ["step.started", "step.succeeded"] * 2
+    with session_scope() as session:
+        claim = session.get(StepRun, (job_id, "resolve_credentials", 5))
+        assert claim is not None
+        assert (claim.status, claim.attempts, claim.owner) == ("succeeded", 1, None)
+        assert claim.result == {"credential_source": "secret", "username": "u"}
+
+
+@pytest.mark.parametrize("failure", ["refused", "crash"])
+def test_a_local_step_that_fails_keeps_nothing_of_its_one_transaction(
+    registries: None, world: FakeWorld, failure: str
+) -> None:
+    """A local step whose action fails rolls its transaction back and runs as any other step:
+    one try recorded (not two), ``step.started`` then ``step.failed``, the job failed with the
+    action's own error (a crash: ``step ... crashed``)."""
+    calls: list[int] = []
+
+    def failing(action: Action) -> Action:
+        def run(ctx: StepContext) -> StepResult:
+            calls.append(ctx.attempt)
+            if failure == "crash":
+                raise KeyError("boom")
+            raise CredentialError("credential store refused")
+
+        return run
+
+    steps = wrap_action("resolve_credentials", failing)
+    runner, _ = fake_runner(world, dataclasses.replace(Settings.from_env(), max_attempts=1), steps)
+    job_id = _queued_job()
+    assert runner.run("resolve_credentials", job_id, 5).action == "stop"
+    job, types = job_and_types(job_id)
+    assert types == ["job.enqueued", "step.started", "step.failed", "job.failed"]
+    assert job.status == "failed"
+    expected = "step resolve_credentials crashed: KeyError" if failure == "crash" else (
+        "credential store refused"
+    )  # fmt: skip
+    assert job.error_message == expected
+    # Run in the one transaction (rolled back), then again claimed as try 1.
+    assert calls == [1, 1]
+    with session_scope() as session:
+        claim = session.get(StepRun, (job_id, "resolve_credentials", 5))
+        assert claim is not None and (claim.status, claim.attempts) == ("failed", 1)

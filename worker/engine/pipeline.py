@@ -12,6 +12,11 @@ A step goes through three phases:
 3. record (one transaction): the outcome, with retry and fallback decided by
    ``worker.engine.retry`` and ``worker.engine.fallback``.
 
+A ``local`` step (``Step.local``: resolving credentials, which talks to nothing outside the
+worker's process and database) has all three in one transaction: it still records that it
+started before its outcome, in the same commit; if its action fails, the transaction is rolled
+back and the step takes the three phases above.
+
 Which steps there are, their order and their leases come from ``worker.engine.steps.STEPS``.
 
 Celery delivers at least once; the claim turns duplicates into ``step.skipped`` events, and a
@@ -21,8 +26,8 @@ step that already succeeded for this job and registry is skipped on any later de
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -150,6 +155,14 @@ class StepRunner:
             asked = self._ask_first(step, job_id, registry_id, wake_id, message_id)
             if isinstance(asked, Outcome):
                 return asked
+            if self.step(step).local:
+                done = _with_conflict_retry(
+                    lambda: self._run_local(step, job_id, registry_id, actor, wake_id)
+                )
+                if done is not None:
+                    return done
+                # The action failed and nothing of this try was kept: the way below claims
+                # the step, runs it again and records why it fails.
             claimed = _with_conflict_retry(
                 lambda: self._claim(step, job_id, registry_id, actor, wake_id, asked)
             )
@@ -170,18 +183,7 @@ class StepRunner:
             if self.flow is not None and slotted
             else nullcontext
         )
-        context = StepContext(
-            job=claimed.job,
-            registry=claimed.registry,
-            engine=self.engine_factory,
-            http_factory=self.http_factory,
-            http_timeout=self.settings.http_timeout,
-            on_progress=_progress_recorder(job_id, step, registry_id, claimed.tries, actor),
-            attempt=claimed.tries,
-            copier=self.copier_factory,
-            source_registry=claimed.source_registry,
-            upload=upload,
-        )
+        context = self._context(claimed, job_id, step, registry_id, actor, upload)
         try:
             try:
                 result = self.step(step).action(context)
@@ -215,6 +217,58 @@ class StepRunner:
             lambda: self._record_success(step, job_id, registry_id, result, actor)
         )
         return self._ended_by_hand_over(outcome, claimed.registry, job_id, step, wake_id)
+
+    def _context(
+        self,
+        claimed: _Claimed,
+        job_id: str,
+        step: str,
+        registry_id: int,
+        actor: str,
+        upload: Callable[[], AbstractContextManager[None]] = nullcontext,
+    ) -> StepContext:
+        return StepContext(
+            job=claimed.job,
+            registry=claimed.registry,
+            engine=self.engine_factory,
+            http_factory=self.http_factory,
+            http_timeout=self.settings.http_timeout,
+            on_progress=_progress_recorder(job_id, step, registry_id, claimed.tries, actor),
+            attempt=claimed.tries,
+            copier=self.copier_factory,
+            source_registry=claimed.source_registry,
+            upload=upload,
+        )
+
+    def _run_local(
+        self, step: str, job_id: str, registry_id: int, actor: str, wake_id: str | None
+    ) -> Outcome | None:
+        """A ``local`` step (``Step.local``: nothing outside this process and its database)
+        claimed, run and recorded in one transaction: its ``step.started`` and its outcome
+        commit together, one transaction a job fewer. None when the action failed: the
+        transaction is rolled back, nothing of this try is kept, and the caller takes the way
+        of every step (claim, act, record the failure)."""
+        leaving: list[Registry | None] = []
+        try:
+            with session_scope() as session:
+                claimed = self._claim_in(
+                    step, job_id, registry_id, actor, wake_id, None, leaving, session=session
+                )
+                if isinstance(claimed, Outcome):
+                    return claimed
+                context = self._context(claimed, job_id, step, registry_id, actor)
+                try:
+                    result = self.step(step).action(context)
+                except Exception:
+                    raise _LocalStepFailed() from None
+                return self._record_success(
+                    step, job_id, registry_id, result, actor, session=session
+                )
+        except _LocalStepFailed:
+            return None
+        finally:
+            for registry in leaving:
+                self._forget(registry, job_id, step)
 
     def _ended_by_hand_over(
         self, outcome: Outcome, registry: Registry, job_id: str, step: str, wake_id: str | None
@@ -328,8 +382,10 @@ class StepRunner:
         message_id: str | None,
         asked: Admission | None,
         leaving: list[Registry | None],
+        *,
+        session: Session | None = None,
     ) -> _Claimed | Outcome:
-        with session_scope() as session:
+        with _within(session) as session:
             view = claims.load_for_claim(session, job_id, step, registry_id)
             job, run = view.job, view.run
             if job is None:
@@ -609,9 +665,16 @@ class StepRunner:
     # waits for a row while holding the event chain's lock (docs/event-log.md).
 
     def _record_success(
-        self, step: str, job_id: str, registry_id: int, result: StepResult, actor: str
+        self,
+        step: str,
+        job_id: str,
+        registry_id: int,
+        result: StepResult,
+        actor: str,
+        *,
+        session: Session | None = None,
     ) -> Outcome:
-        with session_scope() as session:
+        with _within(session) as session:
             tries = claims.finish_claim(
                 session, job_id, step, registry_id, StepStatus.SUCCEEDED, result.payload
             )
@@ -784,6 +847,20 @@ def _progress_recorder(
             pass  # progress is informative; losing one line must not fail a push
 
     return record
+
+
+class _LocalStepFailed(Exception):
+    """A local step's action failed inside its one transaction: roll it back."""
+
+
+@contextmanager
+def _within(session: Session | None) -> Iterator[Session]:
+    """The caller's transaction when it gives one, else a transaction of its own."""
+    if session is not None:
+        yield session
+        return
+    with session_scope() as own:
+        yield own
 
 
 def _with_conflict_retry(work: Callable[[], T], attempts: int = 5) -> T:

@@ -505,12 +505,18 @@ class Step:
     lease: Callable[[Settings], float] = standard_lease
     #: Whether an authentication failure here moves the job to the next registry of its chain.
     may_fall_back: bool = False
+    #: Whether the action touches nothing outside the worker's process and database (no
+    #: daemon, no registry, no copier; only the job's rows, the credential store and files
+    #: under the worker's own directories): such a step is claimed, run and recorded in one
+    #: transaction (``StepRunner._run_local``); a failure rolls it back and the step runs as
+    #: any other, claim first.
+    local: bool = False
 
 
 #: The steps of every push job, in the order the chain runs them (part of the contract with
 #: producers and operators).
 STEPS: tuple[Step, ...] = (
-    Step("resolve_credentials", resolve_credentials),
+    Step("resolve_credentials", resolve_credentials, local=True),
     Step("login", login, may_fall_back=True),
     Step("tag", tag),
     Step("push", push, lease=push_lease, may_fall_back=True),
