@@ -32,6 +32,7 @@ rather than the pipeline. The removal is recorded in the report.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import re
 import statistics
@@ -122,6 +123,10 @@ class Sampler:
     pg_backend_rss_peak: int = 0
     samples: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    #: Every ``timeline_every`` s: (time, {pid: RSS}) of the worker's processes, to tell a
+    #: process that keeps growing with the jobs it ran from one that reached its size.
+    timeline: list[tuple[float, dict[int, int]]] = field(default_factory=list)
+    timeline_every: float = 5.0
 
     def __post_init__(self) -> None:
         self._redis = redis.Redis.from_url(self.broker_url)
@@ -155,11 +160,15 @@ class Sampler:
     def _sample(self) -> None:
         self.samples += 1
         total = 0
+        now, sizes = time.time(), {}
         for pid in self.worker.pids():
             rss = rss_bytes(pid)
             total += rss
+            sizes[pid] = rss
             self.worker_peaks[pid] = max(self.worker_peaks.get(pid, 0), rss)
         self.worker_peak_sum = max(self.worker_peak_sum, total)
+        if not self.timeline or now - self.timeline[-1][0] >= self.timeline_every:
+            self.timeline.append((now, sizes))
         try:
             self._sample_redis()
         except redis.RedisError as error:
@@ -466,6 +475,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "pg_backend_rss_peak": memory.pg_backend_rss_peak,
                 "samples": memory.samples,
                 "sample_errors": dict(memory.errors),
+                "worker_timeline": [
+                    [moment, {str(k): v for k, v in sizes.items()}]
+                    for moment, sizes in memory.timeline
+                ],
+                "succeeded_at": succeeded_at,
             },
             "database_bytes": database_bytes,
             "loads": {"start": load_at_start, "end": load_at_end},
@@ -473,6 +487,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     finally:
         bench.close()
+
+
+def _growth_lines(memory: dict[str, Any]) -> list[str]:
+    """The pool processes' mean RSS as the jobs went through: at a quarter, half, three
+    quarters and the end of the drain, and its slope over the second half (a process that
+    leaks keeps growing with the jobs it ran; one that reached its working size does not)."""
+    timeline, done_at = memory.get("worker_timeline") or [], memory.get("succeeded_at") or []
+    main_pid = memory["main_pid"]
+    points: list[tuple[int, float]] = []  # (jobs succeeded by then, mean pool RSS)
+    for moment, sizes in timeline:
+        pool = [v for k, v in sizes.items() if k != main_pid]
+        if pool:
+            points.append((bisect.bisect_right(done_at, moment), statistics.fmean(pool)))
+    total = len(done_at)
+    if total < 4 or len(points) < 4:
+        return []
+    marks = []
+    for share in (0.25, 0.5, 0.75, 1.0):
+        jobs, rss = next(((j, r) for j, r in points if j >= share * total), points[-1])
+        marks.append(f"{rss / MiB:.0f} MiB after {jobs}")
+    half = [(j, r) for j, r in points if j >= total / 2]
+    slope = ""
+    if len(half) >= 2 and half[-1][0] > half[0][0]:
+        per_k = (half[-1][1] - half[0][1]) / (half[-1][0] - half[0][0]) * 1000
+        slope = f"; over the second half {per_k / KiB:+.0f} KiB per 1,000 jobs"
+    return [
+        "| pool processes' mean RSS along the drain (jobs succeeded by then) | "
+        + ", ".join(marks)
+        + slope
+        + " |"
+    ]
 
 
 def report(results: dict[str, Any]) -> list[str]:
@@ -541,6 +586,7 @@ def report(results: dict[str, Any]) -> list[str]:
         f"{sum(memory['worker_idle'].values()) / mib:.0f} MiB); main "
         f"{memory['worker_peaks'].get(main_pid, 0) / mib:.0f} MiB, pool processes "
         f"{min(pool, default=0) / mib:.0f}-{max(pool, default=0) / mib:.0f} MiB each |",
+        *_growth_lines(memory),
         f"| broker: the Redis database's keys, peak of the sum of `MEMORY USAGE` "
         f"| **{memory['broker_keys_peak'] / mib:.1f} MiB**; queue length peak "
         f"{memory['broker_queue_peak']} messages |",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bench.burst import MANIFEST_PUT, windows
+from bench.burst import MANIFEST_PUT, _growth_lines, windows
 from bench.common import chosen_cli, docker_clis, newest_docker_cli, version_key
 
 
@@ -69,3 +70,26 @@ def test_windows_count_completions_per_second() -> None:
     moments = [0.5, 1.0, 5.0, 12.0, 15.0, 19.0, 25.0]
     assert windows(moments, 0.0, width=10.0) == [0.3, 0.3]
     assert windows([], 0.0) == []
+
+
+def test_the_burst_reports_the_pool_processes_growth_per_thousand_jobs() -> None:
+    """Mean pool RSS at each quarter of the drain, and its slope over the second half: a pool
+    that grows 8 KiB a job shows +8,000 KiB per 1,000 jobs; one that stopped growing, +0."""
+
+    done_at = [float(t) for t in range(1, 4001)]  # one job a second
+    main = "1"
+
+    def memory(rss_at: Callable[[float], float]) -> dict[str, object]:
+        timeline = [
+            [float(t), {main: 50 * 2**20, "2": rss_at(t), "3": rss_at(t)}]
+            for t in range(0, 4001, 100)
+        ]
+        return {"main_pid": main, "worker_timeline": timeline, "succeeded_at": done_at}
+
+    growing = _growth_lines(memory(lambda t: 100 * 2**20 + t * 8 * 1024))
+    assert len(growing) == 1
+    assert "+8000 KiB per 1,000 jobs" in growing[0]
+    assert "100 MiB after 0" not in growing[0] and "131 MiB after 4000" in growing[0]
+    flat = _growth_lines(memory(lambda t: 120 * 2**20))
+    assert "+0 KiB per 1,000 jobs" in flat[0]
+    assert _growth_lines({"main_pid": main, "worker_timeline": [], "succeeded_at": []}) == []
