@@ -319,15 +319,23 @@ def setup(
 
 
 def _log_to(path: Path) -> None:
-    """This process's log lines (the producer's, as in production: JSON at INFO) go to a file."""
+    """This process's log lines (the producer's, as in production: JSON at INFO) go to a file,
+    not to the terminal, which shows the benchmark's own progress lines only. (The project's
+    loggers write to whatever ``sys.stderr`` is when a line is logged, so the file is given to
+    structlog and to the standard library's root handler themselves.)"""
+    import logging
+
+    import structlog
+
     from worker.core.logs import configure_logging
 
+    configure_logging("json")
     handle = path.open("a", buffering=1)
-    saved, sys.stderr = sys.stderr, handle
-    try:
-        configure_logging("json")
-    finally:
-        sys.stderr = saved
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=handle))
+    root = logging.getLogger()
+    to_file = logging.StreamHandler(handle)
+    to_file.setFormatter(root.handlers[0].formatter if root.handlers else None)
+    root.handlers[:] = [to_file]
 
 
 def _add_registry(
