@@ -29,6 +29,12 @@ result_serializer = "json"
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
+# A pool process whose resident memory passed PUSHWORKER_WORKER_MAX_MEMORY MiB is replaced once
+# its task ends (no task is cut short; the new process warms up in the background). A safety
+# net against growth in a long-lived process, whatever its cause: the pool processes settle at
+# 150-210 MiB under bursts of thousands of jobs (docs/benchmarks.md). 0: never replaced.
+if _settings.worker_max_memory:
+    worker_max_memory_per_child = _settings.worker_max_memory * 1024  # Celery counts KiB
 
 # What depends on the broker (worker.core.brokers). Redis: unacked messages return after the
 # visibility timeout, which exceeds the longest push; every retry delay (PUSHWORKER_RETRY_MAX,

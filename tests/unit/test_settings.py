@@ -115,6 +115,7 @@ def test_defaults() -> None:
         assert settings.reconcile_every == 60.0
         assert settings.reconcile_grace == 60.0
         assert settings.health_every == 300.0
+        assert settings.worker_max_memory == 512
         assert settings.push_timeout == 1800.0
         assert settings.docker_hosts == ()
         assert settings.worker_host is None
@@ -135,6 +136,8 @@ def test_defaults() -> None:
         ("PUSHWORKER_PUSH_TIMEOUT", "600", "push_timeout", 600.0),
         ("PUSHWORKER_HTTP_TIMEOUT", "2.5", "http_timeout", 2.5),
         ("PUSHWORKER_MAX_ATTEMPTS", "1", "max_attempts", 1),
+        ("PUSHWORKER_WORKER_MAX_MEMORY", "0", "worker_max_memory", 0),
+        ("PUSHWORKER_WORKER_MAX_MEMORY", " 1024 ", "worker_max_memory", 1024),
         ("PUSHWORKER_RETRY_BASE", "0", "retry_base", 0.0),
         ("PUSHWORKER_DOCKER_HOSTS", "builder-1", "docker_hosts", ("builder-1",)),
         ("PUSHWORKER_DOCKER_HOSTS", " b-1, b.2,,b-1 ", "docker_hosts", ("b-1", "b.2")),
@@ -174,6 +177,8 @@ def test_values_are_parsed(name: str, raw: str, field: str, value: Any) -> None:
         ("PUSHWORKER_RETRY_MAX", "five", "a number of seconds >= 0"),
         ("PUSHWORKER_MAX_ATTEMPTS", "0", "a whole number >= 1"),
         ("PUSHWORKER_MAX_ATTEMPTS", "2.5", "a whole number >= 1"),
+        ("PUSHWORKER_WORKER_MAX_MEMORY", "-1", "a whole number >= 0"),
+        ("PUSHWORKER_WORKER_MAX_MEMORY", "512M", "a whole number >= 0"),
         ("PUSHWORKER_METRICS_PORT", "0", "a whole number from 1 to 65535"),
         ("PUSHWORKER_METRICS_PORT", "65536", "a whole number from 1 to 65535"),
         ("PUSHWORKER_METRICS_PORT", "http", "a whole number from 1 to 65535"),

@@ -59,6 +59,7 @@ SETTINGS_ENV_NAMES = (
     "PUSHWORKER_SEAL_EVERY",
     "PUSHWORKER_RECONCILE_GRACE",
     "PUSHWORKER_HEALTH_EVERY",
+    "PUSHWORKER_WORKER_MAX_MEMORY",
     DOCKER_HOSTS_ENV,
     WORKER_HOST_ENV,
     METRICS_PORT_ENV,
@@ -146,6 +147,10 @@ class Settings:
     reconcile_grace: float = 60.0
     #: Seconds between Celery beat's registry health checks (``PUSHWORKER_HEALTH_EVERY``).
     health_every: float = 300.0
+    #: MiB of resident memory after which a worker's pool process is replaced, once its task
+    #: ends (Celery's ``worker_max_memory_per_child``); 0: never (``PUSHWORKER_WORKER_MAX_MEMORY``).
+    #: A safety net: a pool process settles at 150-210 MiB (docs/benchmarks.md, the bursts).
+    worker_max_memory: int = 512
     #: The named Docker Engines jobs may ask for, in the order given, without repeats; the same
     #: list for producers and workers (``PUSHWORKER_DOCKER_HOSTS``, comma-separated).
     docker_hosts: tuple[str, ...] = ()
@@ -228,6 +233,7 @@ class Settings:
             seal_every=_seconds(env, "PUSHWORKER_SEAL_EVERY", 10, positive=True),
             reconcile_grace=_seconds(env, "PUSHWORKER_RECONCILE_GRACE", 60),
             health_every=_seconds(env, "PUSHWORKER_HEALTH_EVERY", 300, positive=True),
+            worker_max_memory=_integer(env, "PUSHWORKER_WORKER_MAX_MEMORY", 512, low=0),
             docker_hosts=_docker_hosts(env),
             worker_host=_text(env, WORKER_HOST_ENV),
             metrics_port=_port(env, METRICS_PORT_ENV),
