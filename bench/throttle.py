@@ -269,6 +269,16 @@ def _job_times(watcher: JobWatcher, job_ids: list[str], wall: float, limit: int)
     }
 
 
+def _per_job_line(results: dict[str, list[dict[str, Any]]], key: str, text: str) -> list[str]:
+    """A paragraph of ``key`` per job for each side that counted it (median over rounds)."""
+    figures = [
+        f"{side} {statistics.median(r[key] / max(r['jobs'], 1) for r in rounds):.2f}"
+        for side, rounds in results.items()
+        if rounds and key in rounds[0]
+    ]
+    return ["", text + "; ".join(figures)] if figures else []
+
+
 def _superseded(worker_log: Path) -> int:
     """Deliveries of a waiter's own message that stopped on arrival, its job ended by a
     hand-over's run (``step.superseded`` in the worker's log): no transaction, no event."""
@@ -558,30 +568,18 @@ def report(data: dict[str, Any]) -> list[str]:
             "another before its upload; the step waited, the try not counted): "
             + "; ".join(given_back),
         ]
-    skipped = [
-        f"{side} {statistics.median(r['push_skips'] / max(r['jobs'], 1) for r in rounds):.2f}"
-        for side, rounds in results.items()
-        if rounds and "push_skips" in rounds[0]
-    ]
-    if skipped:
-        lines += [
-            "",
-            "Push deliveries skipped per job (median over rounds; the push done or running "
-            "already, e.g. a waiter's own message after the releasing process ran its push: a "
-            "transaction and a `step.skipped` event each): " + "; ".join(skipped),
-        ]
-    superseded = [
-        f"{side} {statistics.median(r['push_superseded'] / max(r['jobs'], 1) for r in rounds):.2f}"
-        for side, rounds in results.items()
-        if rounds and "push_superseded" in rounds[0]
-    ]
-    if superseded:
-        lines += [
-            "",
-            "Push deliveries stopped on arrival per job (median over rounds; a waiter's own "
-            "message whose job a hand-over's run ended, `step.superseded` in the worker's log: "
-            "one Redis call, no transaction, no event): " + "; ".join(superseded),
-        ]
+    lines += _per_job_line(
+        results, "push_skips",
+        "Push deliveries skipped per job (median over rounds; the push done or running "
+        "already, e.g. a waiter's own message after the releasing process ran its push: a "
+        "transaction and a `step.skipped` event each): ",
+    )  # fmt: skip
+    lines += _per_job_line(
+        results, "push_superseded",
+        "Push deliveries stopped on arrival per job (median over rounds; a waiter's own "
+        "message whose job a hand-over's run ended, `step.superseded` in the worker's log: "
+        "one Redis call, no transaction, no event): ",
+    )  # fmt: skip
     lines += _slot_lines(results)
     lines += _cpu_lines(results)
     off = results.get("off", [])
