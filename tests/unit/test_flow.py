@@ -16,7 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.fakes import FakeWorld, InlineDispatcher, fake_runner
-from worker.core.errors import PushVerificationFailed, RegistryThrottled, RegistryUnavailable
+from worker.core.errors import (
+    FlowStateUnavailable,
+    PushVerificationFailed,
+    RegistryThrottled,
+    RegistryUnavailable,
+)
 from worker.core.settings import Settings
 from worker.engine.flow import WAKE_PREFIX, FlowControl
 from worker.engine.pipeline import StepRunner
@@ -506,6 +511,33 @@ def test_the_waiters_own_message_stays_while_the_hand_overs_run_goes_on(
     types = _types(job_id)
     assert types[-3:] == ["step.started", "step.succeeded", "job.succeeded"]
     assert world.pushes.count(world.pushes[-1]) == 2  # the failed try and this one
+
+
+class _MarksUnreachable(RedisFlowState):
+    """The real state, except that the marks of ``supersede`` cannot be written or read."""
+
+    def supersede(self, registry_id: int, waiter: str, *, ttl: float) -> None:
+        raise FlowStateUnavailable("the flow-control state in Redis is unreachable: test")
+
+    def take_superseded(self, registry_id: int, waiter: str, message_id: str) -> bool:
+        raise FlowStateUnavailable("the flow-control state in Redis is unreachable: test")
+
+
+def test_without_the_marks_the_waiters_own_message_records_its_skip_as_before(
+    registry_5: None, state: RedisFlowState
+) -> None:
+    """Redis unreachable for the marks: the hand-over's run still ends the job, and the waiter's
+    own message takes the database's way (``step.skipped``), never an error."""
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, job_id, wake = _waiting_behind_a_hand_over(world, state, own="own-4")
+    assert runner.flow is not None
+    runner.flow.state = _MarksUnreachable(REDIS_URL)
+    assert runner.run("push", job_id, 5, message_id=wake).action == "stop"
+    before = _types(job_id)
+    assert before[-1] == "job.succeeded"
+    outcome = runner.run("push", job_id, 5, delivery_retries=1, message_id="own-4")
+    assert outcome.action == "stop" and outcome.reason != "superseded by a hand-over"
+    assert _types(job_id)[len(before) :] == ["step.skipped"]
 
 
 def test_only_a_hand_overs_run_marks_the_waiters_message(

@@ -169,15 +169,15 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
 return 1
 """
 
-# KEYS: message, superseded. ARGV: ttl (ms). Moves the waiter's kept message id to its mark.
-# Returns the message id, or nil when none was kept.
+# KEYS: message, superseded. ARGV: ttl (ms). Moves the waiter's kept message id (if any) to its
+# mark.
 _SUPERSEDE = """
 local id = redis.call('GET', KEYS[1])
 if id then
   redis.call('DEL', KEYS[1])
   redis.call('SET', KEYS[2], id, 'PX', tonumber(ARGV[1]))
 end
-return id
+return 0
 """
 
 # KEYS: superseded. ARGV: message id. Takes the mark if it names this message: 1, else 0.
@@ -333,13 +333,12 @@ class RedisFlowState:
         self._call(lambda: self._client.zrem(seen, waiter))
         self._call(lambda: self._client.zrem(slots, RESERVED + waiter))
 
-    def supersede(self, registry_id: int, waiter: str, *, ttl: float) -> str | None:
+    def supersede(self, registry_id: int, waiter: str, *, ttl: float) -> None:
         """The waiter's step has run to its end elsewhere: mark the message it was last
-        re-queued under (for ``ttl`` seconds) so that it stops when it comes; its id, or None
-        when no refused message was kept."""
+        re-queued under, if a refusal kept one (for ``ttl`` seconds), so that it stops when it
+        comes."""
         keys = [_message_key(registry_id, waiter), _superseded_key(registry_id, waiter)]
-        answer = self._call(self._supersede, keys, [math.ceil(ttl * 1000)])
-        return answer.decode() if isinstance(answer, bytes) else answer
+        self._call(self._supersede, keys, [math.ceil(ttl * 1000)])
 
     def take_superseded(self, registry_id: int, waiter: str, message_id: str) -> bool:
         """True, once, for the message ``supersede`` marked for this waiter."""
