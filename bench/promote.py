@@ -142,7 +142,9 @@ class Engine:
                            env=self.env, capture_output=True, check=False)  # fmt: skip
 
 
-def promote_with_pushworker(source_spec: str, repository: str) -> tuple[float, str, str]:
+def promote_with_pushworker(
+    source_spec: str, repository: str
+) -> tuple[float, str, str, datetime]:
     from sqlalchemy import select
 
     from worker.producer import enqueue_push
@@ -166,20 +168,42 @@ def promote_with_pushworker(source_spec: str, repository: str) -> tuple[float, s
             if status != JobStatus.SUCCEEDED:
                 raise RuntimeError(f"job {job_id} {status}: {error}")
             finished = finished if finished.tzinfo else finished.replace(tzinfo=UTC)
-            return (finished - started).total_seconds(), str(digest), job_id
+            return (finished - started).total_seconds(), str(digest), job_id, started
 
 
-def push_step_seconds(job_id: str) -> float:
-    """How long the job's push step took (claim recorded to success recorded): the copy and
-    its verification, the rest of the job's time being the other steps and the queue."""
+#: The phases of a job's time, in order, as ``job_phases`` names them.
+PHASES = ("to first step", "resolve_credentials", "login", "tag (pin)", "hand-offs", "push")
+
+
+def job_phases(job_id: str, enqueued: datetime) -> dict[str, float]:
+    """Where the job's time went, from its events (this machine's clock, like ``enqueued``):
+    the queue before its first step, each step's run (claim recorded to outcome recorded;
+    ``push`` is the copy and its digest check), and the hand-offs between steps (an outcome
+    recorded to the next claim: the Celery hop and the next task's start)."""
     from worker.store.db import session_scope
     from worker.store.queries import select_events
 
     with session_scope() as session:
-        rows = [r for r in select_events(session, job_id=job_id) if r.step == "push"]
-    started = next(r.time for r in rows if r.type == "step.started")
-    ended = next(r.time for r in rows if r.type in ("step.succeeded", "step.skipped"))
-    return (ended - started).total_seconds()
+        rows = [r for r in select_events(session, job_id=job_id) if r.step]
+    phases = dict.fromkeys(PHASES, 0.0)
+    previous_end: datetime | None = None
+    for step in ("resolve_credentials", "login", "tag", "push"):
+        mine = [r for r in rows if r.step == step]
+        started = _aware(next(r.time for r in mine if r.type == "step.started"))
+        ended = _aware(
+            next(r.time for r in mine if r.type in ("step.succeeded", "step.skipped"))
+        )
+        if previous_end is None:
+            phases["to first step"] = (started - enqueued).total_seconds()
+        else:
+            phases["hand-offs"] += (started - previous_end).total_seconds()
+        phases["tag (pin)" if step == "tag" else step] = (ended - started).total_seconds()
+        previous_end = ended
+    return phases
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def served(endpoint: Endpoint, repository: str, reference: str) -> str | None:
@@ -228,7 +252,7 @@ def run(bench: Any, args: argparse.Namespace) -> dict[str, Any]:
                  extra_env={"DOCKER_HOST": ""})  # fmt: skip
     load_before = load_line()
     times: dict[str, list[float]] = {method: [] for method in METHODS}
-    push_steps: list[float] = []
+    phases: list[dict[str, float]] = []
     for index in range(-args.warmup, args.runs):
         counted = index >= 0
         name = f"{bench.run_id}-r{index}"
@@ -250,12 +274,12 @@ def run(bench: Any, args: argparse.Namespace) -> dict[str, Any]:
             target_repo = f"promoted/{name}-{method}"
             target = f"{dest.host}/{target_repo}:v1"
             if method == "pushworker":
-                elapsed, pushed, job_id = promote_with_pushworker(
+                elapsed, pushed, job_id, enqueued = promote_with_pushworker(
                     f"registry:1/{repository}@{digest}", target_repo
                 )
                 assert pushed == digest, (pushed, digest)
                 if counted:
-                    push_steps.append(push_step_seconds(job_id))
+                    phases.append(job_phases(job_id, enqueued))
             elif method == "engine":
                 elapsed = engine.promote(source_ref, target)
                 engine.forget(source_ref, target)
@@ -270,7 +294,7 @@ def run(bench: Any, args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"{method} left nothing at {target}")
             label = f"run {index + 1}" if counted else "warm-up"
             print(f"bench: {label} {method}: {elapsed:.2f} s", file=sys.stderr, flush=True)
-    return {"times": times, "push_steps": push_steps, "load_before": load_before,
+    return {"times": times, "phases": phases, "load_before": load_before,
             "load_after": load_line(), "mib": args.mib, "runs": args.runs,
             "docker_cli": docker_cli()}  # fmt: skip
 
@@ -307,9 +331,13 @@ def report(bench: Any, args: argparse.Namespace, results: dict[str, Any]) -> Non
             )
         ],
         "",
-        f"- of the pushworker job, its push step (the skopeo copy and the digest check): median "
-        f"{statistics.median(results['push_steps']):.2f} s; the rest (enqueue, queue, resolve, "
-        "login to both registries over HTTP, pin) is the pipeline's fixed cost",
+        "- where the pushworker job's time went (medians over the runs, from its events): "
+        + ", ".join(
+            f"{phase} {statistics.median(p[phase] for p in results['phases']) * 1000:.0f} ms"
+            for phase in PHASES
+        )
+        + "; push is the skopeo copy and the destination's digest check, everything else the "
+        "job's fixed cost (the two registries' /v2/ checks in login, the source's HEAD in pin)",
         f"- engine / pushworker: {median['engine'] / median['pushworker']:.2f}x of medians, per "
         f"run {min(r[0] for r in per_run):.2f}-{max(r[0] for r in per_run):.2f}x (goal >= 3x)",
         f"- pushworker / bare skopeo: {median['pushworker'] / median['skopeo']:.2f}x of medians, "

@@ -145,8 +145,9 @@ def test_counts_after_a_few_jobs(e2e: E2E, metrics_worker: MetricsWorker) -> Non
     assert m.value(f"{hist}_bucket", step="push", outcome="succeeded", le="+Inf") == 3
     assert m.value("pushworker_pushed_bytes_total", registry="5") > 0
     # Celery's own view of the same work (task_postrun), summed over both pool processes. A
-    # chain's last task ends with Ignore (the job's state is in the database): IGNORED.
-    assert m.value(tasks, task="pushworker.step.push", state="IGNORED") == 3
+    # succeeded job's last task returns (SUCCESS); a chain stopped early ends with Ignore (the
+    # job's state is in the database): IGNORED.
+    assert m.value(tasks, task="pushworker.step.push", state="SUCCESS") == 3
     assert m.value(tasks, task="pushworker.step.login", state="SUCCESS") == 3
     assert m.value(tasks, task="pushworker.step.login", state="RETRY") == 2
     assert m.value(tasks, task="pushworker.step.login", state="IGNORED") == 2

@@ -352,7 +352,8 @@ def test_a_target_tag_repointed_before_the_push_is_tagged_again(
     for step in ("resolve_credentials", "login", "tag"):
         assert runner.run(step, job_id, 5).action == "continue"
     world.images[target] = "sha256:another-image"
-    assert runner.run("push", job_id, 5).action == "stop"
+    last = runner.run("push", job_id, 5)
+    assert (last.action, last.finished) == ("stop", True)  # the task returns: nothing follows
     job, _ = job_and_types(job_id)
     assert job.status == "succeeded"
     assert world.images[target] == world.images[SOURCE]
@@ -378,6 +379,7 @@ def test_a_cancel_while_a_step_runs_stands(registries: None, world: FakeWorld, s
     position = STEP_NAMES.index(step)
     outcomes = [runner.run(name, job_id, 5) for name in STEP_NAMES[: position + 1]]
     assert [o.action for o in outcomes] == ["continue"] * position + ["stop"]
+    assert not outcomes[-1].finished  # a stop the task reports as such (Celery's Ignore)
     job, types = job_and_types(job_id)
     assert (job.status, job.digest) == ("cancelled", None)
     assert types[-3:] == ["step.started", "job.cancelled", "step.succeeded"]

@@ -91,6 +91,9 @@ class Outcome:
     action: Literal["continue", "stop", "retry"]
     countdown: float = 0.0
     reason: str = ""
+    #: The job succeeded with this step, its chain's last: the task ends as a plain success
+    #: (a stop whose chain has nothing left to stop).
+    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -707,7 +710,7 @@ class StepRunner:
             if not last:
                 return Outcome("continue")
             note("job.succeeded", None, reference=reference, digest=digest)
-            return Outcome("stop", reason="job succeeded")
+            return Outcome("stop", reason="job succeeded", finished=True)
 
     def _record_failure(
         self, step: str, job_id: str, registry_id: int, error: PushWorkerError, actor: str
