@@ -142,9 +142,7 @@ class Engine:
                            env=self.env, capture_output=True, check=False)  # fmt: skip
 
 
-def promote_with_pushworker(
-    source_spec: str, repository: str
-) -> tuple[float, str, str, datetime]:
+def promote_with_pushworker(source_spec: str, repository: str) -> tuple[float, str, str, datetime]:
     from sqlalchemy import select
 
     from worker.producer import enqueue_push
@@ -190,9 +188,7 @@ def job_phases(job_id: str, enqueued: datetime) -> dict[str, float]:
     for step in ("resolve_credentials", "login", "tag", "push"):
         mine = [r for r in rows if r.step == step]
         started = _aware(next(r.time for r in mine if r.type == "step.started"))
-        ended = _aware(
-            next(r.time for r in mine if r.type in ("step.succeeded", "step.skipped"))
-        )
+        ended = _aware(next(r.time for r in mine if r.type in ("step.succeeded", "step.skipped")))
         if previous_end is None:
             phases["to first step"] = (started - enqueued).total_seconds()
         else:
