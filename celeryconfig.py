@@ -31,10 +31,11 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # A pool process whose resident memory passed PUSHWORKER_WORKER_MAX_MEMORY MiB is replaced once
 # its task ends (no task is cut short; the new process warms up in the background). A safety
-# net against growth in a long-lived process, whatever its cause: the pool processes settle at
-# 150-210 MiB under bursts of thousands of jobs (docs/benchmarks.md). 0: never replaced. Celery
-# (billiard) compares the process's peak RSS (getrusage), which a forked child starts from its
-# parent's: a cap under the main process's size replaces the child after every task.
+# net against growth in a long-lived process, whatever its cause: the pool processes stay near
+# 110 MiB through bursts of thousands of jobs (docs/benchmarks.md, capacity model). 0: never
+# replaced. Celery (billiard) compares the process's peak RSS (getrusage), which a forked child
+# starts from its parent's: a cap under the main process's size replaces the child after every
+# task.
 if _settings.worker_max_memory:
     worker_max_memory_per_child = _settings.worker_max_memory * 1024  # Celery counts KiB
 

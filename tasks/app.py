@@ -182,3 +182,24 @@ def _count_task(task: Any = None, state: str | None = None, **_kwargs: object) -
     structlog.contextvars.unbind_contextvars(*_TASK_CONTEXT)
     if task is not None:
         metrics.observe_task(str(task.name), str(state or "UNKNOWN"))
+
+
+@task_postrun.connect
+def _drop_traceback(retval: Any = None, **_kwargs: object) -> None:
+    # A task that ended by raising (Retry: a wait or a retry; Ignore: a chain stopped early; a
+    # failure) leaves the exception as ``retval``. Its traceback holds Celery's tracing frame,
+    # whose locals hold the exception: a reference cycle that only a full collection frees.
+    # Most of its bytes are Celery's copy of each frame's code positions (billiard's einfo on
+    # Python 3.11), tuples of ints the collector does not count, so it runs too rarely and a
+    # pool process grew by ~100 MiB (docs/benchmarks.md, capacity model). Celery has logged and
+    # copied the traceback by now: dropping it breaks the cycle, freed as the task returns.
+    drop_tracebacks(retval)
+
+
+def drop_tracebacks(error: object) -> None:
+    """Clear the traceback of ``error`` and of the exceptions it was raised from or during."""
+    seen: set[int] = set()
+    while isinstance(error, BaseException) and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
