@@ -120,7 +120,7 @@ def test_counts_after_a_few_jobs(e2e: E2E, metrics_worker: MetricsWorker) -> Non
     tasks = "pushworker_celery_tasks_total"
     m = metrics_worker.scrape_until(
         lambda m: (
-            m.value(tasks, task="pushworker.step.push", state="IGNORED") == 3
+            m.value(tasks, task="pushworker.step.push", state="SUCCESS") == 3
             and m.value(tasks, task="pushworker.step.login", state="IGNORED") == 2
             and m.value("pushworker_jobs_total", outcome="failed", registry=str(DOWN_ID)) == 1
         )
