@@ -54,6 +54,8 @@ def retries_once(self: Task) -> dict[str, int]:
 
 
 if MODE == "drop":
+    # What tasks/app.py's ``_drop_traceback`` does, written here again on purpose: importing
+    # tasks.app would connect the project's handlers (that one included) in every mode.
 
     @task_postrun.connect(weak=False)  # type: ignore[untyped-decorator]
     def _drop(retval: Any = None, **_: object) -> None:
