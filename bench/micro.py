@@ -16,7 +16,7 @@ C. The pipeline without Celery and without I/O: ``create_job`` and the four step
    Variant: SQLite with ``PRAGMA synchronous=NORMAL`` (set on checkout, in this process only).
 D. The producer's publish of a job's four-task chain through the dispatcher seam
    (``worker.engine.dispatch.get_dispatcher()``: the Celery one, ``tasks.dispatch``), with and
-   without the database read it makes first (``docker_host_of``, replaced in ``tasks.dispatch``,
+   without the database read it makes first (``route_of``, replaced in ``tasks.dispatch``,
    where it is looked up).
 """
 
@@ -144,15 +144,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )  # fmt: skip
             publish_job = job.id
 
-        def no_host(job_id: str) -> str | None:
-            return None
+        def no_route(job_id: str) -> tuple[str | None, str]:
+            return None, "docker"
 
         def publish(with_lookup: bool) -> Callable[[], None]:
             def go() -> None:
                 if with_lookup:
                     celery_dispatcher.start_chain(publish_job, BENCH_REGISTRY_ID)
                     return
-                with patch("tasks.dispatch.docker_host_of", new=no_host):
+                with patch("tasks.dispatch.route_of", new=no_route):
                     celery_dispatcher.start_chain(publish_job, BENCH_REGISTRY_ID)
 
             return go
@@ -227,7 +227,7 @@ ROWS = [
     ("fake_job_NORMAL", "C. same with SQLite `synchronous=NORMAL`, wall"),
     ("fake_job_NORMAL_cpu", "C. same with SQLite `synchronous=NORMAL`, CPU"),
     ("publish_with_read", "D. producer publish of the 4-task chain, as `start_chain` does it"),
-    ("publish_without_read", "D. same without its `docker_host_of` database read"),
+    ("publish_without_read", "D. same without its `route_of` database read"),
 ]
 
 

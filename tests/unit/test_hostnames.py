@@ -191,3 +191,21 @@ def test_docker_hub_is_only_its_one_address(url: str) -> None:
         parse_registry_url(url, kind=RegistryKind.DOCKERHUB, insecure=True)
     with pytest.raises(InvalidRegistry, match="Docker"):
         parse_registry_url(url, kind="generic", insecure=True)
+
+
+def test_a_remembered_answer_is_the_same_answer_and_a_refusal_is_never_remembered() -> None:
+    """``parse_address`` keeps its answers (a job asks about the same registry 20 times): a kept
+    answer equals a fresh parse, a refusal is raised again with its reason, and a text padded
+    beyond any valid address is parsed without being kept."""
+    from worker.core import hostnames
+
+    url = "https://Reg.Example.COM.:5000/"
+    assert parse_address(url) is parse_address(url)  # the second one was kept
+    assert parse_address(url) == hostnames._parse_address(url)
+    for _ in range(2):
+        with pytest.raises(InvalidRegistry, match="user info"):
+            parse_address("https://u:pw@reg.example.com")
+    padded = "https://reg.example.com" + " " * 600
+    before = hostnames._parse_address_cached.cache_info().currsize
+    assert parse_address(padded).host == "reg.example.com"
+    assert hostnames._parse_address_cached.cache_info().currsize == before

@@ -17,6 +17,7 @@ dotless host without a port, which Docker reads as a Docker Hub namespace.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -78,9 +79,28 @@ def is_docker_hostname(hostname: str) -> bool:
     )
 
 
+#: Inputs longer than this are parsed every time, never kept: a valid address is far shorter
+#: (IDNA limits a host name to 253 characters), so only padding could make one longer.
+_CACHED_LENGTH = 512
+
+
 def parse_address(url: str) -> Address:
     """The canonical address of ``url`` (``[scheme://]host[:port][/]``), or ``InvalidRegistry``
     saying what to change. Messages never echo user info (it may hold a password)."""
+    # A pure function of its text, asked about the same few registries 20 times a job (every
+    # reference check, every target built): UTS-46 mapping is most of a step's Python.
+    # Refusals are not kept (functools.lru_cache keeps results only), so each says its reason.
+    if len(url) <= _CACHED_LENGTH:
+        return _parse_address_cached(url)
+    return _parse_address(url)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_address_cached(url: str) -> Address:
+    return _parse_address(url)
+
+
+def _parse_address(url: str) -> Address:
     if has_control(url):
         raise InvalidRegistry(
             "the registry URL contains a control character",
