@@ -1,13 +1,16 @@
 """Benchmark 7: pushes to a registry that throttles above 4 concurrent pushes (issue 15).
 
     eval "$(scripts/stack env)"; .venv/bin/python -m bench.throttle [--jobs 200] [--rounds 3] \
-        [--size-mib 1] [--concurrency 8] [--sides off,adaptive,capped,cli] [--trace]
+        [--size-mib 1] [--concurrency 8] [--sides off,adaptive,capped,cli] [--hold 0] [--trace]
 
 A private plain registry behind ``ThrottleProxy`` (tests/support/throttleproxy.py), which answers
 ``429 TOOMANYREQUESTS`` (no Retry-After, as Harbor does) to a push that would make more than
 ``--limit`` (4) pushes at once. Per round, each side pushes its own ``--jobs`` distinct images of
 ``--size-mib`` (1) MiB; the sides take turns, in an order that rotates from round to round (so no
-side always runs first after the images are made):
+side always runs first after the images are made). With ``--hold S`` the registry answers each
+push's manifest ``PUT`` S seconds late, the push open meanwhile: a registry slower per push than
+this machine (remote, busy), so that its limit rather than the two cores here bounds goodput, as
+for a fleet pushing to a throttling registry elsewhere:
 
 - ``off``: the worker as before flow control (``PUSHWORKER_FLOW_CONTROL=0``, default retry
   settings: 4 tries, backoff from 2 s), ``--concurrency`` (8) pool processes, the registry record
@@ -422,7 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for round_no in range(args.rounds):
             shift = round_no % len(sides)
             for side in sides[shift:] + sides[:shift]:
-                proxy = ThrottleProxy(host, int(port), limit=args.limit)
+                proxy = ThrottleProxy(host, int(port), limit=args.limit, hold=args.hold)
                 proxy.start()
                 load = load_line()
                 trace = bench.workdir / f"trace-{side}{round_no}" if args.trace else None
@@ -500,7 +503,8 @@ def report(data: dict[str, Any]) -> list[str]:
         "",
         f"{args['jobs']} jobs per side and round, {args['rounds']} rounds (interleaved: {order}; "
         f"the order rotates each round); {args.get('size_mib', 1):g} MiB images (one layer); the "
-        f"registry answers 429 (no Retry-After) to a push above {args['limit']} at once; worker "
+        f"registry answers 429 (no Retry-After) to a push above {args['limit']} at once"
+        f"{_held(args.get('hold', 0.0))}; worker "
         f"concurrency {args['concurrency']} (one worker, prefork); the capped side's cap "
         f"{args.get('cap') or args['limit']}; docker CLI {data['docker']}.",
         "",
@@ -740,6 +744,16 @@ def _lock_text(side: str, rounds: list[dict[str, Any]]) -> str:
     )
 
 
+def _held(hold: float) -> str:
+    if not hold:
+        return ""
+    return (
+        f" and answers each push's manifest PUT {hold:g} s late, the push open meanwhile (a "
+        "registry slower per push than this machine, e.g. remote: its limit, not the CPU here, "
+        "bounds goodput)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200, help="jobs per side and round")
@@ -751,6 +765,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the capped side's --max-concurrent (default: the registry's --limit)",
     )  # fmt: skip
     parser.add_argument("--sides", default=",".join(SIDES), help="which sides, comma-separated")
+    parser.add_argument(
+        "--hold", type=float, default=0.0,
+        help="seconds the registry answers each push's manifest PUT late (the push open "
+        "meanwhile): a registry slower than this machine, so that its limit binds, not the CPU",
+    )  # fmt: skip
     parser.add_argument(
         "--trace", action="store_true",
         help="run the worker as bench.slot_trace and report where each held slot's time went",

@@ -7,6 +7,9 @@ upload (``POST /v2/<repo>/blobs/uploads/``) and closes when the registry answers
 more than ``limit`` open pushes is answered ``429 TOOMANYREQUESTS`` (with ``Retry-After`` if
 given), which the engine does not retry itself: the push fails, as a busy registry makes it fail.
 A push that stops without its manifest (a failed push) is closed after ``idle`` seconds.
+With ``hold`` the registry answers each push's manifest ``PUT`` that many seconds late, the push
+open meanwhile: a registry slower per push than this machine (remote, busy), whose limit rather
+than the machine's CPU bounds how fast pushes go, at no CPU cost here.
 
 ``max_open`` is the most pushes the registry saw at once; ``throttled`` the 429s it answered.
 ``timeline`` has, per repository, when its first request came, when its push opened and closed
@@ -34,9 +37,10 @@ class ThrottleProxy(FaultProxy):
         limit: int | None = None,
         retry_after: str | None = None,
         idle: float = 10.0,
+        hold: float = 0.0,
     ) -> None:
         super().__init__(target_host, target_port)
-        self.limit, self.retry_after, self.idle = limit, retry_after, idle
+        self.limit, self.retry_after, self.idle, self.hold = limit, retry_after, idle, hold
         self._pushes: dict[str, float] = {}  # repository -> last request of its push
         self._count_lock = threading.Lock()
         self.max_open = 0
@@ -60,6 +64,8 @@ class ThrottleProxy(FaultProxy):
                 del self._pushes[stale]
             if repository in self._pushes:
                 self._pushes[repository] = now
+                if self.hold and method == "PUT" and match.group(2) == "manifests":
+                    return Fault(delay=self.hold)
                 return None
             if not (method == "POST" and "/blobs/uploads/" in path):
                 return None
