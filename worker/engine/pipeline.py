@@ -678,8 +678,8 @@ class StepRunner:
         session: Session | None = None,
     ) -> Outcome:
         with _within(session) as session:
-            tries = claims.finish_claim(
-                session, job_id, step, registry_id, StepStatus.SUCCEEDED, result.payload
+            tries, status = claims.finish_claim_with_status(
+                session, job_id, step, registry_id, result.payload
             )
             pinned = result.payload.get("source_digest")
             if pinned:
@@ -690,7 +690,6 @@ class StepRunner:
                     .values(source_digest=pinned)
                     .execution_options(synchronize_session=False)
                 )
-            status = claims.job_status(session, job_id)
             if status is None or tries is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
             last, cancelled = self._is_last(step), status == JobStatus.CANCELLED

@@ -40,7 +40,6 @@ _FOR_CLAIM = (
 _JOB = select(PushJob).where(PushJob.id == bindparam("job_id"))
 _JOBS = cast(Table, PushJob.__table__)
 _NOW_TYPE = _JOBS.c.started_at.type
-_JOB_STATUS = select(_JOBS.c.status).where(_JOBS.c.id == bindparam("job_id"))
 
 #: A step starts: the job runs (since the first step that started), at this step.
 _MARK_RUNNING = (
@@ -113,6 +112,11 @@ def _finish(*, with_result: bool) -> Any:
 #: Ends a claim (with the step's result, or keeping the last one), returning its try number.
 _FINISH_WITH_RESULT = _finish(with_result=True)
 _FINISH_KEEPING_RESULT = _finish(with_result=False)
+#: The same with the step's result, returning the job's status as well: a step's success reads
+#: it in the same round trip (whether an operator cancelled the job while the step ran).
+_FINISH_WITH_STATUS = _FINISH_WITH_RESULT.returning(
+    select(_JOBS.c.status).where(_JOBS.c.id == bindparam("k_job_id")).scalar_subquery()
+)
 
 
 @dataclass(frozen=True)
@@ -132,10 +136,6 @@ def load_for_claim(session: Session, job_id: str, step: str, registry_id: int) -
 
 def load_job(session: Session, job_id: str) -> PushJob | None:
     return session.execute(_JOB, {"job_id": job_id}).scalar_one_or_none()
-
-
-def job_status(session: Session, job_id: str) -> str | None:
-    return session.connection().execute(_JOB_STATUS, {"job_id": job_id}).scalar_one_or_none()
 
 
 def mark_running(session: Session, job: PushJob, step: str) -> None:
@@ -185,3 +185,19 @@ def finish_claim(
         params["result"], statement = result, _FINISH_WITH_RESULT
     attempts = session.connection().execute(statement, params).scalar_one_or_none()
     return None if attempts is None else int(attempts)
+
+
+def finish_claim_with_status(
+    session: Session, job_id: str, step: str, registry_id: int, result: dict[str, Any]
+) -> tuple[int | None, str | None]:
+    """A succeeded step's claim finished with ``result``: its try number and the job's status,
+    read in the same statement; (None, None) when the claim row is gone."""
+    params: dict[str, Any] = {
+        "k_job_id": job_id, "k_step": step, "k_registry_id": registry_id,
+        "status": StepStatus.SUCCEEDED.value, "now": utcnow(), "result": result,
+    }  # fmt: skip
+    row = session.connection().execute(_FINISH_WITH_STATUS, params).first()
+    if row is None:
+        return None, None
+    attempts, status = row
+    return int(attempts), None if status is None else str(status)
