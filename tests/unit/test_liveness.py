@@ -49,3 +49,26 @@ def test_this_process_is_alive_and_a_killed_one_is_dead() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_forked_child_names_itself_not_the_parent_it_was_copied_from() -> None:
+    """The owner string is kept per process: a pool process forked after its parent claimed
+    something names its own pid and start mark, never the parent's kept one."""
+    from worker.engine.liveness import start_mark
+
+    parent = owner_of_this_process(worker_actor())  # kept in the parent before the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it would name itself, then leave at once
+        os.close(read)
+        owner = owner_of_this_process(worker_actor())
+        fresh = f"{worker_actor()}@{start_mark(os.getpid())}"
+        os.write(write, f"{owner}\n{fresh}".encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        owner, fresh = answer.read().split("\n")
+    os.waitpid(pid, 0)
+    assert owner == fresh
+    assert owner != parent and f":{pid}@" in owner
+    assert owner_of_this_process(worker_actor()) == parent

@@ -29,9 +29,20 @@ _PF_EXITING = 0x4
 _SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
 
 
+#: This process's start mark, by pid: every claim names it, and it never changes while the pid
+#: stays the same (a forked child has another pid, so it reads its own).
+_OWN_MARK: dict[int, str] = {}
+
+
 def owner_of_this_process(actor: str) -> str:
     """The claim owner for ``actor`` (``worker:<host>:<pid>``) running in this process."""
-    mark = start_mark(os.getpid())
+    pid = os.getpid()
+    mark = _OWN_MARK.get(pid)
+    if mark is None:
+        mark = start_mark(pid)
+        if mark:  # "" (no /proc) is asked again: a mark found later is still worth having
+            _OWN_MARK.clear()
+            _OWN_MARK[pid] = mark
     return f"{actor}@{mark}" if mark else actor
 
 
