@@ -112,17 +112,23 @@ def create_job(session: Session, request: PushRequest, *, actor: str) -> tuple[P
         status=JobStatus.QUEUED.value, attempt=1, requested_by=request.requested_by,
         docker_host=request.docker_host, deadline_at=_deadline_at(request.deadline),
     )  # fmt: skip
-    try:
-        with session.begin_nested():
-            session.add(job)
-    except IntegrityError:
-        # A concurrent request with the same idempotency key won: return its job.
-        existing = session.scalar(
-            select(PushJob).where(PushJob.idempotency_key == request.idempotency_key)
-        )
-        if existing is None:
-            raise
-        return existing, False
+    if not request.idempotency_key:
+        # A new random id clashes with nothing: no savepoint (two round trips on PostgreSQL)
+        # to catch a clash that cannot happen.
+        session.add(job)
+        session.flush()
+    else:
+        try:
+            with session.begin_nested():
+                session.add(job)
+        except IntegrityError:
+            # A concurrent request with the same idempotency key won: return its job.
+            existing = session.scalar(
+                select(PushJob).where(PushJob.idempotency_key == request.idempotency_key)
+            )
+            if existing is None:
+                raise
+            return existing, False
     events.append(
         session, stream=events.job_stream(job.id), type="job.enqueued", actor=actor,
         job_id=job.id, registry_id=registry.id, attempt=1,
