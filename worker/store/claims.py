@@ -176,13 +176,8 @@ def finish_claim(
 ) -> int | None:
     """Mark the claim finished (storing ``result`` when given); its try number, or None when
     the claim row is gone."""
-    params: dict[str, Any] = {
-        "k_job_id": job_id, "k_step": step, "k_registry_id": registry_id,
-        "status": status.value, "now": utcnow(),
-    }  # fmt: skip
-    statement = _FINISH_KEEPING_RESULT
-    if result is not None:
-        params["result"], statement = result, _FINISH_WITH_RESULT
+    params = _finish_params(job_id, step, registry_id, status, result)
+    statement = _FINISH_KEEPING_RESULT if result is None else _FINISH_WITH_RESULT
     attempts = session.connection().execute(statement, params).scalar_one_or_none()
     return None if attempts is None else int(attempts)
 
@@ -192,12 +187,21 @@ def finish_claim_with_status(
 ) -> tuple[int | None, str | None]:
     """A succeeded step's claim finished with ``result``: its try number and the job's status,
     read in the same statement; (None, None) when the claim row is gone."""
-    params: dict[str, Any] = {
-        "k_job_id": job_id, "k_step": step, "k_registry_id": registry_id,
-        "status": StepStatus.SUCCEEDED.value, "now": utcnow(), "result": result,
-    }  # fmt: skip
+    params = _finish_params(job_id, step, registry_id, StepStatus.SUCCEEDED, result)
     row = session.connection().execute(_FINISH_WITH_STATUS, params).first()
     if row is None:
         return None, None
     attempts, status = row
     return int(attempts), None if status is None else str(status)
+
+
+def _finish_params(
+    job_id: str, step: str, registry_id: int, status: StepStatus, result: dict[str, Any] | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "k_job_id": job_id, "k_step": step, "k_registry_id": registry_id,
+        "status": status.value, "now": utcnow(),
+    }  # fmt: skip
+    if result is not None:
+        params["result"] = result
+    return params
