@@ -5,10 +5,11 @@
 Each run seeds two fresh single-layer images of ``--mib`` MiB (OCI layouts written here, nothing
 pulled) into the stack's TLS registry, then copies one through ``worker.seams.skopeo.Skopeo.copy``
 (its private call directory, policy, authfiles, cert dir, ``--digestfile``) and the other with
-a bare ``skopeo copy --all --preserve-digests`` (an authfile and a fresh HOME), each to a fresh
-repository of the stack's plain registry, in an order that alternates from run to run. Fresh
-images, because skopeo's blob cache (root's, whatever HOME says) would otherwise mount a blob it
-has seen instead of uploading it. One uncounted warm-up run. Prints the times; asserts nothing.
+``bench.promote``'s bare ``skopeo copy --all --preserve-digests`` (an authfile and a fresh HOME),
+each to a fresh repository of the stack's plain registry, in an order that alternates from run
+to run. Fresh images, because skopeo's blob cache (root's, whatever HOME says) would otherwise
+mount a blob it has seen instead of uploading it. One uncounted warm-up run. Prints the times;
+asserts nothing.
 
 Whether the seam itself costs anything: what the job adds around the copy (claims, logins,
 digest checks) is measured by ``bench.promote``.
@@ -17,23 +18,29 @@ digest checks) is measured by ``bench.promote``.
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+from bench.promote import Copier
+from harness.stack import RegistryEndpoint as Endpoint
+from harness.stack import Stack
 from tests.support.oci import write_oci_layout
 from worker.core.credentials import Credential, Secret
 from worker.seams.registry_http import RegistryEndpoint
 from worker.seams.skopeo import CopySource, RegistryAccess, Skopeo
 
-SKOPEO = "/usr/bin/skopeo"
+
+def _access(endpoint: Endpoint, registry_id: int) -> RegistryAccess:
+    ca = Path(endpoint.ca_file).read_text() if endpoint.ca_file else None
+    return RegistryAccess(
+        RegistryEndpoint(id=registry_id, url=endpoint.url, host=endpoint.host, ca_cert=ca),
+        Credential(endpoint.user, Secret(endpoint.password), "secret"),
+    )
 
 
 def main() -> None:
@@ -41,72 +48,38 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=150, help="size of each image's one layer")
     parser.add_argument("--runs", type=int, default=5, help="counted runs, one copy each way")
     args = parser.parse_args()
-    env = os.environ
-    tls, plain = env["PUSHWORKER_STACK_TLS_REGISTRY"], env["PUSHWORKER_STACK_PLAIN_REGISTRY"]
-    users = {
-        tls: (env["PUSHWORKER_STACK_TLS_USER"], env["PUSHWORKER_STACK_TLS_PASSWORD_FILE"]),
-        plain: (env["PUSHWORKER_STACK_PLAIN_USER"], env["PUSHWORKER_STACK_PLAIN_PASSWORD_FILE"]),
-    }
-    secrets = {host: (user, Path(path).read_text().strip()) for host, (user, path) in users.items()}
-    ca = Path(env["PUSHWORKER_STACK_TLS_CA"]).read_text()
+    stack = Stack(dict(os.environ))
+    tls, plain = stack.tls, stack.plain
     work = Path(tempfile.mkdtemp(prefix="bench-skopeo-seam-"))
     try:
-        auths = {
-            host: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
-            for host, (user, password) in secrets.items()
-        }
-        (work / "auth.json").write_text(json.dumps({"auths": auths}))
-        os.chmod(work / "auth.json", 0o600)
-        (work / "certs").mkdir()
-        (work / "certs" / "ca.crt").write_text(ca)
-
-        def bare(*argv: str) -> None:
-            home = tempfile.mkdtemp(dir=work)
-            fresh = {"HOME": home, "XDG_RUNTIME_DIR": home, "PATH": "/usr/bin:/bin"}
-            done = subprocess.run(
-                [SKOPEO, *argv], env=fresh, capture_output=True, text=True, check=False
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"skopeo {argv[0]} failed: {done.stderr.strip()[-400:]}")
+        bare = Copier(work, tls, plain)
 
         def seeded() -> str:
             layout = work / f"layout-{uuid.uuid4().hex[:8]}"
             write_oci_layout(layout, layer_bytes=args.mib * 1024 * 1024,
                              platforms=(("linux", "amd64"),))  # fmt: skip
             repository = f"bench-seam/src-{uuid.uuid4().hex[:8]}"
-            bare("copy", "--quiet", "--all", "--preserve-digests",
-                 "--dest-authfile", str(work / "auth.json"), "--dest-cert-dir", str(work / "certs"),
-                 f"oci:{layout}", f"docker://{tls}/{repository}:seed")  # fmt: skip
+            bare.seed(layout, repository)
             shutil.rmtree(layout)
-            return repository
+            return f"{tls.host}/{repository}:seed"
 
-        source_access = RegistryAccess(
-            RegistryEndpoint(id=1, url=f"https://{tls}", host=tls, ca_cert=ca),
-            Credential(secrets[tls][0], Secret(secrets[tls][1]), "secret"),
-        )
-        dest_access = RegistryAccess(
-            RegistryEndpoint(id=2, url=f"http://{plain}", host=plain),
-            Credential(secrets[plain][0], Secret(secrets[plain][1]), "secret"),
-        )
-        seam = Skopeo(SKOPEO, timeout=600)
+        source_access, dest_access = _access(tls, 1), _access(plain, 2)
+        seam = Skopeo(timeout=600)
         times: dict[str, list[float]] = {"seam": [], "bare": []}
         for run in range(args.runs + 1):
             order = ("seam", "bare") if run % 2 == 0 else ("bare", "seam")
             sources = {way: seeded() for way in order}
             for way in order:
-                target = f"{plain}/bench-seam/{way}-{uuid.uuid4().hex[:8]}:v1"
-                started = time.perf_counter()
+                target = f"{plain.host}/bench-seam/{way}-{uuid.uuid4().hex[:8]}:v1"
                 if way == "seam":
-                    source = CopySource("docker", f"{tls}/{sources[way]}:seed", source_access)
-                    seam.copy(source, target, dest_access)
+                    started = time.perf_counter()
+                    seam.copy(CopySource("docker", sources[way], source_access), target,
+                              dest_access)  # fmt: skip
+                    elapsed = time.perf_counter() - started
                 else:
-                    bare("copy", "--quiet", "--all", "--preserve-digests", "--retry-times", "0",
-                         "--src-authfile", str(work / "auth.json"),
-                         "--src-cert-dir", str(work / "certs"),
-                         "--dest-authfile", str(work / "auth.json"), "--dest-tls-verify=false",
-                         f"docker://{tls}/{sources[way]}:seed", f"docker://{target}")  # fmt: skip
+                    elapsed = bare.promote(sources[way], target)
                 if run:
-                    times[way].append(time.perf_counter() - started)
+                    times[way].append(elapsed)
         for way, values in times.items():
             print(f"{way}: median {statistics.median(values):.3f} s, "
                   f"runs {', '.join(f'{v:.3f}' for v in values)}")  # fmt: skip
