@@ -16,10 +16,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from tests.conftest import use_database
-from worker.core.errors import EventConflict, ValidationError
+from worker.core.errors import EventConflict, StorageError, ValidationError
 from worker.store import chain, events, queries
 from worker.store.db import engine_for, session_scope
-from worker.store.models import UTCDateTime
+from worker.store.models import Event, UTCDateTime
 
 
 def test_append_numbers_each_stream_from_one(database_url: str) -> None:
@@ -59,6 +59,9 @@ def test_duplicate_sequence_number_is_the_projects_own_error(
         return dataclasses.replace(read(*args), last_seq=0)
 
     monkeypatch.setattr(events, "_append_state", stale)
+    # PostgreSQL reads and inserts in one call, under the lane's lock (nothing to go stale);
+    # the recorder's own way, which it takes for a lane's first event, is the one tested here.
+    monkeypatch.setattr(events, "_append_linked", lambda *_args: None)
     with pytest.raises(EventConflict, match="job/a"), session_scope() as session:
         events.append(session, stream="job/a", type="t", actor="late")
     with session_scope() as session:
@@ -207,6 +210,114 @@ def test_repository_and_outcome_are_derived_and_queryable(database_url: str) -> 
             session, repository="team/app", types=["job.succeeded", "job.failed"]
         )
         assert [r.type for r in pushes] == ["job.succeeded"]
+
+
+def _a_job(session: Session, job_id: str, repository: str) -> None:
+    from worker.store.models import PushJob, Registry
+
+    if session.get(Registry, 5) is None:
+        session.add(
+            Registry(id=5, name="h", url="https://h", host="h", fallback_chain=[], insecure=False,
+                     auth_required=True)
+        )  # fmt: skip
+        session.flush()
+    session.add(
+        PushJob(id=job_id, source_image="a:1", repository=repository, tag="1",
+                requested_registry_id=5, effective_registry_id=5, fallback_chain=[],
+                requested_by="t")
+    )  # fmt: skip
+    session.flush()
+
+
+#: Text a canonical form must escape: quotes, backslashes, controls, DEL, non-ASCII, astral.
+_AWKWARD = 'a"b\\c\n\t\x01\x7f é ☃ 𝄞 \u2028 </script>'
+
+
+def test_awkward_values_are_hashed_as_a_verifier_hashes_them(database_url: str) -> None:
+    """Whoever fills in the linked values (PostgreSQL's ``pushworker_append_event``, or the
+    recorder), every event of every kind verifies: payloads and named repositories with text
+    JSON must escape, a job's repository read by the database, one outside Docker's alphabet
+    (the recorder's way), events of no job, of a job that does not exist, a lane's first."""
+    from worker.store import verify
+
+    with session_scope() as session:
+        _a_job(session, "plain", "team/app")
+        _a_job(session, "odd", "Team/App")  # not a valid reference: stored by hand, all the same
+    appended: list[Event] = []
+    for round_ in range(2):  # the second round finds every lane started
+        with session_scope() as session:
+            for job_id in ("plain", "odd", "ghost", None):
+                stream = f"job/{job_id}" if job_id else "audit"
+                appended.append(events.append(
+                    session, stream=stream, type="step.failed", actor=f"w{round_}",
+                    job_id=job_id, step="push", registry_id=5, attempt=round_,
+                    payload={"error_message": _AWKWARD, "checks": [{"ok": True}, None, 1.5],
+                             "retry_in": 0.1 + round_},
+                ))  # fmt: skip
+                appended.append(events.append(
+                    session, stream=stream, type="job.enqueued", actor="w",
+                    job_id=job_id, payload={"repository": _AWKWARD[:40]},
+                ))  # fmt: skip
+    with session_scope() as session:
+        rows = queries.select_events(session)
+    assert [(r.id, r.hash, r.repository) for r in rows] == [
+        (e.id, e.hash, e.repository) for e in appended
+    ]
+    by_stream = {(r.stream, r.type): r.repository for r in rows}
+    assert by_stream[("job/plain", "step.failed")] == "team/app"
+    assert by_stream[("job/odd", "step.failed")] == "Team/App"
+    assert by_stream[("job/ghost", "step.failed")] is None
+    assert by_stream[("job/plain", "job.enqueued")] == _AWKWARD[:40]
+    for row in rows:
+        assert row.hash == chain.chain_hash(queries.event_fields(row)), row.id
+    assert verify.verify(database_url).ok
+
+
+def test_an_append_on_postgresql_is_one_statement(postgres_url: str) -> None:
+    """Once its lane has a head, an append is one call of ``pushworker_append_event``: lock,
+    read, hash and insert in one round trip."""
+    from sqlalchemy import event as sa_event
+
+    with session_scope() as session:
+        _a_job(session, "j1", "team/app")
+        events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1")
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    engine = engine_for(postgres_url)
+    sa_event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with session_scope() as session:
+            row = events.append(
+                session, stream="job/j1", type="step.started", actor="x", job_id="j1"
+            )
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", seen)
+    assert len(statements) == 1 and "pushworker_append_event" in statements[0], statements
+    assert (row.seq, row.repository) == (2, "team/app")
+
+
+def test_a_database_that_hashes_otherwise_stores_nothing(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorder recomputes the hash the database linked an event with, before its
+    transaction commits: a database function that hashed differently from the recorder (say,
+    left from another version) fails the append and leaves no event that would not verify."""
+    with session_scope() as session:
+        events.append(session, stream="job/a", type="t", actor="x")
+    parts = chain.canonical_parts
+
+    def drifted(record: Any) -> tuple[str, ...]:
+        first, *rest = parts(record)
+        return (first.replace('"actor":"x"', '"actor":"y"'), *rest)
+
+    monkeypatch.setattr(events, "canonical_parts", drifted)
+    with pytest.raises(StorageError, match="does not compute"), session_scope() as session:
+        events.append(session, stream="job/a", type="t", actor="x")
+    with session_scope() as session:
+        assert len(queries.select_events(session, stream="job/a")) == 1
 
 
 def test_time_range_and_newest_first(database_url: str) -> None:

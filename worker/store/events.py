@@ -26,15 +26,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, String, bindparam, func, insert, select, text
+from sqlalchemy import Connection, Select, String, bindparam, func, insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from worker.core.errors import EventConflict, ValidationError
+from worker.core.errors import EventConflict, StorageError, ValidationError
 from worker.core.logs import get_logger
 from worker.core.settings import get_settings
 from worker.core.tracing import current_trace_id
-from worker.store.chain import chain_hash, derive_outcome, lane_name, lane_of
+from worker.store.chain import (
+    canonical_parts,
+    chain_hash,
+    derive_outcome,
+    lane_name,
+    lane_of,
+)
 from worker.store.models import Event, EventCheckpoint, EventEpoch, PushJob, utcnow
 from worker.store.queries import event_fields
 
@@ -210,6 +216,66 @@ _INSERT_EVENT = insert(Event)
 _LOCKED_STATE = text("SELECT * FROM pushworker_append_state(:cls, :lane, :stream, :job_id)")
 
 
+_EVENTS = Event.__table__
+#: PostgreSQL: the whole append in one round trip (migration 0011): the lane's lock, the
+#: values only the database knows (id, seq, the lane's head, the job's repository) put into the
+#: canonical form the recorder sent in parts, the hash, the insert. No row back: the recorder's
+#: own way is needed (``_append_linked``).
+_APPEND_EVENT = (
+    text(
+        "SELECT * FROM pushworker_append_event(:cls, :lane, :stream, :job_id, :time, :type, "
+        ":step, :registry_id, :attempt, :actor, :payload, :repository, :repository_json, "
+        ":outcome, :trace_id, :before_id, :before_prev, :before_repository, :before_seq, "
+        ":after_seq)"
+    )
+    .bindparams(
+        bindparam("time", type_=_EVENTS.c.time.type),
+        bindparam("payload", type_=_EVENTS.c.payload.type),
+    )
+    .columns(_EVENTS.c.id, _EVENTS.c.seq, _EVENTS.c.prev_hash, _EVENTS.c.repository, _EVENTS.c.hash)
+)
+
+
+def _append_linked(
+    connection: Connection, values: dict[str, Any], repository_known: bool
+) -> dict[str, Any] | None:
+    """The event appended by ``pushworker_append_event`` (PostgreSQL): its stored fields, or
+    None when the database left the append to the recorder's own way (a lane with no event
+    yet, a job repository whose JSON it does not write).
+
+    The hash the database computed is recomputed here from what it filled in, before the
+    transaction commits: an event that would not verify is never stored.
+    """
+    before_id, before_prev, before_repository, before_seq, after_seq = canonical_parts(values)
+    repository = values["repository"]
+    params = {
+        **values, "cls": LANE_LOCK_CLASS, "before_id": before_id, "before_prev": before_prev,
+        "before_repository": before_repository, "before_seq": before_seq,
+        "after_seq": after_seq,
+        "repository_json": json.dumps(repository) if repository_known else None,
+    }  # fmt: skip
+    try:
+        with _lock_waits_retryable():
+            row = connection.execute(_APPEND_EVENT, params).first()
+    except IntegrityError:
+        raise EventConflict(f"another writer appended to {values['stream']} first") from None
+    if row is None:
+        return None
+    ident, seq, prev_hash, stored_repository, digest = row
+    linked = {
+        **values, "id": int(ident), "seq": int(seq), "prev_hash": str(prev_hash),
+        "repository": stored_repository, "hash": str(digest),
+    }  # fmt: skip
+    if chain_hash(linked) != linked["hash"]:
+        raise StorageError(
+            f"the database linked event {ident} of {values['stream']} with a hash this version "
+            "does not compute; nothing was stored",
+            hint="the database's pushworker_append_event is not this version's: "
+            "run `pushctl db upgrade` with this version",
+        )
+    return linked
+
+
 def _append_state(session: Session, stream: str, lane: int, job_id: str | None) -> _AppendState:
     """What an append reads, under its lane's lock (taken here on PostgreSQL; SQLite's write
     lock is already held)."""
@@ -367,8 +433,18 @@ def append(
     # This transaction's other changes take their row locks before the lane's lock, not while
     # holding it, which keeps lock waits one-way in the common case.
     session.flush()
-    state = _append_state(session, columns["stream"], lane, columns["job_id"])
     connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        unlinked: dict[str, Any] = {
+            **columns, "time": utcnow(), "payload": payload,
+            "outcome": derive_outcome(columns["type"], payload), "lane": lane,
+            "trace_id": current_trace_id(), "repository": named_repository,
+        }  # fmt: skip
+        known = named_repository is not None or columns["job_id"] is None
+        linked = _append_linked(connection, unlinked, known)
+        if linked is not None:
+            return _pending(session, Event(**linked))
+    state = _append_state(session, columns["stream"], lane, columns["job_id"])
     if connection.dialect.name == "sqlite":
         # SQLite would reuse the id of a deleted newest row (retention): ids only go up.
         newest = state.next_or_newest_id
@@ -392,7 +468,12 @@ def append(
         raise EventConflict(
             f"another writer appended event {values['seq']} of {stream} first"
         ) from None
-    row = Event(**values)  # transient: a record of what was written, for logs and callers
+    return _pending(session, Event(**values))
+
+
+def _pending(session: Session, row: Event) -> Event:
+    """``row`` (transient: a record of what was written, for logs and callers), logged and
+    published once the session commits."""
     session.info.setdefault("pending_event_logs", []).append(row)
     return row
 
