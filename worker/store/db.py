@@ -14,12 +14,12 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy import Connection, Dialect, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.core.errors import DatabaseUnavailable, EventConflict, PushWorkerError
@@ -63,7 +63,42 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return _tracked(engine)
-    return _tracked(create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5))
+    engine = create_engine(url, pool_size=5, max_overflow=5)
+    event.listen(engine, "checkin", _note_checkin)
+    event.listen(engine, "checkout", partial(_ping_when_idle, engine.dialect))
+    return _tracked(engine)
+
+
+#: A pooled connection idle for longer than this is pinged before it is handed out. The
+#: database may have restarted, or a firewall dropped the connection, while it sat in the pool;
+#: a ping finds that out and the pool reconnects, instead of the first statement failing. A
+#: connection used more recently is handed out as it is: a job's transactions follow each other
+#: milliseconds apart, and SQLAlchemy's ``pool_pre_ping`` (a round trip at every checkout, eight
+#: a job) cost each of them a round trip. Should one of those find the database gone, its
+#: statement fails as it would in the middle of a transaction: ``DatabaseUnavailable``, and the
+#: pool is invalidated, so the next checkout reconnects.
+PING_AFTER_IDLE = 1.0
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info["pushworker_checked_in"] = time.monotonic()
+
+
+def _ping_when_idle(dialect: Dialect, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    checked_in = record.info.get("pushworker_checked_in")
+    if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE:
+        return  # just connected, or used a moment ago
+    try:
+        dialect.do_ping(dbapi_connection)
+    except Exception as error:
+        if (
+            dialect.dbapi is not None
+            and isinstance(error, dialect.dbapi.Error)
+            and (dialect.is_disconnect(error, dbapi_connection, None))
+        ):
+            # The pool reconnects (every connection it holds predates the outage) and retries.
+            raise InvalidatePoolError() from None
+        raise
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
