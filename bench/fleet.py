@@ -263,8 +263,13 @@ def report(results: dict[str, Any]) -> list[str]:
         f"Python {info['python']}; PostgreSQL of the stack on loopback",
         f"- load before: {results['load_before']}",
         f"- load after: {results['load_after']}",
-        f"- baseline: the project's code at {results['baseline_commit']} (one global chain, "
-        "one advisory lock held by every append until commit), run in the same rounds",
+        f"- baseline: the project's code at {results['baseline_commit']} "
+        + (
+            "(given with --baseline-rev)"
+            if args.get("baseline_rev")
+            else "(one global chain, one advisory lock held by every append until commit)"
+        )
+        + ", run in the same rounds",
         f"- {args['rounds']} interleaved rounds of {args['seconds']:g} s windows per variant, "
         "mode and process count; per cell the rate of each round (min..max), the median and p99 "
         "of one append (or one job) over all rounds, and the share of the busy sessions "
@@ -287,8 +292,11 @@ def report(results: dict[str, Any]) -> list[str]:
                 stats = Stats.of([t for r in runs for t in r["times"]])
                 waiting = sum(r["lock_wait_share"] for r in runs) / len(runs)
                 unit = "appends" if mode == "append" else "jobs"
+                label = LABELS[variant]
+                if variant == "global-chain" and args.get("baseline_rev"):
+                    label = f"the code at {results['baseline_commit'][:10]}"
                 lines.append(
-                    f"| {mode} | {processes} | {LABELS[variant]} | {unit}: "
+                    f"| {mode} | {processes} | {label} | {unit}: "
                     f"{', '.join(f'{rate:.0f}' for rate in rates)} ({min(rates):.0f}.."
                     f"{max(rates):.0f}) | {stats.ms()} | {stats.ms('p99')} | {waiting:.0%} |"
                 )
@@ -302,7 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default="append,pipeline", help="append, pipeline or both")
     parser.add_argument("--seconds", type=float, default=10, help="window per cell (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--baseline-rev", help="the baseline's commit (default: before 0010)")
+    parser.add_argument(
+        "--baseline-rev",
+        help="the baseline's commit (default: before 0010; "
+        "another one is named by its commit in the report)",
+    )
     parser.add_argument(
         "--no-report",
         action="store_true",
