@@ -18,7 +18,7 @@ from worker.core.settings import Settings
 from worker.engine.steps import STEP_NAMES, STEPS, Action, Step, StepContext, StepResult
 from worker.jobs import PushRequest, cancel_job, create_job
 from worker.registries import RegistrySpec, create_registry
-from worker.store.claims import insert_first_claim
+from worker.store.claims import take_first_claim
 from worker.store.db import session_scope
 from worker.store.models import PushJob, StepRun, utcnow
 from worker.store.queries import select_events
@@ -225,17 +225,31 @@ def test_redelivery_of_a_step_that_keeps_killing_its_worker_is_bounded(
 
 
 def test_of_two_first_claims_at_once_only_one_is_taken(registries: None) -> None:
-    """The loser of a race for a step nobody held yet learns it lost, and changes nothing."""
+    """The loser of a race for a step nobody held yet learns it lost, and changes nothing: not
+    the claim, and not the job the winner marked running at its step."""
     job_id = _queued_job()
     lease = utcnow() + timedelta(minutes=5)
     with session_scope() as session:
-        assert insert_first_claim(session, job_id, "tag", 5, "worker:a:1", lease)
+        job = session.get(PushJob, job_id)
+        assert job is not None and job.status == "queued"
+        assert take_first_claim(session, job, "tag", 5, "worker:a:1", lease)
+        assert (job.status, job.current_step) == ("running", "tag")  # brought up to date
     with session_scope() as session:
-        assert not insert_first_claim(session, job_id, "tag", 5, "worker:b:2", lease)
+        job = session.get(PushJob, job_id)
+        assert job is not None and (job.status, job.current_step) == ("running", "tag")
+        started = job.started_at
+        job.current_step = "login"  # what the winner's next step would have written
+    with session_scope() as session:
+        job = session.get(PushJob, job_id)
+        assert job is not None
+        assert not take_first_claim(session, job, "tag", 5, "worker:b:2", lease)
     with session_scope() as session:
         claim = session.get(StepRun, (job_id, "tag", 5))
         assert claim is not None
         assert (claim.owner, claim.attempts, claim.status) == ("worker:a:1", 1, "running")
+        job = session.get(PushJob, job_id)
+        assert job is not None
+        assert (job.status, job.current_step, job.started_at) == ("running", "login", started)
 
 
 OUTCOMES = st.sampled_from(["accept", "refuse_login", "refuse_push"])

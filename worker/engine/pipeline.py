@@ -477,7 +477,7 @@ class StepRunner:
         # A run whose worker died is still RUNNING; one that recorded a failure is not (a
         # throttled step is retried up to its deadline, not bounded by max_attempts).
         died = run is not None and run.status == StepStatus.RUNNING
-        tries = self._take_claim(session, run, job_id, step, registry_id, actor)
+        tries = self._take_claim(session, run, job, step, registry_id, actor)
         if isinstance(tries, str):
             note("step.skipped", None, reason=tries)
             return Outcome("stop", reason="claimed elsewhere")
@@ -489,7 +489,8 @@ class StepRunner:
             claims.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
             self._fail_job(note, job, error, tries)
             return Outcome("stop", reason="worker lost")
-        claims.mark_running(session, job, step)
+        if run is not None:  # a first claim marked the job running as it was taken
+            claims.mark_running(session, job, step)
         note("step.started", tries)
         return tries
 
@@ -632,17 +633,19 @@ class StepRunner:
         self,
         session: Session,
         run: StepRun | None,
-        job_id: str,
+        job: PushJob,
         step: str,
         registry_id: int,
         actor: str,
     ) -> int | str:
-        """The try number of a claim we now hold, or why another worker holds it."""
+        """The try number of a claim we now hold, or why another worker holds it. A first claim
+        also marks the job running at ``step``."""
         now = utcnow()
         lease = now + timedelta(seconds=self.step(step).lease(self.settings))
+        job_id = job.id
         if run is None:
             owner = owner_of_this_process(actor)
-            if not claims.insert_first_claim(session, job_id, step, registry_id, owner, lease):
+            if not claims.take_first_claim(session, job, step, registry_id, owner, lease):
                 return "another delivery claimed this step at the same moment"
             return 1
         if run.status == StepStatus.RUNNING and not claim_is_dead(run, now):

@@ -78,12 +78,29 @@ _MARK_SUCCEEDED = (
 #: ``on_conflict_do_nothing()`` has no cache key, so SQLAlchemy compiled it anew for every claim
 #: (0.1-0.2 ms each, four a job). The column list and types come from the model.
 _COLUMNS = [column.name for column in _RUNS.columns]
+_INSERT_CLAIM_SQL = (
+    # The model's own table and column names; every value is bound.
+    f"INSERT INTO {_RUNS.name} ({', '.join(_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join(':' + name for name in _COLUMNS)}) "
+    f"ON CONFLICT DO NOTHING RETURNING {_RUNS.c.attempts.name}"
+)
 _INSERT_CLAIM = (
+    text(_INSERT_CLAIM_SQL)
+    .bindparams(*(bindparam(c.name, type_=c.type) for c in _RUNS.columns))
+    .columns(_RUNS.c.attempts)
+)
+
+
+#: PostgreSQL: the first claim and the job's "running" in one statement (a data-modifying CTE:
+#: the job is marked only when the claim row was inserted). SQLite runs the two statements.
+_INSERT_CLAIM_MARKING_JOB = (
     text(
         # The model's own table and column names; every value is bound.
-        f"INSERT INTO {_RUNS.name} ({', '.join(_COLUMNS)}) "  # noqa: S608
-        f"VALUES ({', '.join(':' + name for name in _COLUMNS)}) "
-        f"ON CONFLICT DO NOTHING RETURNING {_RUNS.c.attempts.name}"
+        f"WITH claim AS ({_INSERT_CLAIM_SQL}), "  # noqa: S608
+        f"job AS (UPDATE {_JOBS.name} SET status = :running, "
+        "started_at = coalesce(started_at, :updated_at), current_step = :step, "
+        "updated_at = :updated_at WHERE id = :job_id AND EXISTS (SELECT 1 FROM claim)) "
+        f"SELECT {_RUNS.c.attempts.name} FROM claim"
     )
     .bindparams(*(bindparam(c.name, type_=c.type) for c in _RUNS.columns))
     .columns(_RUNS.c.attempts)
@@ -142,6 +159,11 @@ def mark_running(session: Session, job: PushJob, step: str) -> None:
     """The job runs at ``step`` (written at once; ``job`` is brought up to date)."""
     now = utcnow()
     session.connection().execute(_MARK_RUNNING, {"job_id": job.id, "step": step, "now": now})
+    _marked_running(job, step, now)
+
+
+def _marked_running(job: PushJob, step: str, now: datetime) -> None:
+    """``job`` as the database now has it after it was marked running at ``step``."""
     set_committed_value(job, "status", JobStatus.RUNNING.value)
     set_committed_value(job, "started_at", job.started_at or now)
     set_committed_value(job, "current_step", step)
@@ -154,16 +176,28 @@ def mark_succeeded(session: Session, job_id: str, *, digest: Any, reference: Any
     return session.connection().execute(_MARK_SUCCEEDED, params).first() is not None
 
 
-def insert_first_claim(
-    session: Session, job_id: str, step: str, registry_id: int, owner: str, lease: datetime
+def take_first_claim(
+    session: Session, job: PushJob, step: str, registry_id: int, owner: str, lease: datetime
 ) -> bool:
-    """Claim a step nobody has claimed yet; False when another delivery got there first."""
+    """Claim a step nobody has claimed yet and mark the job running at it (``job`` is brought
+    up to date); False, with nothing changed, when another delivery got there first."""
+    now = utcnow()
     values: dict[str, Any] = {
-        "job_id": job_id, "step": step, "registry_id": registry_id,
+        "job_id": job.id, "step": step, "registry_id": registry_id,
         "status": StepStatus.RUNNING.value, "attempts": 1, "owner": owner,
-        "lease_expires_at": lease, "result": {}, "updated_at": utcnow(),
+        "lease_expires_at": lease, "result": {}, "updated_at": now,
     }  # fmt: skip
-    return session.connection().execute(_INSERT_CLAIM, values).first() is not None
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        params = {**values, "running": JobStatus.RUNNING.value}
+        if connection.execute(_INSERT_CLAIM_MARKING_JOB, params).first() is None:
+            return False
+        _marked_running(job, step, now)
+        return True
+    if connection.execute(_INSERT_CLAIM, values).first() is None:
+        return False
+    mark_running(session, job, step)
+    return True
 
 
 def finish_claim(
