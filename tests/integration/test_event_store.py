@@ -233,7 +233,9 @@ def _a_job(session: Session, job_id: str, repository: str) -> None:
 _AWKWARD = 'a"b\\c\n\t\x01\x7f é ☃ 𝄞 \u2028 </script>'
 
 
-def test_awkward_values_are_hashed_as_a_verifier_hashes_them(database_url: str) -> None:
+def test_awkward_values_are_hashed_as_a_verifier_hashes_them(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Whoever fills in the linked values (PostgreSQL's ``pushworker_append_event``, or the
     recorder), every event of every kind verifies: payloads and named repositories with text
     JSON must escape, a job's repository read by the database, one outside Docker's alphabet
@@ -243,6 +245,15 @@ def test_awkward_values_are_hashed_as_a_verifier_hashes_them(database_url: str) 
     with session_scope() as session:
         _a_job(session, "plain", "team/app")
         _a_job(session, "odd", "Team/App")  # not a valid reference: stored by hand, all the same
+    linked: list[tuple[str, bool]] = []  # (stream, whether PostgreSQL's function appended it)
+    one_call = events._append_linked
+
+    def spied(connection: Any, values: dict[str, Any], known: bool) -> Any:
+        done = one_call(connection, values, known)
+        linked.append((values["stream"], done is not None))
+        return done
+
+    monkeypatch.setattr(events, "_append_linked", spied)
     appended: list[Event] = []
     for round_ in range(2):  # the second round finds every lane started
         with session_scope() as session:
@@ -271,6 +282,15 @@ def test_awkward_values_are_hashed_as_a_verifier_hashes_them(database_url: str) 
     for row in rows:
         assert row.hash == chain.chain_hash(queries.event_fields(row)), row.id
     assert verify.verify(database_url).ok
+    if database_url.startswith("postgresql"):
+        # Once a lane is started the function appends, but for the job repository whose JSON
+        # it leaves to the recorder; a named repository is the recorder's to encode either way.
+        second_round = dict(linked[-8:][0::2])  # each stream's step.failed of round 2
+        assert second_round == {"job/plain": True, "job/odd": False, "job/ghost": True,
+                                "audit": True}, linked  # fmt: skip
+        assert all(done for stream, done in linked[-8:][1::2]), linked
+    else:
+        assert linked == []
 
 
 def test_an_append_on_postgresql_is_one_statement(postgres_url: str) -> None:
@@ -297,6 +317,47 @@ def test_an_append_on_postgresql_is_one_statement(postgres_url: str) -> None:
         sa_event.remove(engine, "before_cursor_execute", seen)
     assert len(statements) == 1 and "pushworker_append_event" in statements[0], statements
     assert (row.seq, row.repository) == (2, "team/app")
+
+
+def test_within_a_lane_the_time_follows_the_id(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's one-call append takes the time from the database's clock under the lane's
+    lock, never earlier than the lane's previous event, even one a worker whose clock runs
+    ahead recorded (the recorder's own way, here a lane's first event)."""
+    other = next(
+        f"job/{n}" for n in range(99) if chain.lane_of(f"job/{n}") != chain.lane_of("job/a")
+    )
+    ahead = datetime.now(UTC) + timedelta(hours=1)
+    monkeypatch.setattr(events, "utcnow", lambda: ahead)
+    with session_scope() as session:
+        events.append(session, stream="job/a", type="t", actor="a worker's clock, an hour ahead")
+    monkeypatch.undo()
+    before = datetime.now(UTC)
+    with session_scope() as session:
+        for stream in ("job/a", "job/a", other, other):
+            events.append(session, stream=stream, type="t", actor="x")
+    after = datetime.now(UTC)
+    with session_scope() as session:
+        fast = [r.time for r in queries.select_events(session, stream="job/a")]
+        elsewhere = [r.time for r in queries.select_events(session, stream=other)]
+    assert fast == [ahead, ahead, ahead]  # the database's clock is an hour behind the lane
+    # Another lane's first event is the recorder's (this process's clock), its second the
+    # database's: both now, in order.
+    assert before <= elsewhere[0] <= elsewhere[1] <= after
+
+
+def test_a_clash_inside_the_function_is_the_projects_own_error(postgres_url: str) -> None:
+    """A key the function's insert clashes on (here an id the sequence hands out again, as after
+    a careless restore) is ``EventConflict``, retryable, and stores nothing."""
+    with session_scope() as session:
+        first = events.append(session, stream="job/a", type="t", actor="x")
+    with session_scope() as session:
+        session.execute(text("SELECT setval('events_id_seq', :id, false)"), {"id": first.id})
+    with pytest.raises(EventConflict), session_scope() as session:
+        events.append(session, stream="job/a", type="t", actor="x")
+    with session_scope() as session:
+        assert [e.id for e in queries.select_events(session, stream="job/a")] == [first.id]
 
 
 def test_a_database_that_hashes_otherwise_stores_nothing(

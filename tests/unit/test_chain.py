@@ -38,12 +38,12 @@ _records = st.fixed_dictionaries(
 
 def _joined(record: dict[str, Any]) -> bytes:
     """The parts with the linked values put in, as the database puts them in."""
-    first, second, third, fourth, fifth = chain.canonical_parts(record)
+    first, second, third, fourth, fifth, sixth = chain.canonical_parts(record)
     repository = record["repository"]
     repository_json = "null" if repository is None else chain._CANONICAL.encode(repository)
     text = (
         f"{first}{record['id']}{second}{record['prev_hash']}{third}{repository_json}"
-        f"{fourth}{record['seq']}{fifth}"
+        f"{fourth}{record['seq']}{fifth}{chain.canonical_time(record['time'])}{sixth}"
     )
     return text.encode("ascii")
 
@@ -61,7 +61,7 @@ def test_the_parts_do_not_depend_on_the_linked_values(
 ) -> None:
     """What the database fills in is not in the parts: the caller cannot have guessed it."""
     moved = {**record, "id": other_id, "seq": other_seq, "prev_hash": "f" * 64,
-             "repository": "somewhere/else"}  # fmt: skip
+             "repository": "somewhere/else", "time": datetime(1999, 1, 1, tzinfo=UTC)}  # fmt: skip
     assert chain.canonical_parts(moved) == chain.canonical_parts(record)
 
 

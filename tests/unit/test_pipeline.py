@@ -238,6 +238,7 @@ def test_of_two_first_claims_at_once_only_one_is_taken(registries: None) -> None
         job = session.get(PushJob, job_id)
         assert job is not None and (job.status, job.current_step) == ("running", "tag")
         started = job.started_at
+        assert started is not None
         job.current_step = "login"  # what the winner's next step would have written
     with session_scope() as session:
         job = session.get(PushJob, job_id)

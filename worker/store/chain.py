@@ -93,43 +93,47 @@ def canonical_json(record: Mapping[str, Any]) -> bytes:
 
 
 #: What an append on PostgreSQL leaves to the database, in the canonical form's (sorted) order:
-#: the id, the previous hash, the repository (the job's, read there) and the seq
-#: (``pushworker_append_event``, migration 0011).
-LINKED_FIELDS = ("id", "prev_hash", "repository", "seq")
+#: the id, the previous hash, the repository (the job's, read there), the seq and the time (the
+#: database's clock, read under the lane's lock) (``pushworker_append_event``, migration 0011).
+LINKED_FIELDS = ("id", "prev_hash", "repository", "seq", "time")
+#: Of those, the ones whose JSON is a string the parts hold the quotes of.
+_QUOTED = ("prev_hash", "time")
 
 _CANONICAL = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
 )
 
+Parts = tuple[str, str, str, str, str, str]
 
-def canonical_parts(record: Mapping[str, Any]) -> tuple[str, str, str, str, str]:
+
+def canonical_parts(record: Mapping[str, Any]) -> Parts:
     """``canonical_json(record)`` of a version-2 record, cut where the JSON values of
     ``LINKED_FIELDS`` go: ``parts[0] + id + parts[1] + prev_hash + parts[2] + repository +
-    parts[3] + seq + parts[4]`` is the canonical form, each value written as JSON (the hash
-    between quotes already in the parts; the repository quoted or ``null``). What ``record``
-    holds for those fields is ignored.
+    parts[3] + seq + parts[4] + time + parts[5]`` is the canonical form, each value as the
+    canonical form writes it (the hash and the time between quotes already in the parts; the
+    repository as JSON, quoted, or ``null``). What ``record`` holds for those fields is ignored.
 
     Built item by item as ``json`` builds a dict with sorted keys (``tests/unit/test_chain.py``
     checks the two agree on generated records).
     """
     if record.get("lane") is None:
         raise ValueError("only a version-2 record (one with a lane) is cut into parts")
-    body = {name: record.get(name) for name in LANE_HASHED_FIELDS}
+    body = {name: record.get(name) for name in LANE_HASHED_FIELDS if name not in LINKED_FIELDS}
     body["v"] = LANE_CHAIN_VERSION
-    body["time"] = canonical_time(record["time"])
+    names = sorted([*body, *LINKED_FIELDS])
     parts: list[str] = []
     current = "{"
-    for index, (name, value) in enumerate(sorted(body.items())):
+    for index, name in enumerate(names):
         current += ("," if index else "") + _CANONICAL.encode(name) + ":"
         if name in LINKED_FIELDS:
-            quote = '"' if name == "prev_hash" else ""
+            quote = '"' if name in _QUOTED else ""
             parts.append(current + quote)
             current = quote
         else:
-            current += _CANONICAL.encode(value)
+            current += _CANONICAL.encode(body[name])
     parts.append(current + "}")
-    first, second, third, fourth, fifth = parts
-    return first, second, third, fourth, fifth
+    first, second, third, fourth, fifth, sixth = parts
+    return first, second, third, fourth, fifth, sixth
 
 
 def chain_hash(record: Mapping[str, Any]) -> str:

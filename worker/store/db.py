@@ -89,7 +89,7 @@ def _ping_when_idle(dialect: Dialect, dbapi_connection: Any, record: Any, _proxy
     if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE:
         return  # just connected, or used a moment ago
     try:
-        dialect.do_ping(dbapi_connection)
+        alive = dialect.do_ping(dbapi_connection)
     except Exception as error:
         if (
             dialect.dbapi is not None
@@ -99,6 +99,8 @@ def _ping_when_idle(dialect: Dialect, dbapi_connection: Any, record: Any, _proxy
             # The pool reconnects (every connection it holds predates the outage) and retries.
             raise InvalidatePoolError() from None
         raise
+    if not alive:
+        raise InvalidatePoolError()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -223,16 +223,19 @@ _EVENTS = Event.__table__
 #: own way is needed (``_append_linked``).
 _APPEND_EVENT = (
     text(
-        "SELECT * FROM pushworker_append_event(:cls, :lane, :stream, :job_id, :time, :type, "
-        ":step, :registry_id, :attempt, :actor, :payload, :repository, :repository_json, "
-        ":outcome, :trace_id, :before_id, :before_prev, :before_repository, :before_seq, "
-        ":after_seq)"
+        "SELECT * FROM pushworker_append_event(:cls, :lane, :stream, :job_id, :type, :step, "
+        ":registry_id, :attempt, :actor, :payload, :repository, :repository_json, :outcome, "
+        ":trace_id, :part0, :part1, :part2, :part3, :part4, :part5)"
     )
-    .bindparams(
-        bindparam("time", type_=_EVENTS.c.time.type),
-        bindparam("payload", type_=_EVENTS.c.payload.type),
+    .bindparams(bindparam("payload", type_=_EVENTS.c.payload.type))
+    .columns(
+        _EVENTS.c.id,
+        _EVENTS.c.seq,
+        _EVENTS.c.prev_hash,
+        _EVENTS.c.repository,
+        _EVENTS.c.time,
+        _EVENTS.c.hash,
     )
-    .columns(_EVENTS.c.id, _EVENTS.c.seq, _EVENTS.c.prev_hash, _EVENTS.c.repository, _EVENTS.c.hash)
 )
 
 
@@ -246,12 +249,11 @@ def _append_linked(
     The hash the database computed is recomputed here from what it filled in, before the
     transaction commits: an event that would not verify is never stored.
     """
-    before_id, before_prev, before_repository, before_seq, after_seq = canonical_parts(values)
+    parts = canonical_parts(values)
     repository = values["repository"]
     params = {
-        **values, "cls": LANE_LOCK_CLASS, "before_id": before_id, "before_prev": before_prev,
-        "before_repository": before_repository, "before_seq": before_seq,
-        "after_seq": after_seq,
+        **values, "cls": LANE_LOCK_CLASS,
+        **{f"part{index}": part for index, part in enumerate(parts)},
         "repository_json": json.dumps(repository) if repository_known else None,
     }  # fmt: skip
     try:
@@ -261,10 +263,10 @@ def _append_linked(
         raise EventConflict(f"another writer appended to {values['stream']} first") from None
     if row is None:
         return None
-    ident, seq, prev_hash, stored_repository, digest = row
+    ident, seq, prev_hash, stored_repository, time, digest = row
     linked = {
         **values, "id": int(ident), "seq": int(seq), "prev_hash": str(prev_hash),
-        "repository": stored_repository, "hash": str(digest),
+        "repository": stored_repository, "time": time, "hash": str(digest),
     }  # fmt: skip
     if chain_hash(linked) != linked["hash"]:
         raise StorageError(
@@ -436,7 +438,7 @@ def append(
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         unlinked: dict[str, Any] = {
-            **columns, "time": utcnow(), "payload": payload,
+            **columns, "payload": payload,
             "outcome": derive_outcome(columns["type"], payload), "lane": lane,
             "trace_id": current_trace_id(), "repository": named_repository,
         }  # fmt: skip
