@@ -12,7 +12,10 @@ registry (``tests/support/fakes.py``), as ``bench.fleet``'s pipeline mode does. 
 - statements: what SQLAlchemy sends (a ``before_cursor_execute`` listener);
 - round trips: each time the driver waits for the server (psycopg's ``Connection.wait``): the
   statements, and the BEGIN, COMMIT and pool pings around them;
-- wall time per job, median of the round's jobs.
+- wall time per job, median of the round's jobs;
+- CPU time per job of the benchmark's process (the worker's side) and of the database's server
+  processes for its database (``/proc/PID/stat``: the server runs on this machine). On these
+  2 cores, 2,000 ms of CPU a second over their sum bounds the jobs a second of any fleet.
 
 Rounds alternate the variants and the two paths to the database: direct (loopback), and through
 a proxy in its own process that forwards each chunk ``--delay-ms`` late each way (what it adds
@@ -153,11 +156,37 @@ def _run_jobs(code_root: str | None, url: str, jobs: int, out: Any) -> None:
         job()
     counts.update(statements=0, round_trips=0)
     times = []
+    server_before, cpu_before = _server_cpu(url), time.process_time()
     for _ in range(jobs):
         started = time.perf_counter()
         job()
         times.append(time.perf_counter() - started)
-    out.put({**counts, "jobs": jobs, "times": times})
+    cpu = time.process_time() - cpu_before
+    server = _server_cpu(url)
+    server_cpu = sum(server.values()) - sum(server_before.get(pid, 0.0) for pid in server)
+    out.put({**counts, "jobs": jobs, "times": times, "cpu": cpu, "server_cpu": server_cpu})
+
+
+def _server_cpu(url: str) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL server process of ``url``'s database (the server
+    runs on this machine: its processes' ``/proc/PID/stat``)."""
+    import psycopg
+
+    database = url.rsplit("/", 1)[1]
+    admin = url.rsplit("/", 1)[0].replace("postgresql+psycopg", "postgresql") + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        pids = [row[0] for row in connection.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,)
+        )]  # fmt: skip
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return found
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,8 +261,8 @@ def report(results: dict[str, Any]) -> list[str]:
         f"{results['rtt_ms']['delayed']:.2f} ms",
         "",
         "| database | code | statements a job | round trips a job | ms a job, each round "
-        "(median of its jobs) |",
-        "|---|---|---|---|---|",
+        "(median of its jobs) | CPU ms a job: this process / the server |",
+        "|---|---|---|---|---|---|",
     ]
     for path in PATHS:
         for variant in VARIANTS:
@@ -246,12 +275,19 @@ def report(results: dict[str, Any]) -> list[str]:
             medians = [statistics.median(r["times"]) * 1000 for r in cell]
             label = "this code" if variant == "this" else f"{results['baseline_commit']}"
             where = "loopback" if path == "direct" else "through the delaying proxy"
+            cpu = [r["cpu"] / jobs * 1000 for r in cell if "cpu" in r]
+            server = [r["server_cpu"] / jobs * 1000 for r in cell if "server_cpu" in r]
             lines.append(
                 f"| {where} | {label} | {', '.join(f'{s:.1f}' for s in statements)} | "
                 f"{', '.join(f'{t:.1f}' for t in trips)} | "
-                f"{', '.join(f'{m:.1f}' for m in medians)} |"
+                f"{', '.join(f'{m:.1f}' for m in medians)} | "
+                f"{_span(cpu)} / {_span(server)} |"
             )
     return lines
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}" if values else "-"
 
 
 def main(argv: list[str] | None = None) -> None:
