@@ -170,21 +170,26 @@ def test_payload_that_is_not_plain_json_is_refused(database_url: str) -> None:
         events.append(session, stream="job/a", type="t", actor="x", payload={"size": float("nan")})
 
 
-def test_repository_and_outcome_are_derived_and_queryable(database_url: str) -> None:
+def _a_job(session: Session, job_id: str, repository: str) -> None:
     from worker.store.models import PushJob, Registry
 
-    with session_scope() as session:
+    if session.get(Registry, 5) is None:
         session.add(
             Registry(id=5, name="h", url="https://h", host="h", fallback_chain=[], insecure=False,
                      auth_required=True)
         )  # fmt: skip
         session.flush()
-        session.add(
-            PushJob(id="j1", source_image="a:1", repository="team/app", tag="1",
-                    requested_registry_id=5, effective_registry_id=5, fallback_chain=[],
-                    requested_by="t")
-        )  # fmt: skip
-        session.flush()
+    session.add(
+        PushJob(id=job_id, source_image="a:1", repository=repository, tag="1",
+                requested_registry_id=5, effective_registry_id=5, fallback_chain=[],
+                requested_by="t")
+    )  # fmt: skip
+    session.flush()
+
+
+def test_repository_and_outcome_are_derived_and_queryable(database_url: str) -> None:
+    with session_scope() as session:
+        _a_job(session, "j1", "team/app")
         events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1",
                       registry_id=5, payload={"repository": "team/app"})  # fmt: skip
         # No repository in the payload: the job's is used.
@@ -210,23 +215,6 @@ def test_repository_and_outcome_are_derived_and_queryable(database_url: str) -> 
             session, repository="team/app", types=["job.succeeded", "job.failed"]
         )
         assert [r.type for r in pushes] == ["job.succeeded"]
-
-
-def _a_job(session: Session, job_id: str, repository: str) -> None:
-    from worker.store.models import PushJob, Registry
-
-    if session.get(Registry, 5) is None:
-        session.add(
-            Registry(id=5, name="h", url="https://h", host="h", fallback_chain=[], insecure=False,
-                     auth_required=True)
-        )  # fmt: skip
-        session.flush()
-    session.add(
-        PushJob(id=job_id, source_image="a:1", repository=repository, tag="1",
-                requested_registry_id=5, effective_registry_id=5, fallback_chain=[],
-                requested_by="t")
-    )  # fmt: skip
-    session.flush()
 
 
 #: Text a canonical form must escape: quotes, backslashes, controls, DEL, non-ASCII, astral.
