@@ -218,9 +218,9 @@ _LOCKED_STATE = text("SELECT * FROM pushworker_append_state(:cls, :lane, :stream
 
 _EVENTS = Event.__table__
 #: PostgreSQL: the whole append in one round trip (migration 0011): the lane's lock, the
-#: values only the database knows (id, seq, the lane's head, the job's repository) put into the
-#: canonical form the recorder sent in parts, the hash, the insert. No row back: the recorder's
-#: own way is needed (``_append_linked``).
+#: values only the database knows (id, seq, the lane's head, the job's repository, the time)
+#: put into the canonical form the recorder sent in parts, the hash, the insert. No row back: the
+#: recorder's own way is needed (``_append_linked``).
 _APPEND_EVENT = (
     text(
         "SELECT * FROM pushworker_append_event(:cls, :lane, :stream, :job_id, :type, :step, "
