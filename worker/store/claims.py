@@ -84,26 +84,24 @@ _INSERT_CLAIM_SQL = (
     f"VALUES ({', '.join(':' + name for name in _COLUMNS)}) "
     f"ON CONFLICT DO NOTHING RETURNING {_RUNS.c.attempts.name}"
 )
-_INSERT_CLAIM = (
-    text(_INSERT_CLAIM_SQL)
-    .bindparams(*(bindparam(c.name, type_=c.type) for c in _RUNS.columns))
-    .columns(_RUNS.c.attempts)
-)
 
 
+def _claim_statement(sql: str) -> Any:
+    """``sql`` with the claim row's values bound as the model types them, returning the try."""
+    typed = (bindparam(c.name, type_=c.type) for c in _RUNS.columns)
+    return text(sql).bindparams(*typed).columns(_RUNS.c.attempts)
+
+
+_INSERT_CLAIM = _claim_statement(_INSERT_CLAIM_SQL)
 #: PostgreSQL: the first claim and the job's "running" in one statement (a data-modifying CTE:
 #: the job is marked only when the claim row was inserted). SQLite runs the two statements.
-_INSERT_CLAIM_MARKING_JOB = (
-    text(
-        # The model's own table and column names; every value is bound.
-        f"WITH claim AS ({_INSERT_CLAIM_SQL}), "  # noqa: S608
-        f"job AS (UPDATE {_JOBS.name} SET status = :running, "
-        "started_at = coalesce(started_at, :updated_at), current_step = :step, "
-        "updated_at = :updated_at WHERE id = :job_id AND EXISTS (SELECT 1 FROM claim)) "
-        f"SELECT {_RUNS.c.attempts.name} FROM claim"
-    )
-    .bindparams(*(bindparam(c.name, type_=c.type) for c in _RUNS.columns))
-    .columns(_RUNS.c.attempts)
+_INSERT_CLAIM_MARKING_JOB = _claim_statement(
+    # The model's own table and column names; every value is bound.
+    f"WITH claim AS ({_INSERT_CLAIM_SQL}), "  # noqa: S608
+    f"job AS (UPDATE {_JOBS.name} SET status = :running, "
+    "started_at = coalesce(started_at, :updated_at), current_step = :step, "
+    "updated_at = :updated_at WHERE id = :job_id AND EXISTS (SELECT 1 FROM claim)) "
+    f"SELECT {_RUNS.c.attempts.name} FROM claim"
 )
 
 
