@@ -369,6 +369,118 @@ def test_a_database_that_hashes_otherwise_stores_nothing(
         assert len(queries.select_events(session, stream="job/a")) == 1
 
 
+#: A guard of the tests: the job's tag changes (when the job has the tag it names), returning
+#: the job and its new tag.
+_RETAG = events.Guard(
+    "UPDATE push_jobs SET tag = :new_tag WHERE id = :k_job_id AND tag = :old_tag "
+    "RETURNING id, tag",
+    (),
+)
+
+
+def _retag(session: Session, job_id: str, old: str, new: str) -> Any:
+    params = {"k_job_id": job_id, "old_tag": old, "new_tag": new}
+    return events.append_guarded(
+        session, _RETAG, params, stream=f"job/{job_id}", type="job.retagged", actor="x",
+        job_id=job_id, payload={"reason": f"{old} -> {new}"},
+    )  # fmt: skip
+
+
+def _tag_and_types(job_id: str) -> tuple[str, list[str]]:
+    from worker.store.models import PushJob
+
+    with session_scope() as session:
+        job = session.get(PushJob, job_id)
+        assert job is not None
+        return job.tag, [e.type for e in queries.select_events(session, stream=f"job/{job_id}")]
+
+
+def test_a_guarded_append_follows_its_guard_and_only_then(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``append_guarded``: the event is appended when the guard changed its row (the guard's row
+    comes back), and nothing is when it changed none. A lane's first event and a job repository
+    the database leaves to the recorder take the recorder's way, behind the same guard."""
+    from worker.store import verify
+
+    with session_scope() as session:
+        _a_job(session, "plain", "team/app")
+        _a_job(session, "odd", "Team/App")  # the recorder's way on PostgreSQL
+    linked: list[bool] = []  # whether the database appended, per guarded append
+    checked = events._checked_link
+
+    def spied(*args: Any) -> Any:
+        linked.append(True)
+        return checked(*args)
+
+    monkeypatch.setattr(events, "_checked_link", spied)
+    for job_id in ("plain", "odd"):
+        for old, new in (("1", "2"), ("1", "3"), ("2", "3")):
+            with session_scope() as session:
+                row = _retag(session, job_id, old, new)
+            if old == "1" and new == "3":  # the tag is 2 by then: the guard changes nothing
+                assert row is None
+            else:
+                assert row is not None and (row["id"], row["tag"]) == (job_id, new)
+        assert _tag_and_types(job_id) == ("3", ["job.retagged", "job.retagged"])
+    with session_scope() as session:
+        rows = queries.select_events(session)
+    assert [(r.stream, r.seq, r.payload["reason"]) for r in rows] == [
+        ("job/plain", 1, "1 -> 2"), ("job/plain", 2, "2 -> 3"),
+        ("job/odd", 1, "1 -> 2"), ("job/odd", 2, "2 -> 3"),
+    ]  # fmt: skip
+    assert verify.verify(database_url).ok
+    # PostgreSQL's function appended plain's second event only: its first is its lane's first
+    # (a new database), and odd's repository is outside the alphabet the function writes.
+    assert len(linked) == (1 if database_url.startswith("postgresql") else 0), linked
+
+
+def test_a_guarded_append_on_postgresql_is_one_statement(postgres_url: str) -> None:
+    """Once the event's lane has a head, the guard and the append are one statement."""
+    from sqlalchemy import event as sa_event
+
+    with session_scope() as session:
+        _a_job(session, "j1", "team/app")
+        events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1")
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    engine = engine_for(postgres_url)
+    sa_event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with session_scope() as session:
+            row = _retag(session, "j1", "1", "2")
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", seen)
+    assert row == {"id": "j1", "tag": "2"}
+    assert len(statements) == 1, statements
+    assert statements[0].startswith("WITH guard AS (UPDATE push_jobs"), statements
+    assert "pushworker_append_event" in statements[0]
+    assert _tag_and_types("j1") == ("2", ["job.enqueued", "job.retagged"])
+
+
+def test_a_guarded_append_the_database_hashes_otherwise_undoes_its_guard(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database function that hashed differently fails the guarded append before the
+    transaction commits: neither the event nor the guard's change is kept."""
+    with session_scope() as session:
+        _a_job(session, "j1", "team/app")
+        events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1")
+    parts = chain.canonical_parts
+
+    def drifted(record: Any) -> tuple[str, ...]:
+        first, *rest = parts(record)
+        return (first.replace('"actor":"x"', '"actor":"y"'), *rest)
+
+    monkeypatch.setattr(events, "canonical_parts", drifted)
+    with pytest.raises(StorageError, match="does not compute"), session_scope() as session:
+        _retag(session, "j1", "1", "2")
+    assert _tag_and_types("j1") == ("1", ["job.enqueued"])
+
+
 def test_time_range_and_newest_first(database_url: str) -> None:
     with session_scope() as session:
         for _ in range(3):

@@ -17,12 +17,20 @@ def _hot_statements() -> list[tuple[str, Any]]:
         for name, value in vars(module).items():
             if name.startswith("_") and isinstance(value, ClauseElement):
                 found.append((f"{module.__name__}.{name}", value))
+            elif isinstance(value, events.Guard):
+                # Both of a guard's statements: alone (SQLite) and with its append (PostgreSQL).
+                found.append((f"{module.__name__}.{name}.alone", value.alone))
+                found.append((f"{module.__name__}.{name}.with_append", value.with_append))
     return found
 
 
 def test_the_hot_path_has_its_statements() -> None:
     names = {name for name, _ in _hot_statements()}
-    assert {"worker.store.claims._INSERT_CLAIM", "worker.store.events._INSERT_EVENT"} <= names
+    assert {
+        "worker.store.claims._INSERT_CLAIM",
+        "worker.store.events._INSERT_EVENT",
+        "worker.store.claims.SUCCEEDED_CLAIM.with_append",
+    } <= names
 
 
 @pytest.mark.parametrize(("name", "statement"), _hot_statements())

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import update
 
 from tests.support.fakes import FakeWorld, fake_runner, wrap_action
 from worker.core.errors import AuthenticationError, CredentialError, RegistryUnavailable
@@ -374,6 +375,41 @@ def test_a_target_tag_repointed_before_the_push_is_tagged_again(
     assert world.images[target] == world.images[SOURCE]
     expected = "sha256:" + hashlib.sha256(world.images[SOURCE].encode()).hexdigest()
     assert world.served[target] == job.digest == expected
+
+
+# Not the local step: its claim, action and record are one transaction, nobody can take it over.
+@pytest.mark.parametrize("step", [s.name for s in STEPS if not s.local])
+def test_a_success_after_a_take_over_is_recorded_with_the_try_that_holds_the_claim(
+    registries: None, world: FakeWorld, step: str
+) -> None:
+    """Another delivery took the claim over while the step acted (its lease ran out): the
+    success ends the claim and is recorded with the try that holds it, as ever, on both ways a
+    success is recorded (one statement for the claim's own try, or the claim read back)."""
+    job_id = _queued_job()
+
+    def taken_over(action: Action) -> Action:
+        def act(ctx: StepContext) -> StepResult:
+            with session_scope() as session:
+                session.execute(
+                    update(StepRun)
+                    .where(StepRun.job_id == job_id, StepRun.step == step)
+                    .values(attempts=StepRun.attempts + 1, owner="worker:another-host:4242")
+                )
+            return action(ctx)
+
+        return act
+
+    runner, _ = fake_runner(world, Settings.from_env(), wrap_action(step, taken_over))
+    outcomes = [runner.run(name, job_id, 5) for name in STEP_NAMES]
+    assert [o.action for o in outcomes] == ["continue"] * (len(STEP_NAMES) - 1) + ["stop"]
+    with session_scope() as session:
+        run = session.get(StepRun, (job_id, step, 5))
+        assert run is not None and (run.status, run.attempts, run.owner) == ("succeeded", 2, None)
+        rows = select_events(session, job_id=job_id)
+    ended = [(r.type, r.attempt) for r in rows if r.step == step and r.type != "step.started"]
+    assert ended == [("step.succeeded", 2)]
+    job, types = job_and_types(job_id)
+    assert job.status == "succeeded" and types[-1] == "job.succeeded"
 
 
 @pytest.mark.parametrize("step", ["tag", "push"])

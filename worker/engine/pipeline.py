@@ -26,12 +26,12 @@ step that already succeeded for this job and registry is skipped on any later de
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -217,7 +217,7 @@ class StepRunner:
             )
             return self._ended_by_hand_over(outcome, claimed.registry, job_id, step, wake_id)
         outcome = _with_conflict_retry(
-            lambda: self._record_success(step, job_id, registry_id, result, actor)
+            lambda: self._record_success(step, job_id, registry_id, result, actor, claimed.tries)
         )
         return self._ended_by_hand_over(outcome, claimed.registry, job_id, step, wake_id)
 
@@ -265,7 +265,7 @@ class StepRunner:
                 except Exception:
                     raise _LocalStepFailed() from None
                 return self._record_success(
-                    step, job_id, registry_id, result, actor, session=session
+                    step, job_id, registry_id, result, actor, claimed.tries, session=session
                 )
         except _LocalStepFailed:
             return None
@@ -677,14 +677,31 @@ class StepRunner:
         registry_id: int,
         result: StepResult,
         actor: str,
+        tries: int,
         *,
         session: Session | None = None,
     ) -> Outcome:
+        """Record a step's success (``tries``: the try its claim took) and say what follows."""
         with _within(session) as session:
-            tries, status = claims.finish_claim_with_status(
+            pinned = result.payload.get("source_digest")
+            note = _Recorder(session, job_id, step, registry_id, actor)
+            if not pinned and not self._is_last(step):
+                # The common case in one round trip on PostgreSQL: the claim ends and the step's
+                # event is appended in one statement, when the claim is still this try's.
+                params = claims.succeeded_claim_params(
+                    job_id, step, registry_id, tries, result.payload
+                )
+                ended = note.after(claims.SUCCEEDED_CLAIM, params, *_success_event(result), tries)
+                if ended is not None:
+                    if ended["job_status"] is None:
+                        raise JobNotFound(f"job {job_id} vanished while step {step} ran")
+                    if ended["job_status"] == JobStatus.CANCELLED:
+                        return Outcome("stop", reason="job cancelled while the step ran")
+                    return Outcome("continue")
+            # The claim's try is the one that ended it (another delivery may have taken it over).
+            ended_try, status = claims.finish_claim_with_status(
                 session, job_id, step, registry_id, result.payload
             )
-            pinned = result.payload.get("source_digest")
             if pinned:
                 # The pin, once per job: every later step (and registry) copies this digest.
                 session.execute(
@@ -693,7 +710,7 @@ class StepRunner:
                     .values(source_digest=pinned)
                     .execution_options(synchronize_session=False)
                 )
-            if status is None or tries is None:
+            if status is None or ended_try is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
             last, cancelled = self._is_last(step), status == JobStatus.CANCELLED
             digest, reference = result.payload.get("digest"), result.payload.get("reference")
@@ -702,11 +719,8 @@ class StepRunner:
                 and not cancelled
                 and claims.mark_succeeded(session, job_id, digest=digest, reference=reference)
             )
-            note = _Recorder(session, job_id, step, registry_id, actor)
-            if result.noop:
-                note("step.skipped", tries, reason=result.noop, **result.payload)
-            else:
-                note("step.succeeded", tries, **result.payload)
+            type, payload = _success_event(result)
+            note(type, ended_try, **payload)
             if cancelled or (last and not succeeded):
                 return Outcome("stop", reason="job cancelled while the step ran")
             if not last:
@@ -800,6 +814,13 @@ def _mark_failed(job: PushJob, error: PushWorkerError) -> None:
     job.finished_at = utcnow()
 
 
+def _success_event(result: StepResult) -> tuple[str, dict[str, Any]]:
+    """The type and payload of the event that records a step's success."""
+    if result.noop:
+        return "step.skipped", {"reason": result.noop, **result.payload}
+    return "step.succeeded", dict(result.payload)
+
+
 class _Recorder:
     """Appends events of one job with the step and registry filled in."""
 
@@ -808,12 +829,28 @@ class _Recorder:
         self.registry_id, self.actor = registry_id, actor
 
     def __call__(self, type: str, attempt: int | None, **payload: object) -> None:
+        events.append(self.session, **self._fields(type, attempt, payload))
+
+    def after(
+        self,
+        guard: events.Guard,
+        params: dict[str, Any],
+        type: str,
+        payload: dict[str, Any],
+        attempt: int | None,
+    ) -> Mapping[str, Any] | None:
+        """The event appended once ``guard`` changed its row (``events.append_guarded``): the
+        guard's row, or None when it changed nothing and nothing was appended."""
+        fields = self._fields(type, attempt, payload)
+        return events.append_guarded(self.session, guard, params, **fields)
+
+    def _fields(self, type: str, attempt: int | None, payload: Mapping[str, Any]) -> Any:
         job_level = type.startswith("job.")
-        events.append(
-            self.session, stream=events.job_stream(self.job_id), type=type, actor=self.actor,
-            job_id=self.job_id, step=None if job_level else self.step,
-            registry_id=self.registry_id, attempt=attempt, payload=dict(payload),
-        )  # fmt: skip
+        return {
+            "stream": events.job_stream(self.job_id), "type": type, "actor": self.actor,
+            "job_id": self.job_id, "step": None if job_level else self.step,
+            "registry_id": self.registry_id, "attempt": attempt, "payload": dict(payload),
+        }  # fmt: skip
 
 
 def _refusals(session: Session, job: PushJob) -> list[tuple[int, str]]:

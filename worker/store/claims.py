@@ -17,6 +17,7 @@ from sqlalchemy import Table, and_, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from worker.store.events import Guard
 from worker.store.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 
 _RUNS = cast(Table, StepRun.__table__)
@@ -132,6 +133,32 @@ _FINISH_KEEPING_RESULT = _finish(with_result=False)
 _FINISH_WITH_STATUS = _FINISH_WITH_RESULT.returning(
     select(_JOBS.c.status).where(_JOBS.c.id == bindparam("k_job_id")).scalar_subquery()
 )
+
+
+#: A step's success ended its claim, in the statement that records it (``append_guarded``): the
+#: claim finished with the step's result when it is still the try that ran (``k_attempts``: a
+#: claim taken over meanwhile is left to ``finish_claim_with_status``), returning that try and
+#: the job's status. Text, in the spelling SQLite and PostgreSQL share; the names are the
+#: model's.
+SUCCEEDED_CLAIM = Guard(
+    f"UPDATE {_RUNS.name} SET status = :status, owner = NULL, lease_expires_at = NULL, "  # noqa: S608
+    "result = :result, updated_at = :now WHERE job_id = :k_job_id AND step = :k_step "
+    "AND registry_id = :k_registry_id AND attempts = :k_attempts "
+    f"RETURNING attempts, (SELECT status FROM {_JOBS.name} WHERE id = :k_job_id) AS job_status",
+    (
+        bindparam("status", type_=_RUNS.c.status.type),
+        bindparam("result", type_=_RUNS.c.result.type),
+        bindparam("now", type_=_RUNS.c.updated_at.type),
+    ),
+)
+
+
+def succeeded_claim_params(
+    job_id: str, step: str, registry_id: int, tries: int, result: dict[str, Any]
+) -> dict[str, Any]:
+    """``SUCCEEDED_CLAIM``'s values for try ``tries`` of a step that succeeded with ``result``."""
+    params = _finish_params(job_id, step, registry_id, StepStatus.SUCCEEDED, result)
+    return {**params, "k_attempts": tries}
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,21 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
-from sqlalchemy import Connection, Select, String, bindparam, func, insert, select, text
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Select,
+    String,
+    TextClause,
+    bindparam,
+    func,
+    insert,
+    select,
+    text,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -221,12 +233,13 @@ _EVENTS = Event.__table__
 #: values only the database knows (id, seq, the lane's head, the job's repository, the time)
 #: put into the canonical form the recorder sent in parts, the hash, the insert. No row back: the
 #: recorder's own way is needed (``_append_linked``).
+_APPEND_EVENT_SQL = (
+    "SELECT * FROM pushworker_append_event(:cls, :lane, :stream, :job_id, :type, :step, "
+    ":registry_id, :attempt, :actor, :payload, :repository, :repository_json, :outcome, "
+    ":trace_id, :part0, :part1, :part2, :part3, :part4, :part5)"
+)
 _APPEND_EVENT = (
-    text(
-        "SELECT * FROM pushworker_append_event(:cls, :lane, :stream, :job_id, :type, :step, "
-        ":registry_id, :attempt, :actor, :payload, :repository, :repository_json, :outcome, "
-        ":trace_id, :part0, :part1, :part2, :part3, :part4, :part5)"
-    )
+    text(_APPEND_EVENT_SQL)
     .bindparams(bindparam("payload", type_=_EVENTS.c.payload.type))
     .columns(
         _EVENTS.c.id,
@@ -249,21 +262,38 @@ def _append_linked(
     The hash the database computed is recomputed here from what it filled in, before the
     transaction commits: an event that would not verify is never stored.
     """
+    params = _linked_params(values, repository_known)
+    with _appending(values["stream"]):
+        row = connection.execute(_APPEND_EVENT, params).first()
+    return None if row is None else _checked_link(values, tuple(row))
+
+
+def _linked_params(values: dict[str, Any], repository_known: bool) -> dict[str, Any]:
+    """What ``pushworker_append_event`` takes for the event ``values`` (its canonical form cut
+    into parts, the lane's lock class, the repository's JSON when the recorder knows it)."""
     parts = canonical_parts(values)
     repository = values["repository"]
-    params = {
+    return {
         **values, "cls": LANE_LOCK_CLASS,
         **{f"part{index}": part for index, part in enumerate(parts)},
         "repository_json": json.dumps(repository) if repository_known else None,
     }  # fmt: skip
+
+
+@contextmanager
+def _appending(stream: str) -> Iterator[None]:
+    """Around a statement that appends to ``stream``: a key clash is ``EventConflict``."""
     try:
         with _lock_waits_retryable():
-            row = connection.execute(_APPEND_EVENT, params).first()
+            yield
     except IntegrityError:
-        raise EventConflict(f"another writer appended to {values['stream']} first") from None
-    if row is None:
-        return None
-    ident, seq, prev_hash, stored_repository, time, digest = row
+        raise EventConflict(f"another writer appended to {stream} first") from None
+
+
+def _checked_link(values: dict[str, Any], linked_row: tuple[Any, ...]) -> dict[str, Any]:
+    """``values`` with what the database filled in (``linked_row``: id, seq, previous hash,
+    repository, time, hash), its hash checked against this version's."""
+    ident, seq, prev_hash, stored_repository, time, digest = linked_row
     linked = {
         **values, "id": int(ident), "seq": int(seq), "prev_hash": str(prev_hash),
         "repository": stored_repository, "time": time, "hash": str(digest),
@@ -428,25 +458,122 @@ def append(
 ) -> Event:
     """Append one event to ``stream`` with the next sequence number, as the next link of the
     chain."""
-    payload = _checked_payload(payload)
-    columns = _stored_columns(stream, type, actor, job_id, step, registry_id, attempt)
-    named_repository = _named_repository(payload)
-    lane = lane_of(columns["stream"])
+    unlinked, known = _unlinked(stream, type, actor, job_id, step, registry_id, attempt, payload)
     # This transaction's other changes take their row locks before the lane's lock, not while
     # holding it, which keeps lock waits one-way in the common case.
     session.flush()
     connection = session.connection()
     if connection.dialect.name == "postgresql":
-        unlinked: dict[str, Any] = {
-            **columns, "payload": payload,
-            "outcome": derive_outcome(columns["type"], payload), "lane": lane,
-            "trace_id": current_trace_id(), "repository": named_repository,
-        }  # fmt: skip
-        known = named_repository is not None or columns["job_id"] is None
         linked = _append_linked(connection, unlinked, known)
         if linked is not None:
             return _pending(session, Event(**linked))
-    state = _append_state(session, columns["stream"], lane, columns["job_id"])
+    return _append_unlinked(session, unlinked)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A statement that changes a row and decides whether an event follows: SQL that both
+    databases run, with ``RETURNING`` and at most one row; the event is appended when it returns
+    one (``append_guarded``). Built once, at import: its two statements are cached."""
+
+    sql: str
+    binds: tuple[BindParameter[Any], ...]
+
+    @cached_property
+    def alone(self) -> TextClause:
+        return text(self.sql).bindparams(*self.binds)
+
+    @cached_property
+    def with_append(self) -> TextClause:
+        """PostgreSQL: the guard, then the append of its event, in one statement. The append
+        runs once for the guard's row, after the guard took its row locks (the order every
+        record transaction keeps); its columns are NULL where the database left the append to
+        the recorder's own way."""
+        return text(
+            # The guard's SQL is the project's own (a constant); every value is bound.
+            f"WITH guard AS ({self.sql}) "  # noqa: S608
+            f"SELECT guard.*, appended.* FROM guard LEFT JOIN LATERAL ({_APPEND_EVENT_SQL}) "
+            "AS appended ON true"
+        ).bindparams(*self.binds, bindparam("payload", type_=_EVENTS.c.payload.type))
+
+
+def append_guarded(
+    session: Session,
+    guard: Guard,
+    guard_params: Mapping[str, Any],
+    *,
+    stream: str,
+    type: str,
+    actor: str,
+    job_id: str | None = None,
+    step: str | None = None,
+    registry_id: int | None = None,
+    attempt: int | None = None,
+    payload: dict[str, Any] | None = None,
+) -> Mapping[str, Any] | None:
+    """Run ``guard`` and, when it returns a row, append the event (as ``append`` does): the
+    guard's row, or None when it returned none and nothing was appended.
+
+    On PostgreSQL the two are one round trip (``Guard.with_append``); SQLite runs them one
+    after the other.
+    """
+    unlinked, known = _unlinked(stream, type, actor, job_id, step, registry_id, attempt, payload)
+    session.flush()
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        found = connection.execute(guard.alone, dict(guard_params)).first()
+        if found is None:
+            return None
+        _append_unlinked(session, unlinked)
+        return dict(found._mapping)
+    params = {**_linked_params(unlinked, known), **guard_params}
+    with _appending(stream):
+        row = connection.execute(guard.with_append, params).first()
+    if row is None:
+        return None
+    fields = row._mapping
+    linked_row = tuple(fields[f"o_{name}"] for name in _LINKED_COLUMNS)
+    if linked_row[0] is None:
+        _append_unlinked(session, unlinked)
+    else:
+        _pending(session, Event(**_checked_link(unlinked, linked_row)))
+    return {name: value for name, value in fields.items() if not name.startswith("o_")}
+
+
+#: What ``pushworker_append_event`` answers, in its order (its columns are named ``o_<name>``).
+_LINKED_COLUMNS = ("id", "seq", "prev_hash", "repository", "time", "hash")
+
+
+def _unlinked(
+    stream: str,
+    type: str,
+    actor: str,
+    job_id: str | None,
+    step: str | None,
+    registry_id: int | None,
+    attempt: int | None,
+    payload: dict[str, Any] | None,
+) -> tuple[dict[str, Any], bool]:
+    """An event's fields as stored, but for what linking it fills in (id, seq, time, previous
+    hash and hash; the repository when the payload names none), and whether its repository is
+    known without the job's row."""
+    payload = _checked_payload(payload)
+    columns = _stored_columns(stream, type, actor, job_id, step, registry_id, attempt)
+    named_repository = _named_repository(payload)
+    unlinked: dict[str, Any] = {
+        **columns, "payload": payload,
+        "outcome": derive_outcome(columns["type"], payload), "lane": lane_of(columns["stream"]),
+        "trace_id": current_trace_id(), "repository": named_repository,
+    }  # fmt: skip
+    return unlinked, named_repository is not None or columns["job_id"] is None
+
+
+def _append_unlinked(session: Session, unlinked: dict[str, Any]) -> Event:
+    """The recorder's own way: read the stream's and the lane's state (under the lane's lock),
+    link, hash and insert."""
+    stream, lane = unlinked["stream"], unlinked["lane"]
+    connection = session.connection()
+    state = _append_state(session, stream, lane, unlinked["job_id"])
     if connection.dialect.name == "sqlite":
         # SQLite would reuse the id of a deleted newest row (retention): ids only go up.
         newest = state.next_or_newest_id
@@ -455,11 +582,9 @@ def append(
         assert state.next_or_newest_id is not None, "nextval gives an id"
         event_id = state.next_or_newest_id
     values: dict[str, Any] = {
-        **columns, "id": event_id, "seq": state.last_seq + 1, "time": utcnow(),
-        "payload": payload, "repository": named_repository or state.job_repository,
-        "outcome": derive_outcome(columns["type"], payload),
-        "prev_hash": _lane_head(session, lane, state.head_hash), "lane": lane,
-        "trace_id": current_trace_id(),
+        **unlinked, "id": event_id, "seq": state.last_seq + 1, "time": utcnow(),
+        "repository": unlinked["repository"] or state.job_repository,
+        "prev_hash": _lane_head(session, lane, state.head_hash),
     }  # fmt: skip
     values["hash"] = chain_hash(values)
     try:
