@@ -372,8 +372,7 @@ def test_a_database_that_hashes_otherwise_stores_nothing(
 #: A guard of the tests: the job's tag changes (when the job has the tag it names), returning
 #: the job and its new tag.
 _RETAG = events.Guard(
-    "UPDATE push_jobs SET tag = :new_tag WHERE id = :k_job_id AND tag = :old_tag "
-    "RETURNING id, tag",
+    "UPDATE push_jobs SET tag = :new_tag WHERE id = :k_job_id AND tag = :old_tag RETURNING id, tag",
     (),
 )
 
