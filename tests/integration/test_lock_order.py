@@ -25,6 +25,7 @@ from worker.store.chain import LANES
 from worker.store.db import session_scope
 from worker.store.events import LANE_LOCK_CLASS
 from worker.store.models import PushJob
+from worker.store.queries import select_events
 from worker.store.verify import verify
 
 SOURCE = "app:build"
@@ -113,6 +114,53 @@ def test_a_record_transaction_waiting_for_the_job_row_holds_no_lane_lock(
         with session_scope() as session:
             finished = session.get(PushJob, job_id)
             assert finished is not None and finished.status == "succeeded"
+    assert verify().ok
+
+
+@pytest.mark.parametrize("step", STEP_NAMES)
+def test_a_first_claim_waiting_for_the_job_row_holds_no_lane_lock(
+    postgres_url: str, step: str
+) -> None:
+    """A step's first claim marks the job running and appends ``step.started`` in one statement:
+    waiting for the job row an operator holds, it holds no lane yet (the job's row is changed
+    before the append), and it goes on once the row is free."""
+    with session_scope() as session:
+        spec = RegistrySpec(name="r", url="https://reg.example.com", username="u", secret="pw")
+        create_registry(session, spec, registry_id=5)
+        job, _ = create_job(session, PushRequest(SOURCE, 5, "team/app", "v1", "t"), actor="t")
+        job_id = job.id
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, _ = fake_runner(world, Settings.from_env())
+    for earlier in STEP_NAMES[: STEP_NAMES.index(step)]:
+        assert runner.run(earlier, job_id, 5).action == "continue"
+    holder = create_engine(postgres_url)
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(runner.run(step, job_id, 5)))
+    try:
+        with holder.connect() as other:
+            other.execute(
+                text("SELECT id FROM push_jobs WHERE id = :id FOR UPDATE"), {"id": job_id}
+            )
+            worker.start()
+            waiting = _lock_waiters(postgres_url, 10)
+            chain_free = other.execute(
+                text(
+                    "SELECT bool_and(pg_try_advisory_xact_lock(:cls, lane))"
+                    " FROM generate_series(0, :last) AS lane"
+                ),
+                {"cls": LANE_LOCK_CLASS, "last": LANES - 1},
+            ).scalar()
+            other.rollback()
+        worker.join(20)
+    finally:
+        worker.join(20)
+        holder.dispose()
+    assert waiting, "the claim waits for the job row"
+    assert chain_free is True, f"a lane's lock was held while waiting (waiters: {waiting})"
+    assert outcome and outcome[0].action == ("stop" if step == STEP_NAMES[-1] else "continue")
+    with session_scope() as session:
+        types = [e.type for e in select_events(session, job_id=job_id)]
+    assert types[-2:] == ["step.started", "step.succeeded"] or types[-1] == "job.succeeded"
     assert verify().ok
 
 

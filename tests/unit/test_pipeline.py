@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from tests.support.fakes import FakeWorld, fake_runner, wrap_action
 from worker.core.errors import AuthenticationError, CredentialError, RegistryUnavailable
@@ -21,6 +24,7 @@ from worker.jobs import PushRequest, cancel_job, create_job
 from worker.registries import RegistrySpec, create_registry
 from worker.store.claims import take_first_claim
 from worker.store.db import session_scope
+from worker.store.events import Guard, append_guarded
 from worker.store.models import PushJob, StepRun, utcnow
 from worker.store.queries import select_events
 
@@ -252,6 +256,52 @@ def test_of_two_first_claims_at_once_only_one_is_taken(registries: None) -> None
         job = session.get(PushJob, job_id)
         assert job is not None
         assert (job.status, job.current_step, job.started_at) == ("running", "login", started)
+
+
+def test_a_first_claim_appends_its_started_event_only_when_taken(
+    registries: None, database_url: str
+) -> None:
+    """PostgreSQL takes a first claim, marks the job running and appends ``step.started`` in one
+    statement: the winner's event is there, the loser appends nothing and changes nothing.
+    SQLite refuses the one-statement way (the pipeline uses it on PostgreSQL only)."""
+    job_id = _queued_job()
+    lease = utcnow() + timedelta(minutes=5)
+
+    def started_by(
+        session: Session, owner: str
+    ) -> Callable[[Guard, dict[str, Any]], object | None]:
+        def started(guard: Guard, params: dict[str, Any]) -> object | None:
+            return append_guarded(
+                session, guard, params, stream=f"job/{job_id}", type="step.started",
+                actor=owner, job_id=job_id, step="tag", registry_id=5, attempt=1,
+            )  # fmt: skip
+
+        return started
+
+    if database_url.startswith("sqlite"):
+        with pytest.raises(ValueError, match="PostgreSQL only"), session_scope() as session:
+            job = session.get(PushJob, job_id)
+            assert job is not None
+            take_first_claim(
+                session, job, "tag", 5, "worker:a:1", lease, started_by(session, "w:a")
+            )
+        return
+    for owner, wins in (("worker:a:1", True), ("worker:b:2", False)):
+        with session_scope() as session:
+            job = session.get(PushJob, job_id)
+            assert job is not None
+            started = started_by(session, owner)
+            taken = take_first_claim(session, job, "tag", 5, owner, lease, started)
+            assert taken is wins
+    with session_scope() as session:
+        claim = session.get(StepRun, (job_id, "tag", 5))
+        assert claim is not None and (claim.owner, claim.attempts) == ("worker:a:1", 1)
+        job = session.get(PushJob, job_id)
+        assert job is not None and (job.status, job.current_step) == ("running", "tag")
+        rows = select_events(session, job_id=job_id)
+    assert [(r.type, r.actor) for r in rows] == [
+        ("job.enqueued", "t"), ("step.started", "worker:a:1"),
+    ]  # fmt: skip
 
 
 OUTCOMES = st.sampled_from(["accept", "refuse_login", "refuse_push"])

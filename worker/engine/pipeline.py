@@ -477,7 +477,7 @@ class StepRunner:
         # A run whose worker died is still RUNNING; one that recorded a failure is not (a
         # throttled step is retried up to its deadline, not bounded by max_attempts).
         died = run is not None and run.status == StepStatus.RUNNING
-        tries = self._take_claim(session, run, job, step, registry_id, actor)
+        tries, started = self._take_claim(session, run, job, step, registry_id, actor, note)
         if isinstance(tries, str):
             note("step.skipped", None, reason=tries)
             return Outcome("stop", reason="claimed elsewhere")
@@ -491,7 +491,8 @@ class StepRunner:
             return Outcome("stop", reason="worker lost")
         if run is not None:  # a first claim marked the job running as it was taken
             claims.mark_running(session, job, step)
-        note("step.started", tries)
+        if not started:
+            note("step.started", tries)
         return tries
 
     def _admit(
@@ -637,19 +638,29 @@ class StepRunner:
         step: str,
         registry_id: int,
         actor: str,
-    ) -> int | str:
-        """The try number of a claim we now hold, or why another worker holds it. A first claim
-        also marks the job running at ``step``."""
+        note: _Recorder,
+    ) -> tuple[int | str, bool]:
+        """The try number of a claim we now hold, or why another worker holds it; and whether
+        the step's ``step.started`` is appended already. A first claim also marks the job
+        running at ``step``, and on PostgreSQL appends ``step.started`` in the same statement."""
         now = utcnow()
         lease = now + timedelta(seconds=self.step(step).lease(self.settings))
         job_id = job.id
         if run is None:
             owner = owner_of_this_process(actor)
-            if not claims.take_first_claim(session, job, step, registry_id, owner, lease):
-                return "another delivery claimed this step at the same moment"
-            return 1
+            at_once = session.get_bind().dialect.name == "postgresql"
+
+            def started(guard: events.Guard, params: dict[str, Any]) -> object | None:
+                return note.after(guard, params, "step.started", {}, 1)
+
+            first = claims.take_first_claim(
+                session, job, step, registry_id, owner, lease, started if at_once else None
+            )
+            if not first:
+                return "another delivery claimed this step at the same moment", False
+            return 1, at_once
         if run.status == StepStatus.RUNNING and not claim_is_dead(run, now):
-            return f"running elsewhere ({run.owner})"
+            return f"running elsewhere ({run.owner})", False
         taken = session.execute(
             update(StepRun)
             .where(
@@ -662,8 +673,8 @@ class StepRunner:
             .execution_options(synchronize_session=False)
         )  # fmt: skip
         if taken.rowcount != 1:  # type: ignore[attr-defined]
-            return "another delivery claimed this step at the same moment"
-        return run.attempts + 1  # the update matched the attempts we read
+            return "another delivery claimed this step at the same moment", False
+        return run.attempts + 1, False  # the update matched the attempts we read
 
     # --- phase 3 --------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ map and change tracking buy nothing (a row written once per phase), they are Cor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -79,12 +80,19 @@ _MARK_SUCCEEDED = (
 #: ``on_conflict_do_nothing()`` has no cache key, so SQLAlchemy compiled it anew for every claim
 #: (0.1-0.2 ms each, four a job). The column list and types come from the model.
 _COLUMNS = [column.name for column in _RUNS.columns]
-_INSERT_CLAIM_SQL = (
-    # The model's own table and column names; every value is bound.
-    f"INSERT INTO {_RUNS.name} ({', '.join(_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join(':' + name for name in _COLUMNS)}) "
-    f"ON CONFLICT DO NOTHING RETURNING {_RUNS.c.attempts.name}"
-)
+
+
+def _insert_claim_sql(prefix: str = "") -> str:
+    """The first claim's insert, its values bound as ``:<prefix><column>``."""
+    return (
+        # The model's own table and column names; every value is bound.
+        f"INSERT INTO {_RUNS.name} ({', '.join(_COLUMNS)}) "  # noqa: S608
+        f"VALUES ({', '.join(':' + prefix + name for name in _COLUMNS)}) "
+        f"ON CONFLICT DO NOTHING RETURNING {_RUNS.c.attempts.name}"
+    )
+
+
+_INSERT_CLAIM_SQL = _insert_claim_sql()
 
 
 def _claim_statement(sql: str) -> Any:
@@ -103,6 +111,24 @@ _INSERT_CLAIM_MARKING_JOB = _claim_statement(
     "started_at = coalesce(started_at, :updated_at), current_step = :step, "
     "updated_at = :updated_at WHERE id = :job_id AND EXISTS (SELECT 1 FROM claim)) "
     f"SELECT {_RUNS.c.attempts.name} FROM claim"
+)
+
+
+#: PostgreSQL: a first claim, the job marked running and the step's ``step.started`` appended in
+#: one statement (``append_guarded``): the claim and the job's row change first (the guard reads
+#: both, so both are made before the append takes its lane's lock), and only when the claim was
+#: inserted. Its values are the claim's, bound as ``c_<column>`` (the append's are not renamed).
+FIRST_CLAIM = Guard(
+    "SELECT claim.attempts FROM claim CROSS JOIN (SELECT count(*) FROM marked) AS job",
+    tuple(bindparam("c_" + column.name, type_=column.type) for column in _RUNS.columns),
+    ctes=(
+        # The model's own table and column names; every value is bound.
+        f"claim AS ({_insert_claim_sql('c_')}), "  # noqa: S608
+        f"marked AS (UPDATE {_JOBS.name} SET status = :c_running, "
+        "started_at = coalesce(started_at, :c_updated_at), current_step = :c_step, "
+        "updated_at = :c_updated_at WHERE id = :c_job_id AND EXISTS (SELECT 1 FROM claim) "
+        "RETURNING 1)"
+    ),
 )
 
 
@@ -202,10 +228,21 @@ def mark_succeeded(session: Session, job_id: str, *, digest: Any, reference: Any
 
 
 def take_first_claim(
-    session: Session, job: PushJob, step: str, registry_id: int, owner: str, lease: datetime
+    session: Session,
+    job: PushJob,
+    step: str,
+    registry_id: int,
+    owner: str,
+    lease: datetime,
+    started: Callable[[Guard, dict[str, Any]], object | None] | None = None,
 ) -> bool:
     """Claim a step nobody has claimed yet and mark the job running at it (``job`` is brought
-    up to date); False, with nothing changed, when another delivery got there first."""
+    up to date); False, with nothing changed, when another delivery got there first.
+
+    ``started`` (PostgreSQL only), when given, appends the step's started event behind the
+    claim, in its statement: it is called with ``FIRST_CLAIM`` and its values and answers what
+    ``append_guarded`` does (None: the claim was not taken, nothing was appended).
+    """
     now = utcnow()
     values: dict[str, Any] = {
         "job_id": job.id, "step": step, "registry_id": registry_id,
@@ -213,6 +250,12 @@ def take_first_claim(
         "lease_expires_at": lease, "result": {}, "updated_at": now,
     }  # fmt: skip
     connection = session.connection()
+    if started is not None:
+        params = {f"c_{name}": value for name, value in values.items()}
+        if started(FIRST_CLAIM, {**params, "c_running": JobStatus.RUNNING.value}) is None:
+            return False
+        _marked_running(job, step, now)
+        return True
     if connection.dialect.name == "postgresql":
         params = {**values, "running": JobStatus.RUNNING.value}
         if connection.execute(_INSERT_CLAIM_MARKING_JOB, params).first() is None:

@@ -472,16 +472,26 @@ def append(
 
 @dataclass(frozen=True)
 class Guard:
-    """A statement that changes a row and decides whether an event follows: SQL that both
-    databases run, with ``RETURNING`` and at most one row; the event is appended when it returns
-    one (``append_guarded``). Built once, at import: its two statements are cached."""
+    """A statement that changes rows and decides whether an event follows: ``sql`` returns at
+    most one row, and the event is appended when it returns one (``append_guarded``). Built
+    once, at import: its statements are cached.
+
+    ``sql`` is what SQLite and PostgreSQL both run, an ``UPDATE ... RETURNING`` say. A guard with
+    ``ctes`` (data-modifying CTEs ``sql`` reads, ``name AS (...)``, comma-separated) runs on
+    PostgreSQL only; every change it makes must be read by ``sql``, so that it is made before
+    the append takes its lane's lock (PostgreSQL runs a CTE nobody reads at the statement's
+    end). Its parameters must not be named as the append's are (``append_guarded`` checks).
+    """
 
     sql: str
     binds: tuple[BindParameter[Any], ...]
+    ctes: str = ""
 
     @cached_property
     def alone(self) -> TextClause:
-        return text(self.sql).bindparams(*self.binds)
+        # The guard's SQL is the project's own (a constant); every value is bound.
+        prefix = f"WITH {self.ctes} " if self.ctes else ""
+        return text(prefix + self.sql).bindparams(*self.binds)
 
     @cached_property
     def with_append(self) -> TextClause:
@@ -489,9 +499,10 @@ class Guard:
         runs once for the guard's row, after the guard took its row locks (the order every
         record transaction keeps); its columns are NULL where the database left the append to
         the recorder's own way."""
+        prefix = f"{self.ctes}, " if self.ctes else ""
         return text(
             # The guard's SQL is the project's own (a constant); every value is bound.
-            f"WITH guard AS ({self.sql}) "  # noqa: S608
+            f"WITH {prefix}guard AS ({self.sql}) "  # noqa: S608
             f"SELECT guard.*, appended.* FROM guard LEFT JOIN LATERAL ({_APPEND_EVENT_SQL}) "
             "AS appended ON true"
         ).bindparams(*self.binds, bindparam("payload", type_=_EVENTS.c.payload.type))
@@ -521,12 +532,19 @@ def append_guarded(
     session.flush()
     connection = session.connection()
     if connection.dialect.name != "postgresql":
+        if guard.ctes:
+            raise ValueError("a guard with data-modifying CTEs runs on PostgreSQL only")
         found = connection.execute(guard.alone, dict(guard_params)).first()
         if found is None:
             return None
         _append_unlinked(session, unlinked)
         return dict(found._mapping)
-    params = {**_linked_params(unlinked, known), **guard_params}
+    params = _linked_params(unlinked, known)
+    clashes = params.keys() & guard_params.keys()
+    if clashes:
+        # One statement, one namespace: the guard would set the event's values.
+        raise ValueError(f"the guard's parameters are named as the append's: {sorted(clashes)}")
+    params.update(guard_params)
     with _appending(stream):
         row = connection.execute(guard.with_append, params).first()
     if row is None:
