@@ -696,19 +696,26 @@ class StepRunner:
         with _within(session) as session:
             pinned = result.payload.get("source_digest")
             note = _Recorder(session, job_id, step, registry_id, actor)
-            if not pinned and not self._is_last(step):
-                # The common case in one round trip on PostgreSQL: the claim ends and the step's
-                # event is appended in one statement, when the claim is still this try's.
-                params = claims.succeeded_claim_params(
-                    job_id, step, registry_id, tries, result.payload
+            last = self._is_last(step)
+            digest, reference = result.payload.get("digest"), result.payload.get("reference")
+            if not pinned and (not last or session.get_bind().dialect.name == "postgresql"):
+                # The common case in one round trip on PostgreSQL: the claim ends (and the last
+                # step's job succeeds) and the step's event is appended in one statement, when
+                # the claim is still this try's.
+                guard, params = (
+                    (claims.LAST_SUCCEEDED_CLAIM, claims.last_succeeded_claim_params)
+                    if last
+                    else (claims.SUCCEEDED_CLAIM, claims.succeeded_claim_params)
                 )
-                ended = note.after(claims.SUCCEEDED_CLAIM, params, *_success_event(result), tries)
+                values = params(job_id, step, registry_id, tries, result.payload)
+                ended = note.after(guard, values, *_success_event(result), tries)
                 if ended is not None:
                     if ended["job_status"] is None:
                         raise JobNotFound(f"job {job_id} vanished while step {step} ran")
-                    if ended["job_status"] == JobStatus.CANCELLED:
-                        return Outcome("stop", reason="job cancelled while the step ran")
-                    return Outcome("continue")
+                    cancelled = ended["job_status"] == JobStatus.CANCELLED
+                    return self._after_success(
+                        note, last, cancelled, bool(last and ended["marked"]), digest, reference
+                    )
             # The claim's try is the one that ended it (another delivery may have taken it over).
             ended_try, status = claims.finish_claim_with_status(
                 session, job_id, step, registry_id, result.payload
@@ -723,8 +730,7 @@ class StepRunner:
                 )
             if status is None or ended_try is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
-            last, cancelled = self._is_last(step), status == JobStatus.CANCELLED
-            digest, reference = result.payload.get("digest"), result.payload.get("reference")
+            cancelled = status == JobStatus.CANCELLED
             succeeded = (
                 last
                 and not cancelled
@@ -732,12 +738,25 @@ class StepRunner:
             )
             type, payload = _success_event(result)
             note(type, ended_try, **payload)
-            if cancelled or (last and not succeeded):
-                return Outcome("stop", reason="job cancelled while the step ran")
-            if not last:
-                return Outcome("continue")
-            note("job.succeeded", None, reference=reference, digest=digest)
-            return Outcome("stop", reason="job succeeded", finished=True)
+            return self._after_success(note, last, cancelled, succeeded, digest, reference)
+
+    def _after_success(
+        self,
+        note: _Recorder,
+        last: bool,
+        cancelled: bool,
+        succeeded: bool,
+        digest: Any,
+        reference: Any,
+    ) -> Outcome:
+        """What follows a step's recorded success: the next step, or the job's end (its
+        ``job.succeeded`` appended when the last step marked it succeeded)."""
+        if cancelled or (last and not succeeded):
+            return Outcome("stop", reason="job cancelled while the step ran")
+        if not last:
+            return Outcome("continue")
+        note("job.succeeded", None, reference=reference, digest=digest)
+        return Outcome("stop", reason="job succeeded", finished=True)
 
     def _record_failure(
         self, step: str, job_id: str, registry_id: int, error: PushWorkerError, actor: str

@@ -178,6 +178,25 @@ SUCCEEDED_CLAIM = Guard(
     ),
 )
 
+#: PostgreSQL: the last step's success, ``SUCCEEDED_CLAIM`` and the job marked succeeded (unless
+#: an operator's cancel came first, as ``_MARK_SUCCEEDED``) before the step's event is appended
+#: (``append_guarded``; the guard reads the job's change, so it is made before the append takes
+#: its lane's lock). ``marked``: 1 when the job was marked succeeded, else 0.
+LAST_SUCCEEDED_CLAIM = Guard(
+    "SELECT finished.attempts, finished.job_status, job.marked FROM finished "
+    "CROSS JOIN (SELECT count(*) AS marked FROM marked) AS job",
+    (*SUCCEEDED_CLAIM.binds, bindparam("k_digest"), bindparam("k_reference")),
+    ctes=(
+        # The model's own table and column names; every value is bound.
+        f"finished AS ({SUCCEEDED_CLAIM.sql}), "  # noqa: S608
+        f"marked AS (UPDATE {_JOBS.name} SET status = :k_succeeded, digest = :k_digest, "
+        "pushed_reference = :k_reference, error_code = NULL, error_message = NULL, "
+        "current_step = NULL, finished_at = :now, updated_at = :now "
+        "WHERE id = :k_job_id AND status <> :k_cancelled AND EXISTS (SELECT 1 FROM finished) "
+        "RETURNING 1)"
+    ),
+)
+
 
 def succeeded_claim_params(
     job_id: str, step: str, registry_id: int, tries: int, result: dict[str, Any]
@@ -185,6 +204,18 @@ def succeeded_claim_params(
     """``SUCCEEDED_CLAIM``'s values for try ``tries`` of a step that succeeded with ``result``."""
     params = _finish_params(job_id, step, registry_id, StepStatus.SUCCEEDED, result)
     return {**params, "k_attempts": tries}
+
+
+def last_succeeded_claim_params(
+    job_id: str, step: str, registry_id: int, tries: int, result: dict[str, Any]
+) -> dict[str, Any]:
+    """``LAST_SUCCEEDED_CLAIM``'s values: ``SUCCEEDED_CLAIM``'s and the job's digest and
+    reference (``result``'s)."""
+    return {
+        **succeeded_claim_params(job_id, step, registry_id, tries, result),
+        "k_digest": result.get("digest"), "k_reference": result.get("reference"),
+        "k_succeeded": JobStatus.SUCCEEDED.value, "k_cancelled": JobStatus.CANCELLED.value,
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
