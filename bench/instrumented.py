@@ -84,6 +84,8 @@ def _patch() -> None:
     http_cls.__init__ = _timed("registry.session", http_cls.__init__)  # type: ignore[method-assign]
     pipeline.StepRunner.run = _timed("step.run", pipeline.StepRunner.run)  # type: ignore[method-assign]
     events.append = _timed("events.append", events.append)
+    # The appends behind a row change (a claim's, a success's): the change counts with them.
+    events.append_guarded = _timed("events.append", events.append_guarded)
     steps.resolve_credential = _timed("credentials", resolve_credential)  # type: ignore[attr-defined]
     Session.commit = _timed("db.commit", Session.commit)  # type: ignore[method-assign]
     original_scope = session_scope_of_worker

@@ -195,7 +195,11 @@ ROWS = [
     ("hops", "Celery hand-offs: publish -> worker -> pool process, x4 (gaps between tasks)"),
     ("celery_in_task", "Celery inside the pool process, outside the step (incl. next publish)"),
     ("db_tx", "database transactions of the steps (claim + record, x4)"),
-    ("events_append", "  of which `events.append` (hash chain head, next seq, insert)"),
+    (
+        "events_append",
+        "  of which event appends (`events.append`, and `append_guarded` with the "
+        "claim's or the success's row change it follows)",
+    ),
     ("db_commit", "  of which commits"),
     ("sql_seconds", "  of which SQL statement execution"),
     ("docker_login", "daemon: login (the daemon authenticates against the registry)"),
