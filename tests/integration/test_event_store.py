@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import pytest
 from sqlalchemy import JSON, Connection, Table, column, create_engine, insert, table, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from tests.conftest import use_database
@@ -478,6 +478,45 @@ def test_a_guarded_append_the_database_hashes_otherwise_undoes_its_guard(
     with pytest.raises(StorageError, match="does not compute"), session_scope() as session:
         _retag(session, "j1", "1", "2")
     assert _tag_and_types("j1") == ("1", ["job.enqueued"])
+
+
+def test_a_guarded_append_gives_its_event_the_time_in_utc(postgres_url: str) -> None:
+    """Whatever the session's TimeZone, the event the guarded append logs and publishes has its
+    time in UTC, as every other append's."""
+    with session_scope() as session:
+        _a_job(session, "j1", "team/app")
+        events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1")
+    with session_scope() as session:
+        session.execute(text("SET LOCAL TIME ZONE 'Asia/Kolkata'"))
+        assert _retag(session, "j1", "1", "2") is not None
+        logged = session.info["pending_event_logs"][-1]
+        assert logged.type == "job.retagged"
+        assert logged.time.utcoffset() == timedelta(0), logged.time
+
+
+def test_a_guard_breaking_a_constraint_is_raised_as_it_is(database_url: str) -> None:
+    """A guard's own row change that breaks a constraint is a bug, not a clash with another
+    writer: the driver's error comes through (no retries), and nothing is appended."""
+    broken = events.Guard(
+        "UPDATE push_jobs SET effective_registry_id = 999 WHERE id = :k_job_id RETURNING id", ()
+    )
+    with session_scope() as session:
+        _a_job(session, "j1", "team/app")
+        events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1")
+    with pytest.raises(IntegrityError), session_scope() as session:
+        events.append_guarded(
+            session, broken, {"k_job_id": "j1"}, stream="job/j1", type="t", actor="x"
+        )
+    assert _tag_and_types("j1") == ("1", ["job.enqueued"])
+
+
+def test_a_guard_naming_a_value_as_the_append_does_is_refused() -> None:
+    """One statement binds the guard's values and the event's: a guard that names one as the
+    append does is refused when it is made, not when it would have set the event's value."""
+    with pytest.raises(ValueError, match=r"\['job_id', 'step'\]"):
+        events.Guard("UPDATE step_runs SET owner = NULL WHERE job_id = :job_id AND step = :step "
+                     "RETURNING attempts", ())  # fmt: skip
+    events.Guard("UPDATE t SET a = :k_step::text RETURNING 1", ())  # a cast is not a name
 
 
 def test_time_range_and_newest_first(database_url: str) -> None:

@@ -41,7 +41,8 @@ def _kind(statement: str) -> str:
 
 def test_a_job_on_postgresql_is_eight_short_transactions(postgres_url: str) -> None:
     """Once every lane of the log has a head (the common case), a job is the producer's
-    transaction and two a step (one for the local first step), each of one or two statements."""
+    transaction and two a step (one for the local first step): three statements in the first
+    two, then two for each claim and one for each record (the last step's: two)."""
     with session_scope() as session:
         spec = RegistrySpec(name="r", url="https://reg.example.com", username="u", secret="pw")
         create_registry(session, spec, registry_id=5)

@@ -286,6 +286,7 @@ def test_a_first_claim_appends_its_started_event_only_when_taken(
                 session, job, "tag", 5, "worker:a:1", lease, started_by(session, "w:a")
             )
         return
+    marked: list[tuple[object, ...]] = []  # the job as each claim left it
     for owner, wins in (("worker:a:1", True), ("worker:b:2", False)):
         with session_scope() as session:
             job = session.get(PushJob, job_id)
@@ -293,11 +294,15 @@ def test_a_first_claim_appends_its_started_event_only_when_taken(
             started = started_by(session, owner)
             taken = take_first_claim(session, job, "tag", 5, owner, lease, started)
             assert taken is wins
+        with session_scope() as session:
+            job = session.get(PushJob, job_id)
+            assert job is not None
+            marked.append((job.status, job.current_step, job.started_at, job.updated_at))
+    assert marked[0][:2] == ("running", "tag")
+    assert marked[1] == marked[0]  # the loser's later clock left no trace on the job
     with session_scope() as session:
         claim = session.get(StepRun, (job_id, "tag", 5))
         assert claim is not None and (claim.owner, claim.attempts) == ("worker:a:1", 1)
-        job = session.get(PushJob, job_id)
-        assert job is not None and (job.status, job.current_step) == ("running", "tag")
         rows = select_events(session, job_id=job_id)
     assert [(r.type, r.actor) for r in rows] == [
         ("job.enqueued", "t"), ("step.started", "worker:a:1"),

@@ -20,10 +20,12 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC
 from functools import cached_property
 from typing import Any
 
@@ -282,11 +284,16 @@ def _linked_params(values: dict[str, Any], repository_known: bool) -> dict[str, 
 
 @contextmanager
 def _appending(stream: str) -> Iterator[None]:
-    """Around a statement that appends to ``stream``: a key clash is ``EventConflict``."""
+    """Around a statement that appends to ``stream``: a clash on one of the events table's keys
+    is ``EventConflict``. Any other constraint the statement breaks (a guard's row change, say)
+    is a bug, raised as it is."""
     try:
         with _lock_waits_retryable():
             yield
-    except IntegrityError:
+    except IntegrityError as exc:
+        diagnostics = getattr(exc.orig, "diag", None)
+        if getattr(diagnostics, "table_name", None) != Event.__tablename__:
+            raise
         raise EventConflict(f"another writer appended to {stream} first") from None
 
 
@@ -294,6 +301,9 @@ def _checked_link(values: dict[str, Any], linked_row: tuple[Any, ...]) -> dict[s
     """``values`` with what the database filled in (``linked_row``: id, seq, previous hash,
     repository, time, hash), its hash checked against this version's."""
     ident, seq, prev_hash, stored_repository, time, digest = linked_row
+    # As the events table's type gives it back (UTC), whatever the session's TimeZone: an
+    # untyped statement (a guarded append) returns the server's zone.
+    time = time.astimezone(UTC)
     linked = {
         **values, "id": int(ident), "seq": int(seq), "prev_hash": str(prev_hash),
         "repository": stored_repository, "time": time, "hash": str(digest),
@@ -470,22 +480,39 @@ def append(
     return _append_unlinked(session, unlinked)
 
 
+def _bound_names(sql: str) -> set[str]:
+    """The names of the values ``sql`` binds (``:name``; ``::type`` casts are not names)."""
+    return set(re.findall(r"(?<![:\w]):(\w+)", sql))
+
+
+#: The names ``pushworker_append_event``'s call binds.
+_APPEND_NAMES = frozenset(_bound_names(_APPEND_EVENT_SQL))
+
+
 @dataclass(frozen=True)
 class Guard:
     """A statement that changes rows and decides whether an event follows: ``sql`` returns at
-    most one row, and the event is appended when it returns one (``append_guarded``). Built
-    once, at import: its statements are cached.
+    most one row, and the event is appended when it returns one (``append_guarded``). Made once,
+    at import.
 
     ``sql`` is what SQLite and PostgreSQL both run, an ``UPDATE ... RETURNING`` say. A guard with
     ``ctes`` (data-modifying CTEs ``sql`` reads, ``name AS (...)``, comma-separated) runs on
     PostgreSQL only; every change it makes must be read by ``sql``, so that it is made before
     the append takes its lane's lock (PostgreSQL runs a CTE nobody reads at the statement's
-    end). Its parameters must not be named as the append's are (``append_guarded`` checks).
+    end). Its values must not be named as the append's are (checked when it is made). Its
+    statements are built on first use and kept.
     """
 
     sql: str
     binds: tuple[BindParameter[Any], ...]
     ctes: str = ""
+
+    def __post_init__(self) -> None:
+        # One statement, one namespace: a guard naming a value as the append does would set
+        # the event's value (or take it). Checked on the SQL, once, at import.
+        clashes = _bound_names(self.ctes + " " + self.sql) & _APPEND_NAMES
+        if clashes:
+            raise ValueError(f"the guard's values are named as the append's: {sorted(clashes)}")
 
     @cached_property
     def alone(self) -> TextClause:
@@ -539,12 +566,7 @@ def append_guarded(
             return None
         _append_unlinked(session, unlinked)
         return dict(found._mapping)
-    params = _linked_params(unlinked, known)
-    clashes = params.keys() & guard_params.keys()
-    if clashes:
-        # One statement, one namespace: the guard would set the event's values.
-        raise ValueError(f"the guard's parameters are named as the append's: {sorted(clashes)}")
-    params.update(guard_params)
+    params = {**_linked_params(unlinked, known), **guard_params}
     with _appending(stream):
         row = connection.execute(guard.with_append, params).first()
     if row is None:
