@@ -6,6 +6,7 @@ import dataclasses
 import json
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -281,28 +282,32 @@ def test_awkward_values_are_hashed_as_a_verifier_hashes_them(
         assert linked == []
 
 
-def test_an_append_on_postgresql_is_one_statement(postgres_url: str) -> None:
-    """Once its lane has a head, an append is one call of ``pushworker_append_event``: lock,
-    read, hash and insert in one round trip."""
+@contextmanager
+def _statements(url: str) -> Iterator[list[str]]:
+    """The statements sent to the database at ``url`` meanwhile."""
     from sqlalchemy import event as sa_event
 
-    with session_scope() as session:
-        _a_job(session, "j1", "team/app")
-        events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1")
     statements: list[str] = []
 
     def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(statement)
 
-    engine = engine_for(postgres_url)
+    engine = engine_for(url)
     sa_event.listen(engine, "before_cursor_execute", seen)
     try:
-        with session_scope() as session:
-            row = events.append(
-                session, stream="job/j1", type="step.started", actor="x", job_id="j1"
-            )
+        yield statements
     finally:
         sa_event.remove(engine, "before_cursor_execute", seen)
+
+
+def test_an_append_on_postgresql_is_one_statement(postgres_url: str) -> None:
+    """Once its lane has a head, an append is one call of ``pushworker_append_event``: lock,
+    read, hash and insert in one round trip."""
+    with session_scope() as session:
+        _a_job(session, "j1", "team/app")
+        events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1")
+    with _statements(postgres_url) as statements, session_scope() as session:
+        row = events.append(session, stream="job/j1", type="step.started", actor="x", job_id="j1")
     assert len(statements) == 1 and "pushworker_append_event" in statements[0], statements
     assert (row.seq, row.repository) == (2, "team/app")
 
@@ -348,6 +353,18 @@ def test_a_clash_inside_the_function_is_the_projects_own_error(postgres_url: str
         assert [e.id for e in queries.select_events(session, stream="job/a")] == [first.id]
 
 
+def _hash_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database's function hashes otherwise than this version (the actor "x" as "y"): what
+    the recorder sends it is cut from another canonical form."""
+    parts = chain.canonical_parts
+
+    def drifted(record: Any) -> tuple[str, ...]:
+        first, *rest = parts(record)
+        return (first.replace('"actor":"x"', '"actor":"y"'), *rest)
+
+    monkeypatch.setattr(events, "canonical_parts", drifted)
+
+
 def test_a_database_that_hashes_otherwise_stores_nothing(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -356,13 +373,7 @@ def test_a_database_that_hashes_otherwise_stores_nothing(
     left from another version) fails the append and leaves no event that would not verify."""
     with session_scope() as session:
         events.append(session, stream="job/a", type="t", actor="x")
-    parts = chain.canonical_parts
-
-    def drifted(record: Any) -> tuple[str, ...]:
-        first, *rest = parts(record)
-        return (first.replace('"actor":"x"', '"actor":"y"'), *rest)
-
-    monkeypatch.setattr(events, "canonical_parts", drifted)
+    _hash_otherwise(monkeypatch)
     with pytest.raises(StorageError, match="does not compute"), session_scope() as session:
         events.append(session, stream="job/a", type="t", actor="x")
     with session_scope() as session:
@@ -436,23 +447,11 @@ def test_a_guarded_append_follows_its_guard_and_only_then(
 
 def test_a_guarded_append_on_postgresql_is_one_statement(postgres_url: str) -> None:
     """Once the event's lane has a head, the guard and the append are one statement."""
-    from sqlalchemy import event as sa_event
-
     with session_scope() as session:
         _a_job(session, "j1", "team/app")
         events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1")
-    statements: list[str] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    engine = engine_for(postgres_url)
-    sa_event.listen(engine, "before_cursor_execute", seen)
-    try:
-        with session_scope() as session:
-            row = _retag(session, "j1", "1", "2")
-    finally:
-        sa_event.remove(engine, "before_cursor_execute", seen)
+    with _statements(postgres_url) as statements, session_scope() as session:
+        row = _retag(session, "j1", "1", "2")
     assert row == {"id": "j1", "tag": "2"}
     assert len(statements) == 1, statements
     assert statements[0].startswith("WITH guard AS (UPDATE push_jobs"), statements
@@ -468,13 +467,7 @@ def test_a_guarded_append_the_database_hashes_otherwise_undoes_its_guard(
     with session_scope() as session:
         _a_job(session, "j1", "team/app")
         events.append(session, stream="job/j1", type="job.enqueued", actor="x", job_id="j1")
-    parts = chain.canonical_parts
-
-    def drifted(record: Any) -> tuple[str, ...]:
-        first, *rest = parts(record)
-        return (first.replace('"actor":"x"', '"actor":"y"'), *rest)
-
-    monkeypatch.setattr(events, "canonical_parts", drifted)
+    _hash_otherwise(monkeypatch)
     with pytest.raises(StorageError, match="does not compute"), session_scope() as session:
         _retag(session, "j1", "1", "2")
     assert _tag_and_types("j1") == ("1", ["job.enqueued"])

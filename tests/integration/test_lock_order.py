@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 
 from tests.support.fakes import FakeWorld, fake_runner, wrap_action
 from worker.core.errors import EventConflict
@@ -52,6 +52,19 @@ def _lock_waiters(url: str, timeout: float) -> list[int]:
             time.sleep(0.05)
     finally:
         watcher.dispose()
+
+
+def _lanes_free(connection: Connection) -> bool:
+    """Whether no other session holds a lane of the event log (taking each, in this
+    connection's transaction, for as long as it lasts)."""
+    free = connection.execute(
+        text(
+            "SELECT bool_and(pg_try_advisory_xact_lock(:cls, lane))"
+            " FROM generate_series(0, :last) AS lane"
+        ),
+        {"cls": LANE_LOCK_CLASS, "last": LANES - 1},
+    ).scalar()
+    return bool(free)
 
 
 @pytest.mark.parametrize("step", STEP_NAMES)
@@ -94,13 +107,7 @@ def test_a_record_transaction_waiting_for_the_job_row_holds_no_lane_lock(
             # Only the last step's record transaction changes the job row and so waits here;
             # while it waits, it must not be holding any lane (the job's, a registry's).
             waiting = _lock_waiters(postgres_url, 10 if step == STEP_NAMES[-1] else 1)
-            chain_free = other.execute(
-                text(
-                    "SELECT bool_and(pg_try_advisory_xact_lock(:cls, lane))"
-                    " FROM generate_series(0, :last) AS lane"
-                ),
-                {"cls": LANE_LOCK_CLASS, "last": LANES - 1},
-            ).scalar()
+            chain_free = _lanes_free(other)
             other.rollback()
         worker.join(20)
     finally:
@@ -143,13 +150,7 @@ def test_a_first_claim_waiting_for_the_job_row_holds_no_lane_lock(
             )
             worker.start()
             waiting = _lock_waiters(postgres_url, 10)
-            chain_free = other.execute(
-                text(
-                    "SELECT bool_and(pg_try_advisory_xact_lock(:cls, lane))"
-                    " FROM generate_series(0, :last) AS lane"
-                ),
-                {"cls": LANE_LOCK_CLASS, "last": LANES - 1},
-            ).scalar()
+            chain_free = _lanes_free(other)
             other.rollback()
         worker.join(20)
     finally:
