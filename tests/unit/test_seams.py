@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import docker
 import pytest
 
 from worker.core.credentials import Credential, Secret
@@ -17,7 +18,11 @@ from worker.core.errors import (
 from worker.core.logs import MASK, redact
 from worker.core.reference import TargetReference
 from worker.seams.classify import classify_registry_message
-from worker.seams.docker_engine import DockerEngine, _read_push_stream
+from worker.seams.docker_engine import (
+    DockerEngine,
+    _read_push_stream,
+    without_environment_lookups,
+)
 from worker.seams.registry_http import parse_challenge
 
 TARGET = TargetReference("127.0.0.1:5000", "team/app", "v1")
@@ -136,3 +141,20 @@ def test_a_recent_login_is_reused_only_when_allowed() -> None:
     engine.forget_logins("reg:5000")
     assert engine.login("reg:5000", alice) is True
     assert api.calls == ["alice@reg:5000"] * 3 + ["alice@other:5000", "alice@reg:5000"]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "reads_environment"),
+    [
+        ("unix:///run/pushworker-test/docker.sock", False),
+        ("tcp://127.0.0.1:2375", True),
+        ("https://engine.example:2376", True),
+    ],
+)
+def test_a_local_engine_client_skips_the_environment_lookups(
+    base_url: str, reads_environment: bool
+) -> None:
+    # A fixed API version: docker-py then connects to nothing when the client is made.
+    api = docker.APIClient(base_url=base_url, version="1.41")
+    assert api.trust_env is True  # requests' default, which the seam turns off
+    assert without_environment_lookups(api).trust_env is reads_environment

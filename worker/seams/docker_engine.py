@@ -166,8 +166,21 @@ def _span(name: str, registry_host: str, repository: str | None = None) -> Any:
 def _connect(base_url: str | None, timeout: float) -> Any:
     with _translated("connect to"):
         if base_url:
-            return docker.APIClient(base_url=base_url, version="auto", timeout=int(timeout))
-        return docker.from_env(version="auto", timeout=int(timeout)).api
+            api = docker.APIClient(base_url=base_url, version="auto", timeout=int(timeout))
+        else:
+            api = docker.from_env(version="auto", timeout=int(timeout)).api
+    return without_environment_lookups(api)
+
+
+def without_environment_lookups(api: Any) -> Any:
+    """``api`` told not to read proxies and ``.netrc`` from the environment on every call when
+    it talks to a local engine (a Unix socket, a named pipe, ssh: docker-py's ``http+docker://``
+    address). requests reads both per request (its proxy lookup walks ``os.environ``), about
+    half a millisecond of CPU a daemon call here (five a job), for settings that cannot apply
+    to a socket. An engine over TCP keeps them: a proxy there may be wanted."""
+    if str(getattr(api, "base_url", "")).startswith("http+docker://"):
+        api.trust_env = False
+    return api
 
 
 def _login_key(registry_host: str, credential: Credential) -> tuple[str, str]:
