@@ -3,7 +3,9 @@
     eval "$(scripts/stack env)"; .venv/bin/python -m bench.micro [--rounds 5]
 
 A. Daemon calls through ``worker.seams.docker_engine.DockerEngine`` (warm client): an image inspect,
-   a tag, a login (what the login step asks the daemon to do when it cannot reuse one).
+   a tag, a login (what the login step asks the daemon to do when it cannot reuse one). The
+   inspect also with the client reading proxies and ``.netrc`` from the environment per call
+   (requests' default, which the seam turns off for a local engine), wall and CPU.
 B. The push step's digest check (``RegistryHTTP.manifest_digest``): with a new
    ``RegistryHTTP`` (a new TLS connection, then 401 and a retry with Basic credentials), with the
    object reused (keep-alive), and reused with the credentials sent at once (what the step does:
@@ -163,7 +165,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for round_no in range(args.rounds):
             with phase(f"round {round_no + 1}/{args.rounds}"):
                 # A
-                add("inspect", timed(lambda: engine.image(source), 40))
+                # The seam's client reads no proxies or .netrc per call on a local socket
+                # (``without_environment_lookups``); "env" is requests' default, for comparison.
+                for variant, reads_environment in (("", False), ("_env", True)):
+                    engine._api.trust_env = reads_environment
+                    walls, cpus = cpu_and_wall(lambda: engine.image(source), 40)
+                    add(f"inspect{variant}", walls)
+                    add(f"inspect{variant}_cpu", cpus)
+                engine._api.trust_env = False
                 add("tag", timed(lambda: engine.tag(source, target), 20))
                 # reuse=False: the daemon's own login every time, as a retried login step does
                 login = lambda: engine.login(registry.host, credential, reuse=False)  # noqa: E731
@@ -214,6 +223,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 ROWS = [
     ("inspect", "A. daemon: image inspect (`DockerEngine.image`)"),
+    ("inspect_cpu", "A. same, CPU of this process"),
+    ("inspect_env", "A. same, the client reading proxies and .netrc per call (requests' default)"),
+    ("inspect_env_cpu", "A. same, CPU of this process"),
     ("tag", "A. daemon: tag (`DockerEngine.tag`)"),
     (
         "login",
