@@ -285,8 +285,14 @@ def docker_host_of(job_id: str) -> str | None:
         return connection.execute(_DOCKER_HOST_OF, {"job_id": job_id}).scalar_one_or_none()
 
 
-def get_job(session: Session, job_id: str) -> PushJob:
-    job = session.get(PushJob, job_id)
+def get_job(session: Session, job_id: str, *, lock: bool = False) -> PushJob:
+    """The job (``JobNotFound`` if none); with ``lock``, its row locked until the transaction
+    ends (PostgreSQL; SQLite's write transactions hold the database's lock from their start)."""
+    job = (
+        session.get(PushJob, job_id, with_for_update=True, populate_existing=True)
+        if lock
+        else session.get(PushJob, job_id)
+    )
     if job is None:
         raise JobNotFound(f"job {job_id} does not exist", hint="see `pushctl jobs list`")
     return job
@@ -395,7 +401,9 @@ def retry_job(session: Session, job_id: str, *, actor: str, reason: str | None) 
 
 
 def cancel_job(session: Session, job_id: str, *, actor: str, reason: str | None) -> PushJob:
-    job = get_job(session, job_id)
+    # The row locked as it is read: a step that ends the job meanwhile (its last step marking
+    # it succeeded) is waited for and seen, never overwritten with "cancelled".
+    job = get_job(session, job_id, lock=True)
     if JobStatus(job.status).is_final:
         raise InvalidStateTransition(f"job {job_id} is {job.status} already")
     previous = job.status

@@ -9,13 +9,13 @@ with it. Every transaction of the pipeline therefore changes its rows first and 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
 from sqlalchemy import Connection, create_engine, text
 
 from tests.support.fakes import FakeWorld, fake_runner, wrap_action
+from tests.support.postgres import lock_waiters
 from worker.core.errors import EventConflict
 from worker.core.settings import Settings
 from worker.engine.steps import STEP_NAMES, Action, StepContext, StepResult
@@ -29,29 +29,6 @@ from worker.store.queries import select_events
 from worker.store.verify import verify
 
 SOURCE = "app:build"
-
-
-def _lock_waiters(url: str, timeout: float) -> list[int]:
-    """The backends of this database waiting for a lock, once there are any (or [] at the
-    timeout)."""
-    watcher = create_engine(url)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with watcher.connect() as connection:
-                pids = list(
-                    connection.execute(
-                        text(
-                            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                            " AND wait_event_type = 'Lock'"
-                        )
-                    ).scalars()
-                )
-            if pids or time.monotonic() > deadline:
-                return pids
-            time.sleep(0.05)
-    finally:
-        watcher.dispose()
 
 
 def _lanes_free(connection: Connection) -> bool:
@@ -106,7 +83,7 @@ def test_a_record_transaction_waiting_for_the_job_row_holds_no_lane_lock(
             locked.set()
             # Only the last step's record transaction changes the job row and so waits here;
             # while it waits, it must not be holding any lane (the job's, a registry's).
-            waiting = _lock_waiters(postgres_url, 10 if step == STEP_NAMES[-1] else 1)
+            waiting = lock_waiters(postgres_url, 10 if step == STEP_NAMES[-1] else 1)
             chain_free = _lanes_free(other)
             other.rollback()
         worker.join(20)
@@ -149,7 +126,7 @@ def test_a_first_claim_waiting_for_the_job_row_holds_no_lane_lock(
                 text("SELECT id FROM push_jobs WHERE id = :id FOR UPDATE"), {"id": job_id}
             )
             worker.start()
-            waiting = _lock_waiters(postgres_url, 10)
+            waiting = lock_waiters(postgres_url, 10)
             chain_free = _lanes_free(other)
             other.rollback()
         worker.join(20)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,7 +20,7 @@ from tests.support.fakes import FakeWorld, fake_runner, wrap_action
 from worker.core.errors import AuthenticationError, CredentialError, RegistryUnavailable
 from worker.core.settings import Settings
 from worker.engine.steps import STEP_NAMES, STEPS, Action, Step, StepContext, StepResult
-from worker.jobs import PushRequest, cancel_job, create_job
+from worker.jobs import PushRequest, cancel_job, create_job, retry_job
 from worker.registries import RegistrySpec, create_registry
 from worker.store.claims import take_first_claim
 from worker.store.db import session_scope
@@ -269,8 +269,8 @@ def test_a_first_claim_appends_its_started_event_only_when_taken(
 
     def started_by(
         session: Session, owner: str
-    ) -> Callable[[Guard, dict[str, Any]], object | None]:
-        def started(guard: Guard, params: dict[str, Any]) -> object | None:
+    ) -> Callable[[Guard, dict[str, Any]], Mapping[str, Any] | None]:
+        def started(guard: Guard, params: dict[str, Any]) -> Mapping[str, Any] | None:
             return append_guarded(
                 session, guard, params, stream=f"job/{job_id}", type="step.started",
                 actor=owner, job_id=job_id, step="tag", registry_id=5, attempt=1,
@@ -582,3 +582,82 @@ def test_a_local_step_that_fails_keeps_nothing_of_its_one_transaction(
     with session_scope() as session:
         claim = session.get(StepRun, (job_id, "resolve_credentials", 5))
         assert claim is not None and (claim.status, claim.attempts) == ("failed", 1)
+
+
+@pytest.mark.parametrize("step", ["login", "push"])
+def test_a_step_that_fails_after_a_cancel_leaves_the_job_cancelled(
+    registries: None, world: FakeWorld, step: str
+) -> None:
+    """The operator cancels while the step acts, and the registry then refuses the credential:
+    the step's failure is recorded, but the job stays cancelled (not failed), and its fallback
+    chain is not taken: nothing is sent to another registry."""
+    request = PushRequest(SOURCE, 5, "team/app", "v1", "t", fallback=[4])
+    with session_scope() as session:
+        job, _ = create_job(session, request, actor="t")
+        job_id = job.id
+
+    def cancelled_then_refused(action: Action) -> Action:
+        def act(ctx: StepContext) -> StepResult:
+            with session_scope() as session:
+                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
+            raise auth_refused(HARBOR)
+
+        return act
+
+    runner, dispatcher = fake_runner(
+        world, Settings.from_env(), wrap_action(step, cancelled_then_refused)
+    )
+    position = STEP_NAMES.index(step)
+    outcomes = [runner.run(name, job_id, 5) for name in STEP_NAMES[: position + 1]]
+    assert [o.action for o in outcomes] == ["continue"] * position + ["stop"]
+    assert outcomes[-1].reason == "job cancelled while the step ran"
+    job, types = job_and_types(job_id)
+    assert (job.status, job.error_code, job.effective_registry_id) == ("cancelled", None, 5)
+    assert types[-3:] == ["step.started", "job.cancelled", "step.failed"]
+    with session_scope() as session:
+        rows = select_events(session, job_id=job_id)
+    assert rows[-1].payload["will_retry"] is False
+    assert {row.registry_id for row in rows} == {5}  # no step ran against registry 4
+    assert world.pushes == [] and world.logins.count(GITLAB) == 0
+    assert dispatcher.chains == []  # no chain started for the fallback
+
+
+def test_a_job_cancelled_while_it_pushed_then_retried_ends_succeeded(
+    registries: None, world: FakeWorld
+) -> None:
+    """A cancel that came while the push ran leaves the push done and the job cancelled; a
+    retry then skips every step (they succeeded) and the job ends succeeded with that push's
+    digest, without pushing again (it used to stay queued for ever)."""
+    job_id = _queued_job()
+
+    def cancelled_meanwhile(action: Action) -> Action:
+        def act(ctx: StepContext) -> StepResult:
+            with session_scope() as session:
+                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
+            return action(ctx)
+
+        return act
+
+    runner, _ = fake_runner(world, Settings.from_env(), wrap_action("push", cancelled_meanwhile))
+    for name in STEP_NAMES:
+        runner.run(name, job_id, 5)
+    job, _ = job_and_types(job_id)
+    assert job.status == "cancelled"
+    with session_scope() as session:
+        retry_job(session, job_id, actor="operator:tester", reason="it was the right tag")
+    plain, _ = fake_runner(world, Settings.from_env())
+    outcomes = [plain.run(name, job_id, 5) for name in STEP_NAMES]
+    assert [o.reason for o in outcomes[:-1]] == ["memo"] * 3
+    assert (outcomes[-1].action, outcomes[-1].finished) == ("stop", True)
+    job, types = job_and_types(job_id)
+    pushed = f"{HARBOR}/team/app:v1"
+    assert (job.status, job.digest, job.pushed_reference) == (
+        "succeeded", world.served[pushed], pushed,
+    )  # fmt: skip
+    assert types[-6:] == ["job.retried", *["step.skipped"] * 4, "job.succeeded"]
+    assert world.pushes == [pushed]
+    # Delivered again, the chain finds the job ended: nothing more is appended after the skips.
+    again = plain.run("push", job_id, 5)
+    assert (again.action, again.reason) == ("stop", "memo")
+    _, after = job_and_types(job_id)
+    assert after[len(types) :] == ["step.skipped"]

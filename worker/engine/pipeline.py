@@ -401,6 +401,8 @@ class StepRunner:
                     reason="already succeeded for this job and registry",
                 )
                 leaving.append(view.registry)
+                if self._is_last(step) and not JobStatus(job.status).is_final:
+                    return _succeeded_by_memo(session, note, job_id, run)
                 return Outcome("stop" if self._is_last(step) else "continue", reason="memo")
             if JobStatus(job.status).is_final:
                 note("step.skipped", None, reason=f"the job is {job.status}")
@@ -650,7 +652,7 @@ class StepRunner:
             owner = owner_of_this_process(actor)
             at_once = session.get_bind().dialect.name == "postgresql"
 
-            def started(guard: events.Guard, params: dict[str, Any]) -> object | None:
+            def started(guard: events.Guard, params: dict[str, Any]) -> Mapping[str, Any] | None:
                 return note.after(guard, params, "step.started", {}, 1)
 
             first = claims.take_first_claim(
@@ -765,10 +767,17 @@ class StepRunner:
         throttled = self._throttled_delay(error, step)
         with session_scope() as session:
             tries = claims.finish_claim(session, job_id, step, registry_id, StepStatus.FAILED)
-            job = claims.load_job(session, job_id)
+            # Locked: a cancel committed while this is decided would be overwritten by the
+            # job's failure (or followed by a fallback's chain).
+            job = claims.load_job(session, job_id, lock=True)
             if job is None or tries is None:
                 raise JobNotFound(f"job {job_id} or its claim on step {step} vanished")
             note = _Recorder(session, job_id, step, registry_id, actor)
+            if JobStatus(job.status).is_final:
+                # An operator cancelled the job while the step ran: the step's own outcome is
+                # recorded, the job keeps its end, and nothing is retried or falls back.
+                note("step.failed", tries, will_retry=False, **error.to_payload())
+                return Outcome("stop", reason=f"job {job.status} while the step ran")
             # Each member is checked now, not when the job copied the chain: a removed one is
             # skipped (and named), never a target.
             plan = plan_fallback(
@@ -836,6 +845,17 @@ class StepRunner:
     def _delay(self, tries: int, error: PushWorkerError | None = None) -> float:
         # The error may ask for a longer wait (a throttling registry's Retry-After).
         return retry_delay(error, tries, base=self.settings.retry_base, cap=self.settings.retry_max)
+
+
+def _succeeded_by_memo(session: Session, note: _Recorder, job_id: str, run: StepRun) -> Outcome:
+    """A job whose last step had succeeded already ends succeeded with that step's result: a
+    job cancelled while its push ran, then retried, finds every step done (a retry skips the
+    steps that succeeded) and would otherwise stay queued for ever."""
+    digest, reference = run.result.get("digest"), run.result.get("reference")
+    if not claims.mark_succeeded(session, job_id, digest=digest, reference=reference):
+        return Outcome("stop", reason="memo")  # cancelled again meanwhile: that stands
+    note("job.succeeded", None, reference=reference, digest=digest)
+    return Outcome("stop", reason="job succeeded", finished=True)
 
 
 def _mark_failed(job: PushJob, error: PushWorkerError) -> None:

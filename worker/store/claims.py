@@ -9,15 +9,17 @@ map and change tracking buy nothing (a row written once per phase), they are Cor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, func, select, text, update
+from sqlalchemy import Integer, Table, and_, bindparam, column, func, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.expression import ColumnClause
 
+from worker.core.errors import EventConflict
 from worker.store.events import Guard
 from worker.store.models import JobStatus, PushJob, Registry, StepRun, StepStatus, utcnow
 
@@ -40,13 +42,24 @@ _FOR_CLAIM = (
 )
 
 _JOB = select(PushJob).where(PushJob.id == bindparam("job_id"))
+#: The job, its row locked until the transaction ends (PostgreSQL; SQLite's write transactions
+#: hold the database's lock from their start).
+_JOB_LOCKED = _JOB.with_for_update()
 _JOBS = cast(Table, PushJob.__table__)
 _NOW_TYPE = _JOBS.c.started_at.type
 
-#: A step starts: the job runs (since the first step that started), at this step.
+#: The statuses a job ends in. A step marks its job running only while it is in none of them:
+#: the claim read the job without a lock, and an operator's cancel (or a failure) committed
+#: since then must stand, not be overwritten by "running".
+_FINAL = tuple(status.value for status in JobStatus if status.is_final)
+#: The same condition in the text statements (the enum's own values, no input).
+_NOT_FINAL_SQL = "status NOT IN (" + ", ".join(f"'{value}'" for value in _FINAL) + ")"
+
+#: A step starts: the job runs (since the first step that started), at this step; no row when
+#: the job ended meanwhile.
 _MARK_RUNNING = (
     update(_JOBS)
-    .where(_JOBS.c.id == bindparam("job_id"))
+    .where(_JOBS.c.id == bindparam("job_id"), _JOBS.c.status.not_in(_FINAL))
     .values(
         status=JobStatus.RUNNING.value,
         started_at=func.coalesce(
@@ -55,6 +68,7 @@ _MARK_RUNNING = (
         current_step=bindparam("step"),
         updated_at=bindparam("now"),
     )
+    .returning(_JOBS.c.id)
 )
 
 #: The last step succeeded; an operator's cancel that came first stands.
@@ -95,10 +109,11 @@ def _insert_claim_sql(prefix: str = "") -> str:
 _INSERT_CLAIM_SQL = _insert_claim_sql()
 
 
-def _claim_statement(sql: str) -> Any:
-    """``sql`` with the claim row's values bound as the model types them, returning the try."""
+def _claim_statement(sql: str, *more: ColumnClause[Any]) -> Any:
+    """``sql`` with the claim row's values bound as the model types them, returning the try
+    (and the columns ``more``)."""
     typed = (bindparam(c.name, type_=c.type) for c in _RUNS.columns)
-    return text(sql).bindparams(*typed).columns(_RUNS.c.attempts)
+    return text(sql).bindparams(*typed).columns(_RUNS.c.attempts, *more)
 
 
 _INSERT_CLAIM = _claim_statement(_INSERT_CLAIM_SQL)
@@ -109,8 +124,10 @@ _INSERT_CLAIM_MARKING_JOB = _claim_statement(
     f"WITH claim AS ({_INSERT_CLAIM_SQL}), "  # noqa: S608
     f"job AS (UPDATE {_JOBS.name} SET status = :running, "
     "started_at = coalesce(started_at, :updated_at), current_step = :step, "
-    "updated_at = :updated_at WHERE id = :job_id AND EXISTS (SELECT 1 FROM claim)) "
-    f"SELECT {_RUNS.c.attempts.name} FROM claim"
+    "updated_at = :updated_at WHERE id = :job_id AND EXISTS (SELECT 1 FROM claim) "
+    f"AND {_NOT_FINAL_SQL} RETURNING 1) "
+    f"SELECT claim.{_RUNS.c.attempts.name}, (SELECT count(*) FROM job) AS marked FROM claim",
+    column("marked", Integer),
 )
 
 
@@ -119,7 +136,8 @@ _INSERT_CLAIM_MARKING_JOB = _claim_statement(
 #: both, so both are made before the append takes its lane's lock), and only when the claim was
 #: inserted. Its values are the claim's, bound as ``c_<column>`` (the append's are not renamed).
 FIRST_CLAIM = Guard(
-    "SELECT claim.attempts FROM claim CROSS JOIN (SELECT count(*) FROM marked) AS job",
+    "SELECT claim.attempts, job.marked FROM claim "
+    "CROSS JOIN (SELECT count(*) AS marked FROM marked) AS job",
     tuple(bindparam("c_" + column.name, type_=column.type) for column in _RUNS.columns),
     ctes=(
         # The model's own table and column names; every value is bound.
@@ -127,7 +145,7 @@ FIRST_CLAIM = Guard(
         f"marked AS (UPDATE {_JOBS.name} SET status = :c_running, "
         "started_at = coalesce(started_at, :c_updated_at), current_step = :c_step, "
         "updated_at = :c_updated_at WHERE id = :c_job_id AND EXISTS (SELECT 1 FROM claim) "
-        "RETURNING 1)"
+        f"AND {_NOT_FINAL_SQL} RETURNING 1)"
     ),
 )
 
@@ -233,15 +251,28 @@ def load_for_claim(session: Session, job_id: str, step: str, registry_id: int) -
     return ClaimView(job=row[0], run=row[1], registry=row[2])
 
 
-def load_job(session: Session, job_id: str) -> PushJob | None:
-    return session.execute(_JOB, {"job_id": job_id}).scalar_one_or_none()
+def load_job(session: Session, job_id: str, *, lock: bool = False) -> PushJob | None:
+    """The job; with ``lock``, its row locked until the transaction ends, so that what is
+    decided from its status (an operator's cancel that came first stands) is not undone by a
+    writer committing meanwhile."""
+    statement = _JOB_LOCKED if lock else _JOB
+    return session.execute(statement, {"job_id": job_id}).scalar_one_or_none()
 
 
 def mark_running(session: Session, job: PushJob, step: str) -> None:
-    """The job runs at ``step`` (written at once; ``job`` is brought up to date)."""
+    """The job runs at ``step`` (written at once; ``job`` is brought up to date).
+
+    Raises ``EventConflict`` when the job ended after it was read (an operator's cancel, say):
+    the caller's transaction is rolled back and its work done again, which then sees the end."""
     now = utcnow()
-    session.connection().execute(_MARK_RUNNING, {"job_id": job.id, "step": step, "now": now})
+    params = {"job_id": job.id, "step": step, "now": now}
+    if session.connection().execute(_MARK_RUNNING, params).first() is None:
+        raise _ended_meanwhile(job.id, step)
     _marked_running(job, step, now)
+
+
+def _ended_meanwhile(job_id: str, step: str) -> EventConflict:
+    return EventConflict(f"job {job_id} ended (a cancel, say) before step {step} could start")
 
 
 def _marked_running(job: PushJob, step: str, now: datetime) -> None:
@@ -265,10 +296,13 @@ def take_first_claim(
     registry_id: int,
     owner: str,
     lease: datetime,
-    started: Callable[[Guard, dict[str, Any]], object | None] | None = None,
+    started: Callable[[Guard, dict[str, Any]], Mapping[str, Any] | None] | None = None,
 ) -> bool:
     """Claim a step nobody has claimed yet and mark the job running at it (``job`` is brought
     up to date); False, with nothing changed, when another delivery got there first.
+
+    Raises ``EventConflict`` when the job ended after it was read (``mark_running``): the claim
+    (and its event) must then be rolled back with the caller's transaction.
 
     ``started`` (PostgreSQL only), when given, appends the step's started event behind the
     claim, in its statement: it is called with ``FIRST_CLAIM`` and its values and answers what
@@ -283,14 +317,20 @@ def take_first_claim(
     connection = session.connection()
     if started is not None:
         params = {f"c_{name}": value for name, value in values.items()}
-        if started(FIRST_CLAIM, {**params, "c_running": JobStatus.RUNNING.value}) is None:
+        row = started(FIRST_CLAIM, {**params, "c_running": JobStatus.RUNNING.value})
+        if row is None:
             return False
+        if not row["marked"]:
+            raise _ended_meanwhile(job.id, step)
         _marked_running(job, step, now)
         return True
     if connection.dialect.name == "postgresql":
         params = {**values, "running": JobStatus.RUNNING.value}
-        if connection.execute(_INSERT_CLAIM_MARKING_JOB, params).first() is None:
+        taken = connection.execute(_INSERT_CLAIM_MARKING_JOB, params).first()
+        if taken is None:
             return False
+        if not taken.marked:
+            raise _ended_meanwhile(job.id, step)
         _marked_running(job, step, now)
         return True
     if connection.execute(_INSERT_CLAIM, values).first() is None:
