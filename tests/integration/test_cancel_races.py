@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 
 from tests.support.fakes import FakeWorld, fake_runner
 from tests.support.postgres import lock_waiters
-from worker.core.errors import InvalidStateTransition
+from worker.core.errors import InvalidStateTransition, RegistryNotFound
 from worker.core.settings import Settings
 from worker.engine.steps import STEP_NAMES
 from worker.jobs import PushRequest, cancel_job, create_job
@@ -118,6 +118,27 @@ def test_a_cancel_before_a_later_claim_marks_the_job_stands(
         assert claim is not None and (claim.status, claim.attempts) == ("failed", 1)
     assert _after_cancel(job_id) == [("step.skipped", "push")]
     assert world.pushes == []
+
+
+def test_a_cancel_before_a_refused_target_fails_the_job_stands(
+    job_id: str, world: FakeWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim finds its registry refused (removed while the job waited) and would fail the
+    job; the cancel commits between the claim's read and that write. The job stays cancelled:
+    the failure is not written over it."""
+    from worker.engine import pipeline
+
+    def removed(registry: Any, registry_id: int) -> Any:
+        return RegistryNotFound(f"registry {registry_id} was removed after the job was queued")
+
+    monkeypatch.setattr(pipeline, "target_refusal", _cancelling_first(job_id, removed))
+    runner, _ = fake_runner(world, Settings.from_env())
+    outcome = runner.run(STEP_NAMES[0], job_id, 5)
+    assert (outcome.action, outcome.reason) == ("stop", "job cancelled")
+    with session_scope() as session:
+        job = session.get(PushJob, job_id)
+        assert job is not None and (job.status, job.error_code) == ("cancelled", None)
+    assert _after_cancel(job_id) == [("step.skipped", STEP_NAMES[0])]
 
 
 @pytest.fixture

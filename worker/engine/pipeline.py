@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from worker.core.errors import (
     AuthenticationError,
@@ -859,9 +859,11 @@ def _succeeded_by_memo(session: Session, note: _Recorder, job_id: str, run: Step
 
 
 def _mark_failed(job: PushJob, error: PushWorkerError) -> None:
-    job.status = JobStatus.FAILED.value
-    job.error_code, job.error_message = error.code, str(error)
-    job.finished_at = utcnow()
+    # Conditional on the job not having ended since it was read: an operator's cancel that
+    # committed meanwhile stands (EventConflict: the unit of work runs again and sees it).
+    session = object_session(job)
+    assert session is not None, "a job being failed belongs to the step's session"
+    claims.mark_failed(session, job, code=error.code, message=str(error))
 
 
 def _success_event(result: StepResult) -> tuple[str, dict[str, Any]]:

@@ -71,6 +71,20 @@ _MARK_RUNNING = (
     .returning(_JOBS.c.id)
 )
 
+#: A job fails; no row when it ended after it was read (an operator's cancel stands).
+_MARK_FAILED = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("job_id"), _JOBS.c.status.not_in(_FINAL))
+    .values(
+        status=JobStatus.FAILED.value,
+        error_code=bindparam("code"),
+        error_message=bindparam("message"),
+        finished_at=bindparam("now", type_=_NOW_TYPE),
+        updated_at=bindparam("now", type_=_NOW_TYPE),
+    )
+    .returning(_JOBS.c.id)
+)
+
 #: The last step succeeded; an operator's cancel that came first stands.
 _MARK_SUCCEEDED = (
     update(_JOBS)
@@ -281,6 +295,22 @@ def _marked_running(job: PushJob, step: str, now: datetime) -> None:
     set_committed_value(job, "started_at", job.started_at or now)
     set_committed_value(job, "current_step", step)
     set_committed_value(job, "updated_at", now)
+
+
+def mark_failed(session: Session, job: PushJob, *, code: str, message: str) -> None:
+    """The job failed (written at once; ``job`` is brought up to date).
+
+    Raises ``EventConflict`` when the job ended after it was read (an operator's cancel): the
+    caller's transaction is rolled back and its work done again, which then sees the end."""
+    now = utcnow()
+    params = {"job_id": job.id, "code": code, "message": message, "now": now}
+    if session.connection().execute(_MARK_FAILED, params).first() is None:
+        raise EventConflict(f"job {job.id} ended (a cancel, say) before its failure was recorded")
+    for name, value in (
+        ("status", JobStatus.FAILED.value), ("error_code", code), ("error_message", message),
+        ("finished_at", now), ("updated_at", now),
+    ):  # fmt: skip
+        set_committed_value(job, name, value)
 
 
 def mark_succeeded(session: Session, job_id: str, *, digest: Any, reference: Any) -> bool:
