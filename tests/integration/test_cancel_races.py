@@ -17,8 +17,9 @@ from sqlalchemy import create_engine, text
 
 from tests.support.fakes import FakeWorld, fake_runner
 from tests.support.postgres import lock_waiters
-from worker.core.errors import InvalidStateTransition, RegistryNotFound
+from worker.core.errors import AuthenticationError, InvalidStateTransition, RegistryNotFound
 from worker.core.settings import Settings
+from worker.engine.fallback import plan_fallback
 from worker.engine.steps import STEP_NAMES
 from worker.jobs import PushRequest, cancel_job, create_job
 from worker.registries import RegistrySpec, create_registry
@@ -139,6 +140,70 @@ def test_a_cancel_before_a_refused_target_fails_the_job_stands(
         job = session.get(PushJob, job_id)
         assert job is not None and (job.status, job.error_code) == ("cancelled", None)
     assert _after_cancel(job_id) == [("step.skipped", STEP_NAMES[0])]
+
+
+def test_a_cancel_while_a_failure_is_decided_waits_for_the_decision(
+    postgres_url: str, world: FakeWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The login is refused and the worker decides what follows (here: the job's fallback)
+    while an operator cancels. The job row is locked for the decision, so the cancel lands
+    after it: the log never shows a decision made after ``job.cancelled`` on what was read
+    before it."""
+    from worker.engine import pipeline
+
+    with session_scope() as session:
+        for rid, host in ((5, "reg.example.com"), (4, "alt.example.com")):
+            spec = RegistrySpec(name=f"r{rid}", url=f"https://{host}", username="u", secret="pw")
+            create_registry(session, spec, registry_id=rid)
+        request = PushRequest(SOURCE, 5, "team/app", "v1", "t", fallback=[4])
+        job_id = create_job(session, request, actor="t")[0].id
+    world.login_errors["reg.example.com"] = AuthenticationError(
+        "registry reg.example.com rejected the credentials: unauthorized"
+    )
+    cancelled: list[BaseException | None] = []
+
+    def operator() -> None:
+        try:
+            with session_scope() as session:
+                cancel_job(session, job_id, actor="operator:tester", reason="stop it")
+            cancelled.append(None)
+        except BaseException as error:  # checked below
+            cancelled.append(error)
+
+    thread = threading.Thread(target=operator)
+
+    def plan_while_cancelling(*args: Any, **kwargs: Any) -> Any:
+        thread.start()
+        # The cancel either commits at once (nothing held the row) or waits for the row.
+        thread.join(2)
+        if thread.is_alive():
+            assert lock_waiters(postgres_url, 5), "the cancel is neither done nor waiting"
+        return plan_fallback(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "plan_fallback", plan_while_cancelling)
+    runner, _ = fake_runner(world, Settings.from_env())
+    chains: list[tuple[str, int]] = []
+    runner.dispatcher = _Recording(chains)
+    for name in STEP_NAMES[:2]:
+        runner.run(name, job_id, 5)
+    thread.join(10)
+    assert cancelled == [None]
+    with session_scope() as session:
+        job = session.get(PushJob, job_id)
+        assert job is not None and job.status == "cancelled"
+        types = [row.type for row in select_events(session, job_id=job_id)]
+    assert types[-3:] == ["step.failed", "fallback.applied", "job.cancelled"]
+    assert chains == [(job_id, 4)]  # decided before the cancel; the chain's claims skip
+
+
+class _Recording:
+    """A dispatcher that writes chains down instead of running them."""
+
+    def __init__(self, chains: list[tuple[str, int]]) -> None:
+        self.chains = chains
+
+    def start_chain(self, job_id: str, registry_id: int) -> None:
+        self.chains.append((job_id, registry_id))
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from tests.support.postgres import lock_waiters
 from worker.core.errors import EventConflict
 from worker.core.settings import Settings
 from worker.engine.steps import STEP_NAMES, Action, StepContext, StepResult
-from worker.jobs import PushRequest, create_job
+from worker.jobs import PushRequest, cancel_job, create_job, retry_job
 from worker.registries import RegistrySpec, create_registry
 from worker.store.chain import LANES
 from worker.store.db import session_scope
@@ -139,6 +139,61 @@ def test_a_first_claim_waiting_for_the_job_row_holds_no_lane_lock(
     with session_scope() as session:
         types = [e.type for e in select_events(session, job_id=job_id)]
     assert types[-2:] == ["step.started", "step.succeeded"] or types[-1] == "job.succeeded"
+    assert verify().ok
+
+
+def test_a_retried_job_ending_by_its_earlier_push_holds_no_lane_lock_while_it_waits(
+    postgres_url: str,
+) -> None:
+    """A job cancelled while its push ran, then retried, ends succeeded by that push (every
+    step skipped as done): the delivery that marks it waits for the job row an operator holds
+    without holding a lane (the row is changed before the skip and the success are appended)."""
+    with session_scope() as session:
+        spec = RegistrySpec(name="r", url="https://reg.example.com", username="u", secret="pw")
+        create_registry(session, spec, registry_id=5)
+        job, _ = create_job(session, PushRequest(SOURCE, 5, "team/app", "v1", "t"), actor="t")
+        job_id = job.id
+
+    def cancelled_meanwhile(action: Action) -> Action:
+        def act(ctx: StepContext) -> StepResult:
+            with session_scope() as session:
+                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
+            return action(ctx)
+
+        return act
+
+    world = FakeWorld(images={SOURCE: "sha256:image1"})
+    runner, _ = fake_runner(world, Settings.from_env(), wrap_action("push", cancelled_meanwhile))
+    for name in STEP_NAMES:
+        runner.run(name, job_id, 5)
+    with session_scope() as session:
+        retry_job(session, job_id, actor="operator:tester", reason="the right tag after all")
+    plain, _ = fake_runner(world, Settings.from_env())
+    for name in STEP_NAMES[:-1]:
+        assert plain.run(name, job_id, 5).action == "continue"
+    holder = create_engine(postgres_url)
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(plain.run("push", job_id, 5)))
+    try:
+        with holder.connect() as other:
+            other.execute(
+                text("SELECT id FROM push_jobs WHERE id = :id FOR UPDATE"), {"id": job_id}
+            )
+            worker.start()
+            waiting = lock_waiters(postgres_url, 10)
+            chain_free = _lanes_free(other)
+            other.rollback()
+        worker.join(20)
+    finally:
+        worker.join(20)
+        holder.dispose()
+    assert waiting, "marking the job succeeded waits for its row"
+    assert chain_free is True, f"a lane's lock was held while waiting (waiters: {waiting})"
+    assert outcome and (outcome[0].action, outcome[0].finished) == ("stop", True)
+    with session_scope() as session:
+        types = [e.type for e in select_events(session, job_id=job_id)]
+    assert types[-2:] == ["step.skipped", "job.succeeded"]
+    assert world.pushes == ["reg.example.com/team/app:v1"]
     assert verify().ok
 
 

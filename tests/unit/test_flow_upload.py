@@ -12,6 +12,7 @@ import os
 import signal
 import sqlite3
 import time
+from datetime import timedelta
 from typing import Any, cast
 
 import pytest
@@ -25,11 +26,12 @@ from worker.core.reference import TargetReference
 from worker.core.settings import get_settings
 from worker.engine.flow import FlowControl
 from worker.engine.pipeline import Outcome, StepRunner
+from worker.jobs import cancel_job
 from worker.seams.docker_engine import LocalImage, ProgressCallback, PushResult
 from worker.seams.limiter import RESERVED, RedisFlowState, SlotGrant
 from worker.seams.registry_http import RegistryEndpoint
 from worker.store.db import engine_for, read_scope, reader_for, session_scope
-from worker.store.models import StepRun
+from worker.store.models import PushJob, StepRun, utcnow
 from worker.store.queries import select_events
 
 pytestmark = pytest.mark.redis
@@ -353,6 +355,41 @@ def test_a_slot_taken_between_the_claim_and_the_upload_gives_the_claim_back(
         assert [e.attempt for e in started if e.step == "push"] == [1, 1]
     assert _types(job_id)[-1] == "job.succeeded"
     assert _held(state) == []
+
+
+@pytest.mark.parametrize("deadline_passed", [False, True])
+def test_a_slot_taken_after_a_cancel_gives_the_claim_back_and_stops(
+    registry_5: None, state: RedisFlowState, deadline_passed: bool
+) -> None:
+    """As above, but the operator cancels the job while the step inspects (and, in one case,
+    the job's deadline has passed by then): the claim is given back and the step stops there,
+    its try closed by a skip. It neither waits nor fails the job over the cancel (past the
+    deadline that used to end in a conflict raised on every try)."""
+    job_id = _job()
+    runner, _, engine, _, log = _recording_runner(state, job_id)
+
+    def cancelled_and_taken() -> None:
+        with session_scope() as session:
+            cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
+            if deadline_passed:
+                job = session.get(PushJob, job_id)
+                assert job is not None
+                job.deadline_at = utcnow() - timedelta(seconds=5)
+        state.acquire(5, "other", "other-job", 1, lease=30, waiter_ttl=30)
+
+    engine.on_inspect = cancelled_and_taken
+    outcome = runner.run("push", job_id, 5)
+    assert (outcome.action, outcome.reason) == ("stop", "job cancelled")
+    assert ("push",) not in log
+    assert _types(job_id)[-3:] == ["step.started", "job.cancelled", "step.skipped"]
+    with session_scope() as session:
+        skipped = select_events(session, job_id=job_id, types=["step.skipped"])[-1]
+        assert skipped.attempt == 1 and skipped.payload["reason"].endswith("try 1 given back")
+        run = session.get(StepRun, (job_id, "push", 5))
+        assert run is not None and (run.status, run.attempts) == ("failed", 0)
+        job = session.get(PushJob, job_id)
+        assert job is not None and (job.status, job.error_code) == ("cancelled", None)
+    assert _held(state) == [b"other"]  # nothing of this step's in the slots
 
 
 def _push_until_killed(ready: Any, job_id: str) -> None:

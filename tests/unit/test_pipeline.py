@@ -661,3 +661,45 @@ def test_a_job_cancelled_while_it_pushed_then_retried_ends_succeeded(
     assert (again.action, again.reason) == ("stop", "memo")
     _, after = job_and_types(job_id)
     assert after[len(types) :] == ["step.skipped"]
+
+
+def test_a_stale_delivery_for_a_registry_the_job_left_does_not_end_it(
+    registries: None, world: FakeWorld
+) -> None:
+    """The push succeeded at the fallback registry while the job was being cancelled; the retry
+    starts again at the requested registry. A late delivery of the push for the fallback
+    registry, done already there, does not end the retried job: only the chain it runs now
+    does, through the same fallback, without pushing again."""
+    world.login_errors[HARBOR] = auth_refused(HARBOR)
+    request = PushRequest(SOURCE, 5, "team/app", "v1", "t", fallback=[4])
+    with session_scope() as session:
+        job, _ = create_job(session, request, actor="t")
+        job_id = job.id
+
+    def cancelled_meanwhile(action: Action) -> Action:
+        def act(ctx: StepContext) -> StepResult:
+            with session_scope() as session:
+                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
+            return action(ctx)
+
+        return act
+
+    _, dispatcher = fake_runner(
+        world, Settings.from_env(), wrap_action("push", cancelled_meanwhile)
+    )
+    dispatcher.start_chain(job_id, 5)  # refused at 5, falls back to 4, pushes there
+    job, _ = job_and_types(job_id)
+    assert (job.status, job.effective_registry_id) == ("cancelled", 4)
+    with session_scope() as session:
+        retry_job(session, job_id, actor="operator:tester", reason="it was right")
+    plain, plain_dispatcher = fake_runner(world, Settings.from_env())
+    stale = plain.run("push", job_id, 4)
+    assert (stale.action, stale.reason, stale.finished) == ("stop", "memo", False)
+    job, _ = job_and_types(job_id)
+    assert (job.status, job.effective_registry_id) == ("queued", 5)
+    plain_dispatcher.start_chain(job_id, 5)
+    job, types = job_and_types(job_id)
+    pushed = f"{GITLAB}/team/app:v1"
+    assert (job.status, job.pushed_reference) == ("succeeded", pushed)
+    assert types[-2:] == ["step.skipped", "job.succeeded"]
+    assert world.pushes == [pushed]

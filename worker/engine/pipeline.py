@@ -395,14 +395,23 @@ class StepRunner:
                 raise JobNotFound(f"job {job_id} does not exist")
             note = _Recorder(session, job_id, step, registry_id, actor)
             if run is not None and run.status == StepStatus.SUCCEEDED:
+                leaving.append(view.registry)
+                # A job whose last step succeeded already (cancelled while it pushed, then
+                # retried) ends with it; its row is written before the events (lanes last).
+                ends = (
+                    self._is_last(step)
+                    and not JobStatus(job.status).is_final
+                    and job.effective_registry_id == registry_id
+                    and _succeeded_by_memo(session, job_id, run)
+                )
                 note(
                     "step.skipped",
                     run.attempts,
                     reason="already succeeded for this job and registry",
                 )
-                leaving.append(view.registry)
-                if self._is_last(step) and not JobStatus(job.status).is_final:
-                    return _succeeded_by_memo(session, note, job_id, run)
+                if ends:
+                    note("job.succeeded", None, **_memo_result(run))
+                    return Outcome("stop", reason="job succeeded", finished=True)
                 return Outcome("stop" if self._is_last(step) else "continue", reason="memo")
             if JobStatus(job.status).is_final:
                 note("step.skipped", None, reason=f"the job is {job.status}")
@@ -602,10 +611,18 @@ class StepRunner:
                 )
                 .execution_options(synchronize_session=False)
             )  # fmt: skip
-            job = claims.load_job(session, job_id)
+            # Locked: the job's end (an operator's cancel during the action) is seen here and
+            # stands; a job that ended neither waits nor fails.
+            job = claims.load_job(session, job_id, lock=True)
             if job is None:
                 raise JobNotFound(f"job {job_id} vanished while its step {step} waited")
             note = _Recorder(session, job_id, step, registry_id, actor)
+            if JobStatus(job.status).is_final:
+                self._forget(claimed.registry, job_id, step)
+                note("step.skipped", tries, reason=f"the job is {job.status}; the slot free "
+                     f"when this step was claimed was taken before its upload: try {tries} "
+                     "given back")  # fmt: skip
+                return Outcome("stop", reason=f"job {job.status}")
             return self._wait(note, job, claimed.registry, step, admission, given_back=tries)
 
     def _flow_call(self, function: Callable[..., T], *args: object) -> T | None:
@@ -847,15 +864,16 @@ class StepRunner:
         return retry_delay(error, tries, base=self.settings.retry_base, cap=self.settings.retry_max)
 
 
-def _succeeded_by_memo(session: Session, note: _Recorder, job_id: str, run: StepRun) -> Outcome:
-    """A job whose last step had succeeded already ends succeeded with that step's result: a
-    job cancelled while its push ran, then retried, finds every step done (a retry skips the
-    steps that succeeded) and would otherwise stay queued for ever."""
-    digest, reference = run.result.get("digest"), run.result.get("reference")
-    if not claims.mark_succeeded(session, job_id, digest=digest, reference=reference):
-        return Outcome("stop", reason="memo")  # cancelled again meanwhile: that stands
-    note("job.succeeded", None, reference=reference, digest=digest)
-    return Outcome("stop", reason="job succeeded", finished=True)
+def _succeeded_by_memo(session: Session, job_id: str, run: StepRun) -> bool:
+    """The job marked succeeded with its last step's earlier result (False: it was cancelled
+    again meanwhile, which stands). A job cancelled while its push ran, then retried, finds
+    every step done (a retry skips the steps that succeeded) and would otherwise stay queued
+    for ever."""
+    return claims.mark_succeeded(session, job_id, **_memo_result(run))
+
+
+def _memo_result(run: StepRun) -> dict[str, Any]:
+    return {"digest": run.result.get("digest"), "reference": run.result.get("reference")}
 
 
 def _mark_failed(job: PushJob, error: PushWorkerError) -> None:

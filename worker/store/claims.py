@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Integer, Table, and_, bindparam, column, func, select, text, update
+from sqlalchemy import Table, and_, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.sql.expression import ColumnClause
 
 from worker.core.errors import EventConflict
 from worker.store.events import Guard
@@ -123,28 +122,13 @@ def _insert_claim_sql(prefix: str = "") -> str:
 _INSERT_CLAIM_SQL = _insert_claim_sql()
 
 
-def _claim_statement(sql: str, *more: ColumnClause[Any]) -> Any:
-    """``sql`` with the claim row's values bound as the model types them, returning the try
-    (and the columns ``more``)."""
+def _claim_statement(sql: str) -> Any:
+    """``sql`` with the claim row's values bound as the model types them, returning the try."""
     typed = (bindparam(c.name, type_=c.type) for c in _RUNS.columns)
-    return text(sql).bindparams(*typed).columns(_RUNS.c.attempts, *more)
+    return text(sql).bindparams(*typed).columns(_RUNS.c.attempts)
 
 
 _INSERT_CLAIM = _claim_statement(_INSERT_CLAIM_SQL)
-#: PostgreSQL: the first claim and the job's "running" in one statement (a data-modifying CTE:
-#: the job is marked only when the claim row was inserted). SQLite runs the two statements.
-_INSERT_CLAIM_MARKING_JOB = _claim_statement(
-    # The model's own table and column names; every value is bound.
-    f"WITH claim AS ({_INSERT_CLAIM_SQL}), "  # noqa: S608
-    f"job AS (UPDATE {_JOBS.name} SET status = :running, "
-    "started_at = coalesce(started_at, :updated_at), current_step = :step, "
-    "updated_at = :updated_at WHERE id = :job_id AND EXISTS (SELECT 1 FROM claim) "
-    f"AND {_NOT_FINAL_SQL} RETURNING 1) "
-    f"SELECT claim.{_RUNS.c.attempts.name}, (SELECT count(*) FROM job) AS marked FROM claim",
-    column("marked", Integer),
-)
-
-
 #: PostgreSQL: a first claim, the job marked running and the step's ``step.started`` appended in
 #: one statement (``append_guarded``): the claim and the job's row change first (the guard reads
 #: both, so both are made before the append takes its lane's lock), and only when the claim was
@@ -351,15 +335,6 @@ def take_first_claim(
         if row is None:
             return False
         if not row["marked"]:
-            raise _ended_meanwhile(job.id, step)
-        _marked_running(job, step, now)
-        return True
-    if connection.dialect.name == "postgresql":
-        params = {**values, "running": JobStatus.RUNNING.value}
-        taken = connection.execute(_INSERT_CLAIM_MARKING_JOB, params).first()
-        if taken is None:
-            return False
-        if not taken.marked:
             raise _ended_meanwhile(job.id, step)
         _marked_running(job, step, now)
         return True
