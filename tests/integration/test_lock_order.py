@@ -9,17 +9,18 @@ with it. Every transaction of the pipeline therefore changes its rows first and 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from sqlalchemy import Connection, create_engine, text
 
-from tests.support.fakes import FakeWorld, fake_runner, wrap_action
+from tests.support.fakes import FakeWorld, cancelled_while_acting, fake_runner, wrap_action
 from tests.support.postgres import lock_waiters
 from worker.core.errors import EventConflict
 from worker.core.settings import Settings
 from worker.engine.steps import STEP_NAMES, Action, StepContext, StepResult
-from worker.jobs import PushRequest, cancel_job, create_job, retry_job
+from worker.jobs import PushRequest, create_job, retry_job
 from worker.registries import RegistrySpec, create_registry
 from worker.store.chain import LANES
 from worker.store.db import session_scope
@@ -44,15 +45,45 @@ def _lanes_free(connection: Connection) -> bool:
     return bool(free)
 
 
-@pytest.mark.parametrize("step", STEP_NAMES)
-def test_a_record_transaction_waiting_for_the_job_row_holds_no_lane_lock(
-    postgres_url: str, step: str
-) -> None:
+def _queued_job() -> str:
+    """A job queued for registry 5 (created here)."""
     with session_scope() as session:
         spec = RegistrySpec(name="r", url="https://reg.example.com", username="u", secret="pw")
         create_registry(session, spec, registry_id=5)
         job, _ = create_job(session, PushRequest(SOURCE, 5, "team/app", "v1", "t"), actor="t")
-        job_id = job.id
+        return job.id
+
+
+def _run_while_the_job_row_is_held(
+    url: str, job_id: str, run: Callable[[], Any]
+) -> tuple[list[Any], list[int], bool]:
+    """``run`` in a thread while another transaction holds the job's row (as an operator's
+    cancel does before it appends its event): what it returned, the sessions that waited for a
+    lock, and whether every lane was free meanwhile (none held by ``run`` as it waited)."""
+    holder = create_engine(url)
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(run()))
+    try:
+        with holder.connect() as other:
+            other.execute(
+                text("SELECT id FROM push_jobs WHERE id = :id FOR UPDATE"), {"id": job_id}
+            )
+            worker.start()
+            waiting = lock_waiters(url, 10)
+            chain_free = _lanes_free(other)
+            other.rollback()
+        worker.join(20)
+    finally:
+        worker.join(20)
+        holder.dispose()
+    return outcome, waiting, chain_free
+
+
+@pytest.mark.parametrize("step", STEP_NAMES)
+def test_a_record_transaction_waiting_for_the_job_row_holds_no_lane_lock(
+    postgres_url: str, step: str
+) -> None:
+    job_id = _queued_job()
     acting, locked = threading.Event(), threading.Event()
 
     def act_then_wait(action: Action) -> Action:
@@ -108,31 +139,14 @@ def test_a_first_claim_waiting_for_the_job_row_holds_no_lane_lock(
     """A step's first claim marks the job running and appends ``step.started`` in one statement:
     waiting for the job row an operator holds, it holds no lane yet (the job's row is changed
     before the append), and it goes on once the row is free."""
-    with session_scope() as session:
-        spec = RegistrySpec(name="r", url="https://reg.example.com", username="u", secret="pw")
-        create_registry(session, spec, registry_id=5)
-        job, _ = create_job(session, PushRequest(SOURCE, 5, "team/app", "v1", "t"), actor="t")
-        job_id = job.id
+    job_id = _queued_job()
     world = FakeWorld(images={SOURCE: "sha256:image1"})
     runner, _ = fake_runner(world, Settings.from_env())
     for earlier in STEP_NAMES[: STEP_NAMES.index(step)]:
         assert runner.run(earlier, job_id, 5).action == "continue"
-    holder = create_engine(postgres_url)
-    outcome: list[Any] = []
-    worker = threading.Thread(target=lambda: outcome.append(runner.run(step, job_id, 5)))
-    try:
-        with holder.connect() as other:
-            other.execute(
-                text("SELECT id FROM push_jobs WHERE id = :id FOR UPDATE"), {"id": job_id}
-            )
-            worker.start()
-            waiting = lock_waiters(postgres_url, 10)
-            chain_free = _lanes_free(other)
-            other.rollback()
-        worker.join(20)
-    finally:
-        worker.join(20)
-        holder.dispose()
+    outcome, waiting, chain_free = _run_while_the_job_row_is_held(
+        postgres_url, job_id, lambda: runner.run(step, job_id, 5)
+    )
     assert waiting, "the claim waits for the job row"
     assert chain_free is True, f"a lane's lock was held while waiting (waiters: {waiting})"
     assert outcome and outcome[0].action == ("stop" if step == STEP_NAMES[-1] else "continue")
@@ -148,22 +162,11 @@ def test_a_retried_job_ending_by_its_earlier_push_holds_no_lane_lock_while_it_wa
     """A job cancelled while its push ran, then retried, ends succeeded by that push (every
     step skipped as done): the delivery that marks it waits for the job row an operator holds
     without holding a lane (the row is changed before the skip and the success are appended)."""
-    with session_scope() as session:
-        spec = RegistrySpec(name="r", url="https://reg.example.com", username="u", secret="pw")
-        create_registry(session, spec, registry_id=5)
-        job, _ = create_job(session, PushRequest(SOURCE, 5, "team/app", "v1", "t"), actor="t")
-        job_id = job.id
-
-    def cancelled_meanwhile(action: Action) -> Action:
-        def act(ctx: StepContext) -> StepResult:
-            with session_scope() as session:
-                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
-            return action(ctx)
-
-        return act
+    job_id = _queued_job()
 
     world = FakeWorld(images={SOURCE: "sha256:image1"})
-    runner, _ = fake_runner(world, Settings.from_env(), wrap_action("push", cancelled_meanwhile))
+    cancelling = wrap_action("push", cancelled_while_acting(job_id))
+    runner, _ = fake_runner(world, Settings.from_env(), cancelling)
     for name in STEP_NAMES:
         runner.run(name, job_id, 5)
     with session_scope() as session:
@@ -171,22 +174,9 @@ def test_a_retried_job_ending_by_its_earlier_push_holds_no_lane_lock_while_it_wa
     plain, _ = fake_runner(world, Settings.from_env())
     for name in STEP_NAMES[:-1]:
         assert plain.run(name, job_id, 5).action == "continue"
-    holder = create_engine(postgres_url)
-    outcome: list[Any] = []
-    worker = threading.Thread(target=lambda: outcome.append(plain.run("push", job_id, 5)))
-    try:
-        with holder.connect() as other:
-            other.execute(
-                text("SELECT id FROM push_jobs WHERE id = :id FOR UPDATE"), {"id": job_id}
-            )
-            worker.start()
-            waiting = lock_waiters(postgres_url, 10)
-            chain_free = _lanes_free(other)
-            other.rollback()
-        worker.join(20)
-    finally:
-        worker.join(20)
-        holder.dispose()
+    outcome, waiting, chain_free = _run_while_the_job_row_is_held(
+        postgres_url, job_id, lambda: plain.run("push", job_id, 5)
+    )
     assert waiting, "marking the job succeeded waits for its row"
     assert chain_free is True, f"a lane's lock was held while waiting (waiters: {waiting})"
     assert outcome and (outcome[0].action, outcome[0].finished) == ("stop", True)

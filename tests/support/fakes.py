@@ -16,9 +16,11 @@ from worker.core.errors import AuthenticationError, PushWorkerError, SourceImage
 from worker.core.reference import TargetReference
 from worker.core.settings import Settings
 from worker.engine.pipeline import Outcome, StepRunner
-from worker.engine.steps import STEPS, Action, Step
+from worker.engine.steps import STEPS, Action, Step, StepContext, StepResult
+from worker.jobs import cancel_job
 from worker.seams.docker_engine import LocalImage, ProgressCallback, PushResult
 from worker.seams.registry_http import Challenge, RegistryEndpoint
+from worker.store.db import session_scope
 
 
 @dataclass
@@ -163,6 +165,25 @@ def wrap_action(
         dataclasses.replace(step, action=wrap(step.action)) if step.name == name else step
         for step in steps
     )
+
+
+def cancelled_while_acting(
+    job_id: str, then: Callable[[], PushWorkerError] | None = None
+) -> Callable[[Action], Action]:
+    """A wrapper for ``wrap_action``: the operator cancels the job (committed, a session of its
+    own) while the step acts; the action then runs as it would, or raises ``then()``."""
+
+    def wrap(action: Action) -> Action:
+        def act(ctx: StepContext) -> StepResult:
+            with session_scope() as session:
+                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
+            if then is not None:
+                raise then()
+            return action(ctx)
+
+        return act
+
+    return wrap
 
 
 def fake_runner(

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from tests.support.fakes import FakeWorld, fake_runner, wrap_action
+from tests.support.fakes import FakeWorld, cancelled_while_acting, fake_runner, wrap_action
 from worker.core.errors import AuthenticationError, CredentialError, RegistryUnavailable
 from worker.core.settings import Settings
 from worker.engine.steps import STEP_NAMES, STEPS, Action, Step, StepContext, StepResult
-from worker.jobs import PushRequest, cancel_job, create_job, retry_job
+from worker.jobs import PushRequest, create_job, retry_job
 from worker.registries import RegistrySpec, create_registry
 from worker.store.claims import take_first_claim
 from worker.store.db import session_scope
@@ -473,15 +473,8 @@ def test_a_cancel_while_a_step_runs_stands(registries: None, world: FakeWorld, s
     stays cancelled (it never turns succeeded) and the chain stops there."""
     job_id = _queued_job()
 
-    def cancelled_meanwhile(action: Action) -> Action:
-        def act(ctx: StepContext) -> StepResult:
-            with session_scope() as session:
-                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
-            return action(ctx)
-
-        return act
-
-    runner, _ = fake_runner(world, Settings.from_env(), wrap_action(step, cancelled_meanwhile))
+    cancelling = wrap_action(step, cancelled_while_acting(job_id))
+    runner, _ = fake_runner(world, Settings.from_env(), cancelling)
     position = STEP_NAMES.index(step)
     outcomes = [runner.run(name, job_id, 5) for name in STEP_NAMES[: position + 1]]
     assert [o.action for o in outcomes] == ["continue"] * position + ["stop"]
@@ -596,17 +589,8 @@ def test_a_step_that_fails_after_a_cancel_leaves_the_job_cancelled(
         job, _ = create_job(session, request, actor="t")
         job_id = job.id
 
-    def cancelled_then_refused(action: Action) -> Action:
-        def act(ctx: StepContext) -> StepResult:
-            with session_scope() as session:
-                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
-            raise auth_refused(HARBOR)
-
-        return act
-
-    runner, dispatcher = fake_runner(
-        world, Settings.from_env(), wrap_action(step, cancelled_then_refused)
-    )
+    refused = cancelled_while_acting(job_id, then=lambda: auth_refused(HARBOR))
+    runner, dispatcher = fake_runner(world, Settings.from_env(), wrap_action(step, refused))
     position = STEP_NAMES.index(step)
     outcomes = [runner.run(name, job_id, 5) for name in STEP_NAMES[: position + 1]]
     assert [o.action for o in outcomes] == ["continue"] * position + ["stop"]
@@ -630,15 +614,8 @@ def test_a_job_cancelled_while_it_pushed_then_retried_ends_succeeded(
     digest, without pushing again (it used to stay queued for ever)."""
     job_id = _queued_job()
 
-    def cancelled_meanwhile(action: Action) -> Action:
-        def act(ctx: StepContext) -> StepResult:
-            with session_scope() as session:
-                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
-            return action(ctx)
-
-        return act
-
-    runner, _ = fake_runner(world, Settings.from_env(), wrap_action("push", cancelled_meanwhile))
+    cancelling = wrap_action("push", cancelled_while_acting(job_id))
+    runner, _ = fake_runner(world, Settings.from_env(), cancelling)
     for name in STEP_NAMES:
         runner.run(name, job_id, 5)
     job, _ = job_and_types(job_id)
@@ -676,16 +653,8 @@ def test_a_stale_delivery_for_a_registry_the_job_left_does_not_end_it(
         job, _ = create_job(session, request, actor="t")
         job_id = job.id
 
-    def cancelled_meanwhile(action: Action) -> Action:
-        def act(ctx: StepContext) -> StepResult:
-            with session_scope() as session:
-                cancel_job(session, job_id, actor="operator:tester", reason="wrong tag")
-            return action(ctx)
-
-        return act
-
     _, dispatcher = fake_runner(
-        world, Settings.from_env(), wrap_action("push", cancelled_meanwhile)
+        world, Settings.from_env(), wrap_action("push", cancelled_while_acting(job_id))
     )
     dispatcher.start_chain(job_id, 5)  # refused at 5, falls back to 4, pushes there
     job, _ = job_and_types(job_id)
