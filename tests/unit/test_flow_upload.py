@@ -363,8 +363,9 @@ def test_a_slot_taken_after_a_cancel_gives_the_claim_back_and_stops(
 ) -> None:
     """As above, but the operator cancels the job while the step inspects (and, in one case,
     the job's deadline has passed by then): the claim is given back and the step stops there,
-    its try closed by a skip. It neither waits nor fails the job over the cancel (past the
-    deadline that used to end in a conflict raised on every try)."""
+    its try closed by a skip, and it leaves the registry's queue once that is committed. It
+    neither waits nor fails the job over the cancel (past the deadline that used to end in a
+    conflict raised on every try)."""
     job_id = _job()
     runner, _, engine, _, log = _recording_runner(state, job_id)
 
@@ -390,6 +391,8 @@ def test_a_slot_taken_after_a_cancel_gives_the_claim_back_and_stops(
         job = session.get(PushJob, job_id)
         assert job is not None and (job.status, job.error_code) == ("cancelled", None)
     assert _held(state) == [b"other"]  # nothing of this step's in the slots
+    # Out of the queue, with no write transaction open (Redis is not waited for under it).
+    assert ("forget", False) in log and ("forget", True) not in log
 
 
 def _push_until_killed(ready: Any, job_id: str) -> None:

@@ -617,13 +617,18 @@ class StepRunner:
             if job is None:
                 raise JobNotFound(f"job {job_id} vanished while its step {step} waited")
             note = _Recorder(session, job_id, step, registry_id, actor)
-            if JobStatus(job.status).is_final:
-                self._forget(claimed.registry, job_id, step)
-                note("step.skipped", tries, reason=f"the job is {job.status}; the slot free "
-                     f"when this step was claimed was taken before its upload: try {tries} "
-                     "given back")  # fmt: skip
-                return Outcome("stop", reason=f"job {job.status}")
-            return self._wait(note, job, claimed.registry, step, admission, given_back=tries)
+            if not JobStatus(job.status).is_final:
+                return self._wait(note, job, claimed.registry, step, admission, given_back=tries)
+            reason = (
+                f"the job is {job.status}; the slot free when this step was claimed was taken "
+                f"before its upload: try {tries} given back"
+            )
+            note("step.skipped", tries, reason=reason)
+            ended = Outcome("stop", reason=f"job {job.status}")
+        # Out of the registry's queue once the skip is committed: Redis is not waited for while
+        # the transaction holds the job's row (and SQLite's write lock).
+        self._forget(claimed.registry, job_id, step)
+        return ended
 
     def _flow_call(self, function: Callable[..., T], *args: object) -> T | None:
         """A flow-control bookkeeping call whose failure must not fail the step."""
