@@ -171,7 +171,10 @@ def cancelled_while_acting(
     job_id: str, then: Callable[[], PushWorkerError] | None = None
 ) -> Callable[[Action], Action]:
     """A wrapper for ``wrap_action``: the operator cancels the job (committed, a session of its
-    own) while the step acts; the action then runs as it would, or raises ``then()``."""
+    own) while the step acts; the action then runs as it would, or raises ``then()``.
+
+    Not for a ``local`` step (``Step.local``): its action runs inside its claim's transaction,
+    which the cancel would wait for (on PostgreSQL, for ever)."""
 
     def wrap(action: Action) -> Action:
         def act(ctx: StepContext) -> StepResult:
