@@ -241,8 +241,9 @@ class DatabaseUnavailable(StorageError):
 
 
 class EventConflict(StorageError):
-    """A concurrent writer got in the way: two appends of the same (stream, seq), or a
-    deadlock the database broke by aborting this transaction. Nothing was written; retry."""
+    """A concurrent writer got in the way: two appends of the same (stream, seq), a deadlock
+    the database broke by aborting this transaction, or a job that ended (an operator's cancel)
+    after this unit of work read it. Nothing was written; retry."""
 
     code = "event_conflict"
     retryable = True

@@ -47,9 +47,9 @@ _JOB_LOCKED = _JOB.with_for_update()
 _JOBS = cast(Table, PushJob.__table__)
 _NOW_TYPE = _JOBS.c.started_at.type
 
-#: The statuses a job ends in. A step marks its job running only while it is in none of them:
-#: the claim read the job without a lock, and an operator's cancel (or a failure) committed
-#: since then must stand, not be overwritten by "running".
+#: The statuses a job ends in. A step marks its job running or failed only while it is in none
+#: of them: the step read the job without a lock, and an operator's cancel committed since then
+#: must stand, not be overwritten.
 _FINAL = tuple(status.value for status in JobStatus if status.is_final)
 #: The same condition in the text statements (the enum's own values, no input).
 _NOT_FINAL_SQL = "status NOT IN (" + ", ".join(f"'{value}'" for value in _FINAL) + ")"
